@@ -1,0 +1,314 @@
+"""Typed configuration: dataclasses, YAML files and dotted ``key=value`` overrides.
+
+Every section is a dataclass. Fields carry their valid range in ``metadata`` so one validator
+produces uniform messages; ``Literal`` annotations list the allowed choices. Unknown keys and bad
+values raise :class:`ConfigError` naming what would have been valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says what to type instead."""
+
+
+def _ranged(default: Any, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    return field(default=default, metadata={"ge": ge, "gt": gt, "le": le, "lt": lt})
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    deformable: bool = False  # ResNet-DCN neck: modulated deformable 3x3 conv before each deconv
+    neck_channels: tuple[int, int, int] = (256, 128, 64)
+    head_conv: int = _ranged(64, ge=1)
+    # torchvision weights name ("DEFAULT", "IMAGENET1K_V1") or a local .pth path; None = random init
+    pretrained: str | None = None
+
+
+@dataclass
+class LossConfig:
+    alpha: float = _ranged(2.0, ge=0.0, le=10.0)
+    beta: float = _ranged(4.0, ge=0.0, le=20.0)
+    hm_weight: float = _ranged(1.0, ge=0.0)
+    wh_weight: float = _ranged(0.1, ge=0.0)
+    off_weight: float = _ranged(1.0, ge=0.0)
+
+
+@dataclass
+class TargetConfig:
+    min_overlap: float = _ranged(0.7, gt=0.0, lt=1.0)
+    formula: Literal["cornernet", "exact"] = "cornernet"
+    max_objects: int = _ranged(128, ge=1)
+
+
+@dataclass
+class DataConfig:
+    # Dataset root in the standard layout (images/{split}/, annotations/instances_{split}.json).
+    # Empty = the synthetic shapes dataset, generated on first use into the cache directory.
+    root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    # Explicit paths override the layout above (e.g. COCO 2017's train2017/ directory).
+    train_images: str = ""
+    train_annotations: str = ""
+    val_images: str = ""
+    val_annotations: str = ""
+    input_size: tuple[int, int] = (512, 512)  # (height, width); multiples of 32
+    augment: Literal["centernet", "flip", "none"] = "centernet"
+    scale_range: tuple[float, float] = (0.6, 1.4)
+    flip_prob: float = _ranged(0.5, ge=0.0, le=1.0)
+    color_jitter: float = _ranged(0.4, ge=0.0, le=1.0)
+    synthetic_train_images: int = _ranged(1000, ge=1)
+    synthetic_val_images: int = _ranged(200, ge=1)
+    synthetic_image_size: int = _ranged(128, ge=32)
+
+    def __post_init__(self) -> None:
+        if any(side <= 0 or side % 32 for side in self.input_size):
+            raise ConfigError(f"data.input_size must be two positive multiples of 32; got {list(self.input_size)}")
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high; got {[low, high]}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _ranged(140, ge=1)
+    batch_size: int = _ranged(32, ge=1)  # per worker
+    num_workers: int = _ranged(1, ge=1)
+    use_gpu: bool = False
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    # lr = base_lr * global_batch / base_batch unless lr is given (official: 5e-4 at batch 128)
+    lr: float | None = None
+    base_lr: float = _ranged(5e-4, gt=0.0)
+    base_batch: int = _ranged(128, ge=1)
+    weight_decay: float = _ranged(0.0, ge=0.0)
+    schedule: Literal["step", "cosine"] = "step"
+    lr_steps: tuple[int, ...] = (90, 120)
+    lr_gamma: float = _ranged(0.1, gt=0.0, le=1.0)
+    warmup_epochs: float = _ranged(0.0, ge=0.0)
+    grad_clip: float | None = 35.0
+    amp: Literal["bf16", "fp16", "none"] = "bf16"
+    eval_every: int = _ranged(10, ge=1)
+    checkpoint_every: int = _ranged(10, ge=1)
+    seed: int = 0
+    storage_path: str = ""
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0 (or null for the linear scaling rule); got {self.lr}")
+        if list(self.lr_steps) != sorted(self.lr_steps):
+            raise ConfigError(f"train.lr_steps must be increasing epochs; got {list(self.lr_steps)}")
+
+
+@dataclass
+class TuneConfig:
+    search_space: str = "tune/search_space.yaml"
+    num_samples: int = _ranged(8, ge=1)
+    metric: str = "AP"
+    mode: Literal["max", "min"] = "max"
+    search_alg: Literal["random", "optuna"] = "random"
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = _ranged(1, ge=1)
+    max_concurrent_trials: int | None = None
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = _ranged(8000, ge=1, le=65535)
+    num_replicas: int = _ranged(1, ge=1)
+    num_gpus: float = _ranged(0.0, ge=0.0)
+    max_batch_size: int = _ranged(8, ge=1)
+    batch_wait_timeout_s: float = _ranged(0.01, ge=0.0)
+    max_body_bytes: int = _ranged(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = _ranged(40_000_000, ge=1)
+    score_threshold: float = _ranged(0.3, ge=0.0, le=1.0)
+    max_detections: int = _ranged(100, ge=1)
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""  # empty = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "centernet-ray"
+    registered_model: str = ""  # register the trained model under this name when set
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def flatten(self) -> dict[str, Any]:
+        """Dotted keys to values, e.g. ``{"loss.alpha": 2.0}`` (for MLflow params)."""
+        flat: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                flat[f"{section}.{key}"] = value
+        return flat
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
+        data = loaded or {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return config_from_dict(data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"loss.alpha=2.5"`` -> ``("loss.alpha", 2.5)``; values are parsed as YAML scalars/lists."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or "." not in key:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. loss.alpha=2.5")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: cannot parse value {raw!r}: {exc}") from exc
+    return key.strip(), value
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    target = data.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"section {section!r} must be a mapping")
+    target[name] = value
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from nested plain data."""
+    return _build(Config, data, prefix="")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!r} in {where}; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, prefix=f"{prefix}{name}.")
+        else:
+            coerced = _coerce(f"{prefix}{name}", hint, value)
+            _check_range(f"{prefix}{name}", coerced, fields[name].metadata)
+            kwargs[name] = coerced
+    return cls(**kwargs)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, arg, value)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] + (" (or null)" if type(None) in args else ""))
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, e.g. {key}=[{_example(args)}]; got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(key, args[0], v) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key} must have {len(args)} values, e.g. {key}=[{_example(args)}]; got {value!r}")
+        return tuple(_coerce(key, a, v) for a, v in zip(args, value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint}")  # a programming error in this module
+
+
+def _example(args: tuple) -> str:
+    sample = {int: "1", float: "0.5", str: "a"}
+    items = args[:1] * 2 if len(args) == 2 and args[1] is Ellipsis else args
+    return ",".join(sample.get(a, "?") for a in items)
+
+
+def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if value is None or not meta:
+        return
+    checks = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    bounds = [f"{sym} {meta[name]}" for name, sym, _ in checks if meta.get(name) is not None]
+    for name, _, ok in checks:
+        bound = meta.get(name)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{key} must be {' and '.join(bounds)}; got {value!r}")
+
+
+def resolve_learning_rate(train: TrainConfig) -> float:
+    """The explicit ``lr`` or the official linear scaling rule ``base_lr * global_batch / base_batch``."""
+    if train.lr is not None:
+        return train.lr
+    return train.base_lr * train.batch_size * train.num_workers / train.base_batch

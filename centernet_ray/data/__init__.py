@@ -1,0 +1,1 @@
+"""COCO-format data: reading and validation, synthetic shapes, preprocessing transforms."""

@@ -1,0 +1,186 @@
+"""Read and validate a COCO instances json into per-image records with contiguous class indices.
+
+Nothing here crashes on bad annotations: crowd boxes are excluded, boxes are clipped to the image
+or dropped, annotations of unknown images or categories are dropped, and every such case is
+counted in :class:`CocoReport`. A json without the required structure raises
+:class:`CocoFormatError` naming what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class CocoFormatError(ValueError):
+    """The annotation file is not a usable COCO instances json."""
+
+
+@dataclass
+class CocoReport:
+    images: int = 0
+    annotations: int = 0  # annotations kept as targets
+    crowd_skipped: int = 0
+    clipped: int = 0  # boxes partly outside their image, clipped to it
+    dropped_invalid: int = 0  # NaN, zero/negative size, or entirely outside the image
+    unknown_category: int = 0
+    unknown_image: int = 0
+    missing_images: int = 0  # image files absent from the images directory
+    examples: dict[str, list[str]] = field(default_factory=dict)  # a few ids per problem, for the log
+
+    def note(self, problem: str, what: str, keep: int = 5) -> None:
+        setattr(self, problem, getattr(self, problem) + 1)
+        samples = self.examples.setdefault(problem, [])
+        if len(samples) < keep:
+            samples.append(what)
+
+    def counts(self) -> dict[str, int]:
+        return {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
+
+    def summary(self) -> str:
+        text = ", ".join(f"{k}={v}" for k, v in self.counts().items())
+        problems = "; ".join(f"{k}: {', '.join(v)}" for k, v in self.examples.items())
+        return text + (f" (e.g. {problems})" if problems else "")
+
+
+@dataclass
+class ImageRecord:
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 [N, 4] x1, y1, x2, y2 in image pixels
+    labels: np.ndarray  # int64 [N] contiguous class indices
+
+
+@dataclass
+class CocoDataset:
+    images: list[ImageRecord]
+    category_ids: list[int]  # contiguous index -> COCO category id
+    class_names: list[str]
+    report: CocoReport
+    annotation_file: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.category_ids)
+
+    @property
+    def category_to_index(self) -> dict[int, int]:
+        return {cat: i for i, cat in enumerate(self.category_ids)}
+
+
+def _require(mapping: Any, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(mapping, dict):
+        raise CocoFormatError(f"{where} must be a JSON object, got {type(mapping).__name__}")
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise CocoFormatError(f"{where} is missing required key(s) {missing}")
+
+
+def parse_coco(data: dict[str, Any], source: str = "<dict>") -> CocoDataset:
+    """Validate an already-parsed instances json and turn it into a :class:`CocoDataset`."""
+    _require(data, ("images", "annotations", "categories"), f"{source}")
+    report = CocoReport()
+
+    categories = data["categories"]
+    if not isinstance(categories, list) or not categories:
+        raise CocoFormatError(f"{source}: 'categories' must be a non-empty list")
+    for i, cat in enumerate(categories):
+        _require(cat, ("id", "name"), f"{source}: categories[{i}]")
+    categories = sorted(categories, key=lambda c: c["id"])
+    category_ids = [int(c["id"]) for c in categories]
+    if len(set(category_ids)) != len(category_ids):
+        raise CocoFormatError(f"{source}: duplicate category ids in 'categories'")
+    cat_index = {cat: i for i, cat in enumerate(category_ids)}
+
+    images: dict[int, dict[str, Any]] = {}
+    for i, img in enumerate(data["images"]):
+        _require(img, ("id", "file_name", "width", "height"), f"{source}: images[{i}]")
+        images[int(img["id"])] = img
+    boxes: dict[int, list[list[float]]] = {image_id: [] for image_id in images}
+    labels: dict[int, list[int]] = {image_id: [] for image_id in images}
+
+    for i, ann in enumerate(data["annotations"]):
+        _require(ann, ("image_id", "bbox", "category_id"), f"{source}: annotations[{i}]")
+        ann_id = str(ann.get("id", f"#{i}"))
+        if ann.get("iscrowd", 0):
+            report.note("crowd_skipped", ann_id)
+            continue
+        image = images.get(int(ann["image_id"]))
+        if image is None:
+            report.note("unknown_image", ann_id)
+            continue
+        if ann["category_id"] not in cat_index:
+            report.note("unknown_category", f"{ann_id} (category_id={ann['category_id']})")
+            continue
+        box = _clean_box(ann["bbox"], float(image["width"]), float(image["height"]), report, ann_id)
+        if box is None:
+            continue
+        boxes[int(ann["image_id"])].append(box)
+        labels[int(ann["image_id"])].append(cat_index[ann["category_id"]])
+        report.annotations += 1
+
+    records = [
+        ImageRecord(
+            image_id=image_id, file_name=str(img["file_name"]), width=int(img["width"]), height=int(img["height"]),
+            boxes=np.asarray(boxes[image_id], dtype=np.float32).reshape(-1, 4),
+            labels=np.asarray(labels[image_id], dtype=np.int64),
+        )
+        for image_id, img in images.items()
+    ]
+    report.images = len(records)
+    return CocoDataset(records, category_ids, [str(c["name"]) for c in categories], report, source)
+
+
+def _clean_box(bbox: Any, width: float, height: float, report: CocoReport, ann_id: str) -> list[float] | None:
+    """COCO [x, y, w, h] -> [x1, y1, x2, y2] clipped to the image, or None (counted) when unusable."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        report.note("dropped_invalid", f"{ann_id} (bbox={bbox!r})")
+        return None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        report.note("dropped_invalid", f"{ann_id} (bbox={bbox!r})")
+        return None
+    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+    if x2 <= x1 or y2 <= y1:
+        report.note("dropped_invalid", f"{ann_id} (outside the image)")
+        return None
+    if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+        report.note("clipped", ann_id)
+    return [x1, y1, x2, y2]
+
+
+def load_coco(annotation_file: str | Path, images_dir: str | Path | None = None) -> CocoDataset:
+    """Read an instances json; with ``images_dir``, images whose file is absent are dropped and counted."""
+    path = Path(annotation_file)
+    if not path.is_file():
+        raise CocoFormatError(f"annotation file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CocoFormatError(f"{path} is not valid JSON: {exc}") from exc
+    dataset = parse_coco(data, str(path))
+    if images_dir is not None:
+        root = Path(images_dir)
+        present = []
+        for record in dataset.images:
+            if (root / record.file_name).is_file():
+                present.append(record)
+            else:
+                dataset.report.note("missing_images", record.file_name)
+                dataset.report.annotations -= len(record.labels)
+        dataset.images = present
+        dataset.report.images = len(present)
+    level = logging.WARNING if any(dataset.report.examples) else logging.INFO
+    log.log(level, "%s: %s", path, dataset.report.summary())
+    return dataset

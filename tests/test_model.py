@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from centernet_ray.config import ModelConfig
+from centernet_ray.losses import CenterNetLoss
+from centernet_ray.model import HEATMAP_PRIOR_BIAS, build_model, load_pretrained_backbone
+from centernet_ray.model.resnet import resnet_trunk
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_heads_come_out_at_stride_4(backbone):
+    model = build_model(ModelConfig(backbone=backbone), num_classes=5).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 128, 96))
+    assert out["heatmap"].shape == (1, 5, 32, 24)
+    assert out["size"].shape == (1, 2, 32, 24) and out["offset"].shape == (1, 2, 32, 24)
+
+
+def test_deformable_neck_runs_and_backpropagates():
+    model = build_model(ModelConfig(backbone="resnet18", deformable=True, neck_channels=(64, 32, 32)), 2)
+    out = model(torch.randn(2, 3, 64, 64))
+    out["heatmap"].sum().backward()
+    offsets = model.neck.layers[0].offset_mask.weight
+    assert out["heatmap"].shape == (2, 2, 16, 16) and offsets.grad is not None
+
+
+def test_heatmap_bias_starts_at_prior():
+    model = build_model(ModelConfig(), 3)
+    assert torch.allclose(model.heatmap[2].bias, torch.full((3,), HEATMAP_PRIOR_BIAS))
+    assert torch.sigmoid(torch.tensor(HEATMAP_PRIOR_BIAS)).item() == pytest.approx(0.1, abs=1e-3)
+
+
+def test_pretrained_weights_load_from_a_local_file(tmp_path):
+    import torchvision
+
+    reference = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(ModelConfig(pretrained=str(path)), 2)
+    assert torch.equal(model.backbone[0].weight, reference.conv1.weight)
+    assert torch.equal(model.backbone[7][1].conv2.weight, reference.layer4[1].conv2.weight)
+
+
+def test_pretrained_weights_that_do_not_fit_raise(tmp_path):
+    import torchvision
+
+    path = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(RuntimeError):
+        load_pretrained_backbone(resnet_trunk("resnet18"), "resnet18", str(path))
+
+
+def test_unknown_pretrained_name_says_what_is_valid():
+    with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+        build_model(ModelConfig(pretrained="NOT_A_WEIGHT"), 2)
+
+
+def test_two_training_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(neck_channels=(64, 32, 32), head_conv=32), 2)
+    heat = torch.zeros(2, 2, 16, 16)
+    heat[0, 0, 5, 5] = heat[1, 1, 9, 3] = 1.0
+    targets = {"heatmap": heat, "index": torch.tensor([[85], [147]]), "mask": torch.ones(2, 1),
+               "size": torch.full((2, 1, 2), 4.0), "offset": torch.full((2, 1, 2), 0.5)}
+    criterion = CenterNetLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.randn(2, 3, 64, 64)
+    losses = []
+    for _ in range(3):
+        terms = criterion(model(images), targets)
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+        losses.append(terms["total"].item())
+    assert losses[2] < losses[0]
+
+
+def test_bf16_autocast_forward_is_finite():
+    model = build_model(ModelConfig(neck_channels=(64, 32, 32), head_conv=32), 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last))
+    assert all(torch.isfinite(v.float()).all() for v in out.values())
