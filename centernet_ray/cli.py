@@ -26,7 +26,7 @@ def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, l
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="centernet-ray", description=__doc__)
+    parser = argparse.ArgumentParser(prog="centernet-ray", description="Train, tune and serve CenterNet detectors on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -232,7 +232,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]!r} in {where}; valid keys: {', '.join(fields)}")
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; valid keys: {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torchvision
+from PIL import Image
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
@@ -44,5 +44,5 @@ def save_png_grid(images: Sequence[torch.Tensor], path: str | Path, columns: int
     grid = make_grid(list(images), nrow=columns, padding=2, pad_value=255)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.io.write_png(grid, str(path))
+    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(path, format="PNG")
     return path

@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+from centernet_ray.cli import main
+
+
+def test_data_synth_writes_the_coco_layout(tmp_path, capsys):
+    assert main(["data", "synth", "--out", str(tmp_path), "--train-images", "3", "--val-images", "2", "--image-size", "64"]) == 0
+    assert len(list((tmp_path / "images" / "train").glob("*.jpg"))) == 3
+    assert (tmp_path / "annotations" / "instances_val.json").is_file()
+
+
+def test_data_check_and_show(shapes_dataset, tmp_path, capsys):
+    ann = str(shapes_dataset / "annotations" / "instances_val.json")
+    images = str(shapes_dataset / "images" / "val")
+    assert main(["data", "check", "--annotations", ann, "--images", images]) == 0
+    assert "images: 12" in capsys.readouterr().out
+    assert main(["data", "show", "--annotations", ann, "--images", images, "--out", str(tmp_path / "g.png"), "--count", "4"]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 0
+
+
+def test_eval_scores_ground_truth_as_perfect(shapes_dataset, tmp_path):
+    ann = shapes_dataset / "annotations" / "instances_val.json"
+    gt = json.loads(ann.read_text())
+    detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+                  for a in gt["annotations"]]
+    (tmp_path / "det.json").write_text(json.dumps(detections))
+    summary = tmp_path / "summary.json"
+    assert main(["eval", "--annotations", str(ann), "--detections", str(tmp_path / "det.json"), "--summary-json", str(summary)]) == 0
+    stats = json.loads(summary.read_text())
+    assert stats["AP"] == 1.0 and "wall_seconds" in stats
+
+
+def test_config_command_prints_yaml_with_overrides(capsys):
+    assert main(["config", "loss.alpha=3"]) == 0
+    assert "alpha: 3.0" in capsys.readouterr().out
+
+
+def test_bad_override_exits_2_with_a_message(capsys):
+    assert main(["config", "loss.alhpa=3"]) == 2
+    assert "valid keys: alpha, beta" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "centernet_ray", "--help"], capture_output=True, text=True, check=True)
+    assert "data" in result.stdout and "eval" in result.stdout
+
+
+def test_core_modules_do_not_import_ray():
+    code = ("import sys, centernet_ray.targets, centernet_ray.losses, centernet_ray.decode, centernet_ray.model, "
+            "centernet_ray.data.coco, centernet_ray.data.transforms, centernet_ray.data.synthetic, "
+            "centernet_ray.evaluation, centernet_ray.drawing, centernet_ray.config, centernet_ray.cli; "
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

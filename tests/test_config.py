@@ -1,0 +1,71 @@
+from pathlib import Path
+
+import pytest
+
+from centernet_ray.config import Config, ConfigError, config_from_dict, load_config, resolve_learning_rate
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_match_the_paper():
+    config = Config()
+    assert (config.loss.alpha, config.loss.beta) == (2.0, 4.0)
+    assert (config.loss.hm_weight, config.loss.wh_weight, config.loss.off_weight) == (1.0, 0.1, 1.0)
+    assert (config.targets.min_overlap, config.targets.formula) == (0.7, "cornernet")
+
+
+def test_overrides_are_parsed_and_typed():
+    config = load_config(None, ["loss.alpha=2.5", "data.input_size=[256,320]", "model.deformable=true",
+                                "train.lr=null", "targets.formula=exact"])
+    assert config.loss.alpha == 2.5 and config.data.input_size == (256, 320)
+    assert config.model.deformable is True and config.train.lr is None and config.targets.formula == "exact"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.backbon=resnet18", "unknown key 'model.backbon'.*valid keys: backbone, deformable"),
+    ("modle.backbone=resnet18", "unknown key 'modle'.*valid keys: model, loss"),
+    ("model.backbone=resnet7", "must be one of 'resnet18'"),
+    ("loss.alpha=-1", r"loss.alpha must be >= 0.0 and <= 10.0; got -1.0"),
+    ("targets.min_overlap=1.0", r"targets.min_overlap must be > 0.0 and < 1.0"),
+    ("train.epochs=ten", "train.epochs must be an integer"),
+    ("train.epochs=2.5", "train.epochs must be an integer"),
+    ("data.input_size=[100,100]", "multiples of 32"),
+    ("data.input_size=512", "must be a list"),
+    ("model.deformable=maybe", "true or false"),
+    ("alpha=2", "section.key=value"),
+    ("train.lr_steps=[120,90]", "increasing"),
+])
+def test_bad_overrides_name_what_is_valid(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    config = load_config(None, ["loss.beta=3.0", "train.lr_steps=[5,8]"])
+    path = tmp_path / "c.yaml"
+    path.write_text(config.to_yaml())
+    assert load_config(path) == config
+    assert config.flatten()["loss.beta"] == 3.0
+
+
+def test_bad_files_raise_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="model must be a mapping"):
+        config_from_dict({"model": 3})
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load(name):
+    load_config(CONFIGS / name)
+
+
+def test_coco_resnet18_config_follows_the_official_recipe():
+    config = load_config(CONFIGS / "coco_resnet18.yaml")
+    assert config.data.input_size == (512, 512) and config.train.epochs == 140
+    assert config.train.lr_steps == (90, 120) and config.train.optimizer == "adam"
+    assert resolve_learning_rate(config.train) == pytest.approx(5e-4 * config.train.batch_size * config.train.num_workers / 128)

@@ -1,0 +1,26 @@
+import torch
+
+from centernet_ray.drawing import draw_detections, heatmap_overlay, save_png_grid
+
+
+def test_draw_detections_marks_box_edges_only():
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    drawn = draw_detections(image, torch.tensor([[5.0, 5.0, 30.0, 30.0]]), [1], ["a", "b"], scores=[0.9], width=1)
+    assert drawn.shape == image.shape and drawn.dtype == torch.uint8
+    assert drawn[:, 5, 10].sum() > 0  # top edge
+    assert drawn[:, 18, 18].sum() == 0  # interior untouched
+    assert torch.equal(draw_detections(image, torch.zeros(0, 4), [], ["a"]), image)
+
+
+def test_heatmap_overlay_reddens_hot_pixels():
+    image = torch.full((3, 8, 8), 100, dtype=torch.uint8)
+    heat = torch.zeros(2, 2, 2)
+    heat[1, 0, 0] = 1.0
+    out = heatmap_overlay(image, heat)
+    assert out[0, 0, 0] > 100 and out[1, 0, 0] < 100
+    assert torch.equal(out[:, 7, 7], image[:, 7, 7])
+
+
+def test_png_grid_is_written(tmp_path):
+    path = save_png_grid([torch.zeros(3, 16, 16, dtype=torch.uint8)] * 3, tmp_path / "grid.png", columns=2)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
