@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from centernet_ray.config import LossConfig
+
 # Elements per fused chunk on CPU: small enough that a chunk's temporaries stay in cache.
 # Accelerators take the whole tensor at once (launch count matters there, not cache).
 _CPU_CHUNK = 1 << 16
@@ -128,6 +130,10 @@ class CenterNetLoss(nn.Module):
         super().__init__()
         self.alpha, self.beta = alpha, beta
         self.weights = weights or LossWeights()
+
+    @classmethod
+    def from_config(cls, config: LossConfig) -> "CenterNetLoss":
+        return cls(config.alpha, config.beta, LossWeights(config.hm_weight, config.wh_weight, config.off_weight))
 
     def forward(self, outputs: dict | list[dict], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         stacks = outputs if isinstance(outputs, list) else [outputs]

@@ -104,5 +104,8 @@ def test_centernet_loss_weights_terms_and_sums_stacks():
     assert terms["size"].item() == pytest.approx(2.0 * 2 * 2 / 2)  # |1-3| on 2 coords, 2 objects
     assert terms["offset"].item() == pytest.approx(0.5 * 2 * 2 / 2)
     assert terms["total"].item() == pytest.approx(terms["heatmap"].item() + 0.1 * 4.0 + 1.0)
+    from centernet_ray.config import LossConfig
+
+    assert CenterNetLoss.from_config(LossConfig(wh_weight=0.1))(outputs, targets)["total"].item() == pytest.approx(terms["total"].item())
     two_stacks = criterion([outputs, outputs], targets)
     assert two_stacks["total"].item() == pytest.approx(2 * terms["total"].item())
