@@ -34,6 +34,7 @@ class CocoReport:
     unknown_category: int = 0
     unknown_image: int = 0
     missing_images: int = 0  # image files absent from the images directory
+    unreadable_images: int = 0  # present but not decodable (corrupt, truncated, not an image)
     examples: dict[str, list[str]] = field(default_factory=dict)  # a few ids per problem, for the log
 
     def note(self, problem: str, what: str, keep: int = 5) -> None:
