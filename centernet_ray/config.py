@@ -72,10 +72,25 @@ class DataConfig:
     synthetic_train_images: int = _ranged(1000, ge=1)
     synthetic_val_images: int = _ranged(200, ge=1)
     synthetic_image_size: int = _ranged(128, ge=32)
+    # Ingested Parquet shards (local path or URI); empty = beside the dataset (or in the cache
+    # directory for the synthetic one).
+    parquet_dir: str = ""
+    shard_size: int = _ranged(1000, ge=1)
+    # Ray Data preprocessing stage: rows per map_batches call, actor pool bounds, CPUs per actor,
+    # and an optional node label selector (e.g. {"centernet-pool": "cpu"}) pinning it to CPU nodes.
+    preprocess_batch_size: int = _ranged(32, ge=1)
+    preprocess_min_actors: int = _ranged(1, ge=1)
+    preprocess_max_actors: int = _ranged(4, ge=1)
+    preprocess_num_cpus: float = _ranged(1.0, gt=0.0)
+    preprocess_label_selector: dict[str, str] = field(default_factory=dict)
+    prefetch_batches: int = _ranged(2, ge=0)
 
     def __post_init__(self) -> None:
         if any(side <= 0 or side % 32 for side in self.input_size):
             raise ConfigError(f"data.input_size must be two positive multiples of 32; got {list(self.input_size)}")
+        if self.preprocess_min_actors > self.preprocess_max_actors:
+            raise ConfigError("data.preprocess_min_actors must be <= data.preprocess_max_actors; got "
+                              f"{self.preprocess_min_actors} > {self.preprocess_max_actors}")
         low, high = self.scale_range
         if not 0 < low <= high:
             raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high; got {[low, high]}")
@@ -270,6 +285,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         if len(value) != len(args):
             raise ConfigError(f"{key} must have {len(args)} values, e.g. {key}=[{_example(args)}]; got {value!r}")
         return tuple(_coerce(key, a, v) for a, v in zip(args, value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, e.g. {key}={{a: b}}; got {value!r}")
+        return {_coerce(key, args[0], k): _coerce(key, args[1], v) for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false; got {value!r}")

@@ -83,3 +83,15 @@ def test_decode_image_rejects_garbage_truncation_and_bombs(tmp_path):
         decode_image(path.read_bytes()[:300])
     with pytest.raises(ImageDecodeError, match="exceeds"):
         decode_image(path, max_pixels=100)
+
+
+def test_fused_color_jitter_matches_torchvision_adjust_functions():
+    from torchvision.transforms.v2 import functional as F
+
+    from centernet_ray.data.transforms import jitter_colors
+
+    image = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(image, 1.3), 0.7), 1.2)
+    # torchvision rounds to uint8 after every step; one float pass differs by that rounding only
+    assert (reference.int() - jitter_colors(image, 1.3, 0.7, 1.2).int()).abs().max() <= 3
+    assert torch.equal(jitter_colors(image, 1.0, 1.0, 1.0), image)

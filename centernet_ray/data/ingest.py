@@ -58,8 +58,9 @@ def check_image(data: bytes) -> str | None:
 
 
 def _fingerprint(annotation_bytes: bytes, images: str, shard_size: int) -> str:
+    fs, path = storage.resolve(images)  # "/data/x" and "file:///data/x" are the same input
     digest = hashlib.sha256(annotation_bytes)
-    digest.update(f"|{images}|{shard_size}|v{FORMAT_VERSION}".encode())
+    digest.update(f"|{fs.type_name}:{path}|{shard_size}|v{FORMAT_VERSION}".encode())
     return digest.hexdigest()
 
 

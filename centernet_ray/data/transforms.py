@@ -17,7 +17,6 @@ from typing import Literal
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from centernet_ray.config import DataConfig
@@ -94,8 +93,7 @@ class TrainTransform:
         self.preset = preset
         self.scale_range = scale_range
         self.flip_prob = flip_prob if preset != "none" else 0.0
-        jitter = color_jitter if preset == "centernet" else 0.0
-        self.jitter = v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter) if jitter > 0 else None
+        self.jitter = color_jitter if preset == "centernet" else 0.0
 
     @classmethod
     def from_config(cls, config: DataConfig) -> "TrainTransform":
@@ -120,14 +118,24 @@ class TrainTransform:
         img, bbs = F.resized_crop(img, *region, size), F.resized_crop(bbs, *region, size)
         if flipped:
             img, bbs = F.horizontal_flip(img), F.horizontal_flip(bbs)
-        if self.jitter is not None:
-            with torch.random.fork_rng(devices=[]):
-                if seed is not None:
-                    torch.manual_seed(seed + 1)
-                img = self.jitter(img)
+        if self.jitter > 0:
+            factors = [uniform(1 - self.jitter, 1 + self.jitter) for _ in range(3)]
+            img = tv_tensors.Image(jitter_colors(img.as_subclass(torch.Tensor), *factors))
         kept_boxes, kept_labels = _keep_nonempty(bbs, torch.as_tensor(labels, dtype=torch.int64))
         return Preprocessed(img.as_subclass(torch.Tensor), kept_boxes, kept_labels,
                             region_to_original(*region, self.input_size, flipped=flipped))
+
+
+def jitter_colors(image: torch.Tensor, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
+    """Brightness, contrast and saturation factors (1 = unchanged) applied to a uint8 [3, H, W]
+    image in one float pass, with the definitions of torchvision's ``adjust_*`` functions (which
+    round-trip through uint8 after each step and cost about 3x more)."""
+    x = image.float().mul_(brightness).clamp_(0, 255)
+    mean = F.rgb_to_grayscale(x.unsqueeze(0)).mean()
+    x = x.sub_(mean).mul_(contrast).add_(mean).clamp_(0, 255)
+    gray = F.rgb_to_grayscale(x.unsqueeze(0))[0]
+    x = x.sub_(gray).mul_(saturation).add_(gray).clamp_(0, 255)
+    return x.round_().to(torch.uint8)
 
 
 def normalize_images(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

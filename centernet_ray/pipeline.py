@@ -1,0 +1,144 @@
+"""Ray Data glue: Parquet shards -> preprocessing actors on CPU nodes -> Ray Train workers.
+
+The per-row work is :class:`centernet_ray.data.preprocess.Preprocessor`; this module only puts it
+on Ray: an actor pool (built once per actor, 1 torch thread each) placed by the config's resources
+and node labels, a shared report of dropped rows, and an epoch clock so that each epoch's lazy
+re-execution draws new, reproducible augmentations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import ray
+import torch
+from ray.train import DataConfig as TrainDataConfig
+
+from centernet_ray import storage
+from centernet_ray.config import Config
+from centernet_ray.data.ingest import read_manifest
+from centernet_ray.data.preprocess import Preprocessor, render_targets
+
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class PipelineReport:
+    """Counts (and a few examples) of rows the preprocessing stage dropped or repaired."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, problem: str, example: str) -> None:
+        self.counts[problem] += 1
+        samples = self.examples.setdefault(problem, [])
+        if len(samples) < 10:
+            samples.append(example)
+
+    def get(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "examples": self.examples}
+
+
+@ray.remote(num_cpus=0)
+class EpochClock:
+    """The epoch the next pipeline execution augments for; train workers advance it."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def advance_to(self, epoch: int) -> None:
+        self.epoch = max(self.epoch, epoch)
+
+    def get(self) -> int:
+        return self.epoch
+
+
+class RayPreprocessor(Preprocessor):
+    """:class:`Preprocessor` as a Ray Data actor: reads the epoch once at start-up (each epoch's
+    execution starts fresh actors) and forwards dropped rows to the shared report."""
+
+    def __init__(self, *args: Any, report: Any = None, clock: Any = None, **kwargs: Any) -> None:
+        torch.set_num_threads(1)  # one actor = one CPU; parallelism comes from the pool
+        if clock is not None:
+            kwargs["epoch"] = ray.get(clock.get.remote())
+        super().__init__(*args, **kwargs)
+        self._report_actor = report
+
+    def report(self, problem: str, example: str) -> None:
+        super().report(problem, example)
+        if self._report_actor is not None:
+            self._report_actor.add.remote(problem, example)
+
+
+def parquet_files(parquet_dir: str) -> list[str]:
+    """The shard files an ingest wrote, from its manifest."""
+    manifest = read_manifest(parquet_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no ingested dataset at {parquet_dir} (run `centernet-ray data ingest` first)")
+    return [storage.join(parquet_dir, name) for name in manifest["shards"]]
+
+
+def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: Any = None,
+                         clock: Any = None) -> ray.data.Dataset:
+    """Lazy dataset of preprocessed rows (see ``centernet_ray.data.preprocess`` for the columns)."""
+    data = config.data
+    rows = ray.data.read_parquet(parquet_files(parquet_dir))
+    placement: dict[str, Any] = {"num_cpus": data.preprocess_num_cpus}
+    if data.preprocess_label_selector:
+        placement["label_selector"] = dict(data.preprocess_label_selector)
+    return rows.map_batches(
+        RayPreprocessor,
+        fn_constructor_kwargs=dict(
+            input_size=data.input_size, max_objects=config.targets.max_objects, train=train,
+            augment=data.augment, scale_range=data.scale_range, flip_prob=data.flip_prob,
+            color_jitter=data.color_jitter, seed=config.train.seed, report=report, clock=clock if train else None),
+        batch_size=data.preprocess_batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=data.preprocess_min_actors, max_size=data.preprocess_max_actors),
+        **placement,
+    )
+
+
+class CenterNetDataConfig(TrainDataConfig):
+    """Train rows split equally across workers (DDP needs equal step counts); validation rows
+    split unequally so that every image is evaluated exactly once."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            dataset.context.execution_options = self._resolve_execution_options(name)
+            splits = dataset.streaming_split(world_size, equal=(name == "train"), locality_hints=worker_node_ids)
+            for rank, split in enumerate(splits):
+                output[rank][name] = split
+        return output
+
+
+class TargetCollate:
+    """``iter_torch_batches`` collate: numpy rows -> uint8 images + dense targets (train worker).
+
+    Returns ``{"image": uint8 [B,3,H,W], "targets": {...render_targets...}, "image_id",
+    "input_to_original", "original_size"}``; the heatmap is rendered here, off the object store.
+    """
+
+    def __init__(self, config: Config, num_classes: int) -> None:
+        height, width = config.data.input_size
+        self.output_size = (height // 4, width // 4)
+        self.num_classes = num_classes
+        self.targets = config.targets
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        targets = render_targets(batch["boxes"], batch["classes"], batch["num_boxes"], self.num_classes,
+                                 self.output_size, self.targets.max_objects, self.targets.min_overlap,
+                                 self.targets.formula)
+        # Ray hands out read-only zero-copy arrays; torch wants writable memory, so copy (small).
+        return {
+            "image": torch.tensor(batch["image"]),
+            "targets": targets,
+            "image_id": torch.tensor(batch["image_id"]),
+            "input_to_original": torch.tensor(batch["input_to_original"]),
+            "original_size": torch.tensor(batch["original_size"]),
+        }

@@ -1,0 +1,59 @@
+import json
+import shutil
+
+import pyarrow.parquet as pq
+
+from centernet_ray.data.ingest import ingest_coco, read_manifest
+
+
+def broken_copy(shapes_dataset, tmp_path):
+    """The val split with one corrupt image, one missing file and broken annotations injected."""
+    root = tmp_path / "broken"
+    shutil.copytree(shapes_dataset / "images" / "val", root / "images")
+    instances = json.loads((shapes_dataset / "annotations" / "instances_val.json").read_text())
+    (root / "images" / instances["images"][0]["file_name"]).write_bytes(b"garbage, not a jpeg")
+    (root / "images" / instances["images"][1]["file_name"]).unlink()
+    extra = [
+        {"id": 9001, "image_id": instances["images"][2]["id"], "category_id": 1, "bbox": [float("nan"), 1, 2, 2], "iscrowd": 0},
+        {"id": 9002, "image_id": instances["images"][2]["id"], "category_id": 1, "bbox": [5, 5, -3, 4], "iscrowd": 0},
+        {"id": 9003, "image_id": instances["images"][2]["id"], "category_id": 77, "bbox": [5, 5, 3, 4], "iscrowd": 0},
+        {"id": 9004, "image_id": instances["images"][2]["id"], "category_id": 2, "bbox": [5, 5, 30, 40], "iscrowd": 1},
+    ]
+    instances["annotations"] += extra
+    (root / "instances.json").write_text(json.dumps(instances).replace("NaN", "NaN"))
+    return root, instances
+
+
+def test_ingest_writes_shards_with_one_row_per_image(shapes_dataset, tmp_path):
+    result = ingest_coco(str(shapes_dataset / "images" / "train"), str(shapes_dataset / "annotations" / "instances_train.json"),
+                         str(tmp_path / "pq"), shard_size=10)
+    assert result.rows == 24 and result.shards == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    table = pq.read_table(tmp_path / "pq")
+    assert table.num_rows == 24
+    assert set(table.column_names) == {"image_id", "file_name", "width", "height", "image", "boxes", "labels"}
+    row = table.slice(0, 1).to_pylist()[0]
+    assert len(row["boxes"]) == 4 * len(row["labels"]) and row["image"][:2] == b"\xff\xd8"
+    assert result.class_names == ["circle", "rectangle", "triangle", "cross"]
+
+
+def test_ingest_is_idempotent_and_reads_file_uris(shapes_dataset, tmp_path):
+    args = (str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"))
+    first = ingest_coco(*args, str(tmp_path / "pq"))
+    stamp = (tmp_path / "pq" / "part-00000.parquet").stat().st_mtime_ns
+    second = ingest_coco(f"file://{args[0]}", f"file://{args[1]}", f"file://{tmp_path / 'pq'}")
+    assert second.rows == first.rows
+    third = ingest_coco(*args, str(tmp_path / "pq"))
+    assert third.reused and (tmp_path / "pq" / "part-00000.parquet").stat().st_mtime_ns == stamp
+
+
+def test_ingest_reports_every_kind_of_bad_input(shapes_dataset, tmp_path):
+    root, instances = broken_copy(shapes_dataset, tmp_path)
+    result = ingest_coco(str(root / "images"), str(root / "instances.json"), str(tmp_path / "pq"))
+    report = result.report
+    assert result.rows == 12 - 2
+    assert report["unreadable_images"] == 1 and report["missing_images"] == 1
+    assert report["dropped_invalid"] == 2 and report["unknown_category"] == 1 and report["crowd_skipped"] == 1
+    kept = sum(len(r["labels"]) for r in pq.read_table(tmp_path / "pq").to_pylist())
+    assert report["annotations"] == kept
+    manifest = read_manifest(str(tmp_path / "pq"))
+    assert instances["images"][0]["file_name"] in manifest["examples"]["unreadable_images"][0]
