@@ -44,11 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     check = data_commands.add_parser("check", help="validate a COCO instances json and report what would be dropped")
     check.add_argument("--annotations", required=True, help="instances json")
     check.add_argument("--images", help="images directory (also checks that every image file exists)")
+    ingest = data_commands.add_parser("ingest", help="COCO images + instances json (path or URI) -> sharded Parquet")
+    ingest.add_argument("--images", required=True, help="images directory or URI (s3://, gs://, file://)")
+    ingest.add_argument("--annotations", required=True, help="instances json path or URI")
+    ingest.add_argument("--out", required=True, help="output directory or URI for the Parquet shards")
+    ingest.add_argument("--shard-size", type=int, default=1000, help="rows (images) per shard")
+    ingest.add_argument("--threads", type=int, default=16, help="parallel image reads")
+    ingest.add_argument("--force", action="store_true", help="rewrite even if the same input was ingested")
     show = data_commands.add_parser("show", help="draw ground-truth boxes of a few images into a PNG grid")
     show.add_argument("--annotations", required=True)
     show.add_argument("--images", required=True)
     show.add_argument("--out", required=True, help="PNG file to write")
     show.add_argument("--count", type=int, default=16)
+
+    predict = commands.add_parser("predict", help="batch inference with Ray Data: detections.json (+ metrics)")
+    predict.add_argument("--checkpoint", required=True, help="checkpoint file, directory or URI")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="directory or URI of images (any format Pillow reads)")
+    source.add_argument("--parquet", help="ingested Parquet directory (from `data ingest`)")
+    predict.add_argument("--output", required=True, help="output directory or URI")
+    predict.add_argument("--annotations", help="instances json: also score with COCOeval")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--actors", type=int, default=1, help="model replicas (one GPU each when the cluster has GPUs)")
+    predict.add_argument("--max-detections", type=int, default=100)
+    predict.add_argument("--score-threshold", type=float, default=0.01)
+    predict.add_argument("--flip-test", action="store_true", help="average with the mirrored image")
 
     evaluate = commands.add_parser("eval", help="score COCO-format detections with COCOeval")
     evaluate.add_argument("--annotations", required=True, help="ground-truth instances json")
@@ -66,6 +86,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_command == "ingest":
+        from centernet_ray.data.ingest import ingest_coco
+
+        result = ingest_coco(args.images, args.annotations, args.out, args.shard_size, args.threads, args.force)
+        state = "already up to date" if result.reused else f"{len(result.shards)} shard(s), {result.bytes_written:,d} image bytes"
+        print(f"{result.output}: {result.rows} images, {state}")
+        for key, value in result.report.items():
+            print(f"  {key:>17}: {value}")
+        return 0
     if args.data_command == "synth":
         from centernet_ray.data.synthetic import write_shapes_dataset
 
@@ -99,6 +128,24 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from centernet_ray.batch_inference import run_predict
+    from centernet_ray.evaluation import format_stats
+    from centernet_ray.ray_runtime import init_ray
+
+    init_ray()
+    result = run_predict(args.checkpoint, args.output, images=args.images, parquet=args.parquet,
+                         annotations=args.annotations, batch_size=args.batch_size, num_actors=args.actors,
+                         k=args.max_detections, score_threshold=args.score_threshold, flip_test=args.flip_test)
+    print(f"{result.images} images, {result.detections} detections -> {result.output}/detections.json "
+          f"({result.wall_seconds:.1f} s)")
+    if result.skipped:
+        print(f"skipped: {result.skipped}")
+    if result.stats is not None:
+        print(format_stats(result.stats))
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from centernet_ray.evaluation import coco_evaluate, format_stats
 
@@ -124,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     from centernet_ray.config import ConfigError
     from centernet_ray.data.coco import CocoFormatError
 
-    handlers = {"config": _cmd_config, "data": _cmd_data, "eval": _cmd_eval}
+    handlers = {"config": _cmd_config, "data": _cmd_data, "eval": _cmd_eval, "predict": _cmd_predict}
     try:
         return handlers[args.command](args)
-    except (ConfigError, CocoFormatError, ValueError) as exc:
+    except (ConfigError, CocoFormatError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -20,3 +20,20 @@ def ray_session():
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def untrained_checkpoint(tmp_path_factory):
+    """A small, untrained 4-class checkpoint (random detections, valid format)."""
+    import torch
+
+    from centernet_ray.checkpoint import checkpoint_state, save_checkpoint
+    from centernet_ray.config import load_config
+    from centernet_ray.model import build_model
+
+    torch.manual_seed(0)
+    config = load_config(None, ["data.input_size=[64,64]", "model.neck_channels=[32,32,32]", "model.head_conv=16"])
+    model = build_model(config.model, 4)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    save_checkpoint(path, checkpoint_state(model, config, ["circle", "rectangle", "triangle", "cross"], [1, 2, 3, 4], epoch=0))
+    return path

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from centernet_ray import storage
 from centernet_ray.data.images import ImageDecodeError, decode_image
 from centernet_ray.data.transforms import TrainTransform, ValTransform
 from centernet_ray.targets import encode_targets
@@ -36,7 +37,11 @@ def sample_seed(seed: int, epoch: int, image_id: int) -> int:
 
 
 class Preprocessor:
-    """Decode, augment (``train=True``) or letterbox, and pack one batch of Parquet rows."""
+    """Decode, augment (``train=True``) or letterbox, and pack one batch of rows.
+
+    Rows are ingested Parquet rows (``image`` bytes, ``boxes``, ``labels``, ``image_id``) or, for
+    inference over files, ``path`` + ``image_id`` (the bytes are read here, on the CPU node).
+    """
 
     def __init__(self, input_size: tuple[int, int], max_objects: int, train: bool,
                  augment: str = "centernet", scale_range: tuple[float, float] = (0.6, 1.4),
@@ -85,13 +90,22 @@ class Preprocessor:
 
     def _one(self, batch: dict[str, Any], i: int) -> tuple | None:
         image_id = int(batch["image_id"][i])
+        if "image" in batch:
+            data = bytes(batch["image"][i])
+        else:  # inference over files: rows carry a path instead of bytes
+            try:
+                data = storage.read_bytes(str(batch["path"][i]))
+            except OSError as exc:
+                self.report("missing_images", f"{batch['path'][i]}: {exc}")
+                return None
         try:
-            image = decode_image(bytes(batch["image"][i]), self.max_pixels)
+            image = decode_image(data, self.max_pixels)
         except ImageDecodeError as exc:
-            self.report("unreadable_images", f"image_id={image_id}: {exc}")
+            where = batch["path"][i] if "path" in batch else f"image_id={image_id}"
+            self.report("unreadable_images", f"{where}: {exc}")
             return None
-        boxes = np.array(batch["boxes"][i], dtype=np.float32).reshape(-1, 4)
-        labels = np.array(batch["labels"][i], dtype=np.int64)
+        boxes = np.array(batch["boxes"][i] if "boxes" in batch else [], dtype=np.float32).reshape(-1, 4)
+        labels = np.array(batch["labels"][i] if "labels" in batch else [], dtype=np.int64)
         finite = np.isfinite(boxes).all(1) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         if not finite.all():
             self.report("dropped_invalid_boxes", f"image_id={image_id}: {int((~finite).sum())} box(es)")

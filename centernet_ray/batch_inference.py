@@ -1,0 +1,153 @@
+"""Batch inference on Ray Data: read -> preprocess (CPU actors) -> model + decode (actor pool,
+GPU when the cluster has one) -> COCO results json + Parquet, scored with COCOeval on request."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from centernet_ray import storage
+from centernet_ray.checkpoint import load_checkpoint
+from centernet_ray.config import config_from_dict
+from centernet_ray.data.coco import parse_coco
+from centernet_ray.evaluation import coco_evaluate, detections_to_coco, format_stats
+from centernet_ray.inference import Detector
+from centernet_ray.pipeline import PipelineReport, RayPreprocessor, parquet_files
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+class DetectorActor:
+    """Ray Data UDF: loads the checkpoint once per actor; emits the top ``k`` detections per image
+    padded to fixed shapes (boxes [B, K, 4] original px, scores [B, K], classes [B, K])."""
+
+    def __init__(self, checkpoint: str, use_gpu: bool, k: int, flip_test: bool) -> None:
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.detector, _ = Detector.from_checkpoint(checkpoint, device, flip_test)
+        self.k = k
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        found = self.detector.detect(torch.from_numpy(batch["image"].copy()), torch.from_numpy(batch["input_to_original"].copy()),
+                                     torch.from_numpy(batch["original_size"].copy()), self.k, score_threshold=-1.0)
+        k = max((len(d.scores) for d in found), default=0)
+        boxes = np.zeros((len(found), k, 4), np.float32)
+        scores = np.zeros((len(found), k), np.float32)
+        classes = np.zeros((len(found), k), np.int32)
+        for b, det in enumerate(found):
+            boxes[b, : len(det.scores)], scores[b, : len(det.scores)], classes[b, : len(det.scores)] = det.boxes, det.scores, det.classes
+        return {"image_id": batch["image_id"], "boxes": boxes, "scores": scores, "classes": classes}
+
+
+@dataclass
+class PredictResult:
+    images: int
+    detections: int
+    skipped: dict[str, int]
+    stats: dict[str, float] | None
+    output: str
+    wall_seconds: float
+
+
+def list_images(images: str) -> list[str]:
+    """Image files under a directory or URI, recursively, sorted (URIs kept as URIs)."""
+    fs, root = storage.resolve(images)
+    infos = fs.get_file_info(pa.fs.FileSelector(root, recursive=True))
+    found = sorted(info.path for info in infos if info.is_file and PurePosixPath(info.path).suffix.lower() in IMAGE_SUFFIXES)
+    if "://" in images:
+        scheme = images.split("://", 1)[0]
+        return [f"{scheme}://{path}" for path in found]
+    return found
+
+
+def _image_rows(images: str, annotations: dict | None) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    paths = list_images(images)
+    if not paths:
+        raise FileNotFoundError(f"no image files under {images}")
+    if annotations is None:
+        rows = [{"path": p, "image_id": i + 1} for i, p in enumerate(paths)]
+    else:
+        prefix = storage.resolve(images)[1].rstrip("/") + "/"
+        ids = {img["file_name"]: int(img["id"]) for img in annotations["images"]}
+        rows = []
+        for path in paths:
+            relative = storage.resolve(path)[1][len(prefix):]
+            if relative in ids:
+                rows.append({"path": path, "image_id": ids[relative]})
+            else:
+                log.warning("predict: %s is not in the annotations; skipped", path)
+    return rows, {row["image_id"]: row["path"] for row in rows}
+
+
+def run_predict(checkpoint: str, output: str, images: str | None = None, parquet: str | None = None,
+                annotations: str | None = None, batch_size: int = 16, num_actors: int = 1,
+                k: int = 100, score_threshold: float = 0.01, flip_test: bool = False) -> PredictResult:
+    """Detect on every image and write ``output``/detections.json (+ .parquet, metrics.json)."""
+    if (images is None) == (parquet is None):
+        raise ValueError("give exactly one of --images and --parquet")
+    started = time.perf_counter()
+    state = load_checkpoint(checkpoint)
+    config = config_from_dict(state["config"])
+    ground_truth = json.loads(storage.read_bytes(annotations)) if annotations else None
+    if ground_truth is not None:
+        parse_coco(ground_truth, annotations)  # validate early with a clear error
+
+    if images is not None:
+        rows, id_to_path = _image_rows(images, ground_truth)
+        dataset = ray.data.from_items(rows)
+    else:
+        dataset, id_to_path = ray.data.read_parquet(parquet_files(parquet)), {}
+    report = PipelineReport.remote()
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    preprocessed = dataset.map_batches(
+        RayPreprocessor, batch_format="numpy", batch_size=batch_size,
+        fn_constructor_kwargs=dict(input_size=config.data.input_size, max_objects=1, train=False, report=report),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.data.preprocess_max_actors)),
+        num_cpus=config.data.preprocess_num_cpus)
+    predicted = preprocessed.map_batches(
+        DetectorActor, batch_format="numpy", batch_size=batch_size,
+        fn_constructor_kwargs=dict(checkpoint=checkpoint, use_gpu=use_gpu, k=k, flip_test=flip_test),
+        compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0)
+
+    image_ids, all_boxes, all_scores, all_classes = [], [], [], []
+    for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
+        for b in range(len(batch["image_id"])):
+            image_ids.append(int(batch["image_id"][b]))
+            all_boxes.append(batch["boxes"][b])
+            all_scores.append(batch["scores"][b])
+            all_classes.append(batch["classes"][b])
+    results: list[dict[str, Any]] = []
+    for image_id, boxes, scores, classes in zip(image_ids, all_boxes, all_scores, all_classes):
+        results += detections_to_coco([image_id], boxes[None], scores[None], classes[None], state["category_ids"], score_threshold)
+
+    storage.write_bytes(storage.join(output, "detections.json"), json.dumps(results).encode())
+    table = pa.table({"image_id": [r["image_id"] for r in results], "category_id": [r["category_id"] for r in results],
+                      "bbox": [r["bbox"] for r in results], "score": [r["score"] for r in results]})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(storage.join(output, "detections.parquet"), sink.getvalue().to_pybytes())
+    if id_to_path and ground_truth is None:
+        storage.write_bytes(storage.join(output, "images.json"), json.dumps({str(k): v for k, v in id_to_path.items()}, indent=1).encode())
+
+    skipped = ray.get(report.get.remote())
+    stats = None
+    if ground_truth is not None:
+        from centernet_ray.evaluation import coco_from_dict
+
+        stats = coco_evaluate(coco_from_dict(ground_truth), results, image_ids=image_ids)
+        log.info("COCO stats:\n%s", format_stats(stats))
+        storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(stats, indent=2).encode())
+    wall = time.perf_counter() - started
+    log.info("predict: %d images, %d detections, skipped %s, %.1f s", len(image_ids), len(results), skipped["counts"] or "none", wall)
+    return PredictResult(len(image_ids), len(results), skipped["counts"], stats, output, wall)

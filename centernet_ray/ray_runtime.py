@@ -1,0 +1,25 @@
+"""Connecting to Ray: an existing cluster when one is given, else a local Ray sized for the machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (or the one running this Ray job); otherwise start
+    a local Ray with more logical CPUs than cores, so that Ray Data's CPU stages are not starved by
+    train workers on small machines (a 2-core box with num_cpus=2 deadlocks)."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+        ray.init(log_to_driver=True)
+        log.info("connected to Ray cluster: %s", ray.cluster_resources())
+        return
+    cpus = num_cpus or max(8, os.cpu_count() or 1)
+    ray.init(num_cpus=cpus, include_dashboard=False)
+    log.info("started local Ray with %d logical CPUs on %d cores", cpus, os.cpu_count() or 1)

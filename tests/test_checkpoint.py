@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from centernet_ray.checkpoint import checkpoint_state, load_checkpoint, model_from_checkpoint, save_checkpoint
+from centernet_ray.config import load_config
+from centernet_ray.inference import Detector
+from centernet_ray.model import build_model
+
+
+def test_checkpoint_round_trips_with_weights_only(tmp_path):
+    config = load_config(None, ["model.neck_channels=[32,32,32]", "model.head_conv=16", "data.input_size=[64,64]"])
+    model = build_model(config.model, 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = checkpoint_state(model, config, ["a", "b", "c"], [3, 5, 9], epoch=7, optimizer=optimizer,
+                             scheduler=scheduler, scaler=scaler, metrics={"AP": 0.5})
+    save_checkpoint(tmp_path / "ckpt" / "checkpoint.pt", state)
+    loaded = load_checkpoint(tmp_path / "ckpt")  # a directory holding checkpoint.pt works too
+    assert loaded["epoch"] == 7 and loaded["category_ids"] == [3, 5, 9] and loaded["metrics"] == {"AP": 0.5}
+    restored = model_from_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
+    assert restored.config == config and restored.class_names == ["a", "b", "c"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[key], value)
+
+
+def test_foreign_or_missing_checkpoints_are_refused(tmp_path):
+    torch.save({"something": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a centernet-ray checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_detector_returns_boxes_in_original_pixels(untrained_checkpoint):
+    detector, loaded = Detector.from_checkpoint(str(untrained_checkpoint))
+    images = [torch.randint(0, 255, (3, 100, 60), dtype=torch.uint8), torch.randint(0, 255, (3, 40, 80), dtype=torch.uint8)]
+    found = detector.detect_images(images, k=20)
+    assert len(found) == 2 and found[0].boxes.shape == (20, 4)
+    assert found[0].boxes[:, [0, 2]].max() <= 60 and found[0].boxes[:, [1, 3]].max() <= 100
+    assert found[1].boxes[:, [0, 2]].max() <= 80 and found[1].boxes[:, [1, 3]].max() <= 40
+    assert (found[0].scores[:-1] >= found[0].scores[1:]).all()
+    flip_detector = Detector(loaded.model, (64, 64), flip_test=True)
+    assert len(flip_detector.detect_images(images[:1], k=5)[0].scores) == 5
