@@ -78,6 +78,9 @@ class DataConfig:
     shard_size: int = _ranged(1000, ge=1)
     # Ray Data preprocessing stage: rows per map_batches call, actor pool bounds, CPUs per actor,
     # and an optional node label selector (e.g. {"centernet-pool": "cpu"}) pinning it to CPU nodes.
+    # "actors": a class UDF built once per actor (new actors each epoch's execution);
+    # "tasks": pooled worker processes, the Preprocessor cached per process (no per-epoch start-up).
+    preprocess_compute: Literal["actors", "tasks"] = "actors"
     preprocess_batch_size: int = _ranged(32, ge=1)
     preprocess_min_actors: int = _ranged(1, ge=1)
     preprocess_max_actors: int = _ranged(4, ge=1)

@@ -73,6 +73,25 @@ class RayPreprocessor(Preprocessor):
             self._report_actor.add.remote(problem, example)
 
 
+_PROCESS_PREPROCESSORS: dict[tuple, Preprocessor] = {}
+
+
+def preprocess_in_task(batch: dict[str, Any], *, report: Any = None, clock: Any = None, **kwargs: Any) -> dict[str, Any]:
+    """Task flavour of the stage: the Preprocessor is built once per worker process and epoch.
+
+    Ray keeps worker processes (and their imports) between executions, so unlike an actor pool,
+    which starts new processes for every epoch's execution, this costs nothing per epoch.
+    """
+    epoch = ray.get(clock.get.remote()) if clock is not None else 0
+    key = (epoch, *sorted((k, repr(v)) for k, v in kwargs.items()))
+    preprocessor = _PROCESS_PREPROCESSORS.get(key)
+    if preprocessor is None:
+        _PROCESS_PREPROCESSORS.clear()
+        torch.set_num_threads(1)
+        preprocessor = _PROCESS_PREPROCESSORS[key] = RayPreprocessor(report=report, epoch=epoch, **kwargs)
+    return preprocessor(batch)
+
+
 def parquet_files(parquet_dir: str) -> list[str]:
     """The shard files an ingest wrote, from its manifest."""
     manifest = read_manifest(parquet_dir)
@@ -85,21 +104,24 @@ def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: 
                          clock: Any = None) -> ray.data.Dataset:
     """Lazy dataset of preprocessed rows (see ``centernet_ray.data.preprocess`` for the columns)."""
     data = config.data
-    rows = ray.data.read_parquet(parquet_files(parquet_dir))
+    files = parquet_files(parquet_dir)
+    # The reader merges small shards into one block, and one block is one preprocessing task
+    # whatever the pool size: re-block (streaming, no shuffle) to one preprocessing batch per block.
+    rows = ray.data.read_parquet(files).repartition(target_num_rows_per_block=data.preprocess_batch_size)
     placement: dict[str, Any] = {"num_cpus": data.preprocess_num_cpus}
     if data.preprocess_label_selector:
         placement["label_selector"] = dict(data.preprocess_label_selector)
+    arguments = dict(input_size=data.input_size, max_objects=config.targets.max_objects, train=train,
+                     augment=data.augment, scale_range=data.scale_range, flip_prob=data.flip_prob,
+                     color_jitter=data.color_jitter, seed=config.train.seed, report=report,
+                     clock=clock if train else None)
+    if data.preprocess_compute == "tasks":
+        return rows.map_batches(preprocess_in_task, fn_kwargs=arguments, batch_size=data.preprocess_batch_size,
+                                batch_format="numpy", concurrency=data.preprocess_max_actors, **placement)
     return rows.map_batches(
-        RayPreprocessor,
-        fn_constructor_kwargs=dict(
-            input_size=data.input_size, max_objects=config.targets.max_objects, train=train,
-            augment=data.augment, scale_range=data.scale_range, flip_prob=data.flip_prob,
-            color_jitter=data.color_jitter, seed=config.train.seed, report=report, clock=clock if train else None),
-        batch_size=data.preprocess_batch_size,
-        batch_format="numpy",
+        RayPreprocessor, fn_constructor_kwargs=arguments, batch_size=data.preprocess_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=data.preprocess_min_actors, max_size=data.preprocess_max_actors),
-        **placement,
-    )
+        **placement)
 
 
 class CenterNetDataConfig(TrainDataConfig):
