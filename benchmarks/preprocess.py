@@ -67,10 +67,21 @@ def collate(items: list[dict]) -> dict:
     return {k: np.concatenate([item[k] for item in items]) for k in items[0]}
 
 
-def dataloader_epoch(rows: dict, workers: int, batch_size: int) -> int:
-    loader = torch.utils.data.DataLoader(RowDataset(rows), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate, shuffle=True)
-    return sum(len(batch["image_id"]) for batch in loader)
+def timed_epoch(batches) -> tuple[float, float]:
+    """(images/s over the whole epoch, images/s over its second half: the steady state after start-up)."""
+    start = time.perf_counter()
+    stamps, count = [], 0
+    for batch in batches:
+        count += len(batch["image_id"])
+        stamps.append((time.perf_counter(), count))
+    end = stamps[-1][0]
+    half_time, half_count = next((t, c) for t, c in stamps if c >= count / 2)
+    return count / (end - start), (count - half_count) / max(end - half_time, 1e-9)
+
+
+def dataloader_batches(rows: dict, workers: int, batch_size: int):
+    return torch.utils.data.DataLoader(RowDataset(rows), batch_size=batch_size, num_workers=workers,
+                                       collate_fn=collate, shuffle=True)
 
 
 def naive_v2_chain():
@@ -143,21 +154,20 @@ def main() -> None:
             config.data.preprocess_compute = mode
             datasets[f"Ray Data ({mode})"] = preprocessed_dataset(str(root / "pq"), config, train=True)
 
-        def ray_epoch(dataset) -> int:
-            return sum(len(b["image_id"]) for b in dataset.iter_batches(batch_size=args.batch_size, batch_format="numpy"))
-
-        runs = {"torch DataLoader": lambda: dataloader_epoch(rows, args.workers, args.batch_size)}
-        runs.update({name: (lambda d=d: ray_epoch(d)) for name, d in datasets.items()})
-        results: dict[str, list[float]] = {}
+        runs = {"torch DataLoader": lambda: dataloader_batches(rows, args.workers, args.batch_size)}
+        runs.update({name: (lambda d=d: d.iter_batches(batch_size=args.batch_size, batch_format="numpy"))
+                     for name, d in datasets.items()})
+        results: dict[str, list[tuple[float, float]]] = {}
         for _ in range(2):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                count = run()
-                results.setdefault(name, []).append(count / (time.perf_counter() - start))
-        print(f"\npreprocessing throughput, {args.images} images, {args.workers} worker processes each (images/s)")
+            for name, make in runs.items():
+                results.setdefault(name, []).append(timed_epoch(make()))
+        print(f"\npreprocessing throughput, {args.images} images, {args.workers} worker processes each, images/s "
+              "(whole epoch / second half of the epoch)")
+        base = results["torch DataLoader"]
         for name, rates in results.items():
-            ratio = " ".join(f"{r / b:.2f}x" for r, b in zip(rates, results["torch DataLoader"]))
-            print(f"  {name:<24} epoch 1 {rates[0]:7.1f}   epoch 2 {rates[1]:7.1f}   vs DataLoader: {ratio}")
+            cells = "   ".join(f"epoch {e + 1} {whole:6.1f} / {steady:6.1f}" for e, (whole, steady) in enumerate(rates))
+            ratios = " ".join(f"{w / bw:.2f}x/{s / bs:.2f}x" for (w, s), (bw, bs) in zip(rates, base))
+            print(f"  {name:<20} {cells}   vs DataLoader {ratios}")
         ray.shutdown()
 
 

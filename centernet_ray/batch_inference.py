@@ -22,7 +22,7 @@ from centernet_ray.config import config_from_dict
 from centernet_ray.data.coco import parse_coco
 from centernet_ray.evaluation import coco_evaluate, detections_to_coco, format_stats
 from centernet_ray.inference import Detector
-from centernet_ray.pipeline import PipelineReport, RayPreprocessor, parquet_files
+from centernet_ray.pipeline import PipelineReport, RayPreprocessor, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         rows, id_to_path = _image_rows(images, ground_truth)
         dataset = ray.data.from_items(rows)
     else:
-        dataset, id_to_path = ray.data.read_parquet(parquet_files(parquet)), {}
+        dataset, id_to_path = read_rows(parquet, batch_size), {}
     report = PipelineReport.remote()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     preprocessed = dataset.map_batches(

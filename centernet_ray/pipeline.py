@@ -92,22 +92,32 @@ def preprocess_in_task(batch: dict[str, Any], *, report: Any = None, clock: Any 
     return preprocessor(batch)
 
 
-def parquet_files(parquet_dir: str) -> list[str]:
-    """The shard files an ingest wrote, from its manifest."""
+def read_rows(parquet_dir: str, rows_per_block: int) -> ray.data.Dataset:
+    """The ingested rows in blocks of about ``rows_per_block`` rows (one block = one preprocessing
+    task, so blocks must be many and small for the pool to work in parallel).
+
+    Read with Ray Data's V1 Parquet datasource: in Ray 2.60 the V2 path adds a ListFiles task that
+    delayed the first batch of every execution (= every epoch) by ~8 s here, and merged small shards
+    into one block (BENCHMARKS.md).
+    """
     manifest = read_manifest(parquet_dir)
     if manifest is None:
         raise FileNotFoundError(f"no ingested dataset at {parquet_dir} (run `centernet-ray data ingest` first)")
-    return [storage.join(parquet_dir, name) for name in manifest["shards"]]
+    files = [storage.join(parquet_dir, name) for name in manifest["shards"]]
+    blocks = max(len(files), -(-manifest["rows"] // rows_per_block))
+    context = ray.data.DataContext.get_current()
+    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(files, override_num_blocks=blocks)
+    finally:
+        context.use_datasource_v2 = previous
 
 
 def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: Any = None,
                          clock: Any = None) -> ray.data.Dataset:
     """Lazy dataset of preprocessed rows (see ``centernet_ray.data.preprocess`` for the columns)."""
     data = config.data
-    files = parquet_files(parquet_dir)
-    # The reader merges small shards into one block, and one block is one preprocessing task
-    # whatever the pool size: re-block (streaming, no shuffle) to one preprocessing batch per block.
-    rows = ray.data.read_parquet(files).repartition(target_num_rows_per_block=data.preprocess_batch_size)
+    rows = read_rows(parquet_dir, data.preprocess_batch_size)
     placement: dict[str, Any] = {"num_cpus": data.preprocess_num_cpus}
     if data.preprocess_label_selector:
         placement["label_selector"] = dict(data.preprocess_label_selector)

@@ -75,7 +75,7 @@ def test_bad_rows_are_dropped_and_reported(ray_session, parquet, config, tmp_pat
     out.mkdir()
     pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(parquet / "val" / "part-00000.parquet")),
                    out / "part-00000.parquet")
-    (out / "_manifest.json").write_text('{"shards": ["part-00000.parquet"]}')
+    (out / "_manifest.json").write_text('{"shards": ["part-00000.parquet"], "rows": 12}')
     report = PipelineReport.remote()
     rows = epoch_images(preprocessed_dataset(str(out), config, train=False, report=report))
     assert len(rows) == 11
