@@ -149,6 +149,16 @@ class CenterNetDataConfig(TrainDataConfig):
         return output
 
 
+def shard_batches(name: str, config: Config, num_classes: int, batch_size: int):
+    """Inside a Ray Train worker: this worker's split of dataset ``name`` as collated torch batches
+    (see :class:`TargetCollate`), prefetched ``data.prefetch_batches`` ahead."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=TargetCollate(config, num_classes),
+                                    prefetch_batches=config.data.prefetch_batches, device="cpu")
+
+
 class TargetCollate:
     """``iter_torch_batches`` collate: numpy rows -> uint8 images + dense targets (train worker).
 

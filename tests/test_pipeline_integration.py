@@ -2,6 +2,8 @@
 
 import threading
 
+import torch
+
 import numpy as np
 import pytest
 
@@ -105,3 +107,37 @@ def test_validation_split_gives_every_image_to_exactly_one_worker(ray_session, p
     val_ids = seen["val"][0] + seen["val"][1]
     assert sorted(val_ids) == list(range(1, 13))  # each of the 12 val images exactly once
     assert len(seen["train"][0]) == len(seen["train"][1])  # equal split for DDP
+
+
+def test_torch_trainer_workers_stream_their_shards_with_collated_targets(ray_session, parquet, config, tmp_path):
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from centernet_ray.pipeline import CenterNetDataConfig, preprocessed_dataset, shard_batches
+
+    def loop(loop_config):
+        import ray.train
+
+        rank = ray.train.get_context().get_world_rank()
+        seen = {"train": [], "val": []}
+        for name in ("train", "val"):
+            for batch in shard_batches(name, loop_config["config"], num_classes=4, batch_size=4):
+                assert batch["image"].dtype == torch.uint8 and batch["targets"]["heatmap"].shape[1:] == (4, 16, 16)
+                assert batch["targets"]["index"].dtype == torch.int64
+                seen[name] += batch["image_id"].tolist()
+        (loop_config["out"] / f"rank{rank}.json").write_text(json.dumps(seen))
+
+    trainer = TorchTrainer(
+        loop, train_loop_config={"config": config, "out": tmp_path},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        datasets={"train": preprocessed_dataset(str(parquet / "train"), config, train=True),
+                  "val": preprocessed_dataset(str(parquet / "val"), config, train=False)},
+        dataset_config=CenterNetDataConfig(),
+        run_config=RunConfig(name="shards", storage_path=str(tmp_path / "runs")),
+    )
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == list(range(1, 13))
+    assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == 12
