@@ -115,7 +115,8 @@ class TrainTransform:
 
         img, bbs = _wrap(image, boxes)
         size = list(self.input_size)
-        img, bbs = F.resized_crop(img, *region, size), F.resized_crop(bbs, *region, size)
+        # bilinear without antialiasing, as the official affine warp: the scale jitter spans both ways
+        img, bbs = F.resized_crop(img, *region, size, antialias=False), F.resized_crop(bbs, *region, size)
         if flipped:
             img, bbs = F.horizontal_flip(img), F.horizontal_flip(bbs)
         if self.jitter > 0:
@@ -127,15 +128,19 @@ class TrainTransform:
 
 
 def jitter_colors(image: torch.Tensor, brightness: float, contrast: float, saturation: float) -> torch.Tensor:
-    """Brightness, contrast and saturation factors (1 = unchanged) applied to a uint8 [3, H, W]
-    image in one float pass, with the definitions of torchvision's ``adjust_*`` functions (which
-    round-trip through uint8 after each step and cost about 3x more)."""
-    x = image.float().mul_(brightness).clamp_(0, 255)
-    mean = F.rgb_to_grayscale(x.unsqueeze(0)).mean()
-    x = x.sub_(mean).mul_(contrast).add_(mean).clamp_(0, 255)
+    """Brightness, contrast and saturation factors (1 = unchanged) on a uint8 [3, H, W] image.
+
+    The definitions of torchvision's ``adjust_*`` functions (scale; blend with the mean grey; blend
+    with the per-pixel grey), fused into one float pass with a single clamp at the end instead of
+    a uint8 round trip after each step: equal where no step saturates, ~2x cheaper.
+    """
+    x = image.float()
+    mean = F.rgb_to_grayscale(x.unsqueeze(0)).mean() * brightness
+    # (x * b - mean) * c + mean, as one multiply-add
+    x = x.mul_(brightness * contrast).add_(mean * (1 - contrast))
     gray = F.rgb_to_grayscale(x.unsqueeze(0))[0]
-    x = x.sub_(gray).mul_(saturation).add_(gray).clamp_(0, 255)
-    return x.round_().to(torch.uint8)
+    x = x.mul_(saturation).add_(gray, alpha=1 - saturation)
+    return x.clamp_(0, 255).round_().to(torch.uint8)
 
 
 def normalize_images(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
