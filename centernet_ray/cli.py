@@ -11,6 +11,10 @@ from pathlib import Path
 
 log = logging.getLogger("centernet_ray")
 
+# The embedded default: the demo config shipped inside the package directory's parent checkout,
+# falling back to built-in defaults (synthetic data) when the package is installed elsewhere.
+DEFAULT_CONFIG = next((str(p) for p in [Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"] if p.is_file()), None)
+
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config file (default: the built-in demo config)")
@@ -32,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="print the resolved config as YAML")
     _add_config_args(config)
+
+    train = commands.add_parser("train", help="train a CenterNet with Ray Train (DDP) on Ray Data")
+    _add_config_args(train)
+    train.add_argument("--summary-json", help="write the final COCO stats, checkpoint and MLflow run id here")
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -128,6 +136,21 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from centernet_ray.config import load_config
+    from centernet_ray.ray_runtime import init_ray
+    from centernet_ray.training.job import format_summary, run_training, write_summary_json
+
+    path, overrides = _split_config_and_overrides(args)
+    config = load_config(path or DEFAULT_CONFIG, overrides)
+    init_ray()
+    summary = run_training(config)
+    print(format_summary(summary))
+    if args.summary_json:
+        write_summary_json(summary, args.summary_json)
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from centernet_ray.batch_inference import run_predict
     from centernet_ray.evaluation import format_stats
@@ -171,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     from centernet_ray.config import ConfigError
     from centernet_ray.data.coco import CocoFormatError
 
-    handlers = {"config": _cmd_config, "data": _cmd_data, "eval": _cmd_eval, "predict": _cmd_predict}
+    handlers = {"config": _cmd_config, "data": _cmd_data, "eval": _cmd_eval, "predict": _cmd_predict,
+                "train": _cmd_train}
     try:
         return handlers[args.command](args)
     except (ConfigError, CocoFormatError, ValueError, FileNotFoundError) as exc:

@@ -120,6 +120,7 @@ class TrainConfig:
     eval_every: int = _ranged(10, ge=1)
     checkpoint_every: int = _ranged(10, ge=1)
     seed: int = 0
+    max_failures: int = _ranged(1, ge=-1)  # worker failures survived by restarting from the last checkpoint
     storage_path: str = ""
     run_name: str = ""
 
@@ -301,6 +302,11 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             raise ConfigError(f"{key} must be an integer; got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number; got {value!r}")
         return float(value)

@@ -74,7 +74,7 @@ def coco_evaluate(ground_truth: COCO | str, detections: list[dict[str, Any]],
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    log.info("COCO evaluation:\n%s", buffer.getvalue().strip())
+    log.debug("COCO evaluation:\n%s", buffer.getvalue().strip())
     return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
 
 

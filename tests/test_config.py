@@ -19,6 +19,7 @@ def test_overrides_are_parsed_and_typed():
                                 "train.lr=null", "targets.formula=exact"])
     assert config.loss.alpha == 2.5 and config.data.input_size == (256, 320)
     assert config.model.deformable is True and config.train.lr is None and config.targets.formula == "exact"
+    assert load_config(None, ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 would leave "1e-3" a string
 
 
 @pytest.mark.parametrize("override, message", [

@@ -1,0 +1,107 @@
+"""The training job's driver: data, TorchTrainer, run naming/resume, final summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from centernet_ray.config import Config
+from centernet_ray.data.sources import ingest_splits, split_sources
+from centernet_ray.evaluation import STAT_NAMES
+from centernet_ray.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, preprocessed_dataset
+from centernet_ray.training.loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSummary:
+    stats: dict[str, float]
+    checkpoint: str | None
+    mlflow_run_id: str | None
+    wall_seconds: float
+    epochs: int
+    dropped_rows: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.stats, "checkpoint": self.checkpoint, "mlflow_run_id": self.mlflow_run_id,
+                "wall_seconds": round(self.wall_seconds, 2), "epochs": self.epochs, "dropped_rows": self.dropped_rows}
+
+
+def default_run_name(config: Config) -> str:
+    return config.train.run_name or f"centernet-{config.model.backbone}"
+
+
+def default_storage_path(config: Config) -> str:
+    return config.train.storage_path or str(Path("outputs").resolve() / "ray_results")
+
+
+def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None) -> tuple[TorchTrainer, Any]:
+    """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report."""
+    ingested = ingest_splits(config.data)
+    sources = split_sources(config.data)
+    train_rows = ingested["train"].rows
+    global_batch = config.train.batch_size * config.train.num_workers
+    steps_per_epoch = max(1, train_rows // config.train.num_workers // config.train.batch_size)
+    if train_rows < global_batch:
+        raise ValueError(f"{train_rows} training images cannot fill one global batch of {global_batch} "
+                         "(train.batch_size x train.num_workers)")
+    report, clock = PipelineReport.remote(), EpochClock.remote()
+    datasets = {"train": preprocessed_dataset(ingested["train"].output, config, train=True, report=report, clock=clock),
+                "val": preprocessed_dataset(ingested["val"].output, config, train=False, report=report)}
+    cpus = os.cpu_count() or 1
+    meta = {"num_classes": len(ingested["train"].class_names), "class_names": ingested["train"].class_names,
+            "category_ids": ingested["train"].category_ids, "steps_per_epoch": steps_per_epoch,
+            "val_annotations": sources["val"].annotations, "run_name": default_run_name(config)}
+    loop_config = {"config": config.to_dict(), "meta": meta, "clock": clock,
+                   "threads_per_worker": max(1, cpus // config.train.num_workers), **(loop_extras or {})}
+    scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu)
+    run = RunConfig(
+        name=default_run_name(config), storage_path=default_storage_path(config),
+        checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="best_AP",
+                                           checkpoint_score_order="max"),
+        failure_config=FailureConfig(max_failures=config.train.max_failures),
+    )
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                           datasets=datasets, dataset_config=CenterNetDataConfig(), run_config=run)
+    return trainer, report
+
+
+def run_training(config: Config, loop_extras: dict[str, Any] | None = None) -> TrainSummary:
+    """Train to the end (resuming a run of the same name and storage path) and summarise it."""
+    started = time.perf_counter()
+    trainer, report = build_trainer(config, loop_extras)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    metrics = result.metrics or {}
+    best = result.get_best_checkpoint("best_AP", "max") if hasattr(result, "get_best_checkpoint") else None
+    checkpoint = (best or result.checkpoint)
+    stats = {name: float(metrics.get(name, math.nan)) for name in STAT_NAMES}
+    dropped = ray.get(report.get.remote())["counts"]
+    return TrainSummary(stats, checkpoint.path if checkpoint else None, metrics.get("mlflow_run_id"),
+                        time.perf_counter() - started, int(metrics.get("epoch", 0)), dropped)
+
+
+def format_summary(summary: TrainSummary) -> str:
+    lines = ["", "training summary", "-" * 40]
+    lines += [f"{name:>8}  {summary.stats[name]:.4f}" for name in STAT_NAMES]
+    lines += ["-" * 40, f"{'epochs':>8}  {summary.epochs}", f"{'wall':>8}  {summary.wall_seconds:.1f} s",
+              f"{'ckpt':>8}  {summary.checkpoint}", f"{'mlflow':>8}  {summary.mlflow_run_id}"]
+    if summary.dropped_rows:
+        lines.append(f"{'dropped':>8}  {summary.dropped_rows}")
+    return "\n".join(lines)
+
+
+def write_summary_json(summary: TrainSummary, path: str) -> None:
+    Path(path).write_text(json.dumps(summary.to_json(), indent=2))
