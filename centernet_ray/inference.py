@@ -15,6 +15,7 @@ from centernet_ray.checkpoint import LoadedModel, model_from_checkpoint
 from centernet_ray.data.transforms import ValTransform, normalize_images
 from centernet_ray.decode import boxes_to_original, decode, fuse_flip
 from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, OUTPUT_STRIDE, CenterNet
+from centernet_ray.precision import autocast_dtype
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Detector:
         self.device = torch.device(device)
         self.input_size = tuple(input_size)
         self.flip_test = flip_test
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.amp_dtype = autocast_dtype(amp, self.device)
         self.letterbox = ValTransform(self.input_size)
 
     @classmethod

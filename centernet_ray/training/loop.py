@@ -23,6 +23,7 @@ from centernet_ray.inference import Detector
 from centernet_ray.losses import CenterNetLoss
 from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, build_model
 from centernet_ray.pipeline import shard_batches
+from centernet_ray.precision import autocast_dtype
 from centernet_ray.training.evaluate import detect_shard, gather_and_score
 from centernet_ray.training.schedule import build_optimizer, build_scheduler
 
@@ -34,14 +35,6 @@ LOSS_TERMS = ("total", "heatmap", "size", "offset")
 
 class NonFiniteLossError(RuntimeError):
     """The loss stayed NaN/inf for too many consecutive steps: training has diverged."""
-
-
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "none":
-        return None
-    if amp == "fp16" and device.type != "cuda":
-        return torch.bfloat16  # fp16 autocast on CPU is slow and needs no scaler; bf16 is the CPU path
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 def _draw_predictions(kept: list[tuple], class_names: list[str], path: Path) -> Path:
@@ -70,7 +63,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(config.model, meta["num_classes"]).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, meta["steps_per_epoch"])
-    amp_dtype = _amp_dtype(train.amp, device)
+    amp_dtype = autocast_dtype(train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     criterion = CenterNetLoss.from_config(config.loss)
 
@@ -160,7 +153,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             for key in LOSS_TERMS:
                 sums[key] += float(terms[key].detach())
             tick = time.perf_counter()
-            if rank == 0 and (steps % loop_config.get("log_every", 20) == 0):
+            if rank == 0 and (steps % loop_config.get("log_every", 20) == 0 or steps == meta["steps_per_epoch"]):
                 elapsed = time.perf_counter() - started
                 rate = images_seen * world / max(tick - epoch_start, 1e-9)
                 done = global_step - start_epoch * meta["steps_per_epoch"]
@@ -181,7 +174,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         kept: list[tuple] = []
         if (epoch + 1) % train.eval_every == 0 or last_epoch:
             detector = Detector(getattr(model, "module", model), config.data.input_size, device,
-                                amp="bf16" if amp_dtype == torch.bfloat16 else "none")
+                                amp=train.amp)
             results, image_ids, kept = detect_shard(detector, shard_batches("val", config, meta["num_classes"],
                                                                             train.batch_size),
                                                     meta["category_ids"], keep_images=8 if last_epoch else 0)
