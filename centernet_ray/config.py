@@ -29,6 +29,7 @@ def _ranged(default: Any, *, ge: float | None = None, gt: float | None = None,
 @dataclass
 class ModelConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
+    width: float = _ranged(1.0, gt=0.0, le=4.0)  # backbone channel multiplier (0.5 = half width)
     deformable: bool = False  # ResNet-DCN neck: modulated deformable 3x3 conv before each deconv
     neck_channels: tuple[int, int, int] = (256, 128, 64)
     head_conv: int = _ranged(64, ge=1)

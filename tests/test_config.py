@@ -23,7 +23,7 @@ def test_overrides_are_parsed_and_typed():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.backbon=resnet18", "unknown key 'model.backbon'.*valid keys: backbone, deformable"),
+    ("model.backbon=resnet18", "unknown key 'model.backbon'.*valid keys: backbone, width, deformable"),
     ("modle.backbone=resnet18", "unknown key 'modle'.*valid keys: model, loss"),
     ("model.backbone=resnet7", "must be one of 'resnet18'"),
     ("loss.alpha=-1", r"loss.alpha must be >= 0.0 and <= 10.0; got -1.0"),

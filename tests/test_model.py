@@ -80,3 +80,14 @@ def test_bf16_autocast_forward_is_finite():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last))
     assert all(torch.isfinite(v.float()).all() for v in out.values())
+
+
+def test_backbone_width_scales_channels_and_parameters():
+    full = build_model(ModelConfig(neck_channels=(64, 32, 32), head_conv=16), 2)
+    half = build_model(ModelConfig(width=0.5, neck_channels=(64, 32, 32), head_conv=16), 2)
+    count = lambda m: sum(p.numel() for p in m.backbone.parameters())  # noqa: E731
+    assert 3.5 < count(full) / count(half) < 4.5  # conv parameters scale with width squared
+    assert half.backbone[7][1].conv2.out_channels == 256
+    assert half(torch.randn(1, 3, 64, 64))["heatmap"].shape == (1, 2, 16, 16)
+    with pytest.raises(ValueError, match="standard width"):
+        build_model(ModelConfig(width=0.5, pretrained="IMAGENET1K_V1"), 2)

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from centernet_ray.config import ModelConfig
-from centernet_ray.model.resnet import RESNET_CHANNELS, UpConvNeck, resnet_trunk
+from centernet_ray.model.resnet import UpConvNeck, resnet_channels, resnet_trunk
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,11 @@ def build_model(config: ModelConfig, num_classes: int) -> CenterNet:
     weights loaded when ``config.pretrained`` names them."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-    backbone = resnet_trunk(config.backbone)
-    neck = UpConvNeck(RESNET_CHANNELS[config.backbone], tuple(config.neck_channels), config.deformable)
+    backbone = resnet_trunk(config.backbone, config.width)
+    neck = UpConvNeck(resnet_channels(config.backbone, config.width), tuple(config.neck_channels), config.deformable)
     if config.pretrained:
+        if config.width != 1.0:
+            raise ValueError(f"model.pretrained needs the standard width (model.width=1.0); got {config.width}")
         load_pretrained_backbone(backbone, config.backbone, config.pretrained)
     return CenterNet(backbone, neck, num_classes, config.head_conv)
 

@@ -13,11 +13,35 @@ from centernet_ray.model.deform import ModulatedDeformConv
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
 
-def resnet_trunk(name: str) -> nn.Sequential:
-    """torchvision ResNet without its pooling and classifier: [B, 3, H, W] -> [B, C5, H/32, W/32]."""
+def resnet_channels(name: str, width: float = 1.0) -> int:
+    """Channels of the stride-32 features of ``resnet_trunk(name, width)``."""
+    return RESNET_CHANNELS[name] if width == 1.0 else _scaled(512, width) * (RESNET_CHANNELS[name] // 512)
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(8, int(round(channels * width / 8)) * 8)  # multiples of 8 keep the kernels fast
+
+
+def resnet_trunk(name: str, width: float = 1.0) -> nn.Sequential:
+    """torchvision ResNet without its pooling and classifier: [B, 3, H, W] -> [B, C5, H/32, W/32].
+
+    ``width`` scales every stage's channels (0.5 = half-width: ~4x fewer FLOPs); the layers are
+    built by torchvision's own ``_make_layer`` with the scaled widths.
+    """
     if name not in RESNET_CHANNELS:
         raise ValueError(f"unknown ResNet {name!r}; choose from {', '.join(RESNET_CHANNELS)}")
     net = getattr(torchvision.models, name)(weights=None)
+    if width != 1.0:
+        block = type(net.layer1[0])
+        depths = [len(net.layer1), len(net.layer2), len(net.layer3), len(net.layer4)]
+        stem = _scaled(64, width)
+        net.inplanes = stem
+        net.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+        net.bn1 = nn.BatchNorm2d(stem)
+        net.layer1 = net._make_layer(block, stem, depths[0])
+        net.layer2 = net._make_layer(block, _scaled(128, width), depths[1], stride=2)
+        net.layer3 = net._make_layer(block, _scaled(256, width), depths[2], stride=2)
+        net.layer4 = net._make_layer(block, _scaled(512, width), depths[3], stride=2)
     return nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
 
 
