@@ -20,7 +20,7 @@ from centernet_ray import storage
 from centernet_ray.checkpoint import load_checkpoint
 from centernet_ray.config import config_from_dict
 from centernet_ray.data.coco import parse_coco
-from centernet_ray.evaluation import coco_evaluate, detections_to_coco, format_stats
+from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
 from centernet_ray.inference import Detector
 from centernet_ray.pipeline import PipelineReport, RayPreprocessor, read_rows
 
@@ -143,8 +143,6 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     skipped = ray.get(report.get.remote())
     stats = None
     if ground_truth is not None:
-        from centernet_ray.evaluation import coco_from_dict
-
         stats = coco_evaluate(coco_from_dict(ground_truth), results, image_ids=image_ids)
         log.info("COCO stats:\n%s", format_stats(stats))
         storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(stats, indent=2).encode())

@@ -6,6 +6,7 @@ with ``torch.load(..., weights_only=True)``: a checkpoint from elsewhere cannot 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from dataclasses import dataclass
@@ -81,12 +82,9 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
     """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode on ``device``."""
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
-    model = build_model(_without_pretrained(config).model, num_classes=len(state["class_names"]))
+    # the checkpoint's weights replace any pretrained ones: never download them here
+    model = build_model(dataclasses.replace(config.model, pretrained=None), num_classes=len(state["class_names"]))
     model.load_state_dict(state["model"])
     model.to(device).eval()
     return LoadedModel(model, config, state["class_names"], state["category_ids"], state["epoch"], state["metrics"])
 
-
-def _without_pretrained(config: Config) -> Config:
-    config.model.pretrained = None  # the checkpoint's weights replace them; never download here
-    return config

@@ -11,9 +11,10 @@ from pathlib import Path
 
 log = logging.getLogger("centernet_ray")
 
-# The embedded default: the demo config shipped inside the package directory's parent checkout,
-# falling back to built-in defaults (synthetic data) when the package is installed elsewhere.
-DEFAULT_CONFIG = next((str(p) for p in [Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"] if p.is_file()), None)
+# The embedded default: configs/demo.yaml of the checkout the package is installed from; the
+# built-in defaults (also synthetic data) when the package is installed without it.
+_DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = str(_DEMO_CONFIG) if _DEMO_CONFIG.is_file() else None
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -176,7 +177,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         detections = json.loads(Path(args.detections).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"cannot read detections {args.detections}: {exc}")
+        raise SystemExit(f"cannot read detections {args.detections}: {exc}") from exc
     if not isinstance(detections, list):
         raise SystemExit(f"{args.detections} must hold a JSON list of COCO detections")
     stats = coco_evaluate(args.annotations, detections)

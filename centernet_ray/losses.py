@@ -3,8 +3,8 @@
 The focal loss works on logits: log p = logsigmoid(x) and log(1 - p) = logsigmoid(x) - x, so it is
 finite for every finite logit with no clamping, in fp32 and under bf16/fp16 autocast (it always
 computes in fp32). Forward and gradient are computed in one fused pass (the gradient is written
-out analytically below), which is both exact and about twice as fast as autograd over the usual
-clamped-sigmoid formulation (see BENCHMARKS.md).
+out analytically below), which is exact and several times faster than autograd over the usual
+clamped-sigmoid formulation (3.65x on the CPU; BENCHMARKS.md).
 """
 
 from __future__ import annotations

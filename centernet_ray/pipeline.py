@@ -20,6 +20,7 @@ from centernet_ray import storage
 from centernet_ray.config import Config
 from centernet_ray.data.ingest import read_manifest
 from centernet_ray.data.preprocess import Preprocessor, render_targets
+from centernet_ray.model import OUTPUT_STRIDE
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ class TargetCollate:
 
     def __init__(self, config: Config, num_classes: int) -> None:
         height, width = config.data.input_size
-        self.output_size = (height // 4, width // 4)
+        self.output_size = (height // OUTPUT_STRIDE, width // OUTPUT_STRIDE)
         self.num_classes = num_classes
         self.targets = config.targets
 

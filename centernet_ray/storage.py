@@ -48,7 +48,3 @@ def exists(uri: str | Path) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
-
-def file_size(uri: str | Path) -> int:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).size

@@ -74,10 +74,6 @@ class CocoDataset:
     def num_classes(self) -> int:
         return len(self.category_ids)
 
-    @property
-    def category_to_index(self) -> dict[int, int]:
-        return {cat: i for i, cat in enumerate(self.category_ids)}
-
 
 def _require(mapping: Any, keys: tuple[str, ...], where: str) -> None:
     if not isinstance(mapping, dict):

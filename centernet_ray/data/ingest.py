@@ -75,7 +75,7 @@ def _load_image(images: str, record: ImageRecord) -> tuple[bytes | None, str | N
     uri = storage.join(images, record.file_name)
     try:
         data = storage.read_bytes(uri)
-    except (FileNotFoundError, OSError) as exc:
+    except OSError as exc:
         return None, f"missing: {exc}"
     problem = check_image(data)
     return (None, problem) if problem else (data, None)

@@ -24,11 +24,10 @@ import torch
 from centernet_ray import storage
 from centernet_ray.data.images import ImageDecodeError, decode_image
 from centernet_ray.data.transforms import TrainTransform, ValTransform
+from centernet_ray.model import OUTPUT_STRIDE
 from centernet_ray.targets import encode_targets
 
 log = logging.getLogger(__name__)
-
-OUTPUT_STRIDE = 4
 
 
 def sample_seed(seed: int, epoch: int, image_id: int) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable
 
-import torch
 import torch.distributed as dist
 
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco
@@ -48,6 +47,3 @@ def gather_and_score(results: list[dict], image_ids: list[int], ground_truth: di
     stats["eval_images"] = float(len(set(image_ids)))
     return stats
 
-
-def to_uint8_image(image: torch.Tensor) -> torch.Tensor:
-    return image.detach().cpu().to(torch.uint8)

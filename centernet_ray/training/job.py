@@ -85,8 +85,7 @@ def run_training(config: Config, loop_extras: dict[str, Any] | None = None) -> T
     if result.error is not None:
         raise result.error
     metrics = result.metrics or {}
-    best = result.get_best_checkpoint("best_AP", "max") if hasattr(result, "get_best_checkpoint") else None
-    checkpoint = (best or result.checkpoint)
+    checkpoint = result.get_best_checkpoint("best_AP", "max") or result.checkpoint
     stats = {name: float(metrics.get(name, math.nan)) for name in STAT_NAMES}
     dropped = ray.get(report.get.remote())["counts"]
     return TrainSummary(stats, checkpoint.path if checkpoint else None, metrics.get("mlflow_run_id"),

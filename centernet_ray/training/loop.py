@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -208,5 +207,3 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              if report_checkpoint is not None else None)
     if tracker is not None:
         tracker.close()
-    if math.isnan(best_ap):
-        raise NonFiniteLossError("evaluation produced NaN AP")
