@@ -31,6 +31,7 @@ class ModelConfig:
     backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
     width: float = _ranged(1.0, gt=0.0, le=4.0)  # backbone channel multiplier (0.5 = half width)
     deformable: bool = False  # ResNet-DCN neck: modulated deformable 3x3 conv before each deconv
+    lateral: bool = False  # neck adds 1x1 projections of the stride 16/8/4 backbone stages (not official)
     neck_channels: tuple[int, int, int] = (256, 128, 64)
     head_conv: int = _ranged(64, ge=1)
     # torchvision weights name ("DEFAULT", "IMAGENET1K_V1") or a local .pth path; None = random init

@@ -20,7 +20,7 @@ def test_deformable_neck_runs_and_backpropagates():
     model = build_model(ModelConfig(backbone="resnet18", deformable=True, neck_channels=(64, 32, 32)), 2)
     out = model(torch.randn(2, 3, 64, 64))
     out["heatmap"].sum().backward()
-    offsets = model.neck.layers[0].offset_mask.weight
+    offsets = model.neck.stages[0][0].offset_mask.weight
     assert out["heatmap"].shape == (2, 2, 16, 16) and offsets.grad is not None
 
 
@@ -91,3 +91,20 @@ def test_backbone_width_scales_channels_and_parameters():
     assert half(torch.randn(1, 3, 64, 64))["heatmap"].shape == (1, 2, 16, 16)
     with pytest.raises(ValueError, match="standard width"):
         build_model(ModelConfig(width=0.5, pretrained="IMAGENET1K_V1"), 2)
+
+
+def test_lateral_neck_uses_every_backbone_stage():
+    from centernet_ray.model.resnet import UpConvNeck
+
+    torch.manual_seed(0)
+    channels = (8, 16, 24, 32)
+    stages = [torch.randn(1, c, 32 // 2**i, 32 // 2**i) for i, c in enumerate(channels)]
+    for lateral in (False, True):
+        neck = UpConvNeck(channels, (16, 12, 8), lateral=lateral).eval()
+        out = neck(stages)
+        assert out.shape == (1, 8, 32, 32)
+        changed = neck([stages[0] + 1.0, *stages[1:]])  # perturb only the stride-4 stage
+        assert (not torch.equal(out, changed)) == lateral
+    model = build_model(ModelConfig(width=0.25, neck_channels=(32, 16, 16), head_conv=8, lateral=True), 2)
+    outputs = model(torch.randn(1, 3, 96, 64))
+    assert outputs["heatmap"].shape == (1, 2, 24, 16) and outputs["size"].shape == (1, 2, 24, 16)
