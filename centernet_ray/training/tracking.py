@@ -52,7 +52,9 @@ class RunTracker:
         from mlflow.types import Schema, TensorSpec
 
         signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, *input_size))]))
-        example = np.zeros((1, 3, *input_size), dtype=np.float32)
+        # Batch 2, not 1: torch.export specialises a dimension whose example size is 0 or 1, which
+        # would make the logged model reject every batch size but 1.
+        example = np.zeros((2, 3, *input_size), dtype=np.float32)
         mlflow.pytorch.log_model(model.eval(), name="model", input_example=example, signature=signature,
                                  serialization_format="pt2", registered_model_name=registered_name or None)
 
