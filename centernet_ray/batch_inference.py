@@ -112,7 +112,7 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     preprocessed = dataset.map_batches(
         RayPreprocessor, batch_format="numpy", batch_size=batch_size,
-        fn_constructor_kwargs=dict(input_size=config.data.input_size, max_objects=1, train=False, report=report),
+        fn_constructor_kwargs=dict(input_size=config.data.input_size, max_objects=0, train=False, report=report),
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.data.preprocess_max_actors)),
         num_cpus=config.data.preprocess_num_cpus)
     predicted = preprocessed.map_batches(

@@ -120,6 +120,7 @@ class TrainConfig:
     grad_clip: float | None = 35.0
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     eval_every: int = _ranged(10, ge=1)
+    eval_flip_test: bool = False  # evaluation averages each image's outputs with its mirror's
     checkpoint_every: int = _ranged(10, ge=1)
     seed: int = 0
     max_failures: int = _ranged(1, ge=-1)  # worker failures survived by restarting from the last checkpoint

@@ -128,7 +128,8 @@ def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: 
                      clock=clock if train else None)
     if data.preprocess_compute == "tasks":
         return rows.map_batches(preprocess_in_task, fn_kwargs=arguments, batch_size=data.preprocess_batch_size,
-                                batch_format="numpy", concurrency=data.preprocess_max_actors, **placement)
+                                batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=data.preprocess_max_actors),
+                                **placement)
     return rows.map_batches(
         RayPreprocessor, fn_constructor_kwargs=arguments, batch_size=data.preprocess_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=data.preprocess_min_actors, max_size=data.preprocess_max_actors),

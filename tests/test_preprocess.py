@@ -70,6 +70,12 @@ def test_objects_beyond_max_objects_are_cut_and_counted(val_rows):
     assert out["num_boxes"].max() == 1 and preprocessor.counts["boxes_beyond_max_objects"] > 0
 
 
+def test_max_objects_zero_drops_boxes_silently_for_inference(val_rows):
+    preprocessor = Preprocessor((64, 64), max_objects=0, train=False)
+    out = preprocessor(val_rows)
+    assert out["boxes"].shape == (len(val_rows["image_id"]), 0, 4) and not preprocessor.counts
+
+
 def test_render_targets_equals_encode_targets_per_image(val_rows):
     out = Preprocessor((64, 64), 8, True)(val_rows)
     targets = render_targets(out["boxes"], out["classes"], out["num_boxes"], 4, (16, 16), 8, 0.5, "exact")

@@ -116,7 +116,8 @@ class Preprocessor:
         out_boxes = result.boxes.numpy() / OUTPUT_STRIDE
         classes = result.labels.numpy().astype(np.int32)
         if len(out_boxes) > self.max_objects:
-            self.report("boxes_beyond_max_objects", f"image_id={image_id}: {len(out_boxes)} > {self.max_objects}")
+            if self.max_objects:  # 0 = boxes not wanted (inference), nothing worth reporting
+                self.report("boxes_beyond_max_objects", f"image_id={image_id}: {len(out_boxes)} > {self.max_objects}")
             out_boxes, classes = out_boxes[: self.max_objects], classes[: self.max_objects]
         size = (image.shape[2], image.shape[1])
         return result.image.numpy(), out_boxes, classes, image_id, result.input_to_original.numpy(), size

@@ -173,7 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         kept: list[tuple] = []
         if (epoch + 1) % train.eval_every == 0 or last_epoch:
             detector = Detector(getattr(model, "module", model), config.data.input_size, device,
-                                amp=train.amp)
+                                flip_test=train.eval_flip_test, amp=train.amp)
             results, image_ids, kept = detect_shard(detector, shard_batches("val", config, meta["num_classes"],
                                                                             train.batch_size),
                                                     meta["category_ids"], keep_images=8 if last_epoch else 0)
