@@ -13,8 +13,19 @@ log = logging.getLogger("centernet_ray")
 
 # The embedded default: configs/demo.yaml of the checkout the package is installed from; the
 # built-in defaults (also synthetic data) when the package is installed without it.
-_DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CHECKOUT = Path(__file__).resolve().parents[1]
+_DEMO_CONFIG = CHECKOUT / "configs" / "demo.yaml"
 DEFAULT_CONFIG = str(_DEMO_CONFIG) if _DEMO_CONFIG.is_file() else None
+_DEMO_SWEEP = CHECKOUT / "tune" / "demo.yaml"
+DEFAULT_SWEEP_CONFIG = str(_DEMO_SWEEP) if _DEMO_SWEEP.is_file() else None
+
+
+def project_path(path: str) -> str:
+    """``path`` as given when it exists (relative to the working directory), else inside the checkout
+    the package is installed from (so ``tune/search_space.yaml`` works from any directory)."""
+    if Path(path).exists() or Path(path).is_absolute() or not (CHECKOUT / path).exists():
+        return path
+    return str(CHECKOUT / path)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a CenterNet with Ray Train (DDP) on Ray Data")
     _add_config_args(train)
     train.add_argument("--summary-json", help="write the final COCO stats, checkpoint and MLflow run id here")
+
+    sweep = commands.add_parser("tune", help="sweep loss/target hyperparameters with Ray Tune (each trial a DDP run)")
+    _add_config_args(sweep)
+    sweep.add_argument("--search-space", help="search-space YAML (default: the config's tune.search_space)")
+    sweep.add_argument("--summary-json", help="write every trial, the best trial and its stats here")
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -152,6 +168,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from centernet_ray.config import load_config
+    from centernet_ray.ray_runtime import init_ray
+    from centernet_ray.tuning.report import format_summary
+    from centernet_ray.tuning.search_space import load_search_space
+    from centernet_ray.tuning.sweep import SweepInterrupted, run_sweep
+
+    path, overrides = _split_config_and_overrides(args)
+    config = load_config(path or DEFAULT_SWEEP_CONFIG, overrides)
+    config.tune.search_space = project_path(args.search_space or config.tune.search_space)
+    space = load_search_space(config.tune.search_space, config)
+    init_ray()
+    try:
+        summary = run_sweep(config, space)
+    except SweepInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
+    print(format_summary(summary))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary.to_json(), indent=2, default=str))
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from centernet_ray.batch_inference import run_predict
     from centernet_ray.evaluation import format_stats
@@ -189,14 +228,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (`tune --search-space S k=v`): argparse leaves them over
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from centernet_ray.config import ConfigError
     from centernet_ray.data.coco import CocoFormatError
 
     handlers = {"config": _cmd_config, "data": _cmd_data, "eval": _cmd_eval, "predict": _cmd_predict,
-                "train": _cmd_train}
+                "train": _cmd_train, "tune": _cmd_tune}
     try:
         return handlers[args.command](args)
     except (ConfigError, CocoFormatError, ValueError, FileNotFoundError) as exc:

@@ -136,14 +136,22 @@ class TrainConfig:
 
 @dataclass
 class TuneConfig:
-    search_space: str = "tune/search_space.yaml"
-    num_samples: int = _ranged(8, ge=1)
-    metric: str = "AP"
+    name: str = ""  # the sweep's name (default sweep-<backbone>); rerunning a name resumes that sweep
+    search_space: str = "tune/search_space.yaml"  # relative paths: from the working directory, else the checkout
+    num_samples: int = _ranged(8, ge=1)  # trials in all, the default-config trial included
+    include_default: bool = True  # the first trial trains the base config unchanged (the baseline)
+    metric: str = "AP"  # any stat training reports at evaluation epochs (AP, AP50, AR100, ...)
     mode: Literal["max", "min"] = "max"
     search_alg: Literal["random", "optuna"] = "random"
     scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = _ranged(1, ge=1)
-    max_concurrent_trials: int | None = None
+    grace_period: int = _ranged(1, ge=1)  # epochs before ASHA may stop a trial
+    reduction_factor: float = _ranged(3.0, gt=1.0)
+    max_concurrent_trials: int | None = None  # default: as many as the cluster's CPUs/GPUs hold
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ConfigError(f"tune.max_concurrent_trials must be >= 1 (or null); got {self.max_concurrent_trials}")
 
 
 @dataclass
@@ -165,6 +173,7 @@ class TrackingConfig:
     tracking_uri: str = ""  # empty = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "centernet-ray"
     registered_model: str = ""  # register the trained model under this name when set
+    log_model: bool = True  # log the final model with mlflow.pytorch.log_model (a torch.export: seconds)
 
 
 @dataclass

@@ -46,8 +46,13 @@ def default_storage_path(config: Config) -> str:
     return config.train.storage_path or str(Path("outputs").resolve() / "ray_results")
 
 
-def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None) -> tuple[TorchTrainer, Any]:
-    """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report."""
+def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None, *, callbacks: list | None = None,
+                  mlflow_parent_run_id: str | None = None,
+                  mlflow_tags: dict[str, str] | None = None) -> tuple[TorchTrainer, Any]:
+    """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report.
+
+    ``callbacks`` are Ray Train ``UserCallback``s (a Tune trial passes its report callback);
+    ``mlflow_parent_run_id`` nests the run's MLflow run under a sweep's run."""
     ingested = ingest_splits(config.data)
     sources = split_sources(config.data)
     train_rows = ingested["train"].rows
@@ -62,7 +67,8 @@ def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None) -> 
     cpus = os.cpu_count() or 1
     meta = {"num_classes": len(ingested["train"].class_names), "class_names": ingested["train"].class_names,
             "category_ids": ingested["train"].category_ids, "steps_per_epoch": steps_per_epoch,
-            "val_annotations": sources["val"].annotations, "run_name": default_run_name(config)}
+            "val_annotations": sources["val"].annotations, "run_name": default_run_name(config),
+            "mlflow_parent_run_id": mlflow_parent_run_id, "mlflow_tags": mlflow_tags or {}}
     loop_config = {"config": config.to_dict(), "meta": meta, "clock": clock,
                    "threads_per_worker": max(1, cpus // config.train.num_workers), **(loop_extras or {})}
     scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu)
@@ -71,6 +77,7 @@ def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None) -> 
         checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="best_AP",
                                            checkpoint_score_order="max"),
         failure_config=FailureConfig(max_failures=config.train.max_failures),
+        callbacks=callbacks or None,
     )
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                            datasets=datasets, dataset_config=CenterNetDataConfig(), run_config=run)

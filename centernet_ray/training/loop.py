@@ -90,7 +90,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         from centernet_ray.training.tracking import RunTracker
 
-        tracker = RunTracker(config, meta["run_name"], mlflow_run_id)
+        tracker = RunTracker(config, meta["run_name"], mlflow_run_id, meta.get("mlflow_parent_run_id"),
+                             meta.get("mlflow_tags"))
     ground_truth = None
     if rank == 0:
         import json
@@ -102,7 +103,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     nonfinite = consecutive_nonfinite = 0
     total_steps = train.epochs * meta["steps_per_epoch"]
     started = time.perf_counter()
-    last_stats: dict[str, float] = {}
 
     for epoch in range(start_epoch, train.epochs):
         if clock is not None:
@@ -177,12 +177,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             results, image_ids, kept = detect_shard(detector, shard_batches("val", config, meta["num_classes"],
                                                                             train.batch_size),
                                                     meta["category_ids"], keep_images=8 if last_epoch else 0)
-            last_stats = gather_and_score(results, image_ids, ground_truth)
+            stats = gather_and_score(results, image_ids, ground_truth)
             if rank == 0:
-                log.info("epoch %d evaluation: AP %.4f AP50 %.4f AP75 %.4f (%d images)", epoch + 1, last_stats["AP"],
-                         last_stats["AP50"], last_stats["AP75"], last_stats["eval_images"])
-                best_ap = max(best_ap, last_stats["AP"])
-        metrics.update(last_stats)
+                log.info("epoch %d evaluation: AP %.4f AP50 %.4f AP75 %.4f (%d images)", epoch + 1, stats["AP"],
+                         stats["AP50"], stats["AP75"], stats["eval_images"])
+                best_ap = max(best_ap, stats["AP"])
+            metrics.update(stats)  # only evaluation epochs carry COCO stats (Tune schedules on these reports)
         metrics["best_AP"] = best_ap
         if tracker is not None:
             metrics["mlflow_run_id"] = tracker.run_id
@@ -201,8 +201,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 tracker.artifact(Path(directory) / CHECKPOINT_FILE, "checkpoint")
                 if kept:
                     tracker.artifact(_draw_predictions(kept, meta["class_names"], Path(directory) / "val_predictions.png"))
-                tracker.model(getattr(model, "module", model).cpu().float().to(memory_format=torch.contiguous_format), config.data.input_size,
-                              config.tracking.registered_model)
+                if config.tracking.log_model:
+                    tracker.model(getattr(model, "module", model).cpu().float().to(memory_format=torch.contiguous_format),
+                                  config.data.input_size, config.tracking.registered_model)
             ray.train.report(metrics, checkpoint=report_checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}"
                              if report_checkpoint is not None else None)
     if tracker is not None:

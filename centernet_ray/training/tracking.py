@@ -22,13 +22,17 @@ def tracking_uri(config: Config) -> str:
 class RunTracker:
     """Thin wrapper over one MLflow run (created, or resumed from ``run_id``)."""
 
-    def __init__(self, config: Config, run_name: str, run_id: str | None = None) -> None:
+    def __init__(self, config: Config, run_name: str, run_id: str | None = None,
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> None:
         import mlflow
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri(config))
         mlflow.set_experiment(config.tracking.experiment)
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+        if parent_run_id and run_id is None:  # a Tune trial: nested under the sweep's run
+            tags = {**(tags or {}), "mlflow.parentRunId": parent_run_id}
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                                    tags=None if run_id else tags)
         self.run_id = self.run.info.run_id
         if run_id is None:
             mlflow.log_params({k: str(v)[:500] for k, v in config.flatten().items()})

@@ -1,0 +1,164 @@
+"""What a sweep produced: one record per trial, the best trial, its config, the summary table."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from centernet_ray.config import Config
+from centernet_ray.evaluation import STAT_NAMES
+from centernet_ray.tuning.search_space import SearchSpace, apply_params
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    params: dict[str, Any]
+    status: str  # "finished", "stopped early" (by the scheduler), "error", "pending", "paused", "running"
+    epochs: int  # epochs trained when the trial last reported
+    metrics: dict[str, float]
+    checkpoint: str | None
+    mlflow_run_id: str | None
+    is_default: bool = False
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trial_id": self.trial_id, "config": self.params, "status": self.status, "epochs": self.epochs,
+                "metrics": self.metrics, "checkpoint": self.checkpoint, "mlflow_run_id": self.mlflow_run_id,
+                "is_default": self.is_default, "error": self.error}
+
+
+def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_params: dict[str, Any] | None) -> TrialRecord:
+    """A :class:`TrialRecord` from a Tune ``Trial`` (as loaded by ``ExperimentAnalysis``)."""
+    last = trial.last_result or {}
+    params = {d.key: _plain(trial.config.get(d.key)) for d in space.dimensions}
+    epochs = int(last.get("epoch", 0))
+    status = {"TERMINATED": "finished", "ERROR": "error"}.get(trial.status, trial.status.lower())
+    if status == "finished" and epochs < config.train.epochs:
+        status = "stopped early"
+    error = None
+    if trial.status == "ERROR":
+        error = str(trial.get_error() or "see the trial's error.txt")[:2000]
+    return TrialRecord(
+        trial_id=trial.trial_id, params=params, status=status, epochs=epochs,
+        metrics={k: float(last[k]) for k in STAT_NAMES if k in last},
+        checkpoint=last.get("checkpoint_path"), mlflow_run_id=last.get("mlflow_run_id"),
+        is_default=default_params is not None and params == default_params, error=error)
+
+
+def records_from_results(results: Any, space: SearchSpace, config: Config, include_default: bool) -> list[TrialRecord]:
+    """Records of every trial of a finished (or interrupted) ``Tuner.fit()``, in creation order."""
+    from ray.tune import ExperimentAnalysis
+
+    defaults = space.defaults(config) if include_default else None
+    trials = ExperimentAnalysis(results.experiment_path).trials  # statuses: the ResultGrid does not expose them
+    records = [record_from_trial(t, space, config, defaults) for t in trials]
+    seen_default = False
+    for record in records:  # only the first trial with the default values is "the default trial"
+        record.is_default = record.is_default and not seen_default
+        seen_default = seen_default or record.is_default
+    return records
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value
+
+
+@dataclass
+class SweepSummary:
+    name: str
+    trials: list[TrialRecord]
+    metric: str
+    mode: str
+    wall_seconds: float
+    mlflow_run_id: str | None
+    best: TrialRecord | None = None
+    default: TrialRecord | None = None
+    best_config_path: str | None = None
+    searched_keys: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, name: str, trials: list[TrialRecord], metric: str, mode: str, wall_seconds: float,
+              mlflow_run_id: str | None) -> "SweepSummary":
+        scored = [t for t in trials if t.status in ("finished", "stopped early") and _finite(t.metrics.get(metric))]
+        best = None
+        if scored:
+            pick = max if mode == "max" else min
+            best = pick(scored, key=lambda t: t.metrics[metric])
+        default = next((t for t in trials if t.is_default), None)
+        keys = list(trials[0].params) if trials else []
+        return cls(name, trials, metric, mode, wall_seconds, mlflow_run_id, best, default, searched_keys=keys)
+
+    def to_json(self) -> dict[str, Any]:
+        best_metrics = self.best.metrics if self.best else {}
+        return {
+            **{k: best_metrics.get(k, math.nan) for k in STAT_NAMES},
+            "checkpoint": self.best.checkpoint if self.best else None, "mlflow_run_id": self.mlflow_run_id,
+            "wall_seconds": round(self.wall_seconds, 2), "metric": self.metric, "mode": self.mode,
+            "trials": [t.to_json() for t in self.trials],
+            "best": {**self.best.to_json(), "config_path": self.best_config_path} if self.best else None,
+            "default": self.default.to_json() if self.default else None,
+        }
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def best_config(base: Config, best: TrialRecord, sweep_name: str) -> Config:
+    """The best trial's full training config, ready for ``centernet-ray train`` as it is: a run name of
+    its own (so it trains instead of resuming the trial) and the base config's storage path."""
+    config = apply_params(base, best.params)
+    config.train.run_name = f"{sweep_name}-best"
+    config.train.storage_path = base.train.storage_path
+    return config
+
+
+def format_table(summary: SweepSummary) -> str:
+    """The trials as a fixed-width text table, best first by the objective, then unscored trials."""
+    keys = summary.searched_keys
+    header = ["trial", "status", "epochs", *keys, "AP", "AP50", "AP75"]
+    if summary.metric not in ("AP", "AP50", "AP75"):
+        header.append(summary.metric)
+    sign = -1 if summary.mode == "max" else 1
+    ordered = sorted(summary.trials, key=lambda t: (not _finite(t.metrics.get(summary.metric)),
+                                                    sign * t.metrics.get(summary.metric, 0.0)))
+    rows = []
+    for t in ordered:
+        marks = ("*" if t is summary.best else "") + (" (default)" if t.is_default else "")
+        row = [t.trial_id + marks, t.status, str(t.epochs), *(_short(t.params.get(k)) for k in keys)]
+        row += [_metric(t.metrics.get(name)) for name in header[3 + len(keys):]]
+        rows.append(row)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def format_summary(summary: SweepSummary) -> str:
+    lines = ["", f"sweep {summary.name}: {len(summary.trials)} trials, objective {summary.metric} ({summary.mode}), "
+             f"{summary.wall_seconds:.0f} s", format_table(summary), ""]
+    if summary.best is not None:
+        lines.append(f"best: trial {summary.best.trial_id}  {summary.metric} {summary.best.metrics[summary.metric]:.4f}")
+        if summary.default is not None and summary.default is not summary.best and summary.metric in summary.default.metrics:
+            delta = summary.best.metrics[summary.metric] - summary.default.metrics[summary.metric]
+            lines.append(f"default config: {summary.metric} {summary.default.metrics[summary.metric]:.4f} "
+                         f"({delta:+.4f} for the best)")
+        elif summary.default is summary.best:
+            lines.append("the default config was the best trial")
+        lines.append(f"best config: {summary.best_config_path}  (train it: centernet-ray train {summary.best_config_path})")
+        lines.append(f"checkpoint:  {summary.best.checkpoint}")
+    lines.append(f"mlflow:      sweep run {summary.mlflow_run_id}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _metric(value: Any) -> str:
+    return f"{value:.4f}" if _finite(value) else "-"

@@ -1,0 +1,60 @@
+"""ASHA whose rung records survive a sweep's interruption.
+
+``Tuner.restore`` rebuilds the scheduler from the copy pickled when the sweep was created, i.e.
+with empty rungs: the trials finished before an interruption would no longer count, and a weak
+trial after the resume could not be stopped (nothing to compare it with). This scheduler writes its
+state next to the experiment after every decision and reads it back when the resumed sweep adds
+its first trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import Any
+
+from ray.tune.schedulers import AsyncHyperBandScheduler
+
+from centernet_ray import storage
+
+log = logging.getLogger(__name__)
+
+
+class ResumableASHA(AsyncHyperBandScheduler):
+    """``AsyncHyperBandScheduler`` persisted to ``state_uri`` (a local path or a URI)."""
+
+    def __init__(self, state_uri: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._state_uri = state_uri
+        self._state_loaded = False
+
+    def _load_once(self) -> None:
+        if self._state_loaded:
+            return
+        self._state_loaded = True
+        if storage.exists(self._state_uri):
+            # our own file, written below by this class (same trust as Tune's own pickled experiment state)
+            self.__dict__.update(pickle.loads(storage.read_bytes(self._state_uri)))
+            self._state_loaded = True
+            recorded = sum(len(r) for bracket in self._brackets for _, r in bracket._rungs)
+            log.info("ASHA: restored %d rung record(s) from %s", recorded, self._state_uri)
+
+    def _save(self) -> None:
+        storage.write_bytes(self._state_uri, pickle.dumps(self.__dict__))
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> Any:
+        self._load_once()
+        if trial.trial_id in self._trial_info:  # a restored trial keeps its bracket and records
+            return None
+        out = super().on_trial_add(tune_controller, trial)
+        self._save()
+        return out
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()

@@ -1,0 +1,138 @@
+"""The sweep driver: Tuner over training trials, ASHA, random/Optuna search, resume, MLflow parent run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any
+
+import ray
+from ray import tune
+
+from centernet_ray import storage
+from centernet_ray.config import Config, ConfigError
+from centernet_ray.data.sources import ingest_splits
+from centernet_ray.training.job import default_storage_path
+from centernet_ray.tuning.report import SweepSummary, TrialRecord, best_config, records_from_results
+from centernet_ray.tuning.search_space import SearchSpace
+from centernet_ray.tuning.trial import run_trial
+from centernet_ray.tuning.tracking import SweepTracker, TrialRunCloser
+
+log = logging.getLogger(__name__)
+
+TRIAL_DRIVER_CPUS = 0.1  # the trial's driver actor only waits on its Train run; workers bring their own resources
+SWEEP_STATE_FILE = "centernet_sweep.json"
+ASHA_STATE_FILE = "asha_state.pkl"
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial finished (e.g. Ctrl+C); rerunning resumes it."""
+
+
+def sweep_name(config: Config) -> str:
+    return config.tune.name or f"sweep-{config.model.backbone}"
+
+
+def trial_resources(config: Config) -> dict[str, float]:
+    """What one trial's training run holds: its DDP workers plus its preprocessing stage."""
+    train, data = config.train, config.data
+    cpus = data.preprocess_max_actors * data.preprocess_num_cpus + TRIAL_DRIVER_CPUS
+    cpus += 0 if train.use_gpu else train.num_workers  # a GPU worker's CPU share is counted by Train, not here
+    return {"CPU": cpus, "GPU": float(train.num_workers if train.use_gpu else 0)}
+
+
+def derive_max_concurrent(config: Config, cluster: dict[str, float]) -> int:
+    """``tune.max_concurrent_trials``, or as many trials as the cluster's CPUs/GPUs hold at once (>= 1)."""
+    if config.tune.max_concurrent_trials:
+        return config.tune.max_concurrent_trials
+    need = trial_resources(config)
+    fits = [cluster.get(kind, 0.0) / amount for kind, amount in need.items() if amount > 0]
+    return max(1, math.floor(min(fits)))
+
+
+def build_searcher(config: Config, space: SearchSpace, include_default: bool, max_concurrent: int) -> Any:
+    """Random search (Tune's variant generator) or Optuna's TPE, the default config first when asked.
+    The concurrency cap lives here: Tune does not apply ``max_concurrent_trials`` to a search algorithm
+    passed in."""
+    points = [space.defaults(config)] if include_default else None
+    if config.tune.search_alg == "optuna":
+        if space.has_grid():
+            raise ConfigError("grid: entries need tune.search_alg=random (Optuna samples, it does not enumerate)")
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+            import optuna  # noqa: F401  (OptunaSearch imports it lazily and fails late without it)
+        except ImportError as exc:
+            raise ConfigError("tune.search_alg=optuna needs Optuna: pip install 'centernet-ray[optuna]'") from exc
+        from ray.tune.search import ConcurrencyLimiter
+
+        return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=points, seed=config.tune.seed), max_concurrent)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent,
+                                 random_state=config.tune.seed)
+
+
+def build_scheduler(config: Config, state_uri: str) -> Any:
+    if config.tune.scheduler == "none":
+        return None
+    from centernet_ray.tuning.scheduler import ResumableASHA
+
+    # time_attr "epoch": reports arrive only at evaluation epochs, so rungs are in epochs trained
+    return ResumableASHA(state_uri, time_attr="epoch", max_t=config.train.epochs,
+                         grace_period=config.tune.grace_period, reduction_factor=config.tune.reduction_factor)
+
+
+def run_sweep(config: Config, space: SearchSpace) -> SweepSummary:
+    """Run (or resume: same ``tune.name`` and ``train.storage_path``) the sweep to the end."""
+    started = time.perf_counter()
+    name, root = sweep_name(config), default_storage_path(config)
+    experiment = storage.join(root, name)
+    ingest_splits(config.data)  # once, here: concurrent trials would otherwise race to ingest
+    include_default = config.tune.include_default and not space.has_grid()
+    if config.tune.include_default and space.has_grid():
+        log.info("the search space has grid: entries; the default config is not added as a trial of its own")
+
+    state_uri = storage.join(experiment, SWEEP_STATE_FILE)
+    restoring = tune.Tuner.can_restore(experiment)
+    state = json.loads(storage.read_bytes(state_uri)) if restoring and storage.exists(state_uri) else {}
+    tracker = SweepTracker(config, name, space, run_id=state.get("mlflow_run_id"))
+    storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": tracker.run_id}).encode())
+
+    max_concurrent = derive_max_concurrent(config, ray.cluster_resources())
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=config.to_dict(), storage_root=root, sweep_name=name,
+                             metric=config.tune.metric, parent_run_id=tracker.run_id),
+        {"CPU": TRIAL_DRIVER_CPUS})
+    callbacks = [TrialRunCloser(config, config.train.epochs)]
+    if restoring:
+        log.info("resuming sweep %s from %s (finished trials are kept, unfinished ones continue)", name, experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        log.info("sweep %s: %d trial(s), up to %d at a time, objective %s (%s), %s search, scheduler %s -> %s",
+                 name, config.tune.num_samples, max_concurrent, config.tune.metric, config.tune.mode,
+                 config.tune.search_alg, config.tune.scheduler, experiment)
+        tuner = tune.Tuner(
+            trainable, param_space=space.to_tune(),
+            tune_config=tune.TuneConfig(metric=config.tune.metric, mode=config.tune.mode,
+                                        num_samples=config.tune.num_samples,
+                                        search_alg=build_searcher(config, space, include_default, max_concurrent),
+                                        scheduler=build_scheduler(config, storage.join(experiment, ASHA_STATE_FILE))),
+            run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks, verbose=0),
+        )
+    results = tuner.fit()
+    records = records_from_results(results, space, config, include_default)
+    unfinished = [r for r in records if r.status not in ("finished", "stopped early", "error")]
+    if unfinished or len(records) < config.tune.num_samples and not space.has_grid():
+        tracker.interrupted()
+        raise SweepInterrupted(f"sweep {name} stopped with {len(unfinished)} unfinished trial(s) "
+                               f"({sum(r.status != 'pending' for r in records)} of {config.tune.num_samples} started); "
+                               "rerun the same command (same tune.name and train.storage_path) to resume it")
+    summary = SweepSummary.build(name, records, config.tune.metric, config.tune.mode,
+                                 time.perf_counter() - started, tracker.run_id)
+    if summary.best is not None:
+        summary.best_config_path = storage.join(experiment, "best_config.yaml")
+        storage.write_bytes(summary.best_config_path, best_config(config, summary.best, name).to_yaml().encode())
+    tracker.finish(summary)
+    return summary

@@ -1,0 +1,142 @@
+"""The sweep on a real local Ray: Ctrl+C after the first trial, resume, ASHA, nested MLflow runs, best config.
+
+One sweep of 3 trials (tests/tiny_tune.yaml + tests/tiny_space.yaml): the first trial trains the
+default config, the two sampled ones have a learning rate of 1e-9 and cannot learn. The sweep runs
+as `centernet-ray tune` in a subprocess attached to the session's Ray, gets SIGINT (Ctrl+C) as soon
+as the first trial finishes, and is then resumed with the same name and storage path.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from centernet_ray.config import load_config
+from centernet_ray.data.synthetic import write_shapes_dataset
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "tests" / "tiny_tune.yaml"
+
+
+@pytest.fixture(scope="module")
+def sweep_paths(tmp_path_factory):
+    base = tmp_path_factory.mktemp("sweep")
+    dataset = write_shapes_dataset(base / "shapes", num_train=320, num_val=32, image_size=64, seed=3)
+    overrides = [f"data.root={dataset}", f"data.parquet_dir={base / 'parquet'}", f"train.storage_path={base / 'runs'}",
+                 f"tracking.tracking_uri=sqlite:///{base / 'mlflow.db'}"]
+    return base, overrides
+
+
+def _wait_for_line(process, needle, log, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            if process.poll() is not None:
+                return False
+            continue
+        log.append(line)
+        if needle in line:
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def interrupted_then_resumed(ray_session, sweep_paths):
+    """(output of the interrupted run, its exit code, the resumed run's summary)."""
+    import ray
+
+    from centernet_ray.tuning.search_space import load_search_space
+    from centernet_ray.tuning.sweep import run_sweep
+
+    base, overrides = sweep_paths
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "centernet_ray", "tune", str(CONFIG), *overrides], cwd=ROOT,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    try:
+        finished = _wait_for_line(process, "finished after epoch 2/2", log, timeout=400)
+        assert finished, "the first trial never finished:\n" + "".join(log[-60:])
+        process.send_signal(signal.SIGINT)  # Ctrl+C
+        out, _ = process.communicate(timeout=180)
+        log.append(out)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    config = load_config(CONFIG, overrides)
+    summary = run_sweep(config, load_search_space(ROOT / config.tune.search_space, config))
+    return "".join(log), process.returncode, summary
+
+
+def test_an_interrupted_sweep_resumes_and_completes_the_rest_without_repeating_a_trial(interrupted_then_resumed):
+    from ray.tune import ExperimentAnalysis
+
+    output, code, summary = interrupted_then_resumed
+    assert code == 130 and "rerun the same command" in output, output[-3000:]
+    assert len(summary.trials) == 3
+    assert all(t.status in ("finished", "stopped early") for t in summary.trials), summary.trials
+    first = summary.trials[0]
+    assert first.is_default and first.status == "finished" and first.epochs == 2
+    started = [line for line in output.splitlines() if " started (" in line]
+    assert started and first.trial_id in started[0]
+    # Ray Tune's own record of the first trial: one row per evaluation report (epochs 1 and 2). A rerun
+    # would have appended at least one more (a finished Train run rerun reports again).
+    analysis = ExperimentAnalysis(str(Path(summary.best_config_path).parent))
+    rows = analysis.trial_dataframes[first.trial_id]
+    assert list(rows["epoch"]) == [1, 2]
+
+
+def test_asha_stops_the_clearly_worse_trials_after_their_first_evaluation(interrupted_then_resumed):
+    _, _, summary = interrupted_then_resumed
+    good, *bad = summary.trials
+    assert all(t.params["train.lr"] == pytest.approx(1e-9) for t in bad)
+    assert good.metrics["AP50"] > max(t.metrics["AP50"] for t in bad)
+    stopped = [t for t in bad if t.status == "stopped early"]
+    assert stopped and all(t.epochs == 1 for t in stopped)
+    assert summary.best is good and summary.default is good
+
+
+def test_every_trial_is_an_mlflow_run_nested_under_the_sweep_run(interrupted_then_resumed, sweep_paths):
+    from mlflow import MlflowClient
+
+    _, _, summary = interrupted_then_resumed
+    base, _ = sweep_paths
+    client = MlflowClient(f"sqlite:///{base / 'mlflow.db'}")
+    parent = client.get_run(summary.mlflow_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.params["space.train.lr"] == "choice[1e-09]"
+    assert parent.data.metrics["best_AP50"] == pytest.approx(summary.best.metrics["AP50"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.txt", "sweep_summary.json", "best_config.yaml", "search_space.yaml"} <= artifacts
+    experiment = parent.info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["centernet_ray.trial_id"] for r in children) == sorted(t.trial_id for t in summary.trials)
+    for run in children:
+        trial = next(t for t in summary.trials if t.trial_id == run.data.tags["centernet_ray.trial_id"])
+        assert run.info.run_id == trial.mlflow_run_id
+        assert float(run.data.params["loss.alpha"]) == pytest.approx(trial.params["loss.alpha"])
+        assert float(run.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
+        history = client.get_metric_history(run.info.run_id, "AP50")
+        assert len(history) == trial.epochs  # one value per evaluation
+        assert run.info.status == "FINISHED" and run.data.tags["centernet_ray.tune_status"] == trial.status
+
+
+def test_the_best_config_yaml_trains_unchanged_with_centernet_ray_train(interrupted_then_resumed, tmp_path):
+    from centernet_ray.cli import main
+
+    _, _, summary = interrupted_then_resumed
+    best = load_config(summary.best_config_path)
+    assert best.train.run_name == "tiny-sweep-best" and best.train.lr == pytest.approx(3e-3)
+    out = tmp_path / "train.json"
+    assert main(["train", summary.best_config_path, "--summary-json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["epochs"] == 2 and result["AP50"] >= 0 and result["mlflow_run_id"] not in (
+        t.mlflow_run_id for t in summary.trials)

@@ -1,0 +1,203 @@
+"""Sweep building blocks without Ray running: search-space files, trial configs, concurrency, reports."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from centernet_ray.config import ConfigError, load_config
+from centernet_ray.tuning.report import SweepSummary, TrialRecord, best_config, format_summary, format_table
+from centernet_ray.tuning.search_space import apply_params, load_search_space, parse_dimension
+from centernet_ray.tuning.sweep import build_scheduler, build_searcher, derive_max_concurrent, trial_resources
+from centernet_ray.tuning.trial import trial_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_the_shipped_search_space_covers_the_issue_keys_and_the_defaults_lie_inside_it():
+    config = load_config(ROOT / "tune" / "demo.yaml")
+    space = load_search_space(ROOT / "tune" / "search_space.yaml", config)
+    keys = {d.key for d in space.dimensions}
+    assert {"loss.alpha", "loss.beta", "loss.wh_weight", "loss.off_weight", "targets.min_overlap",
+            "targets.formula"} <= keys
+    defaults = space.defaults(config)
+    for dim in space.dimensions:  # the baseline trial must be a point of the space (Optuna requires it)
+        value = defaults[dim.key]
+        if dim.kind in ("choice", "grid"):
+            assert value in dim.args
+        else:
+            assert dim.args[0] <= value <= dim.args[1], dim
+
+
+def test_every_distribution_kind_parses_to_its_tune_domain(tmp_path):
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    space = load_search_space(write(tmp_path, """
+loss.alpha: {uniform: [1.0, 3.0]}
+train.lr: {loguniform: [1e-4, 1e-2]}
+targets.min_overlap: {quniform: [0.3, 0.9, 0.1]}
+train.batch_size: {randint: [8, 33]}
+targets.formula: {choice: [cornernet, exact]}
+loss.off_weight: {grid: [0.5, 1.0]}
+train.epochs: 3
+"""), load_config())
+    tune_space = space.to_tune()
+    assert isinstance(tune_space["loss.alpha"], Float) and isinstance(tune_space["train.lr"], Float)
+    assert isinstance(tune_space["train.batch_size"], Integer)
+    assert isinstance(tune_space["targets.formula"], Categorical)
+    assert tune_space["loss.off_weight"] == {"grid_search": [0.5, 1.0]}
+    assert tune_space["train.epochs"] == 3
+    assert space.has_grid() and [d.key for d in space.searched][-1] == "loss.off_weight"
+    sample = tune_space["train.lr"].sample()
+    assert 1e-4 <= sample <= 1e-2  # "1e-4" without a dot is a YAML string: read as a number
+
+
+@pytest.mark.parametrize("text, message", [
+    ("loss.alhpa: {uniform: [1, 2]}", "unknown config key"),
+    ("alpha: {uniform: [1, 2]}", "unknown config key"),
+    ("loss.alpha: {normal: [1, 2]}", "must be a plain value or one of"),
+    ("loss.alpha: {uniform: [2, 1]}", "low < high"),
+    ("loss.alpha: {uniform: [1]}", "takes 2 numbers"),
+    ("loss.alpha: {uniform: [1, x]}", "bounds must be numbers"),
+    ("train.lr: {loguniform: [0, 1]}", "low > 0"),
+    ("train.batch_size: {randint: [1.5, 8]}", "integers"),
+    ("targets.min_overlap: {uniform: [0.5, 1.0]}", "targets.min_overlap must be > 0.0 and < 1.0"),
+    ("targets.formula: {choice: [cornernet, exakt]}", "must be one of"),
+    ("loss.alpha: {choice: []}", "non-empty list"),
+    ("- loss.alpha", "must map config keys"),
+])
+def test_a_bad_search_space_fails_before_any_trial_with_a_message_naming_the_key(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_search_space(write(tmp_path, text), load_config())
+
+
+def test_a_missing_or_unparsable_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_search_space(tmp_path / "nope.yaml", load_config())
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_search_space(write(tmp_path, "loss.alpha: {uniform: [1, 2"), load_config())
+
+
+def test_a_trial_config_is_the_base_plus_its_sample_with_a_run_of_its_own():
+    base = load_config(None, ["train.storage_path=/runs", "train.run_name=mine"])
+    config = trial_config(base, {"loss.alpha": 2.5, "targets.formula": "exact", "train.batch_size": _np_int(8)},
+                          "/runs", "sweep-a", "abc_00001")
+    assert config.loss.alpha == 2.5 and config.targets.formula == "exact" and config.train.batch_size == 8
+    assert config.train.run_name == "abc_00001" and config.train.storage_path == "/runs/sweep-a/trial_runs"
+    assert base.loss.alpha == 2.0 and base.train.run_name == "mine"  # the base is not modified
+    assert trial_config(base, {}, "s3://bucket/x", "sw", "t1").train.storage_path == "s3://bucket/x/sw/trial_runs"
+
+
+def _np_int(value):
+    import numpy as np
+
+    return np.int64(value)  # what Tune's randint hands a trial
+
+
+def test_apply_params_validates_like_an_override():
+    with pytest.raises(ConfigError, match="loss.beta must be"):
+        apply_params(load_config(), {"loss.beta": -1.0})
+
+
+def test_concurrency_follows_the_cluster_and_the_trial_size():
+    cpu = load_config(None, ["train.num_workers=2", "data.preprocess_max_actors=1"])
+    assert trial_resources(cpu) == {"CPU": pytest.approx(3.1), "GPU": 0.0}
+    assert derive_max_concurrent(cpu, {"CPU": 8.0}) == 2
+    assert derive_max_concurrent(cpu, {"CPU": 2.0}) == 1  # never 0: one trial always runs
+    gpu = load_config(None, ["train.num_workers=2", "train.use_gpu=true", "data.preprocess_max_actors=4"])
+    assert derive_max_concurrent(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # GPUs bind first
+    assert derive_max_concurrent(gpu, {"CPU": 8.0, "GPU": 8.0}) == 1  # then preprocessing CPUs
+    assert derive_max_concurrent(load_config(None, ["tune.max_concurrent_trials=3"]), {"CPU": 1.0}) == 3
+
+
+def test_searchers_put_the_default_config_first_and_cap_concurrency(tmp_path):
+    config = load_config(None, ["tune.seed=1"])
+    space = load_search_space(write(tmp_path, "loss.alpha: {uniform: [1.0, 3.0]}\ntargets.formula: {choice: [cornernet, exact]}"), config)
+    random = build_searcher(config, space, include_default=True, max_concurrent=2)
+    assert random.max_concurrent == 2 and random._points_to_evaluate == [{"loss.alpha": 2.0, "targets.formula": "cornernet"}]
+    optuna_config = load_config(None, ["tune.search_alg=optuna"])
+    limited = build_searcher(optuna_config, space, include_default=False, max_concurrent=3)
+    assert limited.max_concurrent == 3 and type(limited.searcher).__name__ == "OptunaSearch"
+    grid = load_search_space(write(tmp_path, "loss.alpha: {grid: [1.0, 3.0]}"), config)
+    with pytest.raises(ConfigError, match="grid"):
+        build_searcher(optuna_config, grid, include_default=False, max_concurrent=1)
+    asha = build_scheduler(load_config(None, ["train.epochs=9", "tune.grace_period=2"]), str(tmp_path / "asha.pkl"))
+    assert asha._time_attr == "epoch" and asha._max_t == 9  # rungs in epochs; grace period checked by the sweep test
+    assert build_scheduler(load_config(None, ["tune.scheduler=none"]), "unused") is None
+
+
+def record(trial_id, status, ap, *, alpha=2.0, default=False, epochs=4):
+    metrics = {} if ap is None else {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.1}
+    return TrialRecord(trial_id, {"loss.alpha": alpha}, status, epochs, metrics, f"/ckpt/{trial_id}", f"run-{trial_id}",
+                       is_default=default)
+
+
+def test_the_summary_picks_the_best_scored_trial_and_compares_it_with_the_default(tmp_path):
+    trials = [record("t0", "finished", 0.40, default=True), record("t1", "finished", 0.45, alpha=2.7),
+              record("t2", "stopped early", 0.10, alpha=1.1, epochs=1), record("t3", "error", None, alpha=1.5)]
+    summary = SweepSummary.build("s", trials, "AP", "max", 12.0, "parent")
+    assert summary.best.trial_id == "t1" and summary.default.trial_id == "t0"
+    assert SweepSummary.build("s", trials, "AP", "min", 1.0, None).best.trial_id == "t2"
+    table = format_table(summary)
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["trial", "status", "epochs", "loss.alpha"]
+    assert lines[2].startswith("t1*") and "t0 (default)" in lines[3] and lines[-1].startswith("t3")
+    assert "stopped early" in table and "0.4500" in table
+    summary.best_config_path = str(tmp_path / "best.yaml")
+    text = format_summary(summary)
+    assert "default config: AP 0.4000 (+0.0500 for the best)" in text and "centernet-ray train" in text
+    js = summary.to_json()
+    assert js["AP"] == 0.45 and js["checkpoint"] == "/ckpt/t1" and js["mlflow_run_id"] == "parent"
+    assert [t["status"] for t in js["trials"]] == ["finished", "finished", "stopped early", "error"]
+    assert js["best"]["config"] == {"loss.alpha": 2.7} and js["default"]["trial_id"] == "t0"
+
+
+def test_the_best_config_is_a_training_config_that_trains_under_a_new_run_name(tmp_path):
+    base = load_config(None, ["train.storage_path=/data/runs", "train.run_name=demo"])
+    config = best_config(base, record("t1", "finished", 0.5, alpha=2.7), "sweep-x")
+    path = tmp_path / "best.yaml"
+    path.write_text(config.to_yaml())
+    reloaded = load_config(path)
+    assert reloaded.loss.alpha == 2.7 and reloaded.train.run_name == "sweep-x-best"
+    assert reloaded.train.storage_path == "/data/runs"
+    assert yaml.safe_load(path.read_text())["loss"]["alpha"] == 2.7
+
+
+def test_dimensions_describe_themselves_for_mlflow_params():
+    config = load_config()
+    assert parse_dimension("loss.alpha", {"uniform": [1, 3]}, config).describe() == "uniform[1, 3]"
+    assert parse_dimension("train.epochs", 5, config).describe() == "5"
+
+
+class FakeTrial:
+    def __init__(self, trial_id):
+        self.trial_id = trial_id
+
+
+def test_asha_rung_records_survive_a_restore_so_a_weak_trial_after_resume_is_still_stopped(tmp_path):
+    import pickle
+
+    config = load_config(None, ["train.epochs=4", "tune.grace_period=1", "tune.reduction_factor=2"])
+
+    def fresh(uri):
+        scheduler = build_scheduler(config, str(uri))
+        scheduler.set_search_properties("AP", "max")
+        return pickle.loads(pickle.dumps(scheduler))  # what Tuner.restore rebuilds: the sweep-start copy
+
+    before = fresh(tmp_path / "asha.pkl")
+    before.on_trial_add(None, FakeTrial("good"))
+    assert before.on_trial_result(None, FakeTrial("good"), {"epoch": 1, "AP": 0.5}) == "CONTINUE"
+
+    after = fresh(tmp_path / "asha.pkl")  # the sweep was interrupted here and resumed
+    after.on_trial_add(None, FakeTrial("weak"))
+    assert after.on_trial_result(None, FakeTrial("weak"), {"epoch": 1, "AP": 0.1}) == "STOP"
+
+    amnesiac = fresh(tmp_path / "other.pkl")  # without the saved records nothing can be compared
+    amnesiac.on_trial_add(None, FakeTrial("weak"))
+    assert amnesiac.on_trial_result(None, FakeTrial("weak"), {"epoch": 1, "AP": 0.1}) == "CONTINUE"
