@@ -58,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--search-space", help="search-space YAML (default: the config's tune.search_space)")
     sweep.add_argument("--summary-json", help="write every trial, the best trial and its stats here")
 
+    serve = commands.add_parser("serve", help="the detection endpoint on Ray Serve (POST /detect)")
+    serve.add_argument("config", nargs="?", help="YAML config whose serve section sets the defaults")
+    serve.add_argument("overrides", nargs="*", metavar="serve.key=value", help="e.g. serve.max_batch_size=16")
+    serve.add_argument("--checkpoint", required=True,
+                       help="checkpoint file/directory/URI, or an MLflow model URI (models:/name@alias)")
+    serve.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default serve.port, 8000)")
+    serve.add_argument("--replicas", type=int, help="model replicas (default serve.num_replicas)")
+    serve.add_argument("--max-batch-size", type=int, help="requests per model batch (default serve.max_batch_size)")
+    serve.add_argument("--batch-wait-timeout", type=float, help="seconds a batch waits to fill (default serve.batch_wait_timeout_s)")
+    serve.add_argument("--num-gpus", type=float, help="GPUs per model replica (default serve.num_gpus)")
+    serve.add_argument("--flip-test", action="store_true", help="average each image's outputs with its mirror's")
+
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     synth = data_commands.add_parser("synth", help="write the synthetic shapes dataset in COCO layout")
@@ -191,6 +204,21 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from centernet_ray.config import load_config
+    from centernet_ray.ray_runtime import init_ray
+    from centernet_ray.serving.launch import serve_forever
+
+    path, overrides = _split_config_and_overrides(args)
+    flags = {"host": args.host, "port": args.port, "num_replicas": args.replicas, "max_batch_size": args.max_batch_size,
+             "batch_wait_timeout_s": args.batch_wait_timeout, "num_gpus": args.num_gpus}
+    overrides += [f"serve.{key}={value}" for key, value in flags.items() if value is not None]
+    config = load_config(path, overrides)
+    init_ray()
+    serve_forever(config, args.checkpoint, flip_test=args.flip_test)
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from centernet_ray.batch_inference import run_predict
     from centernet_ray.evaluation import format_stats
@@ -240,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from centernet_ray.data.coco import CocoFormatError
 
     handlers = {"config": _cmd_config, "data": _cmd_data, "eval": _cmd_eval, "predict": _cmd_predict,
-                "train": _cmd_train, "tune": _cmd_tune}
+                "serve": _cmd_serve, "train": _cmd_train, "tune": _cmd_tune}
     try:
         return handlers[args.command](args)
     except (ConfigError, CocoFormatError, ValueError, FileNotFoundError) as exc:

@@ -158,8 +158,10 @@ class TuneConfig:
 class ServeConfig:
     host: str = "127.0.0.1"
     port: int = _ranged(8000, ge=1, le=65535)
-    num_replicas: int = _ranged(1, ge=1)
-    num_gpus: float = _ranged(0.0, ge=0.0)
+    num_replicas: int = _ranged(1, ge=1)  # model replicas (the minimum when autoscaling)
+    max_replicas: int | None = None  # > num_replicas turns on autoscaling between the two
+    target_ongoing_requests: float = _ranged(2.0, gt=0.0)  # autoscaling target per replica
+    num_gpus: float = _ranged(0.0, ge=0.0)  # per model replica
     max_batch_size: int = _ranged(8, ge=1)
     batch_wait_timeout_s: float = _ranged(0.01, ge=0.0)
     max_body_bytes: int = _ranged(20 * 1024 * 1024, ge=1)

@@ -25,6 +25,17 @@ def draw_detections(image: torch.Tensor, boxes: torch.Tensor, classes: Sequence[
     return draw_bounding_boxes(image, boxes.float(), labels=labels, colors=colors, width=width)
 
 
+def detections_png(image: torch.Tensor, boxes: torch.Tensor, classes: Sequence[int], class_names: Sequence[str],
+                   scores: Sequence[float] | None = None) -> bytes:
+    """PNG bytes of uint8 [3, H, W] ``image`` with ``boxes`` [N, 4] (x1, y1, x2, y2 pixels) drawn."""
+    import io
+
+    drawn = draw_detections(image, boxes, classes, class_names, scores)
+    buffer = io.BytesIO()
+    Image.fromarray(drawn.permute(1, 2, 0).contiguous().numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def heatmap_overlay(image: torch.Tensor, heatmap: torch.Tensor, opacity: float = 0.6) -> torch.Tensor:
     """uint8 [3, H, W] image blended with the per-pixel class maximum of ``heatmap`` [C, h, w] in
     [0, 1] (up-sampled to the image), drawn in red."""

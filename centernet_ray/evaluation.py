@@ -36,7 +36,7 @@ def detections_to_coco(image_ids: Sequence[int], boxes: np.ndarray, scores: np.n
         xywh[:, 2:] -= xywh[:, :2]
         for box, score, cls in zip(xywh, scores[b][keep], classes[b][keep]):
             results.append({"image_id": int(image_id), "category_id": int(lookup[cls]),
-                            "bbox": [round(float(v), 3) for v in box], "score": round(float(score), 5)})
+                            "bbox": [float(v) for v in box], "score": float(score)})  # unrounded: Serve parity
     return results
 
 

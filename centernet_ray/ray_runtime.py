@@ -21,5 +21,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         log.info("connected to Ray cluster: %s", ray.cluster_resources())
         return
     cpus = num_cpus or max(8, os.cpu_count() or 1)
-    ray.init(num_cpus=cpus, include_dashboard=False)
+    # The dashboard (on 127.0.0.1 only) serves Ray's State API, which Ray Train's PlacementGroupCleaner
+    # needs: without it the placement group of a Train run whose driver was killed (a trial stopped
+    # by ASHA) is never removed, and its CPUs stay reserved until Ray stops.
+    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     log.info("started local Ray with %d logical CPUs on %d cores", cpus, os.cpu_count() or 1)

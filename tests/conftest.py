@@ -23,7 +23,9 @@ def ray_session():
     ray = pytest.importorskip("ray")
     from ray.data import DataContext
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # the dashboard serves the State API that Ray Train needs to free a stopped run's placement group
+    ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             configure_logging=False)
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
@@ -130,3 +132,52 @@ def background_services():
         yield services
     finally:
         services.stop_all()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+    """(checkpoint path, dataset dir): a quarter-width model overfitted on 8 synthetic 64x64 training
+    images with a plain PyTorch loop (no Ray), so that it finds the objects of those images."""
+    import json
+
+    import torch
+
+    from centernet_ray.checkpoint import checkpoint_state, save_checkpoint
+    from centernet_ray.config import load_config
+    from centernet_ray.data.preprocess import Preprocessor, render_targets
+    from centernet_ray.data.transforms import normalize_images
+    from centernet_ray.losses import CenterNetLoss
+    from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, build_model
+
+    root = tmp_path_factory.mktemp("overfit")
+    dataset = write_shapes_dataset(root / "shapes", num_train=8, num_val=4, image_size=64, seed=11)
+    config = load_config(None, ["model.width=0.25", "model.lateral=true", "model.neck_channels=[32,32,32]",
+                                "model.head_conv=16", "data.input_size=[64,64]", "targets.max_objects=8"])
+    annotations = json.loads((dataset / "annotations" / "instances_train.json").read_text())
+    by_image: dict[int, list] = {}
+    for ann in annotations["annotations"]:
+        x, y, w, h = ann["bbox"]
+        by_image.setdefault(ann["image_id"], []).append(([x, y, x + w, y + h], ann["category_id"] - 1))
+    rows = {"image": [], "boxes": [], "labels": [], "image_id": []}
+    for record in annotations["images"]:
+        rows["image"].append((dataset / "images" / "train" / record["file_name"]).read_bytes())
+        rows["boxes"].append([b for b, _ in by_image.get(record["id"], [])])
+        rows["labels"].append([c for _, c in by_image.get(record["id"], [])])
+        rows["image_id"].append(record["id"])
+    batch = Preprocessor((64, 64), 8, train=False)(rows)
+    targets = render_targets(batch["boxes"], batch["classes"], batch["num_boxes"], 4, (16, 16), 8)
+    images = normalize_images(torch.from_numpy(batch["image"]), IMAGE_MEAN, IMAGE_STD)
+    torch.manual_seed(0)
+    model = build_model(config.model, 4)
+    criterion = CenterNetLoss.from_config(config.loss)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = criterion(model(images), targets)["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = root / "checkpoint.pt"
+    save_checkpoint(path, checkpoint_state(model.eval(), config, [c["name"] for c in annotations["categories"]],
+                                           [c["id"] for c in annotations["categories"]], epoch=300,
+                                           metrics={"final_loss": float(loss)}))
+    return path, dataset

@@ -24,3 +24,18 @@ def test_heatmap_overlay_reddens_hot_pixels():
 def test_png_grid_is_written(tmp_path):
     path = save_png_grid([torch.zeros(3, 16, 16, dtype=torch.uint8)] * 3, tmp_path / "grid.png", columns=2)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_detections_png_is_a_png_of_the_image_size():
+    import io
+
+    import torch
+    from PIL import Image
+
+    from centernet_ray.drawing import detections_png
+
+    image = torch.zeros(3, 40, 60, dtype=torch.uint8)
+    data = detections_png(image, torch.tensor([[5.0, 5.0, 30.0, 20.0]]), [1], ["a", "b"], [0.9])
+    picture = Image.open(io.BytesIO(data))
+    assert picture.format == "PNG" and picture.size == (60, 40)
+    assert picture.getpixel((5, 12)) != (0, 0, 0)  # the box's left edge was drawn

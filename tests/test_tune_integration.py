@@ -105,6 +105,15 @@ def test_asha_stops_the_clearly_worse_trials_after_their_first_evaluation(interr
     assert summary.best is good and summary.default is good
 
 
+def test_stopped_trials_give_their_cpus_back(interrupted_then_resumed, ray_session):
+    import ray
+
+    deadline = time.monotonic() + 90  # Ray Train's PlacementGroupCleaner polls the State API
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(2)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], ray.available_resources()
+
+
 def test_every_trial_is_an_mlflow_run_nested_under_the_sweep_run(interrupted_then_resumed, sweep_paths):
     from mlflow import MlflowClient
 

@@ -201,3 +201,16 @@ def test_asha_rung_records_survive_a_restore_so_a_weak_trial_after_resume_is_sti
     amnesiac = fresh(tmp_path / "other.pkl")  # without the saved records nothing can be compared
     amnesiac.on_trial_add(None, FakeTrial("weak"))
     assert amnesiac.on_trial_result(None, FakeTrial("weak"), {"epoch": 1, "AP": 0.1}) == "CONTINUE"
+
+
+def test_asha_never_stops_the_default_config_trial_but_measures_the_others_against_it(tmp_path):
+    config = load_config(None, ["train.epochs=4", "tune.grace_period=1", "tune.reduction_factor=2"])
+    scheduler = build_scheduler(config, str(tmp_path / "asha.pkl"), baseline={"loss.alpha": 2.0})
+    scheduler.set_search_properties("AP", "max")
+    good, default, weak = FakeTrial("good"), FakeTrial("default"), FakeTrial("weak")
+    good.config, default.config, weak.config = {"loss.alpha": 2.5}, {"loss.alpha": 2.0}, {"loss.alpha": 1.1}
+    for trial in (good, default, weak):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, good, {"epoch": 1, "AP": 0.5}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, default, {"epoch": 1, "AP": 0.2}) == "CONTINUE"  # would be STOP
+    assert scheduler.on_trial_result(None, weak, {"epoch": 1, "AP": 0.1}) == "STOP"

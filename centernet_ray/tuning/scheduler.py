@@ -13,7 +13,7 @@ import logging
 import pickle
 from typing import Any
 
-from ray.tune.schedulers import AsyncHyperBandScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from centernet_ray import storage
 
@@ -21,11 +21,16 @@ log = logging.getLogger(__name__)
 
 
 class ResumableASHA(AsyncHyperBandScheduler):
-    """``AsyncHyperBandScheduler`` persisted to ``state_uri`` (a local path or a URI)."""
+    """``AsyncHyperBandScheduler`` persisted to ``state_uri`` (a local path or a URI).
 
-    def __init__(self, state_uri: str, **kwargs: Any) -> None:
+    ``baseline``: the params of the default-config trial. It is recorded in the rungs like any
+    trial (so the others are measured against it) but never stopped, so that the sweep's best trial
+    is compared with a complete run of the default config."""
+
+    def __init__(self, state_uri: str, baseline: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._state_uri = state_uri
+        self._baseline = baseline
         self._state_loaded = False
 
     def _load_once(self) -> None:
@@ -52,8 +57,15 @@ class ResumableASHA(AsyncHyperBandScheduler):
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and self._is_baseline(trial):
+            self._num_stopped -= 1
+            action = TrialScheduler.CONTINUE
         self._save()
         return action
+
+    def _is_baseline(self, trial: Any) -> bool:
+        config = getattr(trial, "config", None) or {}
+        return self._baseline is not None and all(config.get(k) == v for k, v in self._baseline.items())
 
     def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
         super().on_trial_complete(tune_controller, trial, result)

@@ -74,13 +74,14 @@ def build_searcher(config: Config, space: SearchSpace, include_default: bool, ma
                                  random_state=config.tune.seed)
 
 
-def build_scheduler(config: Config, state_uri: str) -> Any:
+def build_scheduler(config: Config, state_uri: str, baseline: dict[str, Any] | None = None) -> Any:
+    """ASHA over evaluation reports; ``baseline`` (the default-config trial's params) is never stopped."""
     if config.tune.scheduler == "none":
         return None
     from centernet_ray.tuning.scheduler import ResumableASHA
 
     # time_attr "epoch": reports arrive only at evaluation epochs, so rungs are in epochs trained
-    return ResumableASHA(state_uri, time_attr="epoch", max_t=config.train.epochs,
+    return ResumableASHA(state_uri, baseline, time_attr="epoch", max_t=config.train.epochs,
                          grace_period=config.tune.grace_period, reduction_factor=config.tune.reduction_factor)
 
 
@@ -103,7 +104,8 @@ def run_sweep(config: Config, space: SearchSpace) -> SweepSummary:
     max_concurrent = derive_max_concurrent(config, ray.cluster_resources())
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), storage_root=root, sweep_name=name,
-                             metric=config.tune.metric, parent_run_id=tracker.run_id),
+                             metric=config.tune.metric, parent_run_id=tracker.run_id,
+                             concurrent_trials=max_concurrent),
         {"CPU": TRIAL_DRIVER_CPUS})
     callbacks = [TrialRunCloser(config, config.train.epochs)]
     if restoring:
@@ -118,7 +120,8 @@ def run_sweep(config: Config, space: SearchSpace) -> SweepSummary:
             tune_config=tune.TuneConfig(metric=config.tune.metric, mode=config.tune.mode,
                                         num_samples=config.tune.num_samples,
                                         search_alg=build_searcher(config, space, include_default, max_concurrent),
-                                        scheduler=build_scheduler(config, storage.join(experiment, ASHA_STATE_FILE))),
+                                        scheduler=build_scheduler(config, storage.join(experiment, ASHA_STATE_FILE),
+                                                                  space.defaults(config) if include_default else None)),
             run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks, verbose=0),
         )
     results = tuner.fit()

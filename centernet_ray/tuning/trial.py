@@ -8,6 +8,7 @@ forwards the workers' reports to Tune so that ASHA can stop the trial between ev
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -50,7 +51,7 @@ def trial_config(base: Config, params: dict[str, Any], storage_root: str, sweep_
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str, sweep_name: str,
-              metric: str, parent_run_id: str | None) -> None:
+              metric: str, parent_run_id: str | None, concurrent_trials: int = 1) -> None:
     """Tune's trainable: train ``base`` + ``params`` to the end (or until the scheduler stops it)."""
     import ray.tune
     from ray.data import DataContext
@@ -63,8 +64,10 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(config_from_dict(base), params, storage_root, sweep_name, trial_id)
     tags = {"centernet_ray.sweep": sweep_name, "centernet_ray.trial_id": trial_id}
-    trainer, _ = build_trainer(config, callbacks=[EvaluationReports(metric)], mlflow_parent_run_id=parent_run_id,
-                               mlflow_tags=tags)
+    # CPU workers of concurrent trials share the node's cores: more threads than cores stalls OpenMP
+    threads = max(1, (os.cpu_count() or 1) // (config.train.num_workers * concurrent_trials))
+    trainer, _ = build_trainer(config, {"threads_per_worker": threads}, callbacks=[EvaluationReports(metric)],
+                               mlflow_parent_run_id=parent_run_id, mlflow_tags=tags)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

@@ -1,0 +1,117 @@
+"""HTTP request handling for ``POST /detect``, kept free of Ray: body limits, content types, query
+values, image decoding. Every client mistake becomes a :class:`RequestError` with a 4xx status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from centernet_ray.data.images import ImageDecodeError, decode_image
+
+MULTIPART_FIELDS = ("image", "file")
+
+
+class RequestError(Exception):
+    """A client error: ``status`` (4xx) and a message that says what to send instead."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DetectParams:
+    score_threshold: float
+    max_detections: int
+    format: str  # "json" or "png"
+
+
+def parse_params(query: Mapping[str, str], default_threshold: float, max_detections_limit: int) -> DetectParams:
+    """``score_threshold`` in [0, 1], ``max_detections`` in [1, limit], ``format`` json|png."""
+    unknown = sorted(set(query) - {"score_threshold", "max_detections", "format"})
+    if unknown:
+        raise RequestError(422, f"unknown query parameter {unknown[0]!r}; valid: score_threshold, max_detections, format")
+    threshold = _number(query, "score_threshold", float, default_threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise RequestError(422, f"score_threshold must be in [0, 1]; got {threshold}")
+    limit = _number(query, "max_detections", int, max_detections_limit)
+    if not 1 <= limit <= max_detections_limit:
+        raise RequestError(422, f"max_detections must be in [1, {max_detections_limit}]; got {limit}")
+    fmt = query.get("format", "json")
+    if fmt not in ("json", "png"):
+        raise RequestError(422, f"format must be json or png; got {fmt!r}")
+    return DetectParams(threshold, limit, fmt)
+
+
+def _number(query: Mapping[str, str], name: str, kind: type, default: Any) -> Any:
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise RequestError(422, f"{name} must be {'an integer' if kind is int else 'a number'}; got {raw!r}") from None
+    if kind is float and value != value:  # NaN
+        raise RequestError(422, f"{name} must be a number; got {raw!r}")
+    return value
+
+
+async def read_body(request: Any, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``max_bytes`` (header or stream)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def image_bytes(request: Any, max_bytes: int) -> bytes:
+    """The image of a ``POST /detect``: a raw body with an ``image/*`` content type, or the ``image``
+    (or ``file``) field of a ``multipart/form-data`` upload."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith("image/"):
+        data = await read_body(request, max_bytes)
+    elif content_type == "multipart/form-data":
+        data = await _multipart_image(request, max_bytes)
+    else:
+        raise RequestError(415, f"unsupported content type {content_type or '(none)'!r}: send the image bytes with "
+                                "an image/* content type, or a multipart/form-data upload with an 'image' field")
+    if not data:
+        raise RequestError(400, "empty request body: send the image bytes")
+    return data
+
+
+async def _multipart_image(request: Any, max_bytes: int) -> bytes:
+    from starlette.datastructures import UploadFile
+
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}")
+    try:
+        form = await request.form(max_files=1, max_fields=10, max_part_size=max_bytes)
+    except Exception as exc:  # starlette raises MultiPartException / HTTPException for malformed bodies
+        raise RequestError(400, f"malformed multipart body: {getattr(exc, 'detail', None) or exc}") from None
+    upload = next((form.get(name) for name in MULTIPART_FIELDS if isinstance(form.get(name), UploadFile)), None)
+    if upload is None:
+        raise RequestError(400, "the multipart upload has no file field named 'image' (or 'file')")
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise RequestError(413, f"uploaded image exceeds the limit of {max_bytes} bytes")
+    return data
+
+
+def decode_request_image(data: bytes, max_pixels: int) -> torch.Tensor:
+    """uint8 [3, H, W]; 413 for an image over ``max_pixels`` (checked before decoding), 400 otherwise."""
+    try:
+        return decode_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        status = 413 if "exceeds the limit" in str(exc) or "decompression bomb" in str(exc).lower() else 400
+        raise RequestError(status, f"cannot use the image: {exc}") from None
