@@ -53,3 +53,23 @@ def test_core_modules_do_not_import_ray():
             "centernet_ray.evaluation, centernet_ray.drawing, centernet_ray.config, centernet_ray.cli; "
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tune_reports_a_bad_search_space_before_starting_anything(tmp_path, capsys):
+    from centernet_ray.cli import main
+
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.alhpa: {uniform: [1, 2]}\n")
+    assert main(["tune", "--search-space", str(space), "tune.num_samples=2"]) == 2
+    assert "loss.alhpa: unknown config key" in capsys.readouterr().err
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    import pytest
+
+    from centernet_ray.cli import main
+
+    assert main(["config", "loss.alpha=2.5"]) == 0
+    assert "alpha: 2.5" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["tune", "--search-space", "x.yaml", "--nonsense"])
