@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from centernet_ray.config import Config, ConfigError, config_from_dict
+from centernet_ray.config import Config, ConfigError, config_from_dict, read_yaml
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None, "grid": None}
 
@@ -75,13 +73,7 @@ class SearchSpace:
 
 def load_search_space(path: str | Path, base: Config) -> SearchSpace:
     """Read and validate a search-space file against ``base`` (the trials' base config)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    raw = read_yaml(path, "search space file")
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path} must map config keys to distributions, e.g. 'loss.alpha: {{uniform: [1.0, 3.0]}}'")
     return SearchSpace(tuple(parse_dimension(str(key), spec, base, path) for key, spec in raw.items()), str(path))
