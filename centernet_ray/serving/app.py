@@ -8,6 +8,7 @@ peaks + top-K, no NMS) for the whole batch on its device. ``build_app`` is the i
 
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -81,9 +82,9 @@ def _error(status: int, message: str) -> JSONResponse:
 class DetectionAPI:
     """HTTP front: validates and decodes requests (never a 5xx for a client error)."""
 
-    def __init__(self, model: DeploymentHandle, settings: dict[str, Any]) -> None:
+    def __init__(self, model: DeploymentHandle, settings: ServeConfig) -> None:
         self.model = model
-        self.settings = ServeConfig(**settings)
+        self.settings = settings
         self._metadata: dict[str, Any] | None = None
 
     async def _model_metadata(self) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     base = load_config(args.pop("config")).serve if args.get("config") else ServeConfig()
     flip_test = bool(args.pop("flip_test", False))
     tracking_uri = args.pop("tracking_uri", None)
-    settings = config_from_dict({"serve": {**_plain(base), **args}}).serve
+    settings = config_from_dict({"serve": {**dataclasses.asdict(base), **args}}).serve
     model_options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": settings.num_gpus, "num_cpus": 1},
         "max_ongoing_requests": max(2 * settings.max_batch_size, 8),
@@ -154,10 +155,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         model_options["num_replicas"] = settings.num_replicas
     model = DetectionModel.options(**model_options).bind(source, flip_test, settings.max_batch_size,
                                                           settings.batch_wait_timeout_s, tracking_uri)
-    return DetectionAPI.options(max_ongoing_requests=max(4 * settings.max_batch_size, 32)).bind(model, _plain(settings))
+    return DetectionAPI.options(max_ongoing_requests=max(4 * settings.max_batch_size, 32)).bind(model, settings)
 
-
-def _plain(settings: ServeConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(settings)

@@ -127,7 +127,7 @@ def format_table(summary: SweepSummary) -> str:
     rows = []
     for t in ordered:
         marks = ("*" if t is summary.best else "") + (" (default)" if t.is_default else "")
-        row = [t.trial_id + marks, t.status, str(t.epochs), *(_short(t.params.get(k)) for k in keys)]
+        row = [t.trial_id + marks, t.status, str(t.epochs), *(short(t.params.get(k)) for k in keys)]
         row += [_metric(t.metrics.get(name)) for name in header[3 + len(keys):]]
         rows.append(row)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -154,7 +154,8 @@ def format_summary(summary: SweepSummary) -> str:
     return "\n".join(lines)
 
 
-def _short(value: Any) -> str:
+def short(value: Any) -> str:
+    """A param value for tables and log lines (floats to 4 significant digits)."""
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)

@@ -40,7 +40,6 @@ class ResumableASHA(AsyncHyperBandScheduler):
         if storage.exists(self._state_uri):
             # our own file, written below by this class (same trust as Tune's own pickled experiment state)
             self.__dict__.update(pickle.loads(storage.read_bytes(self._state_uri)))
-            self._state_loaded = True
             recorded = sum(len(r) for bracket in self._brackets for _, r in bracket._rungs)
             log.info("ASHA: restored %d rung record(s) from %s", recorded, self._state_uri)
 

@@ -107,8 +107,7 @@ def run_sweep(config: Config, space: SearchSpace) -> SweepSummary:
                              metric=config.tune.metric, parent_run_id=tracker.run_id,
                              concurrent_trials=max_concurrent),
         {"CPU": TRIAL_DRIVER_CPUS})
-    callbacks = [TrialRunCloser(config, config.train.epochs)]
-    if restoring:
+    if restoring:  # Tune restores the run config (our callbacks included) from the sweep's start
         log.info("resuming sweep %s from %s (finished trials are kept, unfinished ones continue)", name, experiment)
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -122,7 +121,8 @@ def run_sweep(config: Config, space: SearchSpace) -> SweepSummary:
                                         search_alg=build_searcher(config, space, include_default, max_concurrent),
                                         scheduler=build_scheduler(config, storage.join(experiment, ASHA_STATE_FILE),
                                                                   space.defaults(config) if include_default else None)),
-            run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks, verbose=0),
+            run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
+                                      callbacks=[TrialRunCloser(config, config.train.epochs)]),
         )
     results = tuner.fit()
     records = records_from_results(results, space, config, include_default)

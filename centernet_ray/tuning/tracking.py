@@ -17,7 +17,7 @@ from ray.tune import Callback
 
 from centernet_ray.config import Config
 from centernet_ray.training.tracking import tracking_uri
-from centernet_ray.tuning.report import SweepSummary, format_table
+from centernet_ray.tuning.report import SweepSummary, format_table, short
 from centernet_ray.tuning.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class TrialRunCloser(Callback):
         self.epochs = epochs
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        params = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+        params = ", ".join(f"{k}={short(v)}" for k, v in trial.config.items())
         log.info("trial %s started (%d of %d created so far): %s", trial.trial_id,
                  len(trials), self.config.tune.num_samples, params)
 
@@ -120,6 +120,3 @@ class TrialRunCloser(Callback):
         except Exception as exc:  # bookkeeping only: never fail the sweep over it
             log.warning("could not close the MLflow run %s of a trial: %s", run_id, exc)
 
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
