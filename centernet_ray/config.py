@@ -78,8 +78,8 @@ class DataConfig:
     # directory for the synthetic one).
     parquet_dir: str = ""
     shard_size: int = _ranged(1000, ge=1)
-    # Ray Data preprocessing stage: rows per map_batches call, actor pool bounds, CPUs per actor,
-    # and an optional node label selector (e.g. {"centernet-pool": "cpu"}) pinning it to CPU nodes.
+    # Ray Data preprocessing stage: rows per map_batches call, actor pool bounds, CPUs per actor
+    # (which nodes it runs on: the cluster section).
     # "actors": a class UDF built once per actor (new actors each epoch's execution);
     # "tasks": pooled worker processes, the Preprocessor cached per process (no per-epoch start-up).
     preprocess_compute: Literal["actors", "tasks"] = "actors"
@@ -87,7 +87,6 @@ class DataConfig:
     preprocess_min_actors: int = _ranged(1, ge=1)
     preprocess_max_actors: int = _ranged(4, ge=1)
     preprocess_num_cpus: float = _ranged(1.0, gt=0.0)
-    preprocess_label_selector: dict[str, str] = field(default_factory=dict)
     prefetch_batches: int = _ranged(2, ge=0)
 
     def __post_init__(self) -> None:
@@ -124,7 +123,7 @@ class TrainConfig:
     checkpoint_every: int = _ranged(10, ge=1)
     seed: int = 0
     max_failures: int = _ranged(1, ge=-1)  # worker failures survived by restarting from the last checkpoint
-    storage_path: str = ""
+    storage_path: str = ""  # checkpoints and Tune results (path or URI); empty = $CENTERNET_RAY_STORAGE or ./outputs
     run_name: str = ""
 
     def __post_init__(self) -> None:
@@ -179,6 +178,36 @@ class TrackingConfig:
 
 
 @dataclass
+class ClusterConfig:
+    # Node pools of a multi-node cluster (cluster/ labels its node groups this way). With node_pools
+    # on, every Ray Data task and actor (reads, preprocessing) runs only on nodes labelled
+    # {pool_label: cpu_pool} and every train worker only on {pool_label: gpu_pool}. Off: anywhere,
+    # e.g. all on one machine (the embedded default).
+    node_pools: bool = False
+    pool_label: str = "centernet-ray/pool"
+    cpu_pool: str = "cpu"
+    gpu_pool: str = "gpu"
+
+    def __post_init__(self) -> None:
+        if not self.node_pools:
+            return
+        from ray._private.label_utils import validate_label_selector  # Ray's own label syntax rules
+
+        for name in ("cpu_pool", "gpu_pool"):
+            problem = validate_label_selector({self.pool_label: getattr(self, name)})
+            if problem:
+                raise ConfigError(f"cluster.pool_label / cluster.{name}: {problem}")
+
+    def data_selector(self) -> dict[str, str] | None:
+        """Ray node label selector for data tasks and actors; None = no constraint."""
+        return {self.pool_label: self.cpu_pool} if self.node_pools else None
+
+    def train_selector(self) -> dict[str, str] | None:
+        """Ray node label selector for train workers; None = no constraint."""
+        return {self.pool_label: self.gpu_pool} if self.node_pools else None
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -188,6 +217,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -119,9 +119,12 @@ def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: 
     """Lazy dataset of preprocessed rows (see ``centernet_ray.data.preprocess`` for the columns)."""
     data = config.data
     rows = read_rows(parquet_dir, data.preprocess_batch_size)
+    # On node pools, Ray Data's task and actor placement comes from the dataset's execution options
+    # (see CenterNetDataConfig); naming the selector here too keeps the preprocessing stage off GPU
+    # nodes when the dataset is executed outside Ray Train (e.g. `centernet-ray data` tools).
     placement: dict[str, Any] = {"num_cpus": data.preprocess_num_cpus}
-    if data.preprocess_label_selector:
-        placement["label_selector"] = dict(data.preprocess_label_selector)
+    if config.cluster.node_pools:
+        placement["label_selector"] = config.cluster.data_selector()
     arguments = dict(input_size=data.input_size, max_objects=config.targets.max_objects, train=train,
                      augment=data.augment, scale_range=data.scale_range, flip_prob=data.flip_prob,
                      color_jitter=data.color_jitter, seed=config.train.seed, report=report,
@@ -138,13 +141,20 @@ def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: 
 
 class CenterNetDataConfig(TrainDataConfig):
     """Train rows split equally across workers (DDP needs equal step counts); validation rows
-    split unequally so that every image is evaluated exactly once."""
+    split unequally so that every image is evaluated exactly once. With ``label_selector`` every
+    task and actor the datasets launch (reads, preprocessing) is pinned to matching nodes."""
+
+    def __init__(self, label_selector: dict[str, str] | None = None) -> None:
+        super().__init__()
+        self.label_selector = label_selector
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         output = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
             dataset = dataset.copy(dataset)
-            dataset.context.execution_options = self._resolve_execution_options(name)
+            options = self._resolve_execution_options(name)
+            options.label_selector = self.label_selector
+            dataset.context.execution_options = options
             splits = dataset.streaming_split(world_size, equal=(name == "train"), locality_hints=worker_node_ids)
             for rank, split in enumerate(splits):
                 output[rank][name] = split

@@ -26,3 +26,14 @@ def init_ray(num_cpus: int | None = None) -> None:
     # by ASHA) is never removed, and its CPUs stay reserved until Ray stops.
     ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     log.info("started local Ray with %d logical CPUs on %d cores", cpus, os.cpu_count() or 1)
+
+
+def warn_if_node_local(path: str, what: str) -> None:
+    """Log a warning when ``path`` is a plain local path but the cluster has several nodes: each node
+    would read and write its own disk unless the path is a mount they all share (NFS)."""
+    if "://" in str(path) or not ray.is_initialized():
+        return
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if nodes > 1:
+        log.warning("%s %s is a local path on a %d-node cluster: use an object store URI (s3://, gs://) "
+                    "or a mount every node shares", what, path, nodes)

@@ -19,6 +19,7 @@ from centernet_ray.config import Config
 from centernet_ray.data.sources import ingest_splits, split_sources
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, preprocessed_dataset
+from centernet_ray.ray_runtime import warn_if_node_local
 from centernet_ray.training.loop import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,13 @@ def default_run_name(config: Config) -> str:
     return config.train.run_name or f"centernet-{config.model.backbone}"
 
 
+STORAGE_ENV = "CENTERNET_RAY_STORAGE"
+
+
 def default_storage_path(config: Config) -> str:
-    return config.train.storage_path or str(Path("outputs").resolve() / "ray_results")
+    """``train.storage_path``, else ``$CENTERNET_RAY_STORAGE`` (set once per cluster), else
+    ./outputs/ray_results. On a multi-node cluster it must be a URI or a mount every node shares."""
+    return config.train.storage_path or os.environ.get(STORAGE_ENV) or str(Path("outputs").resolve() / "ray_results")
 
 
 def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None, *, callbacks: list | None = None,
@@ -55,6 +61,8 @@ def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None, *, 
     ``mlflow_parent_run_id`` nests the run's MLflow run under a sweep's run."""
     ingested = ingest_splits(config.data)
     sources = split_sources(config.data)
+    warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
+    warn_if_node_local(default_storage_path(config), "train.storage_path")
     train_rows = ingested["train"].rows
     global_batch = config.train.batch_size * config.train.num_workers
     steps_per_epoch = max(1, train_rows // config.train.num_workers // config.train.batch_size)
@@ -71,7 +79,8 @@ def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None, *, 
             "mlflow_parent_run_id": mlflow_parent_run_id, "mlflow_tags": mlflow_tags or {}}
     loop_config = {"config": config.to_dict(), "meta": meta, "clock": clock,
                    "threads_per_worker": max(1, cpus // config.train.num_workers), **(loop_extras or {})}
-    scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu)
+    scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
+                            label_selector=config.cluster.train_selector())
     run = RunConfig(
         name=default_run_name(config), storage_path=default_storage_path(config),
         checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="best_AP",
@@ -80,7 +89,8 @@ def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None, *, 
         callbacks=callbacks or None,
     )
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                           datasets=datasets, dataset_config=CenterNetDataConfig(), run_config=run)
+                           datasets=datasets, dataset_config=CenterNetDataConfig(config.cluster.data_selector()),
+                           run_config=run)
     return trainer, report
 
 
