@@ -231,3 +231,15 @@ def test_runtime_env_excludes_drop_local_state_and_keep_the_code():
     code = [*(REPO / "centernet_ray").rglob("*.py"), *(REPO / "configs").glob("*.yaml"),
             *(REPO / "tune").glob("*.yaml")]
     assert code and not [path for path in code if excluded(path)]  # e.g. a bare "data/" drops centernet_ray/data/
+
+
+# --- the README's guide ------------------------------------------------------------------------------
+
+def test_every_cluster_file_the_readme_names_exists():
+    import re
+
+    named = set(re.findall(r"cluster/[\w./-]+\.yaml", (REPO / "README.md").read_text()))
+    assert {"cluster/aws.yaml", "cluster/kuberay/rayjob-train.yaml", "cluster/kuberay/rayservice.yaml"} <= named
+    assert sorted(path for path in named if not (REPO / path).is_file()) == []
+    names = {document["metadata"]["name"] for path in MANIFESTS for document in documents(path)}
+    assert "centernet-ray-train" in names  # `kubectl get rayjob centernet-ray-train` in the guide

@@ -70,3 +70,15 @@ def test_coco_resnet18_config_follows_the_official_recipe():
     assert config.data.input_size == (512, 512) and config.train.epochs == 140
     assert config.train.lr_steps == (90, 120) and config.train.optimizer == "adam"
     assert resolve_learning_rate(config.train) == pytest.approx(5e-4 * config.train.batch_size * config.train.num_workers / 128)
+
+
+def test_node_pools_are_off_by_default_and_give_ray_label_selectors_when_on():
+    assert load_config(None).cluster.data_selector() is None and load_config(None).cluster.train_selector() is None
+    cluster = load_config(None, ["cluster.node_pools=true", "cluster.gpu_pool=a100"]).cluster
+    assert cluster.data_selector() == {"centernet-ray/pool": "cpu"}
+    assert cluster.train_selector() == {"centernet-ray/pool": "a100"}
+
+
+def test_node_pool_labels_follow_rays_label_syntax():
+    with pytest.raises(ConfigError, match="cluster.pool_label / cluster.cpu_pool: Invalid label key"):
+        load_config(None, ["cluster.node_pools=true", "cluster.pool_label=pool name"])
