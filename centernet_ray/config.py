@@ -28,14 +28,35 @@ def _ranged(default: Any, *, ge: float | None = None, gt: float | None = None,
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet18"
-    width: float = _ranged(1.0, gt=0.0, le=4.0)  # backbone channel multiplier (0.5 = half width)
-    deformable: bool = False  # ResNet-DCN neck: modulated deformable 3x3 conv before each deconv
-    lateral: bool = False  # neck adds 1x1 projections of the stride 16/8/4 backbone stages (not official)
-    neck_channels: tuple[int, int, int] = (256, 128, 64)
-    head_conv: int = _ranged(64, ge=1)
-    # torchvision weights name ("DEFAULT", "IMAGENET1K_V1") or a local .pth path; None = random init
+    # The official model zoo's three families: ResNet + up-convolution neck ("resdcnN" = "resnetN"
+    # with deformable=true), DLA-34 + DLA-Up/IDA-Up neck, and the two-stack Hourglass-104.
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resdcn18", "resdcn34", "resdcn50",
+                      "resdcn101", "dla34", "hourglass104"] = "resnet18"
+    width: float = _ranged(1.0, gt=0.0, le=4.0)  # ResNet channel multiplier (0.5 = half width)
+    # modulated deformable 3x3 convs in the neck (ResNet: before each deconv; DLA-34: IDA-Up's nodes)
+    deformable: bool = False
+    lateral: bool = False  # ResNet neck adds 1x1 projections of the stride 16/8/4 stages (not official)
+    neck_channels: tuple[int, int, int] = (256, 128, 64)  # ResNet neck
+    head_conv: int = _ranged(64, ge=1)  # official: 64 for ResNet, 256 for DLA-34 and Hourglass
+    # ResNet: a torchvision weights name ("DEFAULT", "IMAGENET1K_V1") or a local .pth; DLA-34: a local
+    # copy of the DLA authors' ImageNet weights (dla34-ba72cf86.pth); None = random init
     pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backbone.startswith("resdcn"):
+            self.deformable = True
+        resnet = self.backbone.startswith(("resnet", "resdcn"))
+        if not resnet and (self.width != 1.0 or self.lateral):
+            raise ConfigError(f"model.width and model.lateral apply to ResNet backbones only; {self.backbone} "
+                              f"has a fixed architecture (got width={self.width}, lateral={self.lateral})")
+        if self.backbone == "hourglass104" and self.pretrained:
+            raise ConfigError("model.pretrained: there are no ImageNet weights for hourglass104 (the official "
+                              "recipe trains it from CornerNet's detector weights); leave it null")
+
+    @property
+    def input_multiple(self) -> int:
+        """Input sides must be multiples of this (Hourglass-104 downsamples 7 times)."""
+        return 128 if self.backbone == "hourglass104" else 32
 
 
 @dataclass
@@ -218,6 +239,12 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        multiple = self.model.input_multiple
+        if any(side % multiple for side in self.data.input_size):
+            raise ConfigError(f"data.input_size must be multiples of {multiple} for {self.model.backbone}; "
+                              f"got {list(self.data.input_size)}")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

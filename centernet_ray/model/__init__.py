@@ -15,35 +15,23 @@ import torchvision
 from torch import nn
 
 from centernet_ray.config import ModelConfig
+from centernet_ray.model.dla import DLA34, DLAUpNeck, load_dla34_imagenet
+from centernet_ray.model.heads import HEATMAP_PRIOR_BIAS, _head
+from centernet_ray.model.hourglass import HourglassCenterNet
 from centernet_ray.model.resnet import UpConvNeck, resnet_channels, resnet_trunk
 
 log = logging.getLogger(__name__)
 
 OUTPUT_STRIDE = 4
-HEATMAP_PRIOR_BIAS = -2.19  # sigmoid(-2.19) ~= 0.1: every pixel starts as a weak "maybe"
 
 # ImageNet statistics used by torchvision's pretrained backbones; images are normalised with them.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
 
-def _head(in_channels: int, head_conv: int, out_channels: int, bias: float = 0.0) -> nn.Sequential:
-    head = nn.Sequential(
-        nn.Conv2d(in_channels, head_conv, 3, padding=1, bias=True),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(head_conv, out_channels, 1, bias=True),
-    )
-    # PyTorch's default (Kaiming-uniform) weights. The official code draws regression-head weights
-    # from N(0, 0.001); with two such layers in a row each layer's gradient is scaled by the other's
-    # tiny weights, and from scratch a batch of 32 could not be overfitted in 150 steps (heatmap loss
-    # 3.1 -> 1.8, where default weights reach 0.001).
-    nn.init.constant_(head[2].bias, bias)
-    return head
-
-
 class CenterNet(nn.Module):
-    """Backbone + neck + three heads. ``backbone`` maps [B,3,H,W] to its stages' features (a list,
-    strides 4 to 32) and ``neck`` fuses them at stride 4 with ``neck.out_channels`` channels."""
+    """Backbone + neck + three heads. ``backbone`` maps [B,3,H,W] to its stages' features (a list of
+    increasing strides up to 32) and ``neck`` fuses them at stride 4 with ``neck.out_channels`` channels."""
 
     def __init__(self, backbone: nn.Module, neck: nn.Module, num_classes: int, head_conv: int = 64) -> None:
         super().__init__()
@@ -60,18 +48,29 @@ class CenterNet(nn.Module):
         return {"heatmap": self.heatmap(features), "size": self.size(features), "offset": self.offset(features)}
 
 
-def build_model(config: ModelConfig, num_classes: int) -> CenterNet:
-    """A CenterNet for ``num_classes`` classes as ``config`` describes, with pretrained backbone
-    weights loaded when ``config.pretrained`` names them."""
+def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
+    """A CenterNet for ``num_classes`` classes as ``config`` describes (ResNet/ResDCN, DLA-34 or
+    Hourglass-104), with pretrained backbone weights loaded when ``config.pretrained`` names them.
+
+    Every model maps [B, 3, H, W] to the dict of the three heads at stride 4; Hourglass-104 in
+    training mode returns one such dict per stack (intermediate supervision, summed by the loss)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-    backbone = resnet_trunk(config.backbone, config.width)
-    neck = UpConvNeck(resnet_channels(config.backbone, config.width), tuple(config.neck_channels), config.deformable,
+    if config.backbone == "hourglass104":
+        return HourglassCenterNet(num_classes, config.head_conv)
+    if config.backbone == "dla34":
+        trunk = DLA34()
+        if config.pretrained:
+            load_dla34_imagenet(trunk, config.pretrained)
+        return CenterNet(trunk, DLAUpNeck(trunk.channels, deformable=config.deformable), num_classes, config.head_conv)
+    arch = config.backbone.replace("resdcn", "resnet")  # ResDCN = the ResNet with the deformable neck
+    backbone = resnet_trunk(arch, config.width)
+    neck = UpConvNeck(resnet_channels(arch, config.width), tuple(config.neck_channels), config.deformable,
                       config.lateral)
     if config.pretrained:
         if config.width != 1.0:
             raise ValueError(f"model.pretrained needs the standard width (model.width=1.0); got {config.width}")
-        load_pretrained_backbone(backbone, config.backbone, config.pretrained)
+        load_pretrained_backbone(backbone, arch, config.pretrained)
     return CenterNet(backbone, neck, num_classes, config.head_conv)
 
 

@@ -52,7 +52,9 @@ def records_from_results(results: Any, space: SearchSpace, config: Config, inclu
     from ray.tune import ExperimentAnalysis
 
     defaults = space.defaults(config) if include_default else None
-    trials = ExperimentAnalysis(results.experiment_path).trials  # statuses: the ResultGrid does not expose them
+    # statuses: the ResultGrid does not expose them. The analysis lists trials in no fixed order
+    # (after a restore it differs); trial ids end in a zero-padded creation counter.
+    trials = sorted(ExperimentAnalysis(results.experiment_path).trials, key=lambda t: t.trial_id)
     records = [record_from_trial(t, space, config, defaults) for t in trials]
     seen_default = False
     for record in records:  # only the first trial with the default values is "the default trial"
