@@ -119,12 +119,9 @@ def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: 
     """Lazy dataset of preprocessed rows (see ``centernet_ray.data.preprocess`` for the columns)."""
     data = config.data
     rows = read_rows(parquet_dir, data.preprocess_batch_size)
-    # On node pools, Ray Data's task and actor placement comes from the dataset's execution options
-    # (see CenterNetDataConfig); naming the selector here too keeps the preprocessing stage off GPU
-    # nodes when the dataset is executed outside Ray Train (e.g. `centernet-ray data` tools).
+    # Which nodes run it (cluster.node_pools) is set for the whole dataset, reads included, by
+    # CenterNetDataConfig's execution options, not per stage.
     placement: dict[str, Any] = {"num_cpus": data.preprocess_num_cpus}
-    if config.cluster.node_pools:
-        placement["label_selector"] = config.cluster.data_selector()
     arguments = dict(input_size=data.input_size, max_objects=config.targets.max_objects, train=train,
                      augment=data.augment, scale_range=data.scale_range, flip_prob=data.flip_prob,
                      color_jitter=data.color_jitter, seed=config.train.seed, report=report,
