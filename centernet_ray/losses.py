@@ -10,12 +10,14 @@ clamped-sigmoid formulation (3.65x on the CPU; BENCHMARKS.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from centernet_ray.config import LossConfig
+from centernet_ray.model.heads import AUX_OUTPUTS
 
 # Elements per fused chunk on CPU: small enough that a chunk's temporaries stay in cache.
 # Accelerators take the whole tensor at once (launch count matters there, not cache).
@@ -101,11 +103,12 @@ def masked_l1_loss(prediction: torch.Tensor, target: torch.Tensor, index: torch.
                    mask: torch.Tensor) -> torch.Tensor:
     """L1 between ``prediction`` [B, 2, H, W] gathered at ``index`` [B, M] and ``target`` [B, M, 2].
 
-    Only slots with ``mask`` [B, M] == 1 count; the sum is divided by the number of objects
-    (both coordinates of an object count once), 0 when there are none.
+    Only slots with ``mask`` [B, M] == 1 count. The sum is averaged over the 2N coordinates of the
+    N real objects, as the official ``RegL1Loss`` (which divides by ``2N + 1e-4``) and MMDetection
+    do: one object with target (10, 20) and prediction 0 gives 15. 0 when there are no objects.
     """
     gathered = gather_at(prediction, index).float()  # [B, M, 2]
-    weight = mask.unsqueeze(2).float()
+    weight = mask.unsqueeze(2).expand_as(gathered).float()  # [B, M, 2]: one weight per coordinate
     loss = (F.l1_loss(gathered, target.float(), reduction="none") * weight).sum()
     return loss / weight.sum().clamp(min=1.0)
 
@@ -120,8 +123,10 @@ class LossWeights:
 class CenterNetLoss(nn.Module):
     """Total = w_hm * focal + w_wh * L1(size) + w_off * L1(offset); returns every term by name.
 
-    ``outputs``: dict with ``heatmap`` [B, C, H, W] logits, ``size`` and ``offset`` [B, 2, H, W]
-    (or a list of such dicts, e.g. hourglass stacks, whose losses are summed).
+    ``outputs``: the model's dict of heads, ``heatmap`` [B, C, H, W] logits, ``size`` and
+    ``offset`` [B, 2, H, W] (any float dtype), plus, for models with intermediate supervision
+    (Hourglass-104), ``aux``: a list of the earlier stacks' head dicts. Each term is averaged over
+    the stacks, as the official ``CtdetLoss`` divides by ``num_stacks``.
     ``targets``: dict with ``heatmap`` [B, C, H, W], ``index`` [B, M], ``mask`` [B, M],
     ``size`` [B, M, 2], ``offset`` [B, M, 2].
     """
@@ -135,14 +140,18 @@ class CenterNetLoss(nn.Module):
     def from_config(cls, config: LossConfig) -> "CenterNetLoss":
         return cls(config.alpha, config.beta, LossWeights(config.hm_weight, config.wh_weight, config.off_weight))
 
-    def forward(self, outputs: dict | list[dict], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        stacks = outputs if isinstance(outputs, list) else [outputs]
+    def forward(self, outputs: dict[str, Any], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not isinstance(outputs, dict):
+            raise TypeError(f"CenterNetLoss takes the model's dict of heads (earlier stacks under "
+                            f"'{AUX_OUTPUTS}'); got {type(outputs).__name__}")
+        stacks = [outputs, *outputs.get(AUX_OUTPUTS, ())]
         terms = {"heatmap": 0.0, "size": 0.0, "offset": 0.0}
         for out in stacks:
             terms["heatmap"] = terms["heatmap"] + focal_loss(out["heatmap"], targets["heatmap"], self.alpha, self.beta)
             terms["size"] = terms["size"] + masked_l1_loss(out["size"], targets["size"], targets["index"], targets["mask"])
             terms["offset"] = terms["offset"] + masked_l1_loss(
                 out["offset"], targets["offset"], targets["index"], targets["mask"])
+        terms = {name: value / len(stacks) for name, value in terms.items()}
         w = self.weights
         terms["total"] = w.heatmap * terms["heatmap"] + w.size * terms["size"] + w.offset * terms["offset"]
         return terms

@@ -84,28 +84,78 @@ def test_gather_at_reads_flat_positions():
     assert gathered[1, 0].tolist() == [24 + 11.0, 36 + 11.0]
 
 
-def test_masked_l1_ignores_padding_slots_and_divides_by_objects():
+def official_reg_l1(output, mask, ind, target):
+    """The official CenterNet ``RegL1Loss`` (src/lib/models/losses.py), written out in torch:
+    gather at ``ind``, mask expanded to both coordinates, summed L1 / (mask.sum() + 1e-4)."""
+    batch, channels = output.shape[:2]
+    pred = output.permute(0, 2, 3, 1).reshape(batch, -1, channels)
+    pred = pred.gather(1, ind.unsqueeze(2).expand(-1, -1, channels))
+    expanded = mask.unsqueeze(2).expand_as(pred).float()
+    return torch.nn.functional.l1_loss(pred * expanded, target * expanded, reduction="sum") / (expanded.sum() + 1e-4)
+
+
+# Tolerance against the official definition: its "+ 1e-4" in the denominator, a relative 5e-5 of
+# 2N for N >= 1 object (ours divides by exactly 2N); rel=1e-4 covers it.
+OFFICIAL_REL = 1e-4
+
+
+def test_masked_l1_is_the_mean_over_the_2n_coordinates_as_the_official_reg_l1_loss():
+    # The issue's hand-computed case: one object, target (w, h) = (10, 20), prediction 0 -> (10 + 20) / 2.
+    prediction, index, mask = torch.zeros(1, 2, 4, 4), torch.tensor([[5]]), torch.tensor([[1]])
+    target = torch.tensor([[[10.0, 20.0]]])
+    assert masked_l1_loss(prediction, target, index, mask).item() == 15.0
+    assert official_reg_l1(prediction, mask, index, target).item() == pytest.approx(15.0, rel=OFFICIAL_REL)
+
+
+def test_masked_l1_ignores_padding_slots():
     prediction = torch.zeros(1, 2, 2, 2)
     prediction[0, :, 0, 1] = torch.tensor([3.0, 4.0])
     target = torch.tensor([[[1.0, 1.0], [100.0, 100.0]]])
     index = torch.tensor([[1, 0]])
     mask = torch.tensor([[1, 0]])
-    assert masked_l1_loss(prediction, target, index, mask).item() == pytest.approx((2 + 3) / 1)
+    assert masked_l1_loss(prediction, target, index, mask).item() == pytest.approx((2 + 3) / 2)
     assert masked_l1_loss(prediction, target, index, torch.zeros(1, 2)).item() == 0.0
 
 
-def test_centernet_loss_weights_terms_and_sums_stacks():
+def test_masked_l1_matches_the_official_definition_on_random_batches():
+    generator = torch.Generator().manual_seed(3)
+    for objects in (1, 3, 17):
+        prediction = torch.randn(4, 2, 8, 8, generator=generator) * 5
+        index = torch.randint(0, 64, (4, 20), generator=generator)
+        mask = (torch.arange(20) < objects).repeat(4, 1).long()
+        mask[1] = 0  # an image without objects
+        target = torch.rand(4, 20, 2, generator=generator) * 30
+        ours = masked_l1_loss(prediction, target, index, mask).item()
+        assert ours == pytest.approx(official_reg_l1(prediction, mask, index, target).item(), rel=OFFICIAL_REL)
+
+
+def test_centernet_loss_weights_terms():
     logits, heat = small_case()
     outputs = {"heatmap": logits, "size": torch.ones(2, 2, 5, 6), "offset": torch.zeros(2, 2, 5, 6)}
     targets = {"heatmap": heat, "index": torch.tensor([[3], [7]]), "mask": torch.ones(2, 1),
                "size": torch.full((2, 1, 2), 3.0), "offset": torch.full((2, 1, 2), 0.5)}
     criterion = CenterNetLoss(weights=LossWeights(heatmap=1.0, size=0.1, offset=1.0))
     terms = criterion(outputs, targets)
-    assert terms["size"].item() == pytest.approx(2.0 * 2 * 2 / 2)  # |1-3| on 2 coords, 2 objects
-    assert terms["offset"].item() == pytest.approx(0.5 * 2 * 2 / 2)
-    assert terms["total"].item() == pytest.approx(terms["heatmap"].item() + 0.1 * 4.0 + 1.0)
+    assert terms["size"].item() == pytest.approx(2.0)  # |1-3| on 2 coords x 2 objects, / 4 coordinates
+    assert terms["offset"].item() == pytest.approx(0.5)
+    assert terms["total"].item() == pytest.approx(terms["heatmap"].item() + 0.1 * 2.0 + 0.5)
     from centernet_ray.config import LossConfig
 
     assert CenterNetLoss.from_config(LossConfig(wh_weight=0.1))(outputs, targets)["total"].item() == pytest.approx(terms["total"].item())
-    two_stacks = criterion([outputs, outputs], targets)
-    assert two_stacks["total"].item() == pytest.approx(2 * terms["total"].item())
+
+
+def test_centernet_loss_averages_the_stacks_as_the_official_ctdet_loss():
+    logits, heat = small_case()
+    targets = {"heatmap": heat, "index": torch.tensor([[3], [7]]), "mask": torch.ones(2, 1),
+               "size": torch.full((2, 1, 2), 3.0), "offset": torch.full((2, 1, 2), 0.5)}
+    last = {"heatmap": logits, "size": torch.ones(2, 2, 5, 6), "offset": torch.zeros(2, 2, 5, 6)}
+    first = {"heatmap": logits * 0.5, "size": torch.full((2, 2, 5, 6), 5.0), "offset": torch.ones(2, 2, 5, 6)}
+    criterion = CenterNetLoss()
+    one, other = criterion(last, targets), criterion(first, targets)
+    both = criterion({**last, "aux": [first]}, targets)
+    # CtdetLoss: each term += crit(stack) / num_stacks
+    for name in ("heatmap", "size", "offset", "total"):
+        assert both[name].item() == pytest.approx((one[name].item() + other[name].item()) / 2, rel=1e-6)
+    assert criterion({**last, "aux": [last]}, targets)["total"].item() == pytest.approx(one["total"].item(), rel=1e-6)
+    with pytest.raises(TypeError, match="dict of heads"):
+        criterion([last, first], targets)

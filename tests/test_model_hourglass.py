@@ -35,9 +35,10 @@ def _assert_stride_4(out, height, width):
     assert out["offset"].shape == (1, 2, height // 4, width // 4)
 
 
-def test_training_mode_returns_one_output_per_stack(train_outputs):
-    assert isinstance(train_outputs, list) and len(train_outputs) == 2
-    for out in train_outputs:
+def test_training_mode_returns_the_last_stack_with_the_first_under_aux(train_outputs):
+    assert isinstance(train_outputs, dict) and set(train_outputs) == {"heatmap", "size", "offset", "aux"}
+    assert isinstance(train_outputs["aux"], list) and len(train_outputs["aux"]) == 1
+    for out in [{k: v for k, v in train_outputs.items() if k != "aux"}, *train_outputs["aux"]]:
         _assert_stride_4(out, 128, 256)
 
 
@@ -82,7 +83,7 @@ def test_intermediate_supervision_reaches_the_first_stack(model, train_outputs):
     params = dict(model.named_parameters())
 
     model.zero_grad(set_to_none=True)
-    criterion(train_outputs[:1], targets)["total"].backward(retain_graph=True)
+    criterion(train_outputs["aux"][0], targets)["total"].backward(retain_graph=True)
     reached = {name for name, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0}
     assert any(n.startswith("stem.") for n in reached)
     assert any(n.startswith("hourglasses.0.") for n in reached) and any(n.startswith("heads.0.") for n in reached)

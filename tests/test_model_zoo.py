@@ -85,13 +85,16 @@ def test_two_training_steps_lower_the_loss_on_a_fixed_batch(name):
 def test_hourglass_supervises_both_stacks_in_training_and_answers_with_the_last():
     model = build_model(zoo_config("hourglass104", 128).model, len(CLASSES))
     images, targets = fixed_batch(128)
-    stacks = model.train()(images)
-    assert isinstance(stacks, list) and len(stacks) == 2 and stacks[0].keys() == {"heatmap", "size", "offset"}
-    summed = CenterNetLoss()(stacks, targets)["total"]
-    torch.testing.assert_close(summed, sum(CenterNetLoss()(stack, targets)["total"] for stack in stacks))
+    outputs = model.train()(images)
+    assert outputs.keys() == {"heatmap", "size", "offset", "aux"} and len(outputs["aux"]) == 1
+    stacks = [*outputs["aux"], {k: v for k, v in outputs.items() if k != "aux"}]
+    assert stacks[0].keys() == {"heatmap", "size", "offset"}
+    averaged = CenterNetLoss()(outputs, targets)["total"]  # the official CtdetLoss: sum / num_stacks
+    torch.testing.assert_close(averaged, sum(CenterNetLoss()(stack, targets)["total"] for stack in stacks) / 2)
     with torch.inference_mode():
         final = model.eval()(images)
-    assert isinstance(final, dict) and final["heatmap"].shape == stacks[-1]["heatmap"].shape
+    assert isinstance(final, dict) and final.keys() == {"heatmap", "size", "offset"}
+    assert final["heatmap"].shape == stacks[-1]["heatmap"].shape
 
 
 @pytest.mark.parametrize("name", ZOO)

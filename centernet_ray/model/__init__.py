@@ -53,7 +53,7 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
     Hourglass-104), with pretrained backbone weights loaded when ``config.pretrained`` names them.
 
     Every model maps [B, 3, H, W] to the dict of the three heads at stride 4; Hourglass-104 in
-    training mode returns one such dict per stack (intermediate supervision, summed by the loss)."""
+    training mode adds the first stack's heads under ``aux`` (intermediate supervision, averaged by the loss)."""
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
     if config.backbone == "hourglass104":

@@ -1,8 +1,16 @@
-"""The three CenterNet heads' building block, shared by every model family."""
+"""The three CenterNet heads' building block, shared by every model family, and the output contract.
+
+Every model's forward returns one dict of heads: ``heatmap`` [B, C, H/4, W/4] logits, ``size`` and
+``offset`` [B, 2, H/4, W/4]. A model with intermediate supervision (Hourglass-104) adds, in training
+mode only, ``AUX_OUTPUTS``: a list of the earlier stacks' dicts of the same three heads.
+"""
 
 from __future__ import annotations
 
 from torch import nn
+
+HEAD_NAMES = ("heatmap", "size", "offset")
+AUX_OUTPUTS = "aux"  # earlier stacks' heads (training mode only): list[dict[str, Tensor]]
 
 HEATMAP_PRIOR_BIAS = -2.19  # sigmoid(-2.19) ~= 0.1: every pixel starts as a weak "maybe"
 

@@ -5,17 +5,20 @@ hourglass (5 stride-2 levels down, nearest 2x upsampling + addition back up) fol
 3x3 "cnv" layer, and has its own heatmap / size / offset heads. Between stacks the stack's
 input and its cnv output are merged (intermediate connection) to feed the next stack.
 
-Training uses every stack's outputs (intermediate supervision: ``CenterNetLoss`` sums the loss
-over the list); inference uses only the last stack's.
+Training uses every stack's outputs (intermediate supervision: the last stack's heads, with the
+earlier stacks' under ``aux``, averaged over the stacks by ``CenterNetLoss``); inference uses only
+the last stack's.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from centernet_ray.model.heads import HEATMAP_PRIOR_BIAS, _head
+from centernet_ray.model.heads import AUX_OUTPUTS, HEATMAP_PRIOR_BIAS, _head
 
 STEM_CHANNELS = 128
 STACK_CHANNELS = 256
@@ -88,9 +91,9 @@ class Hourglass(nn.Module):
 class HourglassCenterNet(nn.Module):
     """CenterNet on a ``num_stacks``-stack Hourglass-104 (CornerNet's "large hourglass").
 
-    forward: [B, 3, H, W] with H and W multiples of 128 -> per stack a dict ``{"heatmap":
+    forward: [B, 3, H, W] with H and W multiples of 128 -> the last stack's ``{"heatmap":
     [B, num_classes, H/4, W/4] logits, "size": [B, 2, H/4, W/4], "offset": [B, 2, H/4, W/4]}``;
-    in training mode a list of them (first stack first), in eval mode the last stack's dict.
+    in training mode also ``"aux"``: the earlier stacks' dicts, first stack first.
     """
 
     def __init__(self, num_classes: int, head_conv: int = 256, num_stacks: int = 2) -> None:
@@ -120,7 +123,7 @@ class HourglassCenterNet(nn.Module):
         self.merge_features = nn.ModuleList(_conv1x1_bn(STACK_CHANNELS, width) for _ in range(num_stacks - 1))
         self.merge_blocks = nn.ModuleList(Residual(width, width) for _ in range(num_stacks - 1))
 
-    def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]] | dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> dict[str, Any]:
         height, width = images.shape[-2:]
         if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE:
             raise ValueError(f"Hourglass input height and width must be multiples of {INPUT_MULTIPLE}; "
@@ -135,4 +138,6 @@ class HourglassCenterNet(nn.Module):
             if i < self.num_stacks - 1:
                 x = F.relu(self.merge_inputs[i](x) + self.merge_features[i](features), inplace=True)
                 x = self.merge_blocks[i](x)
-        return outputs if self.training else outputs[-1]
+        if self.training:
+            return {**outputs[-1], AUX_OUTPUTS: outputs[:-1]}
+        return outputs[-1]
