@@ -6,8 +6,8 @@
 A fixed set of batches is preprocessed once (``Preprocessor`` + ``TargetCollate`` on the synthetic
 shapes dataset, ingested to Parquet) and put in the object store. The plain loop (in this process)
 and the Ray Train workers (``TorchTrainer``, CPU, torch threads = cores / workers as ``job.py``
-sets them) run the same ``StepRunner.step`` - the body of ``training/loop.py``'s step: same model
-(same seed), optimizer, schedule, loss, batch size - over those batches. Images/s are measured with
+sets them) run the same ``TrainingEngine.step`` (``centernet_ray.engine``, the step the training job
+runs): same model (same seed), optimizer, schedule, loss, batch size - over those batches. Images/s are measured with
 ``perf_counter`` over ``--steps`` steps after ``--warmup`` steps, inside the loop in both cases; the
 workers send theirs back through ``ray.train.report``. Plain and Ray runs alternate, ``--repeats``
 times, and medians are shown. Row (c) feeds one worker from the real Ray Data pipeline instead.
@@ -35,56 +35,23 @@ import numpy as np
 import torch
 
 from centernet_ray.config import Config, config_from_dict, load_config
-from centernet_ray.data.transforms import normalize_images
-from centernet_ray.losses import CenterNetLoss
-from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, build_model
+from centernet_ray.engine import TrainingEngine
 from centernet_ray.precision import autocast_dtype
-from centernet_ray.training.schedule import build_optimizer, build_scheduler
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
             "KMP_AFFINITY", "LD_PRELOAD", "MALLOC_CONF")
 
 
-class StepRunner:
-    """Model, optimizer, schedule and loss built as ``train_loop_per_worker`` builds them; ``step``
-    is that loop's step body (normalise, channels_last, autocast, loss, finite check, backward,
-    clip, step, schedule, per-term loss sums)."""
-
-    def __init__(self, config: Config, num_classes: int, steps_per_epoch: int, wrap=None) -> None:
-        device = torch.device("cpu")
-        torch.manual_seed(config.train.seed)  # same initial weights on both sides
-        self.model = build_model(config.model, num_classes).to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(self.model, config.train)
-        self.scheduler = build_scheduler(self.optimizer, config.train, steps_per_epoch)
-        self.amp_dtype = autocast_dtype(config.train.amp, device)
-        self.scaler = torch.amp.GradScaler("cpu", enabled=self.amp_dtype == torch.float16)
-        self.criterion = CenterNetLoss.from_config(config.loss)
-        self.grad_clip = config.train.grad_clip
-        self.sums = {k: 0.0 for k in ("total", "heatmap", "size", "offset")}
-        if wrap is not None:
-            self.model = wrap(self.model)
-        self.model.train()
-
-    def step(self, batch: dict[str, Any]) -> int:
-        images = normalize_images(batch["image"], IMAGE_MEAN, IMAGE_STD).contiguous(memory_format=torch.channels_last)
-        targets = batch["targets"]
-        with torch.autocast("cpu", dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            outputs = self.model(images)
-        terms = self.criterion({k: v.float() for k, v in outputs.items()}, targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(terms["total"]):
-            raise FloatingPointError("non-finite loss in the benchmark")
-        self.scaler.scale(terms["total"]).backward()
-        if self.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        for key in self.sums:
-            self.sums[key] += float(terms[key].detach())
-        return len(images)
+def build_engine(config: Config, num_classes: int, steps_per_epoch: int, wrap=None) -> TrainingEngine:
+    """The training engine every trainer uses (``centernet_ray.engine``), seeded so that every side
+    of a comparison starts from the same weights; ``wrap``: e.g. Ray Train's ``prepare_model`` (DDP)."""
+    torch.manual_seed(config.train.seed)
+    engine = TrainingEngine(config, num_classes, steps_per_epoch, "cpu")
+    if wrap is not None:
+        engine.wrap(wrap)
+    engine.model.train()
+    return engine
 
 
 def _busy_jiffies() -> int:
@@ -126,7 +93,7 @@ def _top_others(before: dict[int, tuple[str, int]], seconds: float, top: int = 4
     return ", ".join(f"{name} {jiffies / hz / seconds:.2f}" for name, jiffies in ranked if jiffies > 0)
 
 
-def timed_steps(runner: StepRunner, batches: Iterable, warmup: int, steps: int, world: int = 1) -> dict[str, float]:
+def timed_steps(engine: TrainingEngine, batches: Iterable, warmup: int, steps: int, world: int = 1) -> dict[str, float]:
     """Run ``warmup + steps`` steps; figures over the ``steps`` after the warm-up (global images/s
     for ``world`` workers in lockstep), plus CPU use of this process and of the whole machine."""
     source = iter(batches)
@@ -141,7 +108,7 @@ def timed_steps(runner: StepRunner, batches: Iterable, warmup: int, steps: int, 
         got = time.perf_counter()
         first_batch = first_batch or got - start
         wait += (got - tick) if i >= warmup else 0.0
-        count = runner.step(batch)
+        count = engine.step(batch).images
         images += count if i >= warmup else 0
         tick = time.perf_counter()
         stamps.append(tick)
@@ -215,14 +182,14 @@ def worker_loop(cfg: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     apply_knobs(cfg["knobs"], cfg["threads_per_worker"])
     config = config_from_dict(cfg["config"])
-    runner = StepRunner(config, cfg["num_classes"], cfg["steps_per_epoch"], wrap=ray.train.torch.prepare_model)
+    engine = build_engine(config, cfg["num_classes"], cfg["steps_per_epoch"], wrap=ray.train.torch.prepare_model)
     if cfg["source"] == "pipeline":
         from centernet_ray.pipeline import shard_batches
 
         batches = shard_batches("train", config, cfg["num_classes"], config.train.batch_size)
     else:
         batches = itertools.cycle(materialize(ray.get(cfg["batches"][0]))[rank::world])
-    metrics = {**timed_steps(runner, batches, cfg["warmup"], cfg["steps"], world), **process_facts(runner.model)}
+    metrics = {**timed_steps(engine, batches, cfg["warmup"], cfg["steps"], world), **process_facts(engine.model)}
     # Ray Train V2 returns only metrics attached to a checkpoint (Result.metrics), so rank 0 attaches a
     # one-file checkpoint; every rank reports (report is collective).
     with tempfile.TemporaryDirectory() as directory:
@@ -236,9 +203,9 @@ def task_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     apply_knobs(cfg["knobs"], cfg["threads_per_worker"])
-    runner = StepRunner(config_from_dict(cfg["config"]), cfg["num_classes"], cfg["steps_per_epoch"])
+    engine = build_engine(config_from_dict(cfg["config"]), cfg["num_classes"], cfg["steps_per_epoch"])
     batches = itertools.cycle(materialize(ray.get(cfg["batches"][0])))
-    return {**timed_steps(runner, batches, cfg["warmup"], cfg["steps"]), **process_facts(runner.model)}
+    return {**timed_steps(engine, batches, cfg["warmup"], cfg["steps"]), **process_facts(engine.model)}
 
 
 def plain_loop(cfg: dict[str, Any], batches: list[dict]) -> dict[str, Any]:
@@ -250,9 +217,9 @@ def plain_loop(cfg: dict[str, Any], batches: list[dict]) -> dict[str, Any]:
     if cfg["knobs"].get("competitor"):
         competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # inherits the niceness
     try:
-        runner = StepRunner(config_from_dict(cfg["config"]), cfg["num_classes"], cfg["steps_per_epoch"])
-        return {**timed_steps(runner, itertools.cycle(materialize(batches)), cfg["warmup"], cfg["steps"]),
-                **process_facts(runner.model)}
+        engine = build_engine(config_from_dict(cfg["config"]), cfg["num_classes"], cfg["steps_per_epoch"])
+        return {**timed_steps(engine, itertools.cycle(materialize(batches)), cfg["warmup"], cfg["steps"]),
+                **process_facts(engine.model)}
     finally:
         if competitor is not None:
             competitor.kill()

@@ -50,7 +50,8 @@ def test_module_entry_point_runs():
 def test_core_modules_do_not_import_ray():
     code = ("import sys, centernet_ray.targets, centernet_ray.losses, centernet_ray.decode, centernet_ray.model, "
             "centernet_ray.data.coco, centernet_ray.data.transforms, centernet_ray.data.synthetic, "
-            "centernet_ray.evaluation, centernet_ray.drawing, centernet_ray.config, centernet_ray.cli; "
+            "centernet_ray.evaluation, centernet_ray.drawing, centernet_ray.config, centernet_ray.cli, "
+            "centernet_ray.engine, centernet_ray.inference, centernet_ray.checkpoint; "
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -1,14 +1,49 @@
 """The training job on a real local Ray: 2-worker CPU DDP, failure + resume, rerun, checkpoints."""
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from centernet_ray.checkpoint import load_checkpoint, model_from_checkpoint
 from centernet_ray.config import load_config
+from centernet_ray.training.loop import WorkerCallback
 
 pytestmark = pytest.mark.integration
+
+
+class EpochLog(WorkerCallback):
+    """Appends "<rank> <epoch>" to a file at the start of every epoch every worker runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def on_epoch_start(self, epoch: int, rank: int, resumed: bool) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(f"{rank} {epoch}\n")
+
+
+class FailOnce(WorkerCallback):
+    """Rank 0 raises at the start of ``epoch`` unless the attempt resumed from a checkpoint."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_start(self, epoch: int, rank: int, resumed: bool) -> None:
+        if epoch == self.epoch and rank == 0 and not resumed:
+            raise RuntimeError(f"injected failure at epoch {epoch}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def callbacks_travel_by_value():
+    """The workers cannot import this test module: ship its callback classes inside the pickle."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture
@@ -27,7 +62,7 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     from centernet_ray.training.job import run_training
 
     epoch_log = tmp_path / "epochs.txt"
-    summary = run_training(tiny_config, {"fail_at_epoch": 1, "epoch_log": str(epoch_log)})
+    summary = run_training(tiny_config, [EpochLog(epoch_log), FailOnce(1)])
     assert summary.epochs == 2 and not math.isnan(summary.stats["AP"]) and summary.mlflow_run_id
     rank0 = [int(line.split()[1]) for line in epoch_log.read_text().splitlines() if line.startswith("0 ")]
     assert rank0 == [0, 1, 1]  # epoch 1 failed once and reran from the epoch-1 checkpoint; epoch 0 never repeated
@@ -38,6 +73,6 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     assert isinstance(restored.model, torch.nn.Module)
 
     epoch_log.write_text("")
-    again = run_training(tiny_config, {"epoch_log": str(epoch_log)})
+    again = run_training(tiny_config, [EpochLog(epoch_log)])
     assert epoch_log.read_text() == ""  # a finished run is resumed, not retrained
     assert again.mlflow_run_id == summary.mlflow_run_id and again.stats["AP"] == pytest.approx(summary.stats["AP"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from centernet_ray.data.sources import ingest_splits, split_sources
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, preprocessed_dataset
 from centernet_ray.ray_runtime import warn_if_node_local
-from centernet_ray.training.loop import train_loop_per_worker
+from centernet_ray.training.loop import DatasetFacts, LoopInputs, WorkerCallback, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +53,15 @@ def default_storage_path(config: Config) -> str:
     return config.train.storage_path or os.environ.get(STORAGE_ENV) or str(Path("outputs").resolve() / "ray_results")
 
 
-def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None, *, callbacks: list | None = None,
-                  mlflow_parent_run_id: str | None = None,
+def build_trainer(config: Config, *, callbacks: list | None = None, worker_callbacks: list[WorkerCallback] | None = None,
+                  threads_per_worker: int | None = None, mlflow_parent_run_id: str | None = None,
                   mlflow_tags: dict[str, str] | None = None) -> tuple[TorchTrainer, Any]:
     """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report.
 
     ``callbacks`` are Ray Train ``UserCallback``s (a Tune trial passes its report callback);
-    ``mlflow_parent_run_id`` nests the run's MLflow run under a sweep's run."""
+    ``worker_callbacks`` run inside every worker's loop; ``threads_per_worker`` defaults to the
+    cores divided among the workers; ``mlflow_parent_run_id`` nests the run's MLflow run under a
+    sweep's run."""
     ingested = ingest_splits(config.data)
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
@@ -72,13 +75,13 @@ def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None, *, 
     report, clock = PipelineReport.remote(), EpochClock.remote()
     datasets = {"train": preprocessed_dataset(ingested["train"].output, config, train=True, report=report, clock=clock),
                 "val": preprocessed_dataset(ingested["val"].output, config, train=False, report=report)}
-    cpus = os.cpu_count() or 1
-    meta = {"num_classes": len(ingested["train"].class_names), "class_names": ingested["train"].class_names,
-            "category_ids": ingested["train"].category_ids, "steps_per_epoch": steps_per_epoch,
-            "val_annotations": sources["val"].annotations, "run_name": default_run_name(config),
-            "mlflow_parent_run_id": mlflow_parent_run_id, "mlflow_tags": mlflow_tags or {}}
-    loop_config = {"config": config.to_dict(), "meta": meta, "clock": clock,
-                   "threads_per_worker": max(1, cpus // config.train.num_workers), **(loop_extras or {})}
+    facts = DatasetFacts(num_classes=len(ingested["train"].class_names), class_names=ingested["train"].class_names,
+                         category_ids=ingested["train"].category_ids, steps_per_epoch=steps_per_epoch,
+                         val_annotations=sources["val"].annotations)
+    inputs = LoopInputs(config=config, dataset=facts, run_name=default_run_name(config), clock=clock,
+                        threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // config.train.num_workers),
+                        mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=mlflow_tags or {},
+                        callbacks=list(worker_callbacks or []))
     scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
                             label_selector=config.cluster.train_selector())
     run = RunConfig(
@@ -88,16 +91,16 @@ def build_trainer(config: Config, loop_extras: dict[str, Any] | None = None, *, 
         failure_config=FailureConfig(max_failures=config.train.max_failures),
         callbacks=callbacks or None,
     )
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+    trainer = TorchTrainer(functools.partial(train_loop_per_worker, inputs), scaling_config=scaling,
                            datasets=datasets, dataset_config=CenterNetDataConfig(config.cluster.data_selector()),
                            run_config=run)
     return trainer, report
 
 
-def run_training(config: Config, loop_extras: dict[str, Any] | None = None) -> TrainSummary:
+def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None = None) -> TrainSummary:
     """Train to the end (resuming a run of the same name and storage path) and summarise it."""
     started = time.perf_counter()
-    trainer, report = build_trainer(config, loop_extras)
+    trainer, report = build_trainer(config, worker_callbacks=worker_callbacks)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

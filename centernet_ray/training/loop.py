@@ -1,10 +1,16 @@
-"""The per-worker training loop run by ``TorchTrainer`` (DDP through Ray Train)."""
+"""The per-worker function run by ``TorchTrainer``: Ray glue around ``centernet_ray.engine``.
+
+Shards in (``pipeline.shard_batches``), reports and checkpoints out (``ray.train.report``), MLflow
+from rank 0. The step, the epoch and the evaluation pass are the engine's.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +21,46 @@ import torch
 
 from centernet_ray import storage
 from centernet_ray.checkpoint import CHECKPOINT_FILE, checkpoint_state, load_checkpoint, save_checkpoint
-from centernet_ray.config import config_from_dict
-from centernet_ray.data.transforms import normalize_images
+from centernet_ray.config import Config
 from centernet_ray.drawing import draw_detections, save_png_grid
-from centernet_ray.inference import Detector
-from centernet_ray.losses import CenterNetLoss
-from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, build_model
+from centernet_ray.engine import LOSS_TERMS, EpochResult, Progress, TrainingEngine, evaluate
 from centernet_ray.pipeline import shard_batches
-from centernet_ray.precision import autocast_dtype
-from centernet_ray.training.evaluate import detect_shard, gather_and_score
-from centernet_ray.training.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
-MAX_CONSECUTIVE_NONFINITE = 20
-LOSS_TERMS = ("total", "heatmap", "size", "offset")
+
+@dataclass
+class DatasetFacts:
+    """What the driver learned from ingesting the dataset."""
+
+    num_classes: int
+    class_names: list[str]
+    category_ids: list[int]
+    steps_per_epoch: int  # per worker
+    val_annotations: str  # instances json (path or URI), read by rank 0 for COCOeval
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss stayed NaN/inf for too many consecutive steps: training has diverged."""
+class WorkerCallback:
+    """Hooks into every worker's loop (e.g. tests that inject a failure or record epochs).
+    Must be picklable: it travels to the workers with :class:`LoopInputs`."""
+
+    def on_epoch_start(self, epoch: int, rank: int, resumed: bool) -> None:
+        """Before epoch ``epoch`` (0-based); ``resumed``: this attempt started from a checkpoint."""
+
+
+@dataclass
+class LoopInputs:
+    """Everything ``train_loop_per_worker`` needs, built by the driver (``job.build_trainer``)."""
+
+    config: Config
+    dataset: DatasetFacts
+    run_name: str
+    clock: Any = None  # pipeline.EpochClock actor: the epoch the train pipeline augments for
+    threads_per_worker: int = 1  # torch threads of a CPU worker
+    log_every: int = 20  # progress line + MLflow step metrics every this many steps
+    mlflow_parent_run_id: str | None = None  # a sweep's run: this run is nested under it
+    mlflow_tags: dict[str, str] = field(default_factory=dict)
+    callbacks: list[WorkerCallback] = field(default_factory=list)
 
 
 def _draw_predictions(kept: list[tuple], class_names: list[str], path: Path) -> Path:
@@ -48,33 +75,47 @@ def _draw_predictions(kept: list[tuple], class_names: list[str], path: Path) -> 
     return save_png_grid(pictures, path)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    config = config_from_dict(loop_config["config"])
-    meta = loop_config["meta"]
-    train = config.train
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+class _ProgressLog:
+    """Rank 0's progress line and MLflow step metrics."""
+
+    def __init__(self, inputs: LoopInputs, tracker: Any, world: int, start_step: int) -> None:
+        self.train, self.steps_per_epoch = inputs.config.train, inputs.dataset.steps_per_epoch
+        self.tracker, self.world, self.start_step = tracker, world, start_step
+        self.started = time.perf_counter()
+
+    def __call__(self, p: Progress) -> None:
+        rate = p.images * self.world / max(p.seconds, 1e-9)
+        total_steps = self.train.epochs * self.steps_per_epoch
+        eta = (time.perf_counter() - self.started) / max(p.global_step - self.start_step, 1) * (total_steps - p.global_step)
+        terms = {k: v.item() for k, v in p.terms.items()}
+        log.info("epoch %d/%d step %d/%d  loss %.3f (hm %.3f wh %.3f off %.3f)  lr %.2e  %.0f img/s  data %.0f%%  ETA %s",
+                 p.epoch + 1, self.train.epochs, p.step, self.steps_per_epoch, terms["total"], terms["heatmap"],
+                 terms["size"], terms["offset"], p.lr, rate, 100 * p.data_wait / max(p.seconds, 1e-9),
+                 time.strftime("%M:%S", time.gmtime(eta)))
+        self.tracker.metrics({f"train/{k}": terms[k] for k in LOSS_TERMS} | {
+            "train/lr": p.lr, "train/images_per_s": rate, "train/data_wait_s": p.data_wait}, step=p.global_step)
+
+
+def train_loop_per_worker(inputs: LoopInputs) -> None:
+    config, facts, train = inputs.config, inputs.dataset, inputs.config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(train.seed + rank)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, loop_config.get("threads_per_worker", 1)))
+        torch.set_num_threads(max(1, inputs.threads_per_worker))
 
-    model = build_model(config.model, meta["num_classes"]).to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, train)
-    scheduler = build_scheduler(optimizer, train, meta["steps_per_epoch"])
-    amp_dtype = autocast_dtype(train.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    criterion = CenterNetLoss.from_config(config.loss)
-
+    engine = TrainingEngine(config, facts.num_classes, facts.steps_per_epoch, device)
     start_epoch, best_ap, mlflow_run_id, restored_metrics = 0, -1.0, None, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory, map_location="cpu")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        engine.load_state(state, facts.steps_per_epoch)
         start_epoch = state["epoch"]
         best_ap = state["metrics"].get("best_AP", -1.0)
         mlflow_run_id = state.get("mlflow_run_id")
@@ -84,100 +125,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if start_epoch >= train.epochs:  # a finished run rerun under the same name: report, do not retrain
         ray.train.report(restored_metrics)
         return
-    model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU, NCCL on GPU) + device placement
+    engine.wrap(ray.train.torch.prepare_model)  # DDP (gloo on CPU, NCCL on GPU)
 
-    tracker = None
+    tracker = progress = ground_truth = None
     if rank == 0:
         from centernet_ray.training.tracking import RunTracker
 
-        tracker = RunTracker(config, meta["run_name"], mlflow_run_id, meta.get("mlflow_parent_run_id"),
-                             meta.get("mlflow_tags"))
-    ground_truth = None
-    if rank == 0:
-        import json
-
-        ground_truth = json.loads(storage.read_bytes(meta["val_annotations"]))
-
-    clock = loop_config.get("clock")
-    global_step = start_epoch * meta["steps_per_epoch"]
-    nonfinite = consecutive_nonfinite = 0
-    total_steps = train.epochs * meta["steps_per_epoch"]
-    started = time.perf_counter()
+        tracker = RunTracker(config, inputs.run_name, mlflow_run_id, inputs.mlflow_parent_run_id, inputs.mlflow_tags)
+        progress = _ProgressLog(inputs, tracker, world, engine.global_step)
+        ground_truth = json.loads(storage.read_bytes(facts.val_annotations))
 
     for epoch in range(start_epoch, train.epochs):
-        if clock is not None:
-            ray.get(clock.advance_to.remote(epoch))
-        if loop_config.get("epoch_log"):  # test hook: which epochs each rank actually ran
-            with open(loop_config["epoch_log"], "a") as handle:
-                handle.write(f"{rank} {epoch}\n")
-        if loop_config.get("fail_at_epoch") == epoch and rank == 0 and checkpoint is None:
-            raise RuntimeError(f"injected failure at epoch {epoch} (test hook train_loop_config['fail_at_epoch'])")
-        model.train()
-        sums = {k: 0.0 for k in LOSS_TERMS}
-        steps = images_seen = 0
-        data_wait = 0.0
-        epoch_start = tick = time.perf_counter()
-        for batch in shard_batches("train", config, meta["num_classes"], train.batch_size):
-            data_wait += time.perf_counter() - tick
-            images = normalize_images(batch["image"].to(device, non_blocking=True), IMAGE_MEAN, IMAGE_STD)
-            images = images.contiguous(memory_format=torch.channels_last)
-            targets = {k: v.to(device, non_blocking=True) for k, v in batch["targets"].items()}
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                outputs = model(images)
-            terms = criterion({k: v.float() for k, v in outputs.items()}, targets)
-            optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(terms["total"]):
-                nonfinite += 1
-                consecutive_nonfinite += 1
-                log.warning("rank %d: non-finite loss at step %d (skipped; %d so far)", rank, global_step, nonfinite)
-                if consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
-                    raise NonFiniteLossError(
-                        f"the loss was NaN/inf for {consecutive_nonfinite} consecutive steps: training diverged. "
-                        "Lower train.lr / train.base_lr, raise train.warmup_epochs, or set train.amp=none.")
-                scheduler.step()
-                global_step += 1
-                tick = time.perf_counter()
-                continue
-            consecutive_nonfinite = 0
-            scaler.scale(terms["total"]).backward()
-            if train.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            global_step += 1
-            steps += 1
-            images_seen += len(images)
-            for key in LOSS_TERMS:
-                sums[key] += float(terms[key].detach())
-            tick = time.perf_counter()
-            if rank == 0 and (steps % loop_config.get("log_every", 20) == 0 or steps == meta["steps_per_epoch"]):
-                elapsed = time.perf_counter() - started
-                rate = images_seen * world / max(tick - epoch_start, 1e-9)
-                done = global_step - start_epoch * meta["steps_per_epoch"]
-                eta = elapsed / max(done, 1) * (total_steps - global_step)
-                log.info("epoch %d/%d step %d/%d  loss %.3f (hm %.3f wh %.3f off %.3f)  lr %.2e  %.0f img/s  data %.0f%%  ETA %s",
-                         epoch + 1, train.epochs, steps, meta["steps_per_epoch"], terms["total"].item(), terms["heatmap"].item(),
-                         terms["size"].item(), terms["offset"].item(), scheduler.get_last_lr()[0], rate,
-                         100 * data_wait / max(tick - epoch_start, 1e-9), time.strftime("%M:%S", time.gmtime(eta)))
-                tracker.metrics({f"train/{k}": terms[k].item() for k in LOSS_TERMS} | {
-                    "train/lr": scheduler.get_last_lr()[0], "train/images_per_s": rate,
-                    "train/data_wait_s": data_wait}, step=global_step)
-
-        epoch_time = time.perf_counter() - epoch_start
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "images_per_s": images_seen * world / max(epoch_time, 1e-9),
-                                   "nonfinite_steps": nonfinite}
-        metrics.update({f"loss_{k}": sums[k] / max(steps, 1) for k in LOSS_TERMS})
+        if inputs.clock is not None:
+            ray.get(inputs.clock.advance_to.remote(epoch))
+        for callback in inputs.callbacks:
+            callback.on_epoch_start(epoch, rank, checkpoint is not None)
+        result = engine.train_epoch(shard_batches("train", config, facts.num_classes, train.batch_size), epoch,
+                                    log_every=inputs.log_every, steps_per_epoch=facts.steps_per_epoch,
+                                    on_progress=progress)
+        metrics = _epoch_metrics(result, epoch, world, engine.nonfinite_steps)
         last_epoch = epoch + 1 == train.epochs
         kept: list[tuple] = []
         if (epoch + 1) % train.eval_every == 0 or last_epoch:
-            detector = Detector(getattr(model, "module", model), config.data.input_size, device,
-                                flip_test=train.eval_flip_test, amp=train.amp)
-            results, image_ids, kept = detect_shard(detector, shard_batches("val", config, meta["num_classes"],
-                                                                            train.batch_size),
-                                                    meta["category_ids"], keep_images=8 if last_epoch else 0)
-            stats = gather_and_score(results, image_ids, ground_truth)
+            evaluation = evaluate(engine.detector(), shard_batches("val", config, facts.num_classes, train.batch_size),
+                                  facts.category_ids, ground_truth, keep_images=8 if last_epoch else 0)
+            stats, kept = evaluation.stats, evaluation.kept
             if rank == 0:
                 log.info("epoch %d evaluation: AP %.4f AP50 %.4f AP75 %.4f (%d images)", epoch + 1, stats["AP"],
                          stats["AP50"], stats["AP75"], stats["eval_images"])
@@ -186,25 +158,38 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics["best_AP"] = best_ap
         if tracker is not None:
             metrics["mlflow_run_id"] = tracker.run_id
-            tracker.metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=global_step)
-
-        report_checkpoint = None
-        with tempfile.TemporaryDirectory() as directory:
-            if ((epoch + 1) % train.checkpoint_every == 0 or last_epoch) and rank == 0:
-                state = checkpoint_state(model, config, meta["class_names"], meta["category_ids"], epoch + 1,
-                                         optimizer, scheduler, scaler,
-                                         {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-                state["mlflow_run_id"] = tracker.run_id
-                save_checkpoint(Path(directory) / CHECKPOINT_FILE, state)
-                report_checkpoint = ray.train.Checkpoint.from_directory(directory)
-            if rank == 0 and last_epoch:
-                tracker.artifact(Path(directory) / CHECKPOINT_FILE, "checkpoint")
-                if kept:
-                    tracker.artifact(_draw_predictions(kept, meta["class_names"], Path(directory) / "val_predictions.png"))
-                if config.tracking.log_model:
-                    tracker.model(getattr(model, "module", model).cpu().float().to(memory_format=torch.contiguous_format),
-                                  config.data.input_size, config.tracking.registered_model)
-            ray.train.report(metrics, checkpoint=report_checkpoint, checkpoint_dir_name=f"epoch_{epoch + 1:04d}"
-                             if report_checkpoint is not None else None)
+            tracker.metrics(_numbers(metrics), step=engine.global_step)
+        _report(engine, inputs, tracker, metrics, epoch, last_epoch, kept, rank)
     if tracker is not None:
         tracker.close()
+
+
+def _epoch_metrics(result: EpochResult, epoch: int, world: int, nonfinite: int) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "images_per_s": result.images * world / max(result.seconds, 1e-9),
+                               "nonfinite_steps": nonfinite}
+    metrics.update({f"loss_{k}": v for k, v in result.mean_terms.items()})
+    return metrics
+
+
+def _report(engine: TrainingEngine, inputs: LoopInputs, tracker: Any, metrics: dict[str, Any], epoch: int,
+            last_epoch: bool, kept: list[tuple], rank: int) -> None:
+    """``ray.train.report`` the epoch's metrics, with rank 0's checkpoint on checkpoint epochs; at the
+    end, the checkpoint, a picture of predictions and the model go to MLflow."""
+    config, facts = inputs.config, inputs.dataset
+    report_checkpoint = None
+    with tempfile.TemporaryDirectory() as directory:
+        if ((epoch + 1) % config.train.checkpoint_every == 0 or last_epoch) and rank == 0:
+            state = checkpoint_state(engine.model, config, facts.class_names, facts.category_ids, epoch + 1,
+                                     engine.optimizer, engine.scheduler, engine.scaler, _numbers(metrics))
+            state["mlflow_run_id"] = tracker.run_id
+            save_checkpoint(Path(directory) / CHECKPOINT_FILE, state)
+            report_checkpoint = ray.train.Checkpoint.from_directory(directory)
+        if rank == 0 and last_epoch:
+            tracker.artifact(Path(directory) / CHECKPOINT_FILE, "checkpoint")
+            if kept:
+                tracker.artifact(_draw_predictions(kept, facts.class_names, Path(directory) / "val_predictions.png"))
+            if config.tracking.log_model:
+                tracker.model(engine.module.cpu().float().to(memory_format=torch.contiguous_format),
+                              config.data.input_size, config.tracking.registered_model)
+        ray.train.report(metrics, checkpoint=report_checkpoint,
+                         checkpoint_dir_name=f"epoch_{epoch + 1:04d}" if report_checkpoint is not None else None)

@@ -66,7 +66,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str
     tags = {"centernet_ray.sweep": sweep_name, "centernet_ray.trial_id": trial_id}
     # CPU workers of concurrent trials share the node's cores: more threads than cores stalls OpenMP
     threads = max(1, (os.cpu_count() or 1) // (config.train.num_workers * concurrent_trials))
-    trainer, _ = build_trainer(config, {"threads_per_worker": threads}, callbacks=[EvaluationReports(metric)],
+    trainer, _ = build_trainer(config, threads_per_worker=threads, callbacks=[EvaluationReports(metric)],
                                mlflow_parent_run_id=parent_run_id, mlflow_tags=tags)
     result = trainer.fit()
     if result.error is not None:

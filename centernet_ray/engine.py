@@ -1,0 +1,223 @@
+"""The training engine (Ray-free): the optimisation step, the training epoch and the evaluation pass.
+
+Every trainer drives a model through this module: the Ray Train worker loop
+(``training/loop.py``: shards in, reports and checkpoints out), ``benchmarks/``, and any future
+trainer. It needs torch only (``torch.distributed`` for gathering evaluation results when a
+process group is up), so it runs and is tested on any machine.
+
+A batch is what the pipeline's collate yields: ``image`` uint8 [B, 3, H_in, W_in] and ``targets``
+(``heatmap`` [B, C, H, W], ``index`` [B, M], ``mask`` [B, M], ``size`` and ``offset`` [B, M, 2]);
+evaluation batches carry ``image_id`` [B], ``input_to_original`` [B, 2, 3] and ``original_size``
+[B, 2] instead of targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from centernet_ray.config import Config
+from centernet_ray.data.transforms import normalize_images
+from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco
+from centernet_ray.inference import Detector
+from centernet_ray.losses import CenterNetLoss
+from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, build_model
+from centernet_ray.precision import autocast_dtype
+from centernet_ray.training.schedule import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+MAX_CONSECUTIVE_NONFINITE = 20
+LOSS_TERMS = ("total", "heatmap", "size", "offset")
+EVAL_TOP_K = 100  # detections per image scored by COCOeval, all of them (the official protocol)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN/inf for too many consecutive steps: training has diverged."""
+
+
+@dataclass
+class StepResult:
+    images: int  # images in the batch
+    terms: dict[str, torch.Tensor]  # detached scalar loss terms (LOSS_TERMS)
+    finite: bool  # False: the step was skipped (no update), the schedule still advanced
+
+
+@dataclass
+class Progress:
+    """Where an epoch stands, handed to ``train_epoch``'s ``on_progress`` every ``log_every`` steps."""
+
+    epoch: int  # 0-based
+    step: int  # updates made in this epoch
+    images: int  # images this process trained on in this epoch
+    seconds: float  # since the epoch started
+    data_wait: float  # seconds of those spent waiting for batches
+    global_step: int
+    terms: dict[str, torch.Tensor]  # the last step's loss terms
+    lr: float
+
+
+@dataclass
+class EpochResult:
+    steps: int
+    images: int
+    seconds: float
+    data_wait: float
+    mean_terms: dict[str, float] = field(default_factory=dict)  # LOSS_TERMS averaged over the steps
+
+
+class TrainingEngine:
+    """Model, optimizer, LR schedule, gradient scaler and loss of one training process.
+
+    Built as every trainer builds it: the model in channels_last on ``device``, the optimizer and
+    schedule from ``config.train``, bf16/fp16 autocast where the device supports it
+    (``precision.autocast_dtype``), gradient clipping when ``train.grad_clip`` is set.
+    """
+
+    def __init__(self, config: Config, num_classes: int, steps_per_epoch: int,
+                 device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.model: nn.Module = build_model(config.model, num_classes).to(self.device,
+                                                                          memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, config.train)
+        self.scheduler = build_scheduler(self.optimizer, config.train, steps_per_epoch)
+        self.amp_dtype = autocast_dtype(config.train.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.criterion = CenterNetLoss.from_config(config.loss)
+        self.grad_clip = config.train.grad_clip
+        self.global_step = 0
+        self.nonfinite_steps = 0
+        self.consecutive_nonfinite = 0
+
+    @property
+    def module(self) -> nn.Module:
+        """The model without its DistributedDataParallel wrapper."""
+        return getattr(self.model, "module", self.model)
+
+    def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
+        """Wrap the model, e.g. in DDP (``ray.train.torch.prepare_model``); the optimizer keeps
+        the same parameters."""
+        self.model = wrapper(self.model)
+
+    def load_state(self, state: dict[str, Any], steps_per_epoch: int) -> None:
+        """Restore model, optimizer, schedule and scaler from a checkpoint dict (``checkpoint.py``)."""
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.global_step = state["epoch"] * steps_per_epoch
+
+    def forward_loss(self, batch: dict[str, Any]) -> tuple[int, dict[str, torch.Tensor]]:
+        """Normalise the batch's images on the device, run the model under autocast, compute the loss."""
+        images = normalize_images(batch["image"].to(self.device, non_blocking=True), IMAGE_MEAN, IMAGE_STD)
+        images = images.contiguous(memory_format=torch.channels_last)
+        targets = {k: v.to(self.device, non_blocking=True) for k, v in batch["targets"].items()}
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            outputs = self.model(images)
+        return len(images), self.criterion(outputs, targets)
+
+    def step(self, batch: dict[str, Any]) -> StepResult:
+        """One optimisation step. A non-finite loss skips the update (the schedule still advances)
+        and is counted; ``MAX_CONSECUTIVE_NONFINITE`` in a row raise :class:`NonFiniteLossError`."""
+        count, terms = self.forward_loss(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(terms["total"]))
+        if finite:
+            self.consecutive_nonfinite = 0
+            self.scaler.scale(terms["total"]).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.nonfinite_steps += 1
+            self.consecutive_nonfinite += 1
+            log.warning("non-finite loss at step %d (skipped; %d so far)", self.global_step, self.nonfinite_steps)
+            if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
+                raise NonFiniteLossError(
+                    f"the loss was NaN/inf for {self.consecutive_nonfinite} consecutive steps: training diverged. "
+                    "Lower train.lr / train.base_lr, raise train.warmup_epochs, or set train.amp=none.")
+        self.scheduler.step()
+        self.global_step += 1
+        return StepResult(count, {k: v.detach() for k, v in terms.items()}, finite)
+
+    def train_epoch(self, batches: Iterable[dict[str, Any]], epoch: int, *, log_every: int = 20,
+                    steps_per_epoch: int | None = None,
+                    on_progress: Callable[[Progress], None] | None = None) -> EpochResult:
+        """Train on every batch of ``batches``; ``on_progress`` is called every ``log_every``
+        updates and at update ``steps_per_epoch`` (the epoch's last)."""
+        self.model.train()
+        sums = dict.fromkeys(LOSS_TERMS, 0.0)
+        steps = images = 0
+        data_wait = 0.0
+        start = tick = time.perf_counter()
+        for batch in batches:
+            data_wait += time.perf_counter() - tick
+            result = self.step(batch)
+            tick = time.perf_counter()
+            if not result.finite:
+                continue
+            steps += 1
+            images += result.images
+            for key in LOSS_TERMS:
+                sums[key] += float(result.terms[key])
+            if on_progress is not None and (steps % log_every == 0 or steps == steps_per_epoch):
+                on_progress(Progress(epoch, steps, images, tick - start, data_wait, self.global_step, result.terms,
+                                     self.scheduler.get_last_lr()[0]))
+        return EpochResult(steps, images, time.perf_counter() - start, data_wait,
+                           {key: value / max(steps, 1) for key, value in sums.items()})
+
+    def detector(self) -> Detector:
+        """A :class:`Detector` over the current weights, as ``config.train`` evaluates (flip test, amp)."""
+        train = self.config.train
+        return Detector(self.module, self.config.data.input_size, self.device, flip_test=train.eval_flip_test,
+                        amp=train.amp)
+
+
+@dataclass
+class EvaluationResult:
+    stats: dict[str, float]  # the 12 COCO stats + eval_images on the scoring process, else {}
+    kept: list[tuple]  # up to keep_images (image uint8 [3,H,W], input_to_original [2,3], Detections)
+
+
+def evaluate(detector: Detector, batches: Iterable[dict[str, Any]], category_ids: list[int],
+             ground_truth: dict[str, Any] | None, keep_images: int = 0) -> EvaluationResult:
+    """COCO evaluation pass: detect on this process's share of the validation batches (the top
+    ``EVAL_TOP_K`` detections per image, no score threshold, as the official protocol), gather every
+    process's detections when a process group is up, and score them with COCOeval on the process
+    that holds ``ground_truth`` (the instances dict); the others get empty stats."""
+    results, image_ids, kept = [], [], []
+    for batch in batches:
+        found = detector.detect(batch["image"], batch["input_to_original"], batch["original_size"], k=EVAL_TOP_K)
+        ids = batch["image_id"].tolist()
+        image_ids += ids
+        for image_id, det in zip(ids, found):
+            results += detections_to_coco([image_id], det.boxes[None], det.scores[None], det.classes[None], category_ids)
+        for j in range(min(len(found), keep_images - len(kept))):
+            kept.append((batch["image"][j], batch["input_to_original"][j], found[j]))
+    return EvaluationResult(_gather_and_score(results, image_ids, ground_truth), kept)
+
+
+def _gather_and_score(results: list[dict], image_ids: list[int], ground_truth: dict | None) -> dict[str, float]:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (results, image_ids))
+        results = [r for part in gathered for r in part[0]]
+        image_ids = [i for part in gathered for i in part[1]]
+    if ground_truth is None:
+        return {}
+    duplicates = len(image_ids) - len(set(image_ids))
+    if duplicates:
+        log.warning("evaluation saw %d image(s) more than once", duplicates)
+    stats = coco_evaluate(coco_from_dict(ground_truth), results, image_ids=sorted(set(image_ids)))
+    stats["eval_images"] = float(len(set(image_ids)))
+    return stats
