@@ -88,8 +88,10 @@ class DataConfig:
     val_images: str = ""
     val_annotations: str = ""
     input_size: tuple[int, int] = (512, 512)  # (height, width); multiples of 32
-    augment: Literal["centernet", "flip", "none"] = "centernet"
-    scale_range: tuple[float, float] = (0.6, 1.4)
+    # centernet_official: the official recipe exactly (discrete scales, border-limited centre, shuffled
+    # colour jitter + PCA lighting); centernet: its faster continuous variant; flip; none (data/transforms.py)
+    augment: Literal["centernet", "centernet_official", "flip", "none"] = "centernet"
+    scale_range: tuple[float, float] = (0.6, 1.4)  # centernet_official: np.arange(low, high, 0.1)
     flip_prob: float = _ranged(0.5, ge=0.0, le=1.0)
     color_jitter: float = _ranged(0.4, ge=0.0, le=1.0)
     synthetic_train_images: int = _ranged(1000, ge=1)
@@ -119,6 +121,9 @@ class DataConfig:
         low, high = self.scale_range
         if not 0 < low <= high:
             raise ConfigError(f"data.scale_range must be [low, high] with 0 < low <= high; got {[low, high]}")
+        if self.augment == "centernet_official" and low == high:
+            raise ConfigError(f"data.scale_range with augment centernet_official is [low, high) stepped by 0.1, "
+                              f"so low < high; got {[low, high]}")
 
 
 @dataclass
@@ -137,7 +142,7 @@ class TrainConfig:
     lr_steps: tuple[int, ...] = (90, 120)
     lr_gamma: float = _ranged(0.1, gt=0.0, le=1.0)
     warmup_epochs: float = _ranged(0.0, ge=0.0)
-    grad_clip: float | None = 35.0
+    grad_clip: float | None = None  # max global gradient norm; None = no clipping (the official recipe)
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     eval_every: int = _ranged(10, ge=1)
     eval_flip_test: bool = False  # evaluation averages each image's outputs with its mirror's

@@ -98,3 +98,92 @@ def test_fused_color_jitter_matches_torchvision_adjust_functions():
     dark = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(image, 0.7), 1.3), 0.6)
     assert (dark.int() - jitter_colors(image, 0.7, 1.3, 0.6).int()).abs().max() <= 3
     assert torch.equal(jitter_colors(image, 1.0, 1.0, 1.0), image)
+
+
+# --- the official preset (augment: centernet_official), checked against the official code's numbers ---
+
+def test_official_border_matches_the_official_get_border():
+    from centernet_ray.data.transforms import official_border
+
+    # _get_border(128, size) computed with the official code (src/lib/datasets/sample/ctdet.py)
+    assert [official_border(128, size) for size in (100, 128, 255, 256, 512, 640)] == [32, 32, 64, 64, 128, 128]
+
+
+def test_official_scales_are_numpy_arange_as_in_the_official_code():
+    from centernet_ray.data.transforms import official_scales
+
+    scales = official_scales((0.6, 1.4))
+    assert len(scales) == 8 and scales == pytest.approx([0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3], abs=1e-12)
+
+
+def official_color_aug_bgr(image, order, factors, lighting):
+    """The official color_aug (src/lib/utils/image.py) on a BGR float image in [0, 1], written out
+    with numpy: grey (OpenCV BGR2GRAY weights) and its mean taken first, the three ops in ``order``
+    (0 brightness, 1 contrast, 2 saturation), then eigvec @ (eigval * alpha) added; no clamping."""
+    eig_val = np.array([0.2141788, 0.01817699, 0.00341571], dtype=np.float32)
+    eig_vec = np.array([[-0.58752847, -0.69563484, 0.41340352], [-0.5832747, 0.00994535, -0.81221408],
+                        [-0.56089297, 0.71832671, 0.41158938]], dtype=np.float32)
+    image = image.copy()
+    gray = image @ np.array([0.114, 0.587, 0.299], dtype=np.float32)  # [H, W]
+    gray_mean = gray.mean()
+    for op in order:
+        alpha = factors[op]
+        if op == 0:
+            image *= alpha
+        elif op == 1:
+            image = image * alpha + gray_mean * (1 - alpha)
+        else:
+            image = image * alpha + gray[:, :, None] * (1 - alpha)
+    return image + eig_vec @ (eig_val * lighting)
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2], [2, 0, 1], [1, 2, 0]])
+def test_official_color_aug_matches_the_official_definition(order):
+    from centernet_ray.data.transforms import official_color_aug
+
+    # mid-range pixels and moderate factors: nothing leaves [0, 255], so only our final uint8 rounding
+    # (0.5 grey level) and torchvision's grey weights (0.2989 vs OpenCV's 0.299) differ: <= 1 level.
+    rgb = torch.randint(70, 180, (3, 24, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    factors, lighting = [1.2, 0.8, 1.3], np.array([0.15, -0.1, 0.05], dtype=np.float32)
+    ours = official_color_aug(rgb, order, factors, torch.from_numpy(lighting))
+    bgr = rgb.permute(1, 2, 0).numpy()[:, :, ::-1].astype(np.float32) / 255
+    reference = official_color_aug_bgr(bgr, order, factors, lighting)
+    reference_rgb = torch.from_numpy(np.ascontiguousarray(reference[:, :, ::-1] * 255)).permute(2, 0, 1)
+    assert (ours.float() - reference_rgb).abs().max().item() <= 1.0
+    # the lighting shift alone moves R, G and B by the official vector, reversed from BGR
+    still = official_color_aug(rgb, order, [1.0, 1.0, 1.0], torch.from_numpy(lighting))
+    shift_bgr = np.array([[-0.58752847, -0.69563484, 0.41340352], [-0.5832747, 0.00994535, -0.81221408],
+                          [-0.56089297, 0.71832671, 0.41158938]]) @ (np.array([0.2141788, 0.01817699, 0.00341571]) * lighting)
+    moved = (still.float() - rgb.float()).mean(dim=(1, 2))
+    torch.testing.assert_close(moved, torch.tensor(shift_bgr[::-1] * 255, dtype=torch.float32), atol=0.5, rtol=0)
+
+
+def test_official_preset_draws_discrete_scales_and_centres_inside_the_border():
+    from centernet_ray.data.transforms import letterbox_region, official_border
+
+    image = torch.randint(0, 255, (3, 300, 400), dtype=torch.uint8)
+    transform = TrainTransform((128, 128), preset="centernet_official", flip_prob=0.0)
+    border_x, border_y = official_border(128, 400), official_border(128, 300)
+    allowed = {}
+    for scale in transform.scales:
+        for cx in range(border_x, 400 - border_x):
+            top, left, crop_h, crop_w = letterbox_region(400, 300, (128, 128), scale, (cx, 150))
+            allowed.setdefault(crop_w, scale)
+    scales_seen = set()
+    for seed in range(40):
+        matrix = transform(image, torch.zeros(0, 4), torch.zeros(0), seed=seed).input_to_original
+        crop_w = round(matrix[0, 0].item() * 128)
+        assert crop_w in allowed  # one of the 8 discrete scales
+        scales_seen.add(allowed[crop_w])
+        cx = matrix[0, 2].item() + crop_w / 2  # the crop's centre in original pixels (within rounding)
+        cy = matrix[1, 2].item() + matrix[1, 1].item() * 64
+        assert border_x - 1 <= cx <= 400 - border_x and border_y - 1 <= cy <= 300 - border_y
+    assert len(scales_seen) >= 5
+
+
+def test_official_preset_needs_a_scale_range_with_room_for_a_step():
+    from centernet_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="low < high"):
+        load_config(None, ["data.augment=centernet_official", "data.scale_range=[1.0,1.0]"])
+    assert load_config(None, ["data.augment=centernet_official"]).data.augment == "centernet_official"

@@ -1,11 +1,21 @@
 """Preprocessing: every image becomes a fixed-size network input through one crop-and-resize.
 
-Both presets cut a region (top, left, height, width) of the original image, padding with zeros
-where it extends past the borders, and resize it to ``input_size`` with torchvision transforms v2;
+Every preset cuts a region (top, left, height, width) of the original image, padding with zeros
+where it extends past the borders, and resizes it to ``input_size`` with torchvision transforms v2;
 ``tv_tensors.BoundingBoxes`` make the boxes follow the image. Validation uses the centred
-letterbox region; training picks a random scale and centre (the official CenterNet recipe), then
-flips and jitters colours. Each result carries ``input_to_original``, the [2, 3] affine matrix
-that takes network-input pixels back to original pixels, used to decode boxes.
+letterbox region. Training presets:
+
+- ``centernet_official``: the official CenterNet recipe (``src/lib/datasets/sample/ctdet.py``): a
+  scale drawn from the discrete set ``np.arange(low, high, 0.1)`` of ``scale_range`` (0.6, 0.7, ...,
+  1.3 for [0.6, 1.4]), a centre drawn in whole pixels at least ``official_border(128, side)`` from
+  the image's borders, a flip, then brightness, contrast and saturation in a shuffled order
+  (blending with the grey image and its mean taken before any of them) and PCA lighting noise.
+- ``centernet``: a faster variant: continuous scale in ``scale_range``, centre anywhere in the
+  middle half of the image, one fused brightness/contrast/saturation pass, no lighting noise.
+- ``flip``: the letterbox and a flip; ``none``: the validation letterbox.
+
+Each result carries ``input_to_original``, the [2, 3] affine matrix that takes network-input pixels
+back to original pixels, used to decode boxes.
 """
 
 from __future__ import annotations
@@ -21,7 +31,18 @@ from torchvision.transforms.v2 import functional as F
 
 from centernet_ray.config import DataConfig
 
-AugmentPreset = Literal["centernet", "flip", "none"]
+AugmentPreset = Literal["centernet", "centernet_official", "flip", "none"]
+
+# The official COCO dataset's PCA of pixel colours (``_eig_val``, ``_eig_vec`` in
+# src/lib/datasets/dataset/coco.py), for images in [0, 1]. The official images are BGR (OpenCV): the
+# rows of its eigenvector matrix are the B, G, R channels, so they are reversed here for RGB.
+PCA_EIGENVALUES = torch.tensor([0.2141788, 0.01817699, 0.00341571])
+PCA_EIGENVECTORS_RGB = torch.tensor([[-0.58752847, -0.69563484, 0.41340352],
+                                     [-0.5832747, 0.00994535, -0.81221408],
+                                     [-0.56089297, 0.71832671, 0.41158938]]).flip(0)
+LIGHTING_STD = 0.1  # official: lighting_(data_rng, image, 0.1, ...)
+OFFICIAL_CROP_BORDER = 128  # official: self._get_border(128, side)
+COLOR_OPS = ("brightness", "contrast", "saturation")
 
 
 @dataclass
@@ -82,9 +103,23 @@ class ValTransform:
                             region_to_original(top, left, crop_h, crop_w, self.input_size))
 
 
+def official_border(border: int, size: int) -> int:
+    """The official ``_get_border``: ``border`` halved until the image side keeps more than it on
+    each side (128 for sides above 256, 32 for 128 px); random crop centres stay this far inside."""
+    divisor = 1
+    while size - border // divisor <= border // divisor:
+        divisor *= 2
+    return border // divisor
+
+
+def official_scales(scale_range: tuple[float, float]) -> list[float]:
+    """The official discrete crop scales, ``np.arange(low, high, 0.1)``: 0.6, 0.7, ..., 1.3 for (0.6, 1.4)."""
+    return [float(s) for s in np.arange(scale_range[0], scale_range[1], 0.1)]
+
+
 class TrainTransform:
-    """Random scale + crop (one crop-resize), horizontal flip and colour jitter, per ``preset``:
-    ``centernet`` all three; ``flip`` letterbox + flip; ``none`` the validation letterbox."""
+    """Random scale + crop (one crop-resize), horizontal flip and colour augmentation, per ``preset``
+    (see the module docstring): ``centernet_official``, ``centernet``, ``flip`` or ``none``."""
 
     def __init__(self, input_size: tuple[int, int], preset: AugmentPreset = "centernet",
                  scale_range: tuple[float, float] = (0.6, 1.4), flip_prob: float = 0.5,
@@ -92,8 +127,9 @@ class TrainTransform:
         self.input_size = tuple(input_size)
         self.preset = preset
         self.scale_range = scale_range
+        self.scales = official_scales(scale_range) if preset == "centernet_official" else []
         self.flip_prob = flip_prob if preset != "none" else 0.0
-        self.jitter = color_jitter if preset == "centernet" else 0.0
+        self.jitter = color_jitter if preset in ("centernet", "centernet_official") else 0.0
 
     @classmethod
     def from_config(cls, config: DataConfig) -> "TrainTransform":
@@ -104,8 +140,14 @@ class TrainTransform:
         """Augment one uint8 [3, H, W] image; the same ``seed`` gives the same result."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         uniform = lambda low, high: low + (high - low) * torch.rand((), generator=generator).item()  # noqa: E731
+        randint = lambda low, high: int(torch.randint(low, high, (), generator=generator))  # noqa: E731
         height, width = image.shape[-2:]
-        if self.preset == "centernet":
+        if self.preset == "centernet_official":
+            scale = self.scales[randint(0, len(self.scales))]
+            border_x, border_y = official_border(OFFICIAL_CROP_BORDER, width), official_border(OFFICIAL_CROP_BORDER, height)
+            center = (randint(border_x, width - border_x), randint(border_y, height - border_y))
+            region = letterbox_region(width, height, self.input_size, scale, center)
+        elif self.preset == "centernet":
             scale = uniform(*self.scale_range)
             center = (uniform(0.25, 0.75) * width, uniform(0.25, 0.75) * height)
             region = letterbox_region(width, height, self.input_size, scale, center)
@@ -119,7 +161,12 @@ class TrainTransform:
         img, bbs = F.resized_crop(img, *region, size, antialias=False), F.resized_crop(bbs, *region, size)
         if flipped:
             img, bbs = F.horizontal_flip(img), F.horizontal_flip(bbs)
-        if self.jitter > 0:
+        if self.jitter > 0 and self.preset == "centernet_official":
+            order = torch.randperm(3, generator=generator).tolist()
+            factors = [uniform(1 - self.jitter, 1 + self.jitter) for _ in range(3)]
+            lighting = torch.randn(3, generator=generator) * LIGHTING_STD
+            img = tv_tensors.Image(official_color_aug(img.as_subclass(torch.Tensor), order, factors, lighting))
+        elif self.jitter > 0:
             factors = [uniform(1 - self.jitter, 1 + self.jitter) for _ in range(3)]
             img = tv_tensors.Image(jitter_colors(img.as_subclass(torch.Tensor), *factors))
         kept_boxes, kept_labels = _keep_nonempty(bbs, torch.as_tensor(labels, dtype=torch.int64))
@@ -140,6 +187,33 @@ def jitter_colors(image: torch.Tensor, brightness: float, contrast: float, satur
     x = x.mul_(brightness * contrast).add_(mean * (1 - contrast))
     gray = F.rgb_to_grayscale(x.unsqueeze(0))[0]
     x = x.mul_(saturation).add_(gray, alpha=1 - saturation)
+    return x.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def official_color_aug(image: torch.Tensor, order: list[int], factors: list[float],
+                       lighting: torch.Tensor) -> torch.Tensor:
+    """The official ``color_aug`` on a uint8 [3, H, W] RGB image; returns uint8 [3, H, W].
+
+    ``order``: a permutation of (0 brightness, 1 contrast, 2 saturation), applied in that order with
+    ``factors[op]`` (official: 1 + U(-0.4, 0.4) each); the grey image and its mean are taken once,
+    before any of them: brightness x *= a; contrast x = a x + (1 - a) mean(grey); saturation
+    x = a x + (1 - a) grey. Then PCA lighting: x += eigenvectors @ (eigenvalues * ``lighting`` [3]).
+    The official code works on [0, 1] floats and never clamps; here the result is clamped and
+    rounded back to uint8 (the pipeline's transport type).
+    """
+    x = image.float()
+    gray = F.rgb_to_grayscale(x.unsqueeze(0))[0]  # [1, H, W]
+    gray_mean = gray.mean()
+    for op in order:
+        factor = factors[op]
+        if COLOR_OPS[op] == "brightness":
+            x.mul_(factor)
+        elif COLOR_OPS[op] == "contrast":
+            x.mul_(factor).add_(gray_mean * (1 - factor))
+        else:
+            x.mul_(factor).add_(gray, alpha=1 - factor)
+    shift = PCA_EIGENVECTORS_RGB @ (PCA_EIGENVALUES * lighting.float())  # [3], in [0, 1] units
+    x.add_((shift * 255).view(3, 1, 1))
     return x.clamp_(0, 255).round_().to(torch.uint8)
 
 
