@@ -92,7 +92,7 @@ def _image_rows(images: str, annotations: dict | None) -> tuple[list[dict[str, A
 
 def run_predict(checkpoint: str, output: str, images: str | None = None, parquet: str | None = None,
                 annotations: str | None = None, batch_size: int = 16, num_actors: int = 1,
-                k: int = 100, score_threshold: float = 0.01, flip_test: bool = False) -> PredictResult:
+                k: int = 100, score_threshold: float = 0.0, flip_test: bool = False) -> PredictResult:
     """Detect on every image and write ``output``/detections.json (+ .parquet, metrics.json)."""
     if (images is None) == (parquet is None):
         raise ValueError("give exactly one of --images and --parquet")

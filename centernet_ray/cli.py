@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=16)
     predict.add_argument("--actors", type=int, default=1, help="model replicas (one GPU each when the cluster has GPUs)")
     predict.add_argument("--max-detections", type=int, default=100)
-    predict.add_argument("--score-threshold", type=float, default=0.01)
+    predict.add_argument("--score-threshold", type=float, default=0.0,
+                         help="keep detections scoring above this (default 0: all top-K, the COCO protocol)")
     predict.add_argument("--flip-test", action="store_true", help="average with the mirrored image")
 
     evaluate = commands.add_parser("eval", help="score COCO-format detections with COCOeval")

@@ -82,3 +82,33 @@ def test_node_pools_are_off_by_default_and_give_ray_label_selectors_when_on():
 def test_node_pool_labels_follow_rays_label_syntax():
     with pytest.raises(ConfigError, match="cluster.pool_label / cluster.cpu_pool: Invalid label key"):
         load_config(None, ["cluster.node_pools=true", "cluster.pool_label=pool name"])
+
+
+# The official scripts' numbers (xingyizhou/CenterNet experiments/*.sh, opts.py defaults, MODEL_ZOO.md
+# schedules): (arch, global batch, lr, epochs, lr steps, head_conv)
+OFFICIAL_RECIPES = {
+    "coco_resdcn18": ("resdcn18", 114, 5e-4, 140, (90, 120), 64),
+    "coco_dla34_1x": ("dla34", 128, 5e-4, 140, (90, 120), 256),
+    "coco_dla34_2x": ("dla34", 128, 5e-4, 230, (180, 210), 256),
+    "coco_hourglass104": ("hourglass104", 24, 2.5e-4, 50, (40,), 256),
+    "coco_resnet18": ("resnet18", 128, 5e-4, 140, (90, 120), 64),  # the official recipe on plain ResNet-18
+}
+
+
+@pytest.mark.parametrize("name", OFFICIAL_RECIPES)
+def test_configs_named_after_the_official_zoo_reproduce_its_recipe(name):
+    arch, batch, lr, epochs, steps, head_conv = OFFICIAL_RECIPES[name]
+    config = load_config(CONFIGS / f"{name}.yaml")
+    train = config.train
+    assert config.model.backbone == arch and config.model.head_conv == head_conv
+    assert train.batch_size * train.num_workers == batch
+    assert resolve_learning_rate(train) == pytest.approx(lr, rel=1e-12)
+    assert (train.epochs, tuple(train.lr_steps), train.lr_gamma, train.schedule) == (epochs, steps, 0.1, "step")
+    assert (train.optimizer, train.weight_decay, train.warmup_epochs, train.grad_clip) == ("adam", 0.0, 0.0, None)
+    assert (config.loss.alpha, config.loss.beta, config.loss.hm_weight, config.loss.wh_weight,
+            config.loss.off_weight) == (2.0, 4.0, 1.0, 0.1, 1.0)
+    assert (config.targets.formula, config.targets.min_overlap, config.targets.max_objects) == ("cornernet", 0.7, 128)
+    data = config.data
+    assert data.input_size == (512, 512) and data.augment == "centernet_official"
+    assert (data.scale_range, data.flip_prob, data.color_jitter) == ((0.6, 1.4), 0.5, 0.4)
+    assert train.eval_flip_test is False  # the zoo's first column (no test-time augmentation)
