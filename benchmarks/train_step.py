@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,8 @@ ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_W
             "KMP_AFFINITY", "LD_PRELOAD", "MALLOC_CONF")
 
 
-def build_engine(config: Config, num_classes: int, steps_per_epoch: int, wrap=None) -> TrainingEngine:
+def build_engine(config: Config, num_classes: int, steps_per_epoch: int,
+                 wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> TrainingEngine:
     """The training engine every trainer uses (``centernet_ray.engine``), seeded so that every side
     of a comparison starts from the same weights; ``wrap``: e.g. Ray Train's ``prepare_model`` (DDP)."""
     torch.manual_seed(config.train.seed)
@@ -108,7 +109,10 @@ def timed_steps(engine: TrainingEngine, batches: Iterable, warmup: int, steps: i
         got = time.perf_counter()
         first_batch = first_batch or got - start
         wait += (got - tick) if i >= warmup else 0.0
-        count = engine.step(batch).images
+        result = engine.step(batch)
+        if not result.finite:
+            raise FloatingPointError(f"non-finite loss at step {i}: the benchmark's figures would count a skipped step")
+        count = result.images
         images += count if i >= warmup else 0
         tick = time.perf_counter()
         stamps.append(tick)

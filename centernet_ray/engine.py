@@ -2,8 +2,8 @@
 
 Every trainer drives a model through this module: the Ray Train worker loop
 (``training/loop.py``: shards in, reports and checkpoints out), ``benchmarks/``, and any future
-trainer. It needs torch only (``torch.distributed`` for gathering evaluation results when a
-process group is up), so it runs and is tested on any machine.
+trainer. It imports no Ray (torch, pycocotools; ``torch.distributed`` when a process group is
+up), so it runs and is tested on any machine.
 
 A batch is what the pipeline's collate yields: ``image`` uint8 [B, 3, H_in, W_in] and ``targets``
 (``heatmap`` [B, C, H, W], ``index`` [B, M], ``mask`` [B, M], ``size`` and ``offset`` [B, M, 2]);
@@ -126,10 +126,12 @@ class TrainingEngine:
 
     def step(self, batch: dict[str, Any]) -> StepResult:
         """One optimisation step. A non-finite loss skips the update (the schedule still advances)
-        and is counted; ``MAX_CONSECUTIVE_NONFINITE`` in a row raise :class:`NonFiniteLossError`."""
+        and is counted; ``MAX_CONSECUTIVE_NONFINITE`` in a row raise :class:`NonFiniteLossError`.
+        Under DDP every process skips when any one's loss is non-finite, so that all of them take
+        part in the same gradient all-reduces."""
         count, terms = self.forward_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(terms["total"]))
+        finite = _finite_everywhere(terms["total"])
         if finite:
             self.consecutive_nonfinite = 0
             self.scaler.scale(terms["total"]).backward()
@@ -141,7 +143,8 @@ class TrainingEngine:
         else:
             self.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
-            log.warning("non-finite loss at step %d (skipped; %d so far)", self.global_step, self.nonfinite_steps)
+            log.warning("non-finite loss at step %d (on this or another DDP rank; every rank skips the update; "
+                        "%d so far)", self.global_step, self.nonfinite_steps)
             if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
                 raise NonFiniteLossError(
                     f"the loss was NaN/inf for {self.consecutive_nonfinite} consecutive steps: training diverged. "
@@ -183,6 +186,18 @@ class TrainingEngine:
                         amp=train.amp)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether ``loss`` is finite on this process and, under DDP, on every other one."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+    if _distributed():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 @dataclass
 class EvaluationResult:
     stats: dict[str, float]  # the 12 COCO stats + eval_images on the scoring process, else {}
@@ -208,7 +223,7 @@ def evaluate(detector: Detector, batches: Iterable[dict[str, Any]], category_ids
 
 
 def _gather_and_score(results: list[dict], image_ids: list[int], ground_truth: dict | None) -> dict[str, float]:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (results, image_ids))
         results = [r for part in gathered for r in part[0]]

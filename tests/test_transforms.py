@@ -156,6 +156,14 @@ def test_official_color_aug_matches_the_official_definition(order):
                           [-0.56089297, 0.71832671, 0.41158938]]) @ (np.array([0.2141788, 0.01817699, 0.00341571]) * lighting)
     moved = (still.float() - rgb.float()).mean(dim=(1, 2))
     torch.testing.assert_close(moved, torch.tensor(shift_bgr[::-1] * 255, dtype=torch.float32), atol=0.5, rtol=0)
+    # and, without uint8 rounding, the RGB eigenvectors are the official BGR ones with the channels reversed
+    from centernet_ray.data.transforms import PCA_EIGENVALUES, PCA_EIGENVECTORS_RGB
+
+    for alpha in ([3.0, -2.0, 1.0], [0.0, 0.0, 5.0]):
+        ours_shift = PCA_EIGENVECTORS_RGB @ (PCA_EIGENVALUES * torch.tensor(alpha))
+        official = np.array([[-0.58752847, -0.69563484, 0.41340352], [-0.5832747, 0.00994535, -0.81221408],
+                             [-0.56089297, 0.71832671, 0.41158938]]) @ (np.array([0.2141788, 0.01817699, 0.00341571]) * alpha)
+        torch.testing.assert_close(ours_shift, torch.tensor(official[::-1].copy(), dtype=torch.float32), atol=1e-6, rtol=0)
 
 
 def test_official_preset_draws_discrete_scales_and_centres_inside_the_border():

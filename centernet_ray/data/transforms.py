@@ -9,7 +9,9 @@ letterbox region. Training presets:
   scale drawn from the discrete set ``np.arange(low, high, 0.1)`` of ``scale_range`` (0.6, 0.7, ...,
   1.3 for [0.6, 1.4]), a centre drawn in whole pixels at least ``official_border(128, side)`` from
   the image's borders, a flip, then brightness, contrast and saturation in a shuffled order
-  (blending with the grey image and its mean taken before any of them) and PCA lighting noise.
+  (blending with the grey image and its mean taken before any of them) and PCA lighting noise
+  (``color_jitter: 0`` turns off all colour augmentation, lighting included, as the official
+  ``--no_color_aug``).
 - ``centernet``: a faster variant: continuous scale in ``scale_range``, centre anywhere in the
   middle half of the image, one fused brightness/contrast/saturation pass, no lighting noise.
 - ``flip``: the letterbox and a flip; ``none``: the validation letterbox.
@@ -128,6 +130,9 @@ class TrainTransform:
         self.preset = preset
         self.scale_range = scale_range
         self.scales = official_scales(scale_range) if preset == "centernet_official" else []
+        if preset == "centernet_official" and not self.scales:
+            raise ValueError(f"scale_range {list(scale_range)} holds no scale: centernet_official draws from "
+                             "np.arange(low, high, 0.1), so it needs low < high")
         self.flip_prob = flip_prob if preset != "none" else 0.0
         self.jitter = color_jitter if preset in ("centernet", "centernet_official") else 0.0
 

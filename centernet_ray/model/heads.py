@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from torch import nn
 
-HEAD_NAMES = ("heatmap", "size", "offset")
 AUX_OUTPUTS = "aux"  # earlier stacks' heads (training mode only): list[dict[str, Tensor]]
 
 HEATMAP_PRIOR_BIAS = -2.19  # sigmoid(-2.19) ~= 0.1: every pixel starts as a weak "maybe"

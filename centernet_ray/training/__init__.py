@@ -1,1 +1,1 @@
-"""The Ray Train job: driver (``job``), per-worker loop (``loop``), evaluation, schedules, MLflow."""
+"""The Ray Train job: driver (``job``), per-worker glue over ``centernet_ray.engine`` (``loop``), schedules, MLflow."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from centernet_ray.config import Config
@@ -53,7 +54,7 @@ def default_storage_path(config: Config) -> str:
     return config.train.storage_path or os.environ.get(STORAGE_ENV) or str(Path("outputs").resolve() / "ray_results")
 
 
-def build_trainer(config: Config, *, callbacks: list | None = None, worker_callbacks: list[WorkerCallback] | None = None,
+def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None, worker_callbacks: list[WorkerCallback] | None = None,
                   threads_per_worker: int | None = None, mlflow_parent_run_id: str | None = None,
                   mlflow_tags: dict[str, str] | None = None) -> tuple[TorchTrainer, Any]:
     """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report.

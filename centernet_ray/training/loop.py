@@ -6,6 +6,7 @@ from rank 0. The step, the epoch and the evaluation pass are the engine's.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import tempfile
@@ -95,7 +96,7 @@ class _ProgressLog:
         log.info("epoch %d/%d step %d/%d  loss %.3f (hm %.3f wh %.3f off %.3f)  lr %.2e  %.0f img/s  data %.0f%%  ETA %s",
                  p.epoch + 1, self.train.epochs, p.step, self.steps_per_epoch, terms["total"], terms["heatmap"],
                  terms["size"], terms["offset"], p.lr, rate, 100 * p.data_wait / max(p.seconds, 1e-9),
-                 time.strftime("%M:%S", time.gmtime(eta)))
+                 datetime.timedelta(seconds=round(eta)))
         self.tracker.metrics({f"train/{k}": terms[k] for k in LOSS_TERMS} | {
             "train/lr": p.lr, "train/images_per_s": rate, "train/data_wait_s": p.data_wait}, step=p.global_step)
 
@@ -132,8 +133,8 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
         from centernet_ray.training.tracking import RunTracker
 
         tracker = RunTracker(config, inputs.run_name, mlflow_run_id, inputs.mlflow_parent_run_id, inputs.mlflow_tags)
-        progress = _ProgressLog(inputs, tracker, world, engine.global_step)
         ground_truth = json.loads(storage.read_bytes(facts.val_annotations))
+        progress = _ProgressLog(inputs, tracker, world, engine.global_step)
 
     for epoch in range(start_epoch, train.epochs):
         if inputs.clock is not None:

@@ -1,0 +1,81 @@
+"""The Ray-free training engine: one step, skipped non-finite steps (also under DDP), one epoch."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from centernet_ray.config import load_config
+from centernet_ray.engine import MAX_CONSECUTIVE_NONFINITE, NonFiniteLossError, TrainingEngine
+from centernet_ray.targets import encode_targets
+
+OVERRIDES = ["model.width=0.25", "model.neck_channels=[16,16,16]", "model.head_conv=8", "data.input_size=[64,64]",
+             "targets.max_objects=4", "train.amp=none", "train.lr=1e-3", "train.optimizer=adam"]
+
+
+def tiny_batch(seed: int = 0, nan_size: bool = False) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    encoded = encode_targets(torch.tensor([[2.0, 3.0, 9.0, 12.0]]).numpy(), torch.tensor([1]).numpy(), 2, (16, 16), 4)
+    targets = {k: torch.as_tensor(encoded[k])[None].repeat(2, *([1] * encoded[k].ndim))
+               for k in ("heatmap", "index", "mask", "size", "offset")}
+    if nan_size:
+        targets["size"][0, 0, 0] = math.nan
+    return {"image": torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=generator), "targets": targets}
+
+
+def test_a_step_updates_the_weights_and_advances_the_schedule():
+    torch.manual_seed(0)
+    engine = TrainingEngine(load_config(None, OVERRIDES), num_classes=2, steps_per_epoch=10)
+    before = [p.detach().clone() for p in engine.model.parameters()]
+    result = engine.step(tiny_batch())
+    assert result.finite and result.images == 2 and set(result.terms) == {"total", "heatmap", "size", "offset"}
+    assert engine.global_step == 1 and engine.scheduler.last_epoch == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, engine.model.parameters()))
+
+
+def test_non_finite_steps_are_skipped_counted_and_abort_after_too_many_in_a_row():
+    torch.manual_seed(0)
+    engine = TrainingEngine(load_config(None, OVERRIDES), num_classes=2, steps_per_epoch=10)
+    before = [p.detach().clone() for p in engine.model.parameters()]
+    result = engine.step(tiny_batch(nan_size=True))
+    assert not result.finite and engine.nonfinite_steps == 1 and engine.global_step == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.model.parameters()))
+    engine.step(tiny_batch())  # a good step resets the run of bad ones
+    assert engine.consecutive_nonfinite == 0
+    with pytest.raises(NonFiniteLossError, match="consecutive steps"):
+        for _ in range(MAX_CONSECUTIVE_NONFINITE):
+            engine.step(tiny_batch(nan_size=True))
+
+
+def test_train_epoch_averages_the_finite_steps_and_reports_progress():
+    torch.manual_seed(0)
+    engine = TrainingEngine(load_config(None, OVERRIDES), num_classes=2, steps_per_epoch=3)
+    seen = []
+    result = engine.train_epoch([tiny_batch(1), tiny_batch(2, nan_size=True), tiny_batch(3)], epoch=0, log_every=1,
+                                steps_per_epoch=3, on_progress=seen.append)
+    assert (result.steps, result.images) == (2, 4) and engine.global_step == 3
+    assert [p.step for p in seen] == [1, 2] and math.isfinite(result.mean_terms["total"])
+
+
+def _ddp_worker(rank: int, port: int, results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        engine = TrainingEngine(load_config(None, OVERRIDES), num_classes=2, steps_per_epoch=10)
+        engine.wrap(torch.nn.parallel.DistributedDataParallel)
+        first = engine.step(tiny_batch(rank, nan_size=rank == 1))  # only rank 1's loss is NaN
+        second = engine.step(tiny_batch(rank + 2))
+        flat = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
+        results[rank] = (first.finite, second.finite, engine.nonfinite_steps, flat)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)  # without the agreement the ranks' collectives mismatch: a hang or a failure
+def test_under_ddp_every_rank_skips_a_step_that_is_non_finite_on_one(free_ports):
+    results = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(free_ports(1)[0], results), nprocs=2, join=True)
+    assert results[0][:3] == results[1][:3] == (False, True, 1)
+    torch.testing.assert_close(results[0][3], results[1][3], rtol=0, atol=0)  # replicas stayed in step
