@@ -22,6 +22,12 @@ from centernet_ray.evaluation import STAT_NAMES
 pytestmark = pytest.mark.integration
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+HEAVY = ("dla34", "hourglass104")  # built and trained on the CPU: the heavy_model marker's models
+
+
+def _param(path: Path):
+    heavy = load_config(path).model.backbone in HEAVY
+    return pytest.param(path, id=path.stem, marks=[pytest.mark.heavy_model] if heavy else [])
 
 
 def test_the_config_directory_is_found():
@@ -35,7 +41,7 @@ def tiny_data(tmp_path_factory):
     return write_shapes_dataset(root / "shapes", num_train=4, num_val=2, image_size=128, seed=5), root
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
+@pytest.mark.parametrize("config", [_param(path) for path in CONFIGS])
 def test_config_trains_through_the_cli_and_reports_coco_stats(config, tiny_data, ray_session, tmp_path):
     dataset, root = tiny_data
     overrides = [

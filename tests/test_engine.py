@@ -59,7 +59,7 @@ def test_train_epoch_averages_the_finite_steps_and_reports_progress():
     assert [p.step for p in seen] == [1, 2] and math.isfinite(result.mean_terms["total"])
 
 
-def _ddp_worker(rank: int, port: int, results) -> None:
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
@@ -68,14 +68,16 @@ def _ddp_worker(rank: int, port: int, results) -> None:
         first = engine.step(tiny_batch(rank, nan_size=rank == 1))  # only rank 1's loss is NaN
         second = engine.step(tiny_batch(rank + 2))
         flat = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
-        results[rank] = (first.finite, second.finite, engine.nonfinite_steps, flat)
+        torch.save((first.finite, second.finite, engine.nonfinite_steps, flat), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.timeout(120)  # without the agreement the ranks' collectives mismatch: a hang or a failure
-def test_under_ddp_every_rank_skips_a_step_that_is_non_finite_on_one(free_ports):
-    results = mp.Manager().dict()
-    mp.spawn(_ddp_worker, args=(free_ports(1)[0], results), nprocs=2, join=True)
+def test_under_ddp_every_rank_skips_a_step_that_is_non_finite_on_one(free_ports, tmp_path):
+    # Results come back through files: a multiprocessing Manager would fork this process, and a fork
+    # of a process that holds a Ray driver connection (the session's local Ray) breaks that connection.
+    mp.spawn(_ddp_worker, args=(free_ports(1)[0], str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert results[0][:3] == results[1][:3] == (False, True, 1)
     torch.testing.assert_close(results[0][3], results[1][3], rtol=0, atol=0)  # replicas stayed in step
