@@ -20,6 +20,15 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(text)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute against the current directory (``~`` expanded); a URI or an
+    empty string unchanged. Call it where the path is typed: Ray workers and Tune trials run in
+    Ray's session folder, where a relative path means something else."""
+    if not uri or "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
 def join(base: str | Path, *parts: str) -> str:
     """Join path parts onto a local path or a URI without mangling the scheme."""
     text = str(base)

@@ -112,3 +112,15 @@ def test_configs_named_after_the_official_zoo_reproduce_its_recipe(name):
     assert data.input_size == (512, 512) and data.augment == "centernet_official"
     assert (data.scale_range, data.flip_prob, data.color_jitter) == ((0.6, 1.4), 0.5, 0.4)
     assert train.eval_flip_test is False  # the zoo's first column (no test-time augmentation)
+
+
+def test_local_paths_are_made_absolute_for_the_workers_and_uris_are_kept(tmp_path, monkeypatch):
+    from centernet_ray.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["data.root=shapes", "data.val_annotations=ann/val.json", "data.parquet_dir=s3://b/pq",
+                                "train.storage_path=~/runs"])
+    resolved = with_absolute_paths(config)
+    assert resolved.data.root == str(tmp_path / "shapes") and resolved.data.val_annotations == str(tmp_path / "ann/val.json")
+    assert resolved.data.parquet_dir == "s3://b/pq" and resolved.train.storage_path == str(Path("~/runs").expanduser())
+    assert resolved.data.train_images == "" and config.data.root == "shapes"  # empty stays empty; the input is untouched

@@ -15,7 +15,7 @@ import pytest
 
 from centernet_ray.checkpoint import load_checkpoint, model_from_checkpoint
 from centernet_ray.cli import main
-from centernet_ray.config import load_config
+from centernet_ray.config import load_config, with_absolute_paths
 from centernet_ray.data.synthetic import write_shapes_dataset
 from centernet_ray.evaluation import STAT_NAMES
 
@@ -42,11 +42,12 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("config", [_param(path) for path in CONFIGS])
-def test_config_trains_through_the_cli_and_reports_coco_stats(config, tiny_data, ray_session, tmp_path):
+def test_config_trains_through_the_cli_and_reports_coco_stats(config, tiny_data, ray_session, tmp_path, monkeypatch):
     dataset, root = tiny_data
+    monkeypatch.chdir(root)  # relative data paths, as a user types them: the workers run elsewhere
     overrides = [
-        f"data.root={dataset}", "data.train_images=", "data.train_annotations=", "data.val_images=",
-        "data.val_annotations=", f"data.parquet_dir={root / 'parquet'}", "data.input_size=[128,128]",
+        f"data.root={dataset.relative_to(root)}", "data.train_images=", "data.train_annotations=", "data.val_images=",
+        "data.val_annotations=", "data.parquet_dir=parquet", "data.input_size=[128,128]",
         "data.preprocess_max_actors=1", "data.preprocess_batch_size=2",
         "model.pretrained=null",  # ImageNet / DLA weights cannot be downloaded here; loading them is tested apart
         "train.use_gpu=false", "train.num_workers=1", "train.batch_size=2", "train.epochs=1",
@@ -62,7 +63,7 @@ def test_config_trains_through_the_cli_and_reports_coco_stats(config, tiny_data,
     for name in STAT_NAMES:  # COCOeval gives -1 for an area range without ground truth
         assert not math.isnan(summary[name]) and (0.0 <= summary[name] <= 1.0 or summary[name] == -1.0), name
     state = load_checkpoint(summary["checkpoint"])  # torch.load(weights_only=True) inside
-    expected = load_config(config, overrides)
+    expected = with_absolute_paths(load_config(config, overrides))
     assert state["epoch"] == 1 and state["config"]["model"] == expected.to_dict()["model"]
     assert state["config"]["data"]["augment"] == expected.data.augment
     restored = model_from_checkpoint(summary["checkpoint"])
