@@ -7,7 +7,6 @@ values raise :class:`ConfigError` naming what would have been valid.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import types
 import typing
@@ -415,23 +414,6 @@ def _check_range(key: str, value: Any, meta: typing.Mapping[str, Any]) -> None:
         bound = meta.get(name)
         if bound is not None and not ok(value, bound):
             raise ConfigError(f"{key} must be {' and '.join(bounds)}; got {value!r}")
-
-
-LOCAL_PATH_KEYS = (("data", "root"), ("data", "train_images"), ("data", "train_annotations"), ("data", "val_images"),
-                   ("data", "val_annotations"), ("data", "parquet_dir"), ("train", "storage_path"))
-
-
-def with_absolute_paths(config: Config) -> Config:
-    """A copy of ``config`` whose local dataset and storage paths (``LOCAL_PATH_KEYS``) are absolute,
-    resolved against the current directory. Drivers call it before shipping a config to Ray workers
-    or Tune trials, whose working directory is Ray's session folder."""
-    from centernet_ray import storage
-
-    resolved = copy.deepcopy(config)
-    for section, key in LOCAL_PATH_KEYS:
-        part = getattr(resolved, section)
-        setattr(part, key, storage.absolute(getattr(part, key)))
-    return resolved
 
 
 def resolve_learning_rate(train: TrainConfig) -> float:

@@ -6,10 +6,15 @@ through these helpers, so a URI works wherever a local path does.
 
 from __future__ import annotations
 
+import copy
 import posixpath
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    from centernet_ray.config import Config
 
 
 def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
@@ -57,3 +62,17 @@ def exists(uri: str | Path) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
+
+LOCAL_PATH_KEYS = (("data", "root"), ("data", "train_images"), ("data", "train_annotations"), ("data", "val_images"),
+                   ("data", "val_annotations"), ("data", "parquet_dir"), ("train", "storage_path"))
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """A copy of ``config`` whose local dataset and storage paths (``LOCAL_PATH_KEYS``) are absolute,
+    resolved against the current directory. Drivers call it before shipping a config to Ray workers
+    or Tune trials, whose working directory is Ray's session folder."""
+    resolved = copy.deepcopy(config)
+    for section, key in LOCAL_PATH_KEYS:
+        part = getattr(resolved, section)
+        setattr(part, key, absolute(getattr(part, key)))
+    return resolved

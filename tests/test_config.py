@@ -115,7 +115,7 @@ def test_configs_named_after_the_official_zoo_reproduce_its_recipe(name):
 
 
 def test_local_paths_are_made_absolute_for_the_workers_and_uris_are_kept(tmp_path, monkeypatch):
-    from centernet_ray.config import with_absolute_paths
+    from centernet_ray.storage import with_absolute_paths
 
     monkeypatch.chdir(tmp_path)
     config = load_config(None, ["data.root=shapes", "data.val_annotations=ann/val.json", "data.parquet_dir=s3://b/pq",

@@ -17,7 +17,8 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
-from centernet_ray.config import Config, with_absolute_paths
+from centernet_ray import storage
+from centernet_ray.config import Config
 from centernet_ray.data.sources import ingest_splits, split_sources
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, preprocessed_dataset
@@ -63,7 +64,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     ``worker_callbacks`` run inside every worker's loop; ``threads_per_worker`` defaults to the
     cores divided among the workers; ``mlflow_parent_run_id`` nests the run's MLflow run under a
     sweep's run."""
-    config = with_absolute_paths(config)  # the workers' working directory is Ray's session folder
+    config = storage.with_absolute_paths(config)  # the workers' working directory is Ray's session folder
     ingested = ingest_splits(config.data)
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")

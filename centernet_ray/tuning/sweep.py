@@ -12,7 +12,7 @@ import ray
 from ray import tune
 
 from centernet_ray import storage
-from centernet_ray.config import Config, ConfigError, with_absolute_paths
+from centernet_ray.config import Config, ConfigError
 from centernet_ray.data.sources import ingest_splits
 from centernet_ray.training.job import default_storage_path
 from centernet_ray.tuning.report import SweepSummary, TrialRecord, best_config, records_from_results
@@ -88,7 +88,7 @@ def build_scheduler(config: Config, state_uri: str, baseline: dict[str, Any] | N
 def run_sweep(config: Config, space: SearchSpace) -> SweepSummary:
     """Run (or resume: same ``tune.name`` and ``train.storage_path``) the sweep to the end."""
     started = time.perf_counter()
-    config = with_absolute_paths(config)  # trials run in Ray's session folder
+    config = storage.with_absolute_paths(config)  # trials run in Ray's session folder
     name, root = sweep_name(config), default_storage_path(config)
     experiment = storage.join(root, name)
     ingest_splits(config.data)  # once, here: concurrent trials would otherwise race to ingest
