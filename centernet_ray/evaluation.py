@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -49,18 +51,50 @@ def coco_from_dict(instances: dict[str, Any]) -> COCO:
     return coco
 
 
-def coco_evaluate(ground_truth: COCO | str, detections: list[dict[str, Any]],
-                  image_ids: Sequence[int] | None = None) -> dict[str, float]:
-    """The 12 standard COCO box stats by name (``AP`` ... ``ARl``) for ``detections``.
+@dataclass
+class CocoEvaluation:
+    """The 12 stats plus COCOeval's accumulated precision, for per-class AP and precision-recall curves."""
 
-    ``ground_truth`` is a ``COCO`` object or the path of an instances json; ``image_ids`` limits
-    the evaluation to those images (default: all). No detections scores 0 everywhere.
-    """
+    stats: dict[str, float]
+    precision: np.ndarray  # [T, R, K]: IoU thresholds .50:.05:.95 x 101 recall points x classes, area "all",
+    #                        100 detections per image; -1 where a class has no ground truth
+    recall_points: np.ndarray  # [R] 0, 0.01, ..., 1
+    iou_thresholds: np.ndarray  # [T]
+    category_ids: list[int]  # [K] COCO ids in COCOeval's (sorted) order
+
+    def class_ap(self, iou: float | None = None) -> np.ndarray:
+        """[K] AP per class, averaged over IoU thresholds (``iou`` None) or at one of them (0.5, 0.75);
+        NaN for a class without ground truth. The mean over classes is the AP stat."""
+        precision = self.precision if iou is None else self.precision[self._iou_index(iou)][None]
+        valid = precision > -1
+        counts = valid.sum(axis=(0, 1))
+        sums = np.where(valid, precision, 0.0).sum(axis=(0, 1))
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+    def pr_curves(self, iou: float = 0.5) -> np.ndarray:
+        """[R, K] interpolated precision at each recall point at IoU ``iou`` (NaN: class without ground truth)."""
+        curves = self.precision[self._iou_index(iou)].astype(np.float64)
+        return np.where(curves > -1, curves, np.nan)
+
+    def _iou_index(self, iou: float) -> int:
+        matches = np.flatnonzero(np.isclose(self.iou_thresholds, iou))
+        if not len(matches):
+            raise ValueError(f"IoU {iou} is not one of COCOeval's thresholds {self.iou_thresholds.tolist()}")
+        return int(matches[0])
+
+
+def coco_evaluation(ground_truth: COCO | str, detections: list[dict[str, Any]],
+                    image_ids: Sequence[int] | None = None) -> CocoEvaluation:
+    """COCOeval of ``detections`` (see :func:`coco_evaluate`), keeping its precision array."""
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(ground_truth) if isinstance(ground_truth, str) else ground_truth
+    category_ids = sorted(gt.getCatIds())
+    iou_thresholds = np.linspace(0.5, 0.95, 10)
+    recall_points = np.linspace(0.0, 1.0, 101)
     if not detections:
         log.warning("no detections to evaluate: every COCO stat is 0")
-        return {name: 0.0 for name in STAT_NAMES}
+        precision = np.zeros((len(iou_thresholds), len(recall_points), len(category_ids)))
+        return CocoEvaluation({name: 0.0 for name in STAT_NAMES}, precision, recall_points, iou_thresholds, category_ids)
     known = set(gt.getImgIds())
     unknown = {d["image_id"] for d in detections} - known
     if unknown:
@@ -75,7 +109,69 @@ def coco_evaluate(ground_truth: COCO | str, detections: list[dict[str, Any]],
         evaluator.accumulate()
         evaluator.summarize()
     log.debug("COCO evaluation:\n%s", buffer.getvalue().strip())
-    return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)}
+    params = evaluator.params
+    area, max_dets = params.areaRngLbl.index("all"), params.maxDets.index(100)
+    return CocoEvaluation({name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats)},
+                          evaluator.eval["precision"][:, :, :, area, max_dets], np.asarray(params.recThrs),
+                          np.asarray(params.iouThrs), list(params.catIds))
+
+
+def coco_evaluate(ground_truth: COCO | str, detections: list[dict[str, Any]],
+                  image_ids: Sequence[int] | None = None) -> dict[str, float]:
+    """The 12 standard COCO box stats by name (``AP`` ... ``ARl``) for ``detections``.
+
+    ``ground_truth`` is a ``COCO`` object or the path of an instances json; ``image_ids`` limits
+    the evaluation to those images (default: all). No detections scores 0 everywhere.
+    """
+    return coco_evaluation(ground_truth, detections, image_ids).stats
+
+
+def confusion_matrix(ground_truth: COCO, detections: list[dict[str, Any]], category_ids: Sequence[int],
+                     image_ids: Sequence[int] | None = None, iou_threshold: float = 0.5,
+                     score_threshold: float = 0.3) -> np.ndarray:
+    """[K + 1, K + 1] counts: row = true class, column = predicted class, in ``category_ids`` order;
+    the last row counts detections that match no object (background), the last column objects that
+    no detection found (missed).
+
+    Per image, detections scoring at least ``score_threshold`` are matched greedily, best score first,
+    to the unmatched non-crowd object of highest IoU >= ``iou_threshold`` whatever its class (so a
+    right box with the wrong class lands off the diagonal); a detection covering a crowd region is
+    ignored, as COCOeval ignores it.
+    """
+    index = {int(c): i for i, c in enumerate(category_ids)}
+    background = len(category_ids)
+    matrix = np.zeros((background + 1, background + 1), dtype=np.int64)
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for d in detections:
+        if d["score"] >= score_threshold:
+            by_image.setdefault(int(d["image_id"]), []).append(d)
+    for image_id in (ground_truth.getImgIds() if image_ids is None else image_ids):
+        objects = ground_truth.loadAnns(ground_truth.getAnnIds(imgIds=[image_id]))
+        found = sorted(by_image.get(int(image_id), []), key=lambda d: -d["score"])
+        real = [o for o in objects if not o.get("iscrowd", 0)]
+        crowd = [o for o in objects if o.get("iscrowd", 0)]
+        taken = np.zeros(len(real), dtype=bool)
+        ious = _box_iou([d["bbox"] for d in found], [o["bbox"] for o in real], crowd=False)
+        crowd_ious = _box_iou([d["bbox"] for d in found], [o["bbox"] for o in crowd], crowd=True)
+        for i, det in enumerate(found):
+            predicted = index[int(det["category_id"])]
+            candidates = np.where(taken, -1.0, ious[i]) if len(real) else np.zeros(0)
+            if len(candidates) and candidates.max() >= iou_threshold:
+                j = int(candidates.argmax())
+                taken[j] = True
+                matrix[index[int(real[j]["category_id"])], predicted] += 1
+            elif not (len(crowd) and crowd_ious[i].max() >= iou_threshold):
+                matrix[background, predicted] += 1
+        for j in np.flatnonzero(~taken):
+            matrix[index[int(real[j]["category_id"])], background] += 1
+    return matrix
+
+
+def _box_iou(detected: list[list[float]], objects: list[list[float]], crowd: bool) -> np.ndarray:
+    """[D, G] IoU of xywh boxes (pycocotools; against a crowd region: the share of the detection inside it)."""
+    if not detected or not objects:
+        return np.zeros((len(detected), len(objects)))
+    return np.asarray(mask_utils.iou(detected, objects, [int(crowd)] * len(objects))).reshape(len(detected), len(objects))
 
 
 def format_stats(stats: dict[str, float]) -> str:

@@ -53,3 +53,83 @@ def test_detections_to_coco_converts_boxes_and_category_ids():
     boxes = np.array([[[10, 20, 40, 60], [0, 0, 1, 1]]], dtype=np.float32)
     results = detections_to_coco([42], boxes, np.array([[0.8, 0.01]]), np.array([[1, 0]]), [5, 9], score_threshold=0.05)
     assert results == [{"image_id": 42, "category_id": 9, "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.8}]
+
+
+def test_per_class_ap_averages_to_the_ap_stat_and_pr_curves_come_from_cocoeval(ground_truth):
+    """Class 5 found perfectly, class 9 missed: AP per class (1, 0), their mean is the AP stat; the
+    IoU-0.5 curve of class 5 is precision 1 at every recall point (COCOeval's 101)."""
+    from centernet_ray.evaluation import coco_evaluation
+
+    found = [d for d in perfect(ground_truth) if d["category_id"] == 5]
+    result = coco_evaluation(coco_from_dict(ground_truth), found)
+    assert result.category_ids == [5, 9] and result.precision.shape == (10, 101, 2)
+    np.testing.assert_allclose(result.class_ap(), [1.0, 0.0])
+    assert np.nanmean(result.class_ap()) == pytest.approx(result.stats["AP"], abs=1e-12)
+    curves = result.pr_curves(0.5)
+    assert curves.shape == (101, 2) and np.all(curves[:, 0] == 1.0) and np.all(curves[:, 1] == 0.0)
+    with pytest.raises(ValueError, match="thresholds"):
+        result.pr_curves(0.52)
+
+
+def test_a_class_without_ground_truth_has_no_ap(ground_truth):
+    from centernet_ray.evaluation import coco_evaluation
+
+    ground_truth["categories"].append({"id": 11, "name": "never"})
+    result = coco_evaluation(coco_from_dict(ground_truth), perfect(ground_truth))
+    ap = result.class_ap()
+    np.testing.assert_allclose(ap[:2], [1.0, 1.0], rtol=1e-12)  # the mean of 1010 ones: sums to 1 - 1e-16
+    assert np.isnan(ap[2]) and np.all(np.isnan(result.pr_curves()[:, 2]))
+
+
+def test_confusion_matrix_counts_matches_confusions_background_and_misses(ground_truth):
+    """Hand-counted: image 1: object a found as a (diagonal), object b found with class a (b -> a);
+    a duplicate of the first box (already matched: background), a low-score box (ignored) and a box
+    in empty space (background). Image 2: nothing found (a missed)."""
+    from centernet_ray.evaluation import confusion_matrix
+
+    detections = [
+        {"image_id": 1, "category_id": 5, "bbox": [10, 10, 50, 40], "score": 0.9},
+        {"image_id": 1, "category_id": 5, "bbox": [102, 100, 60, 80], "score": 0.8},
+        {"image_id": 1, "category_id": 9, "bbox": [11, 10, 50, 40], "score": 0.7},
+        {"image_id": 1, "category_id": 9, "bbox": [0, 150, 20, 20], "score": 0.6},
+        {"image_id": 1, "category_id": 9, "bbox": [100, 100, 60, 80], "score": 0.1},
+    ]
+    matrix = confusion_matrix(coco_from_dict(ground_truth), detections, [5, 9], score_threshold=0.3)
+    #                       pred a  pred b  missed
+    expected = np.array([[1, 0, 1],    # true a: one found, one missed (image 2)
+                         [1, 0, 0],    # true b: found as a
+                         [0, 2, 0]])   # background: the duplicate and the empty-space box
+    np.testing.assert_array_equal(matrix, expected)
+
+
+def test_a_detection_on_a_crowd_region_is_not_counted_as_background(ground_truth):
+    from centernet_ray.evaluation import confusion_matrix
+
+    ground_truth["annotations"].append({"id": 4, "image_id": 2, "category_id": 9, "bbox": [150, 10, 40, 40],
+                                        "area": 1600, "iscrowd": 1})
+    detections = [{"image_id": 2, "category_id": 9, "bbox": [155, 15, 20, 20], "score": 0.9}]
+    matrix = confusion_matrix(coco_from_dict(ground_truth), detections, [5, 9], image_ids=[2])
+    np.testing.assert_array_equal(matrix, [[0, 0, 1], [0, 0, 0], [0, 0, 0]])
+
+
+def test_evaluation_figures_draw_every_class(ground_truth):
+    import torch
+
+    from centernet_ray.evaluation import coco_evaluation, confusion_matrix
+    from centernet_ray.evaluation_figures import (class_ap_figure, confusion_matrix_figure, heatmap_figure,
+                                                  pr_curves_figure)
+
+    coco = coco_from_dict(ground_truth)
+    result = coco_evaluation(coco, perfect(ground_truth)[:2])
+    names = ["a", "b"]
+    bars = class_ap_figure(result, names)
+    assert [t.get_text() for t in bars.axes[0].get_yticklabels()] == ["a", "b"]  # ascending: the best on top
+    curves = pr_curves_figure(result, names)
+    assert len(curves.axes[1].get_lines()) == 2 and len(curves.axes[0].get_lines()) == 3
+    matrix = confusion_matrix_figure(confusion_matrix(coco, perfect(ground_truth), [5, 9]), names)
+    assert [t.get_text() for t in matrix.axes[0].get_xticklabels()] == ["a", "b", "missed"]
+    images = [torch.zeros(3, 64, 64, dtype=torch.uint8)] * 3
+    heat = [torch.rand(2, 16, 16)] * 3
+    figure = heatmap_figure(images, heat, heat)
+    titles = [a.get_title() for a in figure.axes if a.get_title()]
+    assert titles == [f"image {i}: {kind}" for i in (1, 2, 3) for kind in ("target", "predicted")]
