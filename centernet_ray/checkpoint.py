@@ -1,4 +1,4 @@
-"""One checkpoint schema: model, optimizer, scheduler, grad scaler, epoch, config, classes, metrics.
+"""One checkpoint schema: model, optimizer, scheduler, grad scaler, EMA, epoch, config, classes, metrics.
 
 Everything stored is a tensor, a number, a string or a container of those, so checkpoints load
 with ``torch.load(..., weights_only=True)``: a checkpoint from elsewhere cannot run code.
@@ -32,14 +32,16 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def checkpoint_state(model: nn.Module, config: Config, class_names: list[str], category_ids: list[int], epoch: int,
                      optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None, scaler: Any = None,
-                     metrics: dict[str, float] | None = None) -> dict[str, Any]:
-    """The checkpoint dict (see module docstring)."""
+                     metrics: dict[str, float] | None = None, ema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint dict (see module docstring). ``ema``: ``WeightAverage.state_dict()`` when the
+    run keeps an EMA of its weights; models rebuilt from the checkpoint then load the EMA weights."""
     return {
         "schema_version": SCHEMA_VERSION,
         "model": _unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema,
         "epoch": int(epoch),
         "config": config.to_dict(),
         "class_names": list(class_names),
@@ -79,12 +81,14 @@ class LoadedModel:
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the model a checkpoint was trained with, weights loaded, in eval mode on ``device``."""
+    """Rebuild the model a checkpoint was trained with, in eval mode on ``device``, with the weights it
+    was evaluated with: the EMA when the run kept one, else the trained weights."""
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])
     # the checkpoint's weights replace any pretrained ones: never download them here
     model = build_model(dataclasses.replace(config.model, pretrained=None), num_classes=len(state["class_names"]))
-    model.load_state_dict(state["model"])
+    ema = state.get("ema")
+    model.load_state_dict(ema["weights"] if ema else state["model"])
     model.to(device).eval()
     return LoadedModel(model, config, state["class_names"], state["category_ids"], state["epoch"], state["metrics"])
 

@@ -7,8 +7,8 @@ up), so it runs and is tested on any machine.
 
 A batch is what the pipeline's collate yields: ``image`` uint8 [B, 3, H_in, W_in] and ``targets``
 (``heatmap`` [B, C, H, W], ``index`` [B, M], ``mask`` [B, M], ``size`` and ``offset`` [B, M, 2]);
-evaluation batches carry ``image_id`` [B], ``input_to_original`` [B, 2, 3] and ``original_size``
-[B, 2] instead of targets.
+evaluation batches also carry ``image_id`` [B], ``input_to_original`` [B, 2, 3] and
+``original_size`` [B, 2].
 """
 
 from __future__ import annotations
@@ -19,17 +19,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from centernet_ray.config import Config
 from centernet_ray.data.transforms import normalize_images
-from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco
-from centernet_ray.inference import Detector
+from centernet_ray.evaluation import CocoEvaluation, coco_evaluation, coco_from_dict, confusion_matrix, detections_to_coco
+from centernet_ray.inference import Detections, Detector
 from centernet_ray.losses import CenterNetLoss
 from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, build_model
 from centernet_ray.precision import autocast_dtype
+from centernet_ray.training.ema import WeightAverage
 from centernet_ray.training.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,8 @@ class TrainingEngine:
 
     Built as every trainer builds it: the model in channels_last on ``device``, the optimizer and
     schedule from ``config.train``, bf16/fp16 autocast where the device supports it
-    (``precision.autocast_dtype``), gradient clipping when ``train.grad_clip`` is set.
+    (``precision.autocast_dtype``), gradient clipping when ``train.grad_clip`` is set, and an
+    EMA of the weights when ``train.ema`` is on (then evaluation and the exported model use it).
     """
 
     def __init__(self, config: Config, num_classes: int, steps_per_epoch: int,
@@ -93,6 +96,8 @@ class TrainingEngine:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.criterion = CenterNetLoss.from_config(config.loss)
         self.grad_clip = config.train.grad_clip
+        train = config.train
+        self.ema = WeightAverage(self.model, train.ema_decay, train.ema_tau) if train.ema else None
         self.global_step = 0
         self.nonfinite_steps = 0
         self.consecutive_nonfinite = 0
@@ -101,6 +106,11 @@ class TrainingEngine:
     def module(self) -> nn.Module:
         """The model without its DistributedDataParallel wrapper."""
         return getattr(self.model, "module", self.model)
+
+    @property
+    def evaluated_module(self) -> nn.Module:
+        """The weights that are evaluated and exported: the EMA when ``train.ema`` is on."""
+        return self.ema.module if self.ema is not None else self.module
 
     def wrap(self, wrapper: Callable[[nn.Module], nn.Module]) -> None:
         """Wrap the model, e.g. in DDP (``ray.train.torch.prepare_model``); the optimizer keeps
@@ -113,6 +123,11 @@ class TrainingEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"])
+            else:  # a checkpoint from a run without EMA: start the average from its weights
+                self.ema = WeightAverage(self.module, self.config.train.ema_decay, self.config.train.ema_tau)
         self.global_step = state["epoch"] * steps_per_epoch
 
     def forward_loss(self, batch: dict[str, Any]) -> tuple[int, dict[str, torch.Tensor]]:
@@ -140,6 +155,8 @@ class TrainingEngine:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.module)
         else:
             self.nonfinite_steps += 1
             self.consecutive_nonfinite += 1
@@ -182,7 +199,7 @@ class TrainingEngine:
     def detector(self) -> Detector:
         """A :class:`Detector` over the current weights, as ``config.train`` evaluates (flip test, amp)."""
         train = self.config.train
-        return Detector(self.module, self.config.data.input_size, self.device, flip_test=train.eval_flip_test,
+        return Detector(self.evaluated_module, self.config.data.input_size, self.device, flip_test=train.eval_flip_test,
                         amp=train.amp)
 
 
@@ -199,9 +216,22 @@ def _finite_everywhere(loss: torch.Tensor) -> bool:
 
 
 @dataclass
+class KeptImage:
+    """A validation image kept for pictures, with what the model made of it."""
+
+    image: torch.Tensor  # uint8 [3, H_in, W_in], letterboxed input
+    input_to_original: torch.Tensor  # [2, 3]
+    detections: Detections  # in original-image pixels
+    true_heatmap: torch.Tensor | None  # [C, H, W] the training target, when the batch carries targets
+    predicted_heatmap: torch.Tensor  # [C, H, W] sigmoid probabilities
+
+
+@dataclass
 class EvaluationResult:
     stats: dict[str, float]  # the 12 COCO stats + eval_images on the scoring process, else {}
-    kept: list[tuple]  # up to keep_images (image uint8 [3,H,W], input_to_original [2,3], Detections)
+    kept: list[KeptImage]  # up to keep_images of this process's first images
+    coco: CocoEvaluation | None = None  # on the scoring process: per-class precision
+    confusion: np.ndarray | None = None  # on the scoring process: [K + 1, K + 1] (evaluation.confusion_matrix)
 
 
 def evaluate(detector: Detector, batches: Iterable[dict[str, Any]], category_ids: list[int],
@@ -217,22 +247,28 @@ def evaluate(detector: Detector, batches: Iterable[dict[str, Any]], category_ids
         image_ids += ids
         for image_id, det in zip(ids, found):
             results += detections_to_coco([image_id], det.boxes[None], det.scores[None], det.classes[None], category_ids)
-        for j in range(min(len(found), keep_images - len(kept))):
-            kept.append((batch["image"][j], batch["input_to_original"][j], found[j]))
-    return EvaluationResult(_gather_and_score(results, image_ids, ground_truth), kept)
+        take = min(len(found), keep_images - len(kept))
+        if take > 0:
+            heatmaps = detector.raw_outputs(batch["image"][:take])["heatmap"].cpu()
+            true = batch.get("targets", {}).get("heatmap")
+            kept += [KeptImage(batch["image"][j], batch["input_to_original"][j], found[j],
+                               None if true is None else true[j], heatmaps[j]) for j in range(take)]
+    return _gather_and_score(results, image_ids, ground_truth, category_ids, kept)
 
 
-def _gather_and_score(results: list[dict], image_ids: list[int], ground_truth: dict | None) -> dict[str, float]:
+def _gather_and_score(results: list[dict], image_ids: list[int], ground_truth: dict | None, category_ids: list[int],
+                      kept: list[KeptImage]) -> EvaluationResult:
     if _distributed():
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (results, image_ids))
         results = [r for part in gathered for r in part[0]]
         image_ids = [i for part in gathered for i in part[1]]
     if ground_truth is None:
-        return {}
+        return EvaluationResult({}, kept)
     duplicates = len(image_ids) - len(set(image_ids))
     if duplicates:
         log.warning("evaluation saw %d image(s) more than once", duplicates)
-    stats = coco_evaluate(coco_from_dict(ground_truth), results, image_ids=sorted(set(image_ids)))
-    stats["eval_images"] = float(len(set(image_ids)))
-    return stats
+    coco, evaluated = coco_from_dict(ground_truth), sorted(set(image_ids))
+    scored = coco_evaluation(coco, results, image_ids=evaluated)
+    stats = {**scored.stats, "eval_images": float(len(evaluated))}
+    return EvaluationResult(stats, kept, scored, confusion_matrix(coco, results, category_ids, evaluated))
