@@ -17,12 +17,11 @@ import ray
 import torch
 
 from centernet_ray import storage
-from centernet_ray.checkpoint import load_checkpoint
-from centernet_ray.config import config_from_dict
 from centernet_ray.data.coco import parse_coco
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
 from centernet_ray.inference import Detector
 from centernet_ray.pipeline import PipelineReport, RayPreprocessor, read_rows
+from centernet_ray.serving.model_source import is_mlflow_uri, load_served_model
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +32,10 @@ class DetectorActor:
     """Ray Data UDF: loads the checkpoint once per actor; emits the top ``k`` detections per image
     padded to fixed shapes (boxes [B, K, 4] original px, scores [B, K], classes [B, K])."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool, k: int, flip_test: bool) -> None:
+    def __init__(self, checkpoint: str, use_gpu: bool, k: int, flip_test: bool, tracking_uri: str | None = None) -> None:
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.detector, _ = Detector.from_checkpoint(checkpoint, device, flip_test)
+        loaded = load_served_model(checkpoint, device, tracking_uri).loaded
+        self.detector = Detector(loaded.model, loaded.config.data.input_size, device, flip_test)
         self.k = k
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -92,13 +92,23 @@ def _image_rows(images: str, annotations: dict | None) -> tuple[list[dict[str, A
 
 def run_predict(checkpoint: str, output: str, images: str | None = None, parquet: str | None = None,
                 annotations: str | None = None, batch_size: int = 16, num_actors: int = 1,
-                k: int = 100, score_threshold: float = 0.0, flip_test: bool = False) -> PredictResult:
-    """Detect on every image and write ``output``/detections.json (+ .parquet, metrics.json)."""
+                k: int = 100, score_threshold: float = 0.0, flip_test: bool = False,
+                tracking_uri: str | None = None) -> PredictResult:
+    """Detect on every image and write ``output``/detections.json (+ .parquet, metrics.json).
+
+    ``checkpoint``: a checkpoint file/directory/URI or an MLflow model URI (``models:/name@alias``,
+    ``runs:/<id>/model``) in ``tracking_uri`` (default: ``$MLFLOW_TRACKING_URI``, else
+    ``./mlflow.db``). Local paths are resolved here: the actors run in Ray's session folder."""
     if (images is None) == (parquet is None):
         raise ValueError("give exactly one of --images and --parquet")
     started = time.perf_counter()
-    state = load_checkpoint(checkpoint)
-    config = config_from_dict(state["config"])
+    tracking_uri = storage.tracking_uri(tracking_uri or "")
+    if not is_mlflow_uri(checkpoint):
+        checkpoint = storage.absolute(checkpoint)
+    images, parquet = storage.absolute(images or "") or None, storage.absolute(parquet or "") or None
+    output, annotations = storage.absolute(output), storage.absolute(annotations or "") or None
+    loaded = load_served_model(checkpoint, "cpu", tracking_uri).loaded
+    config, category_ids = loaded.config, loaded.category_ids
     ground_truth = json.loads(storage.read_bytes(annotations)) if annotations else None
     if ground_truth is not None:
         parse_coco(ground_truth, annotations)  # validate early with a clear error
@@ -117,7 +127,8 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         num_cpus=config.data.preprocess_num_cpus)
     predicted = preprocessed.map_batches(
         DetectorActor, batch_format="numpy", batch_size=batch_size,
-        fn_constructor_kwargs=dict(checkpoint=checkpoint, use_gpu=use_gpu, k=k, flip_test=flip_test),
+        fn_constructor_kwargs=dict(checkpoint=checkpoint, use_gpu=use_gpu, k=k, flip_test=flip_test,
+                                   tracking_uri=tracking_uri),
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0)
 
     image_ids, all_boxes, all_scores, all_classes = [], [], [], []
@@ -129,7 +140,7 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
             all_classes.append(batch["classes"][b])
     results: list[dict[str, Any]] = []
     for image_id, boxes, scores, classes in zip(image_ids, all_boxes, all_scores, all_classes):
-        results += detections_to_coco([image_id], boxes[None], scores[None], classes[None], state["category_ids"], score_threshold)
+        results += detections_to_coco([image_id], boxes[None], scores[None], classes[None], category_ids, score_threshold)
 
     storage.write_bytes(storage.join(output, "detections.json"), json.dumps(results).encode())
     table = pa.table({"image_id": [r["image_id"] for r in results], "category_id": [r["category_id"] for r in results],

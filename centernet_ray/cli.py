@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -96,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--count", type=int, default=16)
 
     predict = commands.add_parser("predict", help="batch inference with Ray Data: detections.json (+ metrics)")
-    predict.add_argument("--checkpoint", required=True, help="checkpoint file, directory or URI")
+    predict.add_argument("--checkpoint", required=True,
+                         help="checkpoint file/directory/URI, or an MLflow model URI (models:/name@alias, runs:/ID/model)")
+    predict.add_argument("--tracking-uri", help="MLflow store of a models:/ or runs:/ checkpoint "
+                         "(default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="directory or URI of images (any format Pillow reads)")
     source.add_argument("--parquet", help="ingested Parquet directory (from `data ingest`)")
@@ -175,7 +179,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_CONFIG, overrides)
     init_ray()
-    summary = run_training(config)
+    summary = run_training(config, source=args.source)
     print(format_summary(summary))
     if args.summary_json:
         write_summary_json(summary, args.summary_json)
@@ -195,7 +199,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     space = load_search_space(config.tune.search_space, config)
     init_ray()
     try:
-        summary = run_sweep(config, space)
+        summary = run_sweep(config, space, source=args.source)
     except SweepInterrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
@@ -228,7 +232,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     init_ray()
     result = run_predict(args.checkpoint, args.output, images=args.images, parquet=args.parquet,
                          annotations=args.annotations, batch_size=args.batch_size, num_actors=args.actors,
-                         k=args.max_detections, score_threshold=args.score_threshold, flip_test=args.flip_test)
+                         k=args.max_detections, score_threshold=args.score_threshold, flip_test=args.flip_test,
+                         tracking_uri=args.tracking_uri)
     print(f"{result.images} images, {result.detections} detections -> {result.output}/detections.json "
           f"({result.wall_seconds:.1f} s)")
     if result.skipped:
@@ -259,6 +264,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.source = shlex.join(["centernet-ray", *(sys.argv[1:] if argv is None else argv)])  # MLflow's run source
     if extra:  # key=value overrides after an option (`tune --search-space S k=v`): argparse leaves them over
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

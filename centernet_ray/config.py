@@ -143,6 +143,11 @@ class TrainConfig:
     lr_gamma: float = _ranged(0.1, gt=0.0, le=1.0)
     warmup_epochs: float = _ranged(0.0, ge=0.0)
     grad_clip: float | None = None  # max global gradient norm; None = no clipping (the official recipe)
+    # An exponential moving average of the weights, evaluated, checkpointed and exported in their
+    # place (not in the official recipe). Decay ramps up as decay * (1 - exp(-updates / ema_tau)).
+    ema: bool = False
+    ema_decay: float = _ranged(0.9998, gt=0.0, lt=1.0)
+    ema_tau: float = _ranged(2000.0, gt=0.0)  # updates
     amp: Literal["bf16", "fp16", "none"] = "bf16"
     eval_every: int = _ranged(10, ge=1)
     eval_flip_test: bool = False  # evaluation averages each image's outputs with its mirror's
@@ -201,6 +206,8 @@ class TrackingConfig:
     experiment: str = "centernet-ray"
     registered_model: str = ""  # register the trained model under this name when set
     log_model: bool = True  # log the final model with mlflow.pytorch.log_model (a torch.export: seconds)
+    system_metrics: bool = True  # MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on rank 0
+    system_metrics_interval_s: float = _ranged(10.0, gt=0.0)  # seconds between two samples
 
 
 @dataclass

@@ -54,10 +54,10 @@ def pr_curves_figure(evaluation: CocoEvaluation, class_names: Sequence[str]) -> 
     overall.plot(recall, np.nanmean(averaged, axis=(0, 2)), ":", label=f"IoU .50:.95 (AP {evaluation.stats['AP']:.3f})")
     overall.set_title("all classes")
     curves = evaluation.pr_curves(0.5)
-    colors = colormaps["tab20"]
+    colors = colormaps["tab10" if len(class_names) <= 10 else "tab20"]
     for k, name in enumerate(class_names):
         if not np.all(np.isnan(curves[:, k])):
-            per_class.plot(recall, curves[:, k], color=colors(k % 20), linewidth=1.2,
+            per_class.plot(recall, curves[:, k], color=colors(k % colors.N), linewidth=1.2,
                            label=f"{name} ({np.nanmean(curves[:, k]):.3f})")
     per_class.set_title("per class, IoU 0.50")
     for axes in (overall, per_class):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import ray
+
+from centernet_ray.storage import is_node_local_store
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +31,34 @@ def init_ray(num_cpus: int | None = None) -> None:
     log.info("started local Ray with %d logical CPUs on %d cores", cpus, os.cpu_count() or 1)
 
 
+def _alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node.get("Alive")) if ray.is_initialized() else 1
+
+
 def warn_if_node_local(path: str, what: str) -> None:
     """Log a warning when ``path`` is a plain local path but the cluster has several nodes: each node
     would read and write its own disk unless the path is a mount they all share (NFS)."""
-    if "://" in str(path) or not ray.is_initialized():
+    if "://" in str(path):
         return
-    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    nodes = _alive_nodes()
     if nodes > 1:
         log.warning("%s %s is a local path on a %d-node cluster: use an object store URI (s3://, gs://) "
                     "or a mount every node shares", what, path, nodes)
+
+
+def warn_if_node_local_tracking(uri: str) -> None:
+    """Log a warning when the MLflow store ``uri`` is a SQLite file or a folder but the cluster has
+    several nodes: rank 0 of a training run, each Tune trial and each Serve replica may run on
+    another node and would write to (or read from) that node's own copy."""
+    if not is_node_local_store(uri):
+        return
+    if os.environ.get("RAY_JOB_ID") and "runtime_resources" in str(Path.cwd()) and str(Path.cwd()) in uri:
+        log.warning("the MLflow store %s is inside this Ray job's working_dir, a copy Ray deletes with its "
+                    "session: set tracking.tracking_uri (or MLFLOW_TRACKING_URI in the job's runtime_env) to a "
+                    "tracking server or a lasting path", uri)
+    nodes = _alive_nodes()
+    if nodes > 1:
+        log.warning("the MLflow store %s is on one node's disk, but this cluster has %d nodes: runs would land "
+                    "on whichever node logs them. Run a tracking server (`mlflow server ...`) and set "
+                    "tracking.tracking_uri (or $MLFLOW_TRACKING_URI) to its http:// address, or use a path "
+                    "every node mounts", uri, nodes)

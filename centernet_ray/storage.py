@@ -7,7 +7,9 @@ through these helpers, so a URI works wherever a local path does.
 from __future__ import annotations
 
 import copy
+import os
 import posixpath
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,16 +65,59 @@ def exists(uri: str | Path) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the embedded default: a SQLite file in the command's directory
+
+
+def tracking_uri(configured: str = "") -> str:
+    """The MLflow tracking URI to use: ``configured`` (``tracking.tracking_uri``), else
+    ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``; a local store made absolute
+    (:func:`absolute_tracking_uri`)."""
+    return absolute_tracking_uri(configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """``uri`` with a relative local store resolved against the current directory:
+    ``sqlite:///mlflow.db`` -> ``sqlite:////abs/dir/mlflow.db``, ``mlruns`` or ``file:mlruns`` ->
+    ``file:///abs/dir/mlruns``. Servers (``http://``, ``databricks``, ...) and absolute stores
+    are returned unchanged. MLflow resolves a relative store in the process that opens it, and Ray
+    workers and Tune trials run in Ray's session folder, so drivers resolve it first."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not path or path.startswith("/") or path.startswith(":memory:"):
+            return uri
+        return "sqlite:///" + str(Path(path).expanduser().resolve())
+    if uri.startswith("file:"):
+        rest = uri[len("file:"):]
+        return uri if rest.startswith("//") else Path(rest).expanduser().resolve().as_uri()
+    if _is_server(uri):
+        return uri
+    return Path(uri).expanduser().resolve().as_uri()  # a plain path: MLflow's file store
+
+
+def _is_server(uri: str) -> bool:
+    """A URI with a scheme other than ``sqlite:``/``file:``, or Databricks' bare ``databricks``."""
+    return uri.startswith("databricks") or (bool(re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", uri))
+                                            and not uri.startswith(("sqlite:", "file:")))
+
+
+def is_node_local_store(uri: str) -> bool:
+    """Whether an MLflow tracking URI names a store on one machine's disk (SQLite or files)."""
+    return not _is_server(uri)
+
+
 LOCAL_PATH_KEYS = (("data", "root"), ("data", "train_images"), ("data", "train_annotations"), ("data", "val_images"),
                    ("data", "val_annotations"), ("data", "parquet_dir"), ("train", "storage_path"))
 
 
 def with_absolute_paths(config: Config) -> Config:
     """A copy of ``config`` whose local dataset and storage paths (``LOCAL_PATH_KEYS``) are absolute,
-    resolved against the current directory. Drivers call it before shipping a config to Ray workers
-    or Tune trials, whose working directory is Ray's session folder."""
+    resolved against the current directory, and whose ``tracking.tracking_uri`` is the resolved
+    store (:func:`tracking_uri`: the environment's or the default one, written down). Drivers call
+    it before shipping a config to Ray workers or Tune trials, whose working directory is Ray's
+    session folder and whose environment may differ from the driver's."""
     resolved = copy.deepcopy(config)
     for section, key in LOCAL_PATH_KEYS:
         part = getattr(resolved, section)
         setattr(part, key, absolute(getattr(part, key)))
+    resolved.tracking.tracking_uri = tracking_uri(resolved.tracking.tracking_uri)
     return resolved

@@ -50,6 +50,9 @@ def test_preprocessing_runs_on_the_cpu_pool_and_train_workers_on_the_gpu_pool(
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     assert json.loads(summary.read_text())["epochs"] == 1
+    # A SQLite store on a 3-node cluster: the user is told, with the fix, before training starts.
+    assert "the MLflow store sqlite:///" in finished.stderr and "3 nodes" in finished.stderr
+    assert "Run a tracking server (`mlflow server ...`)" in finished.stderr
 
     actors = list_actors(address=dashboard, limit=10_000, raise_on_missing_output=False)
     tasks = list_tasks(address=dashboard, limit=10_000, raise_on_missing_output=False, detail=True)

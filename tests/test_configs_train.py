@@ -44,8 +44,11 @@ def tiny_data(tmp_path_factory):
 
 @pytest.mark.parametrize("config", [_param(path) for path in CONFIGS])
 def test_config_trains_through_the_cli_and_reports_coco_stats(config, tiny_data, ray_session, tmp_path, monkeypatch):
+    """...and its MLflow run is where the user looks: no tracking settings, so `./mlflow.db` of the
+    directory the command ran in (the workers run in Ray's session folder)."""
     dataset, root = tiny_data
     monkeypatch.chdir(root)  # relative data paths, as a user types them: the workers run elsewhere
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = [
         f"data.root={dataset.relative_to(root)}", "data.train_images=", "data.train_annotations=", "data.val_images=",
         "data.val_annotations=", "data.parquet_dir=parquet", "data.input_size=[128,128]",
@@ -54,10 +57,11 @@ def test_config_trains_through_the_cli_and_reports_coco_stats(config, tiny_data,
         "train.use_gpu=false", "train.num_workers=1", "train.batch_size=2", "train.epochs=1",
         "train.eval_every=1", "train.checkpoint_every=1", f"train.storage_path={tmp_path / 'runs'}",
         f"train.run_name={config.stem}",
-        f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}", "tracking.log_model=false",
+        "tracking.log_model=false",
     ]
     summary_path = tmp_path / "summary.json"
     assert main(["train", str(config), *overrides, "--summary-json", str(summary_path)]) == 0
+    _assert_run_is_in_the_user_s_store(json.loads(summary_path.read_text())["mlflow_run_id"], config, expected_epochs=1)
 
     summary = json.loads(summary_path.read_text())
     assert summary["epochs"] == 1 and summary["mlflow_run_id"]
@@ -70,3 +74,27 @@ def test_config_trains_through_the_cli_and_reports_coco_stats(config, tiny_data,
     restored = model_from_checkpoint(summary["checkpoint"])
     assert type(restored.model).__name__ == ("HourglassCenterNet" if expected.model.backbone == "hourglass104"
                                              else "CenterNet")
+
+
+def _assert_run_is_in_the_user_s_store(run_id: str, config: Path, expected_epochs: int) -> None:
+    """Open `sqlite:///mlflow.db` here, as `mlflow ui --backend-store-uri sqlite:///mlflow.db` does."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient("sqlite:///mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == config.stem
+    assert run.info.artifact_uri.startswith(str(Path.cwd().resolve())), run.info.artifact_uri
+    tags = run.data.tags
+    assert tags["mlflow.source.name"].startswith(f"centernet-ray train {config} "), tags["mlflow.source.name"]
+    assert tags["centernet_ray.backbone"] == load_config(config).model.backbone
+    assert tags["centernet_ray.dataset.train_images"] == "4" and len(tags["centernet_ray.dataset.fingerprint"]) == 64
+    assert "| AP |" in tags["mlflow.note.content"]  # the summary table as the run's description
+    assert {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs} == {("train", "training"),
+                                                                                    ("val", "validation")}
+    assert run.data.params["model.backbone"] == tags["centernet_ray.backbone"]
+    assert run.data.metrics["train/epoch"] == expected_epochs and 0.0 <= run.data.metrics["val/AP50"] <= 1.0
+    assert any(name.startswith("val_class_AP/") for name in run.data.metrics)
+    evaluation = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert evaluation == {f"evaluation/{name}" for name in (
+        "per_class_ap.json", "per_class_ap.png", "precision_recall.png", "confusion_matrix.png",
+        "heatmaps_target_vs_predicted.png")}, evaluation

@@ -139,7 +139,7 @@ def test_submitted_train_job_succeeds_and_is_tracked_in_mlflow(ray_head, backgro
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["train.num_workers"] == "1" and run.data.params["model.head_conv"] == "16"
-    assert {"train_total", "loss_total", "AP", "AP50", "best_AP"} <= set(run.data.metrics), run.data.metrics
+    assert {"train/loss_total", "train/epoch_loss_total", "val/AP", "val/AP50", "val/best_AP"} <= set(run.data.metrics), run.data.metrics
 
     # The package the job ran in: the repo without .venv (.gitignore) and .git (excludes).
     package = info.runtime_env["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")

@@ -4,6 +4,9 @@ One sweep of 3 trials (tests/tiny_tune.yaml + tests/tiny_space.yaml): the first 
 default config, the two sampled ones have a learning rate of 1e-9 and cannot learn. The sweep runs
 as `centernet-ray tune` in a subprocess attached to the session's Ray, gets SIGINT (Ctrl+C) as soon
 as the first trial finishes, and is then resumed with the same name and storage path.
+
+Both run in a fresh directory with no MLflow settings, as a new user runs them: the sweep's run and
+every trial's run must be in that directory's `mlflow.db`, where `mlflow ui` looks.
 """
 
 import json
@@ -29,8 +32,7 @@ CONFIG = ROOT / "tests" / "tiny_tune.yaml"
 def sweep_paths(tmp_path_factory):
     base = tmp_path_factory.mktemp("sweep")
     dataset = write_shapes_dataset(base / "shapes", num_train=320, num_val=32, image_size=64, seed=3)
-    overrides = [f"data.root={dataset}", f"data.parquet_dir={base / 'parquet'}", f"train.storage_path={base / 'runs'}",
-                 f"tracking.tracking_uri=sqlite:///{base / 'mlflow.db'}"]
+    overrides = [f"data.root={dataset}", f"data.parquet_dir={base / 'parquet'}", f"train.storage_path={base / 'runs'}"]
     return base, overrides
 
 
@@ -58,7 +60,8 @@ def interrupted_then_resumed(ray_session, sweep_paths):
 
     base, overrides = sweep_paths
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "centernet_ray", "tune", str(CONFIG), *overrides], cwd=ROOT,
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen([sys.executable, "-m", "centernet_ray", "tune", str(CONFIG), *overrides], cwd=base,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     try:
@@ -73,7 +76,10 @@ def interrupted_then_resumed(ray_session, sweep_paths):
             process.wait()
 
     config = load_config(CONFIG, overrides)
-    summary = run_sweep(config, load_search_space(ROOT / config.tune.search_space, config))
+    with pytest.MonkeyPatch.context() as patch:  # the resume: same directory, same default store
+        patch.chdir(base)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        summary = run_sweep(config, load_search_space(ROOT / config.tune.search_space, config))
     return "".join(log), process.returncode, summary
 
 
@@ -114,14 +120,18 @@ def test_stopped_trials_give_their_cpus_back(interrupted_then_resumed, ray_sessi
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], ray.available_resources()
 
 
-def test_every_trial_is_an_mlflow_run_nested_under_the_sweep_run(interrupted_then_resumed, sweep_paths):
+def test_every_trial_is_an_mlflow_run_nested_under_the_sweep_run(interrupted_then_resumed, sweep_paths, monkeypatch):
+    """Opened as `mlflow ui --backend-store-uri sqlite:///mlflow.db` opens it, in the sweep's directory."""
     from mlflow import MlflowClient
 
     _, _, summary = interrupted_then_resumed
     base, _ = sweep_paths
-    client = MlflowClient(f"sqlite:///{base / 'mlflow.db'}")
+    monkeypatch.chdir(base)
+    client = MlflowClient("sqlite:///mlflow.db")
     parent = client.get_run(summary.mlflow_run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["space.train.lr"] == "choice[1e-09]"
+    assert parent.data.tags["mlflow.source.name"].startswith(f"centernet-ray tune {CONFIG} ")
+    assert summary.best.trial_id in parent.data.tags["mlflow.note.content"]  # the trial table as its description
     assert parent.data.metrics["best_AP50"] == pytest.approx(summary.best.metrics["AP50"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.txt", "sweep_summary.json", "best_config.yaml", "search_space.yaml"} <= artifacts
@@ -133,9 +143,13 @@ def test_every_trial_is_an_mlflow_run_nested_under_the_sweep_run(interrupted_the
         assert run.info.run_id == trial.mlflow_run_id
         assert float(run.data.params["loss.alpha"]) == pytest.approx(trial.params["loss.alpha"])
         assert float(run.data.params["train.lr"]) == pytest.approx(trial.params["train.lr"])
-        history = client.get_metric_history(run.info.run_id, "AP50")
+        history = client.get_metric_history(run.info.run_id, "val/AP50")
         assert len(history) == trial.epochs  # one value per evaluation
         assert run.info.status == "FINISHED" and run.data.tags["centernet_ray.tune_status"] == trial.status
+        if trial is summary.trials[0]:  # run by the interrupted command; the others by the resume (pytest)
+            assert run.data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
+        assert run.info.artifact_uri.startswith(str(base.resolve())), run.info.artifact_uri
+        assert "checkpoint" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_the_best_config_yaml_trains_unchanged_with_centernet_ray_train(interrupted_then_resumed, tmp_path):

@@ -43,6 +43,7 @@ class IngestResult:
     report: dict[str, int]
     bytes_written: int
     reused: bool  # True when an identical earlier ingest was found and nothing was rewritten
+    fingerprint: str = ""  # sha256 of the annotation file, the image location and the shard size
 
 
 def check_image(data: bytes) -> str | None:
@@ -92,7 +93,8 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     if previous and previous.get("fingerprint") == fingerprint and not force:
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
         return IngestResult(output, previous["rows"], previous["shards"], previous["category_ids"],
-                            previous["class_names"], previous["report"], previous["bytes_written"], reused=True)
+                            previous["class_names"], previous["report"], previous["bytes_written"], reused=True,
+                            fingerprint=fingerprint)
 
     dataset = parse_coco(json.loads(annotation_bytes), str(annotations))
     report: CocoReport = dataset.report
@@ -142,4 +144,5 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     storage.write_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())
     level = logging.WARNING if report.examples else logging.INFO
     log.log(level, "ingest: %s -> %s: %s", annotations, output, report.summary())
-    return IngestResult(output, rows, shards, dataset.category_ids, dataset.class_names, counts, written, reused=False)
+    return IngestResult(output, rows, shards, dataset.category_ids, dataset.class_names, counts, written, reused=False,
+                        fingerprint=fingerprint)

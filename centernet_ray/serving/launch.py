@@ -7,6 +7,8 @@ import logging
 import time
 
 from centernet_ray.config import Config
+from centernet_ray.ray_runtime import warn_if_node_local_tracking
+from centernet_ray.serving.model_source import is_mlflow_uri
 from centernet_ray.training.tracking import tracking_uri
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,8 @@ def start_app(config: Config, checkpoint: str, flip_test: bool = False) -> str:
     from centernet_ray.serving.app import build_app
 
     settings = config.serve
+    if is_mlflow_uri(checkpoint):
+        warn_if_node_local_tracking(tracking_uri(config))
     serve.start(http_options={"host": settings.host, "port": settings.port})
     args = {**dataclasses.asdict(settings), "checkpoint": checkpoint, "flip_test": flip_test,
             "tracking_uri": tracking_uri(config)}

@@ -32,19 +32,24 @@ class ServedModel:
 
 def load_served_model(source: str, device: str | torch.device = "cpu", tracking_uri: str | None = None) -> ServedModel:
     """The model behind ``source`` (checkpoint file/directory/URI or MLflow model URI) on ``device``."""
-    if source.startswith(MLFLOW_SCHEMES):
+    if is_mlflow_uri(source):
         return _from_mlflow(source, device, tracking_uri)
     loaded = model_from_checkpoint(source, device)
     return ServedModel(loaded, source, f"{Path(source.rstrip('/')).name}@epoch{loaded.epoch}")
 
 
-def _from_mlflow(uri: str, device: str | torch.device, tracking_uri: str | None) -> ServedModel:
+def is_mlflow_uri(source: str) -> bool:
+    return source.startswith(MLFLOW_SCHEMES)
+
+
+def fetch_checkpoint(uri: str, directory: str, tracking_uri: str | None = None) -> tuple[str, str, str]:
+    """Download the checkpoint behind an MLflow model URI into ``directory``.
+
+    Returns (local checkpoint path, the source run id, a version label: ``name/3`` or the URI)."""
     import mlflow
     from mlflow import MlflowClient
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri)
     if uri.startswith("runs:/"):
         run_id, version = uri[len("runs:/"):].split("/")[0], uri
     else:
@@ -59,9 +64,14 @@ def _from_mlflow(uri: str, device: str | torch.device, tracking_uri: str | None)
         run_id, version = model_version.run_id, f"{model_version.name}/{model_version.version}"
     if not run_id:
         raise ValueError(f"{uri} has no source run to take the checkpoint from")
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}",
+                                               dst_path=directory, tracking_uri=tracking_uri)
+    return path, run_id, version
+
+
+def _from_mlflow(uri: str, device: str | torch.device, tracking_uri: str | None) -> ServedModel:
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}",
-                                                   dst_path=tmp)
+        path, run_id, version = fetch_checkpoint(uri, tmp, tracking_uri)
         loaded = model_from_checkpoint(path, device)
     log.info("serving %s: run %s, epoch %d", uri, run_id, loaded.epoch)
     return ServedModel(loaded, uri, version)

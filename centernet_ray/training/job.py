@@ -22,8 +22,9 @@ from centernet_ray.config import Config
 from centernet_ray.data.sources import ingest_splits, split_sources
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, preprocessed_dataset
-from centernet_ray.ray_runtime import warn_if_node_local
+from centernet_ray.ray_runtime import warn_if_node_local, warn_if_node_local_tracking
 from centernet_ray.training.loop import DatasetFacts, LoopInputs, WorkerCallback, train_loop_per_worker
+from centernet_ray.training.tracking import DatasetInput, command_line, describe_run, ensure_experiment, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,28 @@ def default_storage_path(config: Config) -> str:
 
 def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None, worker_callbacks: list[WorkerCallback] | None = None,
                   threads_per_worker: int | None = None, mlflow_parent_run_id: str | None = None,
-                  mlflow_tags: dict[str, str] | None = None) -> tuple[TorchTrainer, Any]:
+                  mlflow_tags: dict[str, str] | None = None, source: str | None = None) -> tuple[TorchTrainer, Any]:
     """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report.
 
     ``callbacks`` are Ray Train ``UserCallback``s (a Tune trial passes its report callback);
     ``worker_callbacks`` run inside every worker's loop; ``threads_per_worker`` defaults to the
     cores divided among the workers; ``mlflow_parent_run_id`` nests the run's MLflow run under a
-    sweep's run."""
-    config = storage.with_absolute_paths(config)  # the workers' working directory is Ray's session folder
+    sweep's run; ``source`` is the command shown as the run's source (default: this process's)."""
+    # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
+    # directory is Ray's session folder.
+    config = storage.with_absolute_paths(config)
     ingested = ingest_splits(config.data)
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
     warn_if_node_local(default_storage_path(config), "train.storage_path")
+    warn_if_node_local_tracking(config.tracking.tracking_uri)
+    ensure_experiment(config)
+    dataset_facts = {"fingerprint": ingested["train"].fingerprint, "train_images": ingested["train"].rows,
+                     "val_images": ingested["val"].rows, "classes": len(ingested["train"].class_names),
+                     "val_fingerprint": ingested["val"].fingerprint}
+    tags = {**run_tags(config, source or command_line(), dataset_facts), **(mlflow_tags or {})}
+    datasets = [DatasetInput(split, sources[split].annotations, ingested[split].fingerprint, context)
+                for split, context in (("train", "training"), ("val", "validation"))]
     train_rows = ingested["train"].rows
     global_batch = config.train.batch_size * config.train.num_workers
     steps_per_epoch = max(1, train_rows // config.train.num_workers // config.train.batch_size)
@@ -83,7 +94,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                          val_annotations=sources["val"].annotations)
     inputs = LoopInputs(config=config, dataset=facts, run_name=default_run_name(config), clock=clock,
                         threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // config.train.num_workers),
-                        mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=mlflow_tags or {},
+                        mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=tags, mlflow_datasets=datasets,
                         callbacks=list(worker_callbacks or []))
     scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
                             label_selector=config.cluster.train_selector())
@@ -100,10 +111,12 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     return trainer, report
 
 
-def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None = None) -> TrainSummary:
-    """Train to the end (resuming a run of the same name and storage path) and summarise it."""
+def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None = None,
+                 source: str | None = None) -> TrainSummary:
+    """Train to the end (resuming a run of the same name and storage path) and summarise it; the
+    summary becomes the MLflow run's description. ``source``: the command, for the run's source."""
     started = time.perf_counter()
-    trainer, report = build_trainer(config, worker_callbacks=worker_callbacks)
+    trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -111,8 +124,11 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     checkpoint = result.get_best_checkpoint("best_AP", "max") or result.checkpoint
     stats = {name: float(metrics.get(name, math.nan)) for name in STAT_NAMES}
     dropped = ray.get(report.get.remote())["counts"]
-    return TrainSummary(stats, checkpoint.path if checkpoint else None, metrics.get("mlflow_run_id"),
-                        time.perf_counter() - started, int(metrics.get("epoch", 0)), dropped)
+    summary = TrainSummary(stats, checkpoint.path if checkpoint else None, metrics.get("mlflow_run_id"),
+                           time.perf_counter() - started, int(metrics.get("epoch", 0)), dropped)
+    if summary.mlflow_run_id:
+        describe_run(config, summary.mlflow_run_id, summary_markdown(summary, config))
+    return summary
 
 
 def format_summary(summary: TrainSummary) -> str:
@@ -122,6 +138,18 @@ def format_summary(summary: TrainSummary) -> str:
               f"{'ckpt':>8}  {summary.checkpoint}", f"{'mlflow':>8}  {summary.mlflow_run_id}"]
     if summary.dropped_rows:
         lines.append(f"{'dropped':>8}  {summary.dropped_rows}")
+    return "\n".join(lines)
+
+
+def summary_markdown(summary: TrainSummary, config: Config) -> str:
+    """The summary as the MLflow run's description (Markdown: a table of the COCO stats)."""
+    lines = [f"**{config.model.backbone}** trained {summary.epochs} epoch(s) in {summary.wall_seconds:.0f} s "
+             f"({config.train.num_workers} worker(s), global batch {config.train.batch_size * config.train.num_workers}).",
+             "", "| stat | value |", "|---|---|"]
+    lines += [f"| {name} | {summary.stats[name]:.4f} |" for name in STAT_NAMES]
+    lines += ["", f"Checkpoint: `{summary.checkpoint}`"]
+    if summary.dropped_rows:
+        lines.append(f"Dropped by preprocessing: {summary.dropped_rows}")
     return "\n".join(lines)
 
 

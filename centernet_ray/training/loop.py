@@ -6,9 +6,11 @@ from rank 0. The step, the epoch and the evaluation pass are the engine's.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,8 +26,10 @@ from centernet_ray import storage
 from centernet_ray.checkpoint import CHECKPOINT_FILE, checkpoint_state, load_checkpoint, save_checkpoint
 from centernet_ray.config import Config
 from centernet_ray.drawing import draw_detections, save_png_grid
-from centernet_ray.engine import LOSS_TERMS, EpochResult, Progress, TrainingEngine, evaluate
+from centernet_ray.engine import LOSS_TERMS, EpochResult, EvaluationResult, KeptImage, Progress, TrainingEngine, evaluate
+from centernet_ray.evaluation_figures import class_ap_figure, confusion_matrix_figure, heatmap_figure, pr_curves_figure
 from centernet_ray.pipeline import shard_batches
+from centernet_ray.training.tracking import DatasetInput, RunTracker, epoch_metric_names
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +65,53 @@ class LoopInputs:
     log_every: int = 20  # progress line + MLflow step metrics every this many steps
     mlflow_parent_run_id: str | None = None  # a sweep's run: this run is nested under it
     mlflow_tags: dict[str, str] = field(default_factory=dict)
+    mlflow_datasets: list[DatasetInput] = field(default_factory=list)
     callbacks: list[WorkerCallback] = field(default_factory=list)
 
 
-def _draw_predictions(kept: list[tuple], class_names: list[str], path: Path) -> Path:
+def _draw_predictions(kept: list[KeptImage], class_names: list[str], path: Path) -> Path:
     pictures = []
-    for image, matrix, det in kept:
+    for item in kept:
+        det, matrix = item.detections, item.input_to_original
         keep = det.scores > 0.3
         boxes = torch.as_tensor(det.boxes[keep]).clone()
         # original pixels -> the letterboxed input shown here (inverse of input_to_original)
         boxes[:, [0, 2]] = (boxes[:, [0, 2]] - matrix[0, 2]) / matrix[0, 0]
         boxes[:, [1, 3]] = (boxes[:, [1, 3]] - matrix[1, 2]) / matrix[1, 1]
-        pictures.append(draw_detections(image, boxes, det.classes[keep], class_names, det.scores[keep]))
+        pictures.append(draw_detections(item.image, boxes, det.classes[keep], class_names, det.scores[keep]))
     return save_png_grid(pictures, path)
+
+
+def _class_ap_metrics(evaluation: EvaluationResult, class_names: list[str]) -> dict[str, float]:
+    if evaluation.coco is None:
+        return {}
+    return {f"val_class_AP/{name}": float(ap) for name, ap in zip(class_names, evaluation.coco.class_ap())
+            if not math.isnan(ap)}
+
+
+def _log_evaluation(tracker: Any, evaluation: EvaluationResult, class_names: list[str], directory: Path) -> None:
+    """The final evaluation's pictures and per-class table, under ``evaluation/`` in the run's artifacts."""
+    coco, confusion = evaluation.coco, evaluation.confusion
+    if evaluation.kept:
+        tracker.artifact(_draw_predictions(evaluation.kept, class_names, directory / "val_predictions.png"))
+        with_targets = [item for item in evaluation.kept if item.true_heatmap is not None]
+        if with_targets:
+            tracker.figure(heatmap_figure([k.image for k in with_targets], [k.true_heatmap for k in with_targets],
+                                          [k.predicted_heatmap for k in with_targets]),
+                           "evaluation/heatmaps_target_vs_predicted.png")
+    if coco is None or confusion is None:
+        return
+    objects = confusion[:-1].sum(axis=1)  # each true object is matched or missed: its row sums to its count
+    tracker.table({"class": list(class_names), "AP": _rounded(coco.class_ap()), "AP50": _rounded(coco.class_ap(0.5)),
+                   "AP75": _rounded(coco.class_ap(0.75)), "objects": [int(n) for n in objects]},
+                  "evaluation/per_class_ap.json")
+    tracker.figure(class_ap_figure(coco, class_names), "evaluation/per_class_ap.png")
+    tracker.figure(pr_curves_figure(coco, class_names), "evaluation/precision_recall.png")
+    tracker.figure(confusion_matrix_figure(confusion, class_names), "evaluation/confusion_matrix.png")
+
+
+def _rounded(values: Any) -> list[float | None]:
+    return [None if math.isnan(v) else round(float(v), 4) for v in values]
 
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
@@ -97,7 +135,7 @@ class _ProgressLog:
                  p.epoch + 1, self.train.epochs, p.step, self.steps_per_epoch, terms["total"], terms["heatmap"],
                  terms["size"], terms["offset"], p.lr, rate, 100 * p.data_wait / max(p.seconds, 1e-9),
                  datetime.timedelta(seconds=round(eta)))
-        self.tracker.metrics({f"train/{k}": terms[k] for k in LOSS_TERMS} | {
+        self.tracker.metrics({f"train/loss_{k}": terms[k] for k in LOSS_TERMS} | {
             "train/lr": p.lr, "train/images_per_s": rate, "train/data_wait_s": p.data_wait}, step=p.global_step)
 
 
@@ -130,9 +168,8 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
 
     tracker = progress = ground_truth = None
     if rank == 0:
-        from centernet_ray.training.tracking import RunTracker
-
-        tracker = RunTracker(config, inputs.run_name, mlflow_run_id, inputs.mlflow_parent_run_id, inputs.mlflow_tags)
+        tracker = RunTracker(config, inputs.run_name, mlflow_run_id, inputs.mlflow_parent_run_id, inputs.mlflow_tags,
+                             inputs.mlflow_datasets)
         ground_truth = json.loads(storage.read_bytes(facts.val_annotations))
         progress = _ProgressLog(inputs, tracker, world, engine.global_step)
 
@@ -146,11 +183,11 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
                                     on_progress=progress)
         metrics = _epoch_metrics(result, epoch, world, engine.nonfinite_steps)
         last_epoch = epoch + 1 == train.epochs
-        kept: list[tuple] = []
+        evaluation, class_ap = None, {}
         if (epoch + 1) % train.eval_every == 0 or last_epoch:
             evaluation = evaluate(engine.detector(), shard_batches("val", config, facts.num_classes, train.batch_size),
                                   facts.category_ids, ground_truth, keep_images=8 if last_epoch else 0)
-            stats, kept = evaluation.stats, evaluation.kept
+            stats, class_ap = evaluation.stats, _class_ap_metrics(evaluation, facts.class_names)
             if rank == 0:
                 log.info("epoch %d evaluation: AP %.4f AP50 %.4f AP75 %.4f (%d images)", epoch + 1, stats["AP"],
                          stats["AP50"], stats["AP75"], stats["eval_images"])
@@ -159,8 +196,8 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
         metrics["best_AP"] = best_ap
         if tracker is not None:
             metrics["mlflow_run_id"] = tracker.run_id
-            tracker.metrics(_numbers(metrics), step=engine.global_step)
-        _report(engine, inputs, tracker, metrics, epoch, last_epoch, kept, rank)
+            tracker.metrics(epoch_metric_names(metrics) | class_ap, step=engine.global_step)
+        _report(engine, inputs, tracker, metrics, epoch, last_epoch, evaluation, rank)
     if tracker is not None:
         tracker.close()
 
@@ -173,24 +210,25 @@ def _epoch_metrics(result: EpochResult, epoch: int, world: int, nonfinite: int) 
 
 
 def _report(engine: TrainingEngine, inputs: LoopInputs, tracker: Any, metrics: dict[str, Any], epoch: int,
-            last_epoch: bool, kept: list[tuple], rank: int) -> None:
+            last_epoch: bool, evaluation: EvaluationResult | None, rank: int) -> None:
     """``ray.train.report`` the epoch's metrics, with rank 0's checkpoint on checkpoint epochs; at the
-    end, the checkpoint, a picture of predictions and the model go to MLflow."""
+    end, the checkpoint, the evaluation's pictures and the model go to MLflow."""
     config, facts = inputs.config, inputs.dataset
     report_checkpoint = None
     with tempfile.TemporaryDirectory() as directory:
         if ((epoch + 1) % config.train.checkpoint_every == 0 or last_epoch) and rank == 0:
             state = checkpoint_state(engine.model, config, facts.class_names, facts.category_ids, epoch + 1,
-                                     engine.optimizer, engine.scheduler, engine.scaler, _numbers(metrics))
+                                     engine.optimizer, engine.scheduler, engine.scaler, _numbers(metrics),
+                                     ema=engine.ema.state_dict() if engine.ema is not None else None)
             state["mlflow_run_id"] = tracker.run_id
             save_checkpoint(Path(directory) / CHECKPOINT_FILE, state)
             report_checkpoint = ray.train.Checkpoint.from_directory(directory)
         if rank == 0 and last_epoch:
             tracker.artifact(Path(directory) / CHECKPOINT_FILE, "checkpoint")
-            if kept:
-                tracker.artifact(_draw_predictions(kept, facts.class_names, Path(directory) / "val_predictions.png"))
+            if evaluation is not None:
+                _log_evaluation(tracker, evaluation, facts.class_names, Path(directory))
             if config.tracking.log_model:
-                tracker.model(engine.module.cpu().float().to(memory_format=torch.contiguous_format),
+                tracker.model(copy.deepcopy(engine.evaluated_module).cpu().float().to(memory_format=torch.contiguous_format),
                               config.data.input_size, config.tracking.registered_model)
         ray.train.report(metrics, checkpoint=report_checkpoint,
                          checkpoint_dir_name=f"epoch_{epoch + 1:04d}" if report_checkpoint is not None else None)

@@ -1,29 +1,142 @@
-"""MLflow from rank 0 only: one run per training job, resumed with the job."""
+"""MLflow for training runs: the driver prepares the store and the run's tags; rank 0 logs the run.
+
+The driver (``job.build_trainer``) resolves the store in the user's directory, creates the
+experiment there (MLflow resolves a new experiment's artifact folder in the process that creates
+it, and Ray workers run in Ray's session folder) and computes the tags that say what ran
+(:func:`run_tags`). Rank 0 opens one run per training job (:class:`RunTracker`), resumed with the
+job, and logs params, step and epoch metrics, system metrics and artifacts. Metric names are
+grouped the way MLflow's UI shows sections: ``train/...``, ``val/...``, ``val_class_AP/...`` and
+MLflow's own ``system/...``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from centernet_ray import storage
 from centernet_ray.config import Config
+from centernet_ray.evaluation import STAT_NAMES
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Epoch report key -> MLflow metric name (COCO stats go to val/<stat>).
+_EPOCH_NAMES = {"epoch": "train/epoch", "images_per_s": "train/epoch_images_per_s",
+                "nonfinite_steps": "train/nonfinite_steps", "best_AP": "val/best_AP", "eval_images": "val/images"}
 
 
 def tracking_uri(config: Config) -> str:
-    return config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """The MLflow store of ``config`` (see :func:`centernet_ray.storage.tracking_uri`)."""
+    return storage.tracking_uri(config.tracking.tracking_uri)
+
+
+def ensure_experiment(config: Config) -> str:
+    """The id of experiment ``tracking.experiment`` in the config's store, created if missing.
+    Call it on the driver: a new experiment's artifact folder (``./mlruns`` for a SQLite store)
+    is resolved against the working directory of the process that creates it."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(config.tracking.experiment)
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that started this process, as a user would type it: ``centernet-ray train ...``
+    for the CLI (installed script or ``python -m centernet_ray``), ``python -m pkg ...`` for another
+    module, else the script and its arguments."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return "python"
+    script = Path(argv[0])
+    if script.name == "centernet-ray" or (script.name == "__main__.py" and script.parent.name == "centernet_ray"):
+        return shlex.join(["centernet-ray", *argv[1:]])
+    if script.name == "__main__.py":
+        return shlex.join(["python", "-m", script.parent.name, *argv[1:]])
+    return shlex.join([script.name, *argv[1:]])
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from, when it runs from a git checkout."""
+    package = Path(__file__).resolve().parents[1]
+    try:
+        result = subprocess.run(["git", "-C", str(package), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def run_tags(config: Config, source: str, dataset: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Tags that say what ran: the command (``mlflow.source.name``), the code version, the model, the
+    dataset (``dataset``: ``fingerprint``, ``train_images``, ``val_images``, ``classes``) and the
+    versions of Ray and torch."""
+    import mlflow
+    import ray
+    import torch
+
+    from centernet_ray import __version__
+
+    tags = {"mlflow.source.name": source, "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
+            "centernet_ray.backbone": config.model.backbone, "centernet_ray.version": __version__,
+            "centernet_ray.dataset": config.data.root or config.data.train_annotations or "synthetic shapes",
+            "ray.version": ray.__version__, "torch.version": torch.__version__, "mlflow.version": mlflow.__version__}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    for key, value in (dataset or {}).items():
+        tags[f"centernet_ray.dataset.{key}"] = str(value)
+    return tags
+
+
+def metric_name(text: str) -> str:
+    """``text`` with the characters MLflow rejects in metric names replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", text)
+
+
+def epoch_metric_names(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """An epoch report's numbers under their MLflow names: COCO stats -> ``val/AP`` ..., loss means
+    -> ``train/epoch_loss_total`` ..., throughput -> ``train/epoch_images_per_s``."""
+    named = {}
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float)):
+            continue
+        if key in STAT_NAMES:
+            named[f"val/{key}"] = float(value)
+        elif key.startswith("loss_"):
+            named[f"train/epoch_{key}"] = float(value)
+        elif key in _EPOCH_NAMES:
+            named[_EPOCH_NAMES[key]] = float(value)
+    return named
+
+
+@dataclass
+class DatasetInput:
+    """A dataset the run used, shown under "Datasets" in MLflow: the annotation file it was read from
+    and the ingest fingerprint as its digest."""
+
+    name: str  # e.g. "train"
+    source: str  # path or URI of the instances json
+    fingerprint: str
+    context: str  # "training" or "validation"
 
 
 class RunTracker:
-    """Thin wrapper over one MLflow run (created, or resumed from ``run_id``)."""
+    """One MLflow run (created, or resumed from ``run_id``) of a training job, on rank 0."""
 
     def __init__(self, config: Config, run_name: str, run_id: str | None = None,
-                 parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> None:
+                 parent_run_id: str | None = None, tags: dict[str, str] | None = None,
+                 datasets: list[DatasetInput] | None = None) -> None:
         import mlflow
 
         self.mlflow = mlflow
@@ -31,22 +144,47 @@ class RunTracker:
         mlflow.set_experiment(config.tracking.experiment)
         if parent_run_id and run_id is None:  # a Tune trial: nested under the sweep's run
             tags = {**(tags or {}), "mlflow.parentRunId": parent_run_id}
+        mlflow.set_system_metrics_sampling_interval(config.tracking.system_metrics_interval_s)
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                                    tags=None if run_id else tags)
+                                    tags=None if run_id else tags,
+                                    log_system_metrics=config.tracking.system_metrics)
         self.run_id = self.run.info.run_id
         if run_id is None:
             mlflow.log_params({k: str(v)[:500] for k, v in config.flatten().items()})
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "config.yaml"
-                path.write_text(config.to_yaml())
-                mlflow.log_artifact(str(path))
+            self.text(config.to_yaml(), "config.yaml")
+            for dataset in datasets or []:
+                self._log_dataset(dataset)
         log.info("MLflow run %s at %s", self.run_id, tracking_uri(config))
 
-    def metrics(self, values: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics({k.replace("/", "_"): float(v) for k, v in values.items()}, step=step)
+    def _log_dataset(self, dataset: DatasetInput) -> None:
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        try:
+            source = resolve_dataset_source(dataset.source)
+        except Exception as exc:  # a scheme MLflow has no source type for: the tags still say it
+            log.debug("no MLflow dataset source for %s: %s", dataset.source, exc)
+            return
+        self.mlflow.log_input(MetaDataset(source, name=dataset.name, digest=dataset.fingerprint[:12]),
+                              context=dataset.context)
+
+    def metrics(self, values: Mapping[str, float], step: int) -> None:
+        """Log ``values`` (already MLflow names) at ``step``."""
+        self.mlflow.log_metrics({metric_name(k): float(v) for k, v in values.items()}, step=step)
 
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def text(self, text: str, file_name: str) -> None:
+        self.mlflow.log_text(text, file_name)
+
+    def figure(self, figure: Any, file_name: str) -> None:
+        """Log a matplotlib figure as a PNG artifact."""
+        self.mlflow.log_figure(figure, file_name)
+
+    def table(self, data: dict[str, list], file_name: str) -> None:
+        """Log a column dict as an MLflow table artifact (shown as a table in the UI)."""
+        self.mlflow.log_table(data, artifact_file=file_name)
 
     def model(self, model: Any, input_size: tuple[int, int], registered_name: str = "") -> None:
         """Log the model in MLflow's ``pt2`` format (a traced graph: loading it runs no pickle)."""
@@ -64,3 +202,11 @@ class RunTracker:
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def describe_run(config: Config, run_id: str, markdown: str) -> None:
+    """Set the run's description (the Overview tab's text) from the driver."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri(config)).set_tag(run_id, "mlflow.note.content", markdown)
+

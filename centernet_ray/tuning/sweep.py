@@ -14,7 +14,9 @@ from ray import tune
 from centernet_ray import storage
 from centernet_ray.config import Config, ConfigError
 from centernet_ray.data.sources import ingest_splits
+from centernet_ray.ray_runtime import warn_if_node_local_tracking
 from centernet_ray.training.job import default_storage_path
+from centernet_ray.training.tracking import command_line, run_tags
 from centernet_ray.tuning.report import SweepSummary, TrialRecord, best_config, records_from_results
 from centernet_ray.tuning.search_space import SearchSpace
 from centernet_ray.tuning.trial import run_trial
@@ -85,13 +87,18 @@ def build_scheduler(config: Config, state_uri: str, baseline: dict[str, Any] | N
                          grace_period=config.tune.grace_period, reduction_factor=config.tune.reduction_factor)
 
 
-def run_sweep(config: Config, space: SearchSpace) -> SweepSummary:
-    """Run (or resume: same ``tune.name`` and ``train.storage_path``) the sweep to the end."""
+def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> SweepSummary:
+    """Run (or resume: same ``tune.name`` and ``train.storage_path``) the sweep to the end.
+    ``source``: the command, shown as the MLflow source of the sweep's run and its trials' runs."""
     started = time.perf_counter()
-    config = storage.with_absolute_paths(config)  # trials run in Ray's session folder
+    # Paths and the MLflow store resolved in the user's directory: trials run in Ray's session folder,
+    # and every trial's run must land in the sweep's store, nested under its run.
+    config = storage.with_absolute_paths(config)
+    source = source or command_line()
     name, root = sweep_name(config), default_storage_path(config)
     experiment = storage.join(root, name)
-    ingest_splits(config.data)  # once, here: concurrent trials would otherwise race to ingest
+    warn_if_node_local_tracking(config.tracking.tracking_uri)
+    ingested = ingest_splits(config.data)  # once, here: concurrent trials would otherwise race to ingest
     include_default = config.tune.include_default and not space.has_grid()
     if config.tune.include_default and space.has_grid():
         log.info("the search space has grid: entries; the default config is not added as a trial of its own")
@@ -99,14 +106,16 @@ def run_sweep(config: Config, space: SearchSpace) -> SweepSummary:
     state_uri = storage.join(experiment, SWEEP_STATE_FILE)
     restoring = tune.Tuner.can_restore(experiment)
     state = json.loads(storage.read_bytes(state_uri)) if restoring and storage.exists(state_uri) else {}
-    tracker = SweepTracker(config, name, space, run_id=state.get("mlflow_run_id"))
+    tags = run_tags(config, source, {"fingerprint": ingested["train"].fingerprint, "train_images": ingested["train"].rows,
+                                     "val_images": ingested["val"].rows})
+    tracker = SweepTracker(config, name, space, run_id=state.get("mlflow_run_id"), tags=tags)
     storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": tracker.run_id}).encode())
 
     max_concurrent = derive_max_concurrent(config, ray.cluster_resources())
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), storage_root=root, sweep_name=name,
                              metric=config.tune.metric, parent_run_id=tracker.run_id,
-                             concurrent_trials=max_concurrent),
+                             concurrent_trials=max_concurrent, source=source),
         {"CPU": TRIAL_DRIVER_CPUS})
     if restoring:  # Tune restores the run config (our callbacks included) from the sweep's start
         log.info("resuming sweep %s from %s (finished trials are kept, unfinished ones continue)", name, experiment)

@@ -16,7 +16,7 @@ from typing import Any
 from ray.tune import Callback
 
 from centernet_ray.config import Config
-from centernet_ray.training.tracking import tracking_uri
+from centernet_ray.training.tracking import ensure_experiment, tracking_uri
 from centernet_ray.tuning.report import SweepSummary, format_table, short
 from centernet_ray.tuning.search_space import SearchSpace
 
@@ -32,16 +32,16 @@ def _client(config: Config) -> Any:
 class SweepTracker:
     """The sweep's parent MLflow run (created, or reopened when the sweep resumes)."""
 
-    def __init__(self, config: Config, name: str, space: SearchSpace, run_id: str | None = None) -> None:
+    def __init__(self, config: Config, name: str, space: SearchSpace, run_id: str | None = None,
+                 tags: dict[str, str] | None = None) -> None:
         self.client = _client(config)
-        experiment = self.client.get_experiment_by_name(config.tracking.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.tracking.experiment)
+        experiment_id = ensure_experiment(config)  # here, on the driver: its artifact folder is resolved here
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             return
         run = self.client.create_run(experiment_id, run_name=name,
-                                     tags={"centernet_ray.role": "sweep", "centernet_ray.sweep": name})
+                                     tags={**(tags or {}), "centernet_ray.role": "sweep", "centernet_ray.sweep": name})
         self.run_id = run.info.run_id
         tune_params = {f"tune.{k}": v for k, v in config.to_dict()["tune"].items()}
         space_params = {f"space.{d.key}": d.describe() for d in space.dimensions}
@@ -69,7 +69,12 @@ class SweepTracker:
             self.client.log_metric(self.run_id, key, float(value))
         if summary.best is not None:
             self.client.set_tag(self.run_id, "centernet_ray.best_trial", summary.best.trial_id)
-        self._log_text("trials.txt", format_table(summary) + "\n")
+        table = format_table(summary)
+        self.client.set_tag(self.run_id, "mlflow.note.content",
+                            f"Sweep **{summary.name}**: {len(summary.trials)} trials, objective {summary.metric} "
+                            f"({summary.mode}), {summary.wall_seconds:.0f} s. Each trial is a child run.\n\n"
+                            f"```\n{table}\n```")
+        self._log_text("trials.txt", table + "\n")
         self._log_text("sweep_summary.json", json.dumps(summary.to_json(), indent=2, default=str))
         if summary.best_config_path:
             from centernet_ray import storage

@@ -51,7 +51,7 @@ def trial_config(base: Config, params: dict[str, Any], storage_root: str, sweep_
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str, sweep_name: str,
-              metric: str, parent_run_id: str | None, concurrent_trials: int = 1) -> None:
+              metric: str, parent_run_id: str | None, concurrent_trials: int = 1, source: str | None = None) -> None:
     """Tune's trainable: train ``base`` + ``params`` to the end (or until the scheduler stops it)."""
     import ray.tune
     from ray.data import DataContext
@@ -67,7 +67,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str
     # CPU workers of concurrent trials share the node's cores: more threads than cores stalls OpenMP
     threads = max(1, (os.cpu_count() or 1) // (config.train.num_workers * concurrent_trials))
     trainer, _ = build_trainer(config, threads_per_worker=threads, callbacks=[EvaluationReports(metric)],
-                               mlflow_parent_run_id=parent_run_id, mlflow_tags=tags)
+                               mlflow_parent_run_id=parent_run_id, mlflow_tags=tags, source=source)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

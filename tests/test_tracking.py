@@ -1,0 +1,80 @@
+"""Where MLflow runs land and how they are named: store resolution on the driver, tags, metric names."""
+
+from pathlib import Path
+
+import pytest
+
+from centernet_ray import storage
+from centernet_ray.config import load_config
+from centernet_ray.training.tracking import command_line, epoch_metric_names, metric_name, run_tags
+
+
+@pytest.mark.parametrize("uri, expected", [
+    ("sqlite:///mlflow.db", "sqlite:///{cwd}/mlflow.db"),
+    ("sqlite:///runs/m.db", "sqlite:///{cwd}/runs/m.db"),
+    ("sqlite:////abs/m.db", "sqlite:////abs/m.db"),
+    ("sqlite:///:memory:", "sqlite:///:memory:"),
+    ("mlruns", "file://{cwd}/mlruns"),
+    ("./mlruns", "file://{cwd}/mlruns"),
+    ("file:mlruns", "file://{cwd}/mlruns"),
+    ("file:///abs/mlruns", "file:///abs/mlruns"),
+    ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+    ("databricks", "databricks"),
+    ("postgresql://user@host/db", "postgresql://user@host/db"),
+])
+def test_relative_stores_are_made_absolute_in_the_current_directory(uri, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute_tracking_uri(uri) == expected.format(cwd=tmp_path.resolve())
+
+
+@pytest.mark.parametrize("uri, local", [("sqlite:////a/m.db", True), ("file:///a", True), ("/a/mlruns", True),
+                                        ("http://h:5000", False), ("https://h", False), ("databricks", False)])
+def test_node_local_stores_are_recognised(uri, local):
+    assert storage.is_node_local_store(uri) is local
+
+
+def test_the_default_store_is_the_environment_s_else_mlflow_db_here(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert storage.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///from_env.db")
+    assert storage.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/from_env.db"
+    assert storage.tracking_uri("http://server:5000") == "http://server:5000"
+
+
+def test_configs_shipped_to_workers_carry_the_resolved_store(tmp_path, monkeypatch):
+    """The workers' environment and working directory are not the driver's: the config says where."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    resolved = storage.with_absolute_paths(load_config(None))
+    assert resolved.tracking.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert storage.with_absolute_paths(resolved).tracking.tracking_uri == resolved.tracking.tracking_uri
+
+
+def test_the_run_source_is_the_command_as_typed():
+    assert command_line(["/venv/bin/centernet-ray", "train", "a b.yaml", "train.epochs=2"]) == \
+        "centernet-ray train 'a b.yaml' train.epochs=2"
+    assert command_line(["/src/centernet_ray/__main__.py", "tune"]) == "centernet-ray tune"
+    assert command_line(["/home/me/train_coco.py", "--fast"]) == "train_coco.py --fast"
+    assert command_line(["/venv/lib/site-packages/pytest/__main__.py", "-q"]) == "python -m pytest -q"
+
+
+def test_run_tags_name_the_code_model_dataset_and_versions():
+    import ray
+    import torch
+
+    tags = run_tags(load_config(None), "centernet-ray train", {"fingerprint": "abc", "train_images": 10})
+    assert tags["mlflow.source.name"] == "centernet-ray train" and tags["centernet_ray.backbone"] == "resnet18"
+    assert tags["centernet_ray.dataset.fingerprint"] == "abc" and tags["centernet_ray.dataset.train_images"] == "10"
+    assert tags["ray.version"] == ray.__version__ and tags["torch.version"] == torch.__version__
+    if (Path(__file__).resolve().parents[1] / ".git").exists():  # a checkout: the commit is known
+        assert len(tags["mlflow.source.git.commit"]) == 40
+
+
+def test_epoch_metrics_are_grouped_by_section():
+    report = {"epoch": 3, "images_per_s": 210.0, "nonfinite_steps": 0, "loss_total": 1.5, "AP": 0.5, "AP50": 0.8,
+              "best_AP": 0.5, "eval_images": 200.0, "mlflow_run_id": "abc"}
+    assert epoch_metric_names(report) == {
+        "train/epoch": 3.0, "train/epoch_images_per_s": 210.0, "train/nonfinite_steps": 0.0,
+        "train/epoch_loss_total": 1.5, "val/AP": 0.5, "val/AP50": 0.8, "val/best_AP": 0.5, "val/images": 200.0}
+    assert metric_name("val_class_AP/traffic light (v2)") == "val_class_AP/traffic light _v2_"
