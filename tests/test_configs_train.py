@@ -61,7 +61,13 @@ def test_config_trains_through_the_cli_and_reports_coco_stats(config, tiny_data,
     ]
     summary_path = tmp_path / "summary.json"
     assert main(["train", str(config), *overrides, "--summary-json", str(summary_path)]) == 0
-    _assert_run_is_in_the_user_s_store(json.loads(summary_path.read_text())["mlflow_run_id"], config, expected_epochs=1)
+    run_id = json.loads(summary_path.read_text())["mlflow_run_id"]
+    _assert_run_is_in_the_user_s_store(run_id, config, expected_epochs=1)
+    if config.stem == "demo":  # predict reads an MLflow model URI from the same default store
+        images = dataset.relative_to(root) / "images" / "val"
+        assert main(["predict", "--checkpoint", f"runs:/{run_id}/model", "--images", str(images),
+                     "--output", f"predicted-{run_id}"]) == 0
+        assert json.loads((root / f"predicted-{run_id}" / "detections.json").read_text())
 
     summary = json.loads(summary_path.read_text())
     assert summary["epochs"] == 1 and summary["mlflow_run_id"]

@@ -78,7 +78,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                      "val_images": ingested["val"].rows, "classes": len(ingested["train"].class_names),
                      "val_fingerprint": ingested["val"].fingerprint}
     tags = {**run_tags(config, source or command_line(), dataset_facts), **(mlflow_tags or {})}
-    datasets = [DatasetInput(split, sources[split].annotations, ingested[split].fingerprint, context)
+    dataset_inputs = [DatasetInput(split, sources[split].annotations, ingested[split].fingerprint, context)
                 for split, context in (("train", "training"), ("val", "validation"))]
     train_rows = ingested["train"].rows
     global_batch = config.train.batch_size * config.train.num_workers
@@ -94,7 +94,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                          val_annotations=sources["val"].annotations)
     inputs = LoopInputs(config=config, dataset=facts, run_name=default_run_name(config), clock=clock,
                         threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // config.train.num_workers),
-                        mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=tags, mlflow_datasets=datasets,
+                        mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=tags, mlflow_datasets=dataset_inputs,
                         callbacks=list(worker_callbacks or []))
     scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
                             label_selector=config.cluster.train_selector())

@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -161,7 +162,9 @@ class RunTracker:
         from mlflow.data.meta_dataset import MetaDataset
 
         try:
-            source = resolve_dataset_source(dataset.source)
+            with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local source types
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(dataset.source)
         except Exception as exc:  # a scheme MLflow has no source type for: the tags still say it
             log.debug("no MLflow dataset source for %s: %s", dataset.source, exc)
             return
