@@ -224,7 +224,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if not self.node_pools:
             return
-        from ray._private.label_utils import validate_label_selector  # Ray's own label syntax rules
+        from centernet_ray.ray_compat import validate_label_selector  # Ray's own label syntax rules
 
         for name in ("cpu_pool", "gpu_pool"):
             problem = validate_label_selector({self.pool_label: getattr(self, name)})

@@ -21,6 +21,7 @@ from centernet_ray.config import Config
 from centernet_ray.data.ingest import read_manifest
 from centernet_ray.data.preprocess import Preprocessor, render_targets
 from centernet_ray.model import OUTPUT_STRIDE
+from centernet_ray.ray_compat import execution_options
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ class CenterNetDataConfig(TrainDataConfig):
         output = [{} for _ in range(world_size)]
         for name, dataset in datasets.items():
             dataset = dataset.copy(dataset)
-            options = self._resolve_execution_options(name)
+            options = execution_options(self, name)
             options.label_selector = self.label_selector
             dataset.context.execution_options = options
             splits = dataset.streaming_split(world_size, equal=(name == "train"), locality_hints=worker_node_ids)

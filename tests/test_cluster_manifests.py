@@ -63,9 +63,9 @@ def pod_groups(spec: dict):
 
 def test_launcher_config_passes_rays_own_validation():
     """What `ray up` runs before it touches AWS: defaults filled in, then the pinned Ray's ray-schema.json."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
+    from centernet_ray.ray_compat import validate_launcher_config
 
-    validate_config(prepare_config(read_yaml(CLUSTER / "aws.yaml")))
+    validate_launcher_config(read_yaml(CLUSTER / "aws.yaml"))
 
 
 def test_launcher_head_runs_no_work_and_workers_carry_the_pool_labels():
@@ -79,16 +79,14 @@ def test_launcher_head_runs_no_work_and_workers_carry_the_pool_labels():
 def test_launcher_hands_node_type_labels_to_ray_start(monkeypatch):
     """The launcher exports a node type's `labels` as RAY_OVERRIDE_LABELS in front of its start
     commands (autoscaler/_private/updater.py); `ray start` reads them back as the node's labels."""
-    from ray._private.ray_constants import LABELS_ENVIRONMENT_VARIABLE
-    from ray._private.resource_and_label_spec import ResourceAndLabelSpec
-    from ray.autoscaler._private.command_runner import _with_environment_variables
+    from centernet_ray.ray_compat import labels_from_environment, launcher_start_command
 
     labels = read_yaml(CLUSTER / "aws.yaml")["available_node_types"]["gpu_worker"]["labels"]
-    command = _with_environment_variables("ray start", {LABELS_ENVIRONMENT_VARIABLE: labels})
+    command = launcher_start_command("ray start", labels)
     export, _ = command.split(";", 1)  # export RAY_OVERRIDE_LABELS='{"centernet-ray/pool":"gpu"}'
     name, _, value = shlex.split(export)[1].partition("=")
     monkeypatch.setenv(name, value)
-    assert ResourceAndLabelSpec._load_env_labels() == labels
+    assert labels_from_environment() == labels
 
 
 def test_launcher_nodes_start_with_token_auth_storage_and_mlflow():
@@ -132,10 +130,10 @@ def test_gpu_pool_requests_gpus_and_cpu_pool_none(path):
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_rays_kuberay_autoscaler_sees_an_idle_head_and_labelled_pools(path):
     """The node types Ray's autoscaler derives from the manifest (what it scales for a demand)."""
-    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+    from centernet_ray.ray_compat import kuberay_node_types
 
     ray_cr = {"metadata": {"name": "centernet-ray", "namespace": "default"}, "spec": cluster_spec(ray_resource(path))}
-    node_types = _derive_autoscaling_config_from_ray_cr(ray_cr)["available_node_types"]
+    node_types = kuberay_node_types(ray_cr)
     assert node_types.pop("headgroup")["resources"]["CPU"] == 0
     for name, node_type in node_types.items():
         assert node_type["labels"] == GROUP_LABELS[name]
@@ -201,8 +199,9 @@ def test_rayjob_runtime_env_is_valid_and_excludes_what_runtime_env_yaml_does(nam
 
 
 def test_rayservice_serves_the_application_of_serve_yaml():
-    from ray.serve._private.utils import import_attr
     from ray.serve.schema import ServeDeploySchema
+
+    from centernet_ray.ray_compat import import_attr
 
     serve_config = yaml.safe_load(ray_resource(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"])
     ServeDeploySchema(**serve_config)
@@ -223,9 +222,9 @@ def test_runtime_env_file_is_a_valid_ray_runtime_env():
 
 
 def test_runtime_env_excludes_drop_local_state_and_keep_the_code():
-    from ray._private.runtime_env.packaging import _get_excludes  # the matcher Ray uploads working_dir with
+    from centernet_ray.ray_compat import working_dir_excluder  # the matcher Ray uploads working_dir with
 
-    excluded = _get_excludes(REPO, read_yaml(CLUSTER / "runtime_env.yaml")["excludes"])
+    excluded = working_dir_excluder(REPO, read_yaml(CLUSTER / "runtime_env.yaml")["excludes"])
     for local_state in (".git", ".venv", "outputs", "mlruns", "mlflow.db", "centernet_ray.egg-info"):
         assert excluded(REPO / local_state), local_state
     code = [*(REPO / "centernet_ray").rglob("*.py"), *(REPO / "configs").glob("*.yaml"),

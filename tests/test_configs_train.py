@@ -83,10 +83,13 @@ def test_config_trains_through_the_cli_and_reports_coco_stats(config, tiny_data,
 
 
 def _assert_run_is_in_the_user_s_store(run_id: str, config: Path, expected_epochs: int) -> None:
-    """Open `sqlite:///mlflow.db` here, as `mlflow ui --backend-store-uri sqlite:///mlflow.db` does."""
+    """Open `./mlflow.db` here, as `mlflow ui --backend-store-uri sqlite:///mlflow.db` started here does.
+    (Spelled out absolute: MLflow caches a store per URI string, so in one process the relative URI
+    would keep meaning the directory it was first opened in.)"""
     from mlflow import MlflowClient
 
-    client = MlflowClient("sqlite:///mlflow.db")
+    assert Path("mlflow.db").is_file()
+    client = MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == config.stem
     assert run.info.artifact_uri.startswith(str(Path.cwd().resolve())), run.info.artifact_uri

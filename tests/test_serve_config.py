@@ -12,8 +12,9 @@ SERVE_YAML = Path(__file__).resolve().parents[1] / "cluster" / "serve.yaml"
 
 def test_serve_yaml_matches_serves_schema_and_builds_the_application(untrained_checkpoint):
     from ray.serve import Application
-    from ray.serve._private.utils import import_attr
     from ray.serve.schema import ServeDeploySchema
+
+    from centernet_ray.ray_compat import bound_deployment, deployment_config, import_attr
 
     schema = ServeDeploySchema(**yaml.safe_load(SERVE_YAML.read_text()))
     (app,) = schema.applications
@@ -21,12 +22,12 @@ def test_serve_yaml_matches_serves_schema_and_builds_the_application(untrained_c
     builder = import_attr(app.import_path)
     built = builder({**app.args, "checkpoint": str(untrained_checkpoint)})
     assert isinstance(built, Application)
-    ingress = built._bound_deployment
-    model = ingress.init_args[0]._bound_deployment
+    ingress = bound_deployment(built)
+    model = bound_deployment(ingress.init_args[0])
     assert ingress.name == "DetectionAPI" and model.name == "DetectionModel"
     assert model.ray_actor_options["num_gpus"] == 1
-    assert model._deployment_config.autoscaling_config.max_replicas == 4
-    assert model._deployment_config.max_ongoing_requests >= app.args["max_batch_size"]
+    assert deployment_config(model).autoscaling_config.max_replicas == 4
+    assert deployment_config(model).max_ongoing_requests >= app.args["max_batch_size"]
 
 
 def test_build_app_rejects_a_missing_checkpoint_and_unknown_keys(untrained_checkpoint):

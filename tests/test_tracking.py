@@ -78,3 +78,21 @@ def test_epoch_metrics_are_grouped_by_section():
         "train/epoch": 3.0, "train/epoch_images_per_s": 210.0, "train/nonfinite_steps": 0.0,
         "train/epoch_loss_total": 1.5, "val/AP": 0.5, "val/AP50": 0.8, "val/best_AP": 0.5, "val/images": 200.0}
     assert metric_name("val_class_AP/traffic light (v2)") == "val_class_AP/traffic light _v2_"
+
+
+def test_the_experiment_keeps_its_artifacts_beside_a_sqlite_store(tmp_path, monkeypatch):
+    """MLflow would put them in ./mlruns of whichever process created the experiment (a Ray worker's
+    session folder, or any directory the command ran from)."""
+    from mlflow import MlflowClient
+
+    from centernet_ray.training.tracking import ensure_experiment
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = load_config(None, [f"tracking.tracking_uri=sqlite:///{tmp_path}/store/m.db", "tracking.experiment=a b"])
+    (tmp_path / "store").mkdir()
+    experiment_id = ensure_experiment(config)
+    assert ensure_experiment(config) == experiment_id  # found, not created twice
+    location = MlflowClient(f"sqlite:///{tmp_path}/store/m.db").get_experiment(experiment_id).artifact_location
+    assert location == str(tmp_path / "store" / "mlruns" / "a_b")
+    assert not (tmp_path / "elsewhere" / "mlruns").exists()

@@ -120,14 +120,16 @@ def test_stopped_trials_give_their_cpus_back(interrupted_then_resumed, ray_sessi
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], ray.available_resources()
 
 
-def test_every_trial_is_an_mlflow_run_nested_under_the_sweep_run(interrupted_then_resumed, sweep_paths, monkeypatch):
-    """Opened as `mlflow ui --backend-store-uri sqlite:///mlflow.db` opens it, in the sweep's directory."""
+def test_every_trial_is_an_mlflow_run_nested_under_the_sweep_run(interrupted_then_resumed, sweep_paths):
+    """Opened as `mlflow ui --backend-store-uri sqlite:///mlflow.db` started in the sweep's directory
+    opens it (spelled out absolute: in one process MLflow caches a store per URI string, and the
+    relative URI was first opened elsewhere by another test)."""
     from mlflow import MlflowClient
 
     _, _, summary = interrupted_then_resumed
     base, _ = sweep_paths
-    monkeypatch.chdir(base)
-    client = MlflowClient("sqlite:///mlflow.db")
+    assert (base / "mlflow.db").is_file()
+    client = MlflowClient(f"sqlite:///{base.resolve() / 'mlflow.db'}")
     parent = client.get_run(summary.mlflow_run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["space.train.lr"] == "choice[1e-09]"
     assert parent.data.tags["mlflow.source.name"].startswith(f"centernet-ray tune {CONFIG} ")

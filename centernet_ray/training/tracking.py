@@ -40,15 +40,24 @@ def tracking_uri(config: Config) -> str:
 
 def ensure_experiment(config: Config) -> str:
     """The id of experiment ``tracking.experiment`` in the config's store, created if missing.
-    Call it on the driver: a new experiment's artifact folder (``./mlruns`` for a SQLite store)
-    is resolved against the working directory of the process that creates it."""
+
+    Call it on the driver. MLflow resolves a new experiment's artifact folder (``./mlruns`` for a
+    SQLite store) against the working directory of the process that creates it; for a SQLite store
+    the experiment is created with its artifacts beside the database instead
+    (``<db folder>/mlruns/<experiment>``), wherever the command runs from."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri(config))
-    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    uri = tracking_uri(config)
+    client = MlflowClient(uri)
+    name = config.tracking.experiment
+    experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(config.tracking.experiment)
+    location = None
+    if uri.startswith("sqlite:///") and not uri.endswith(":memory:"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        location = str(folder / "mlruns" / re.sub(r"[^A-Za-z0-9_.-]", "_", name))  # a path, as MLflow stores its default
+    return client.create_experiment(name, artifact_location=location)
 
 
 def command_line(argv: list[str] | None = None) -> str:

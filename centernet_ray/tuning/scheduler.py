@@ -16,6 +16,7 @@ from typing import Any
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from centernet_ray import storage
+from centernet_ray.ray_compat import asha_knows_trial, asha_recorded_results, asha_uncount_stop
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
         if storage.exists(self._state_uri):
             # our own file, written below by this class (same trust as Tune's own pickled experiment state)
             self.__dict__.update(pickle.loads(storage.read_bytes(self._state_uri)))
-            recorded = sum(len(r) for bracket in self._brackets for _, r in bracket._rungs)
+            recorded = asha_recorded_results(self)
             log.info("ASHA: restored %d rung record(s) from %s", recorded, self._state_uri)
 
     def _save(self) -> None:
@@ -48,7 +49,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> Any:
         self._load_once()
-        if trial.trial_id in self._trial_info:  # a restored trial keeps its bracket and records
+        if asha_knows_trial(self, trial.trial_id):  # a restored trial keeps its bracket and records
             return None
         out = super().on_trial_add(tune_controller, trial)
         self._save()
@@ -57,7 +58,7 @@ class ResumableASHA(AsyncHyperBandScheduler):
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.STOP and self._is_baseline(trial):
-            self._num_stopped -= 1
+            asha_uncount_stop(self)
             action = TrialScheduler.CONTINUE
         self._save()
         return action

@@ -1,0 +1,130 @@
+"""The one door to Ray's internals: every use of a private Ray API in the project goes through here.
+
+Ray is pinned exactly (``constraints.txt``) because a few things have no public API: Ray Data's
+per-dataset execution options inside a Train ``DataConfig``, Ray's label-selector syntax check,
+ASHA's rung records, and (in tests) the deployments bound into a Serve application and the
+autoscaler's config validation. Each helper checks the installed Ray against the version these
+were written for and fails with a message that says so, instead of misbehaving silently after an
+upgrade.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RAY_VERSION = "2.60.0"  # the version whose internals this module was written against
+
+
+class RayVersionError(RuntimeError):
+    """The installed Ray is not the one this module's internals were written for."""
+
+
+def require_ray_version(feature: str) -> None:
+    """Raise :class:`RayVersionError` unless Ray ``RAY_VERSION`` is installed; ``feature`` names what
+    needs the internal API, for the message."""
+    import ray
+
+    if ray.__version__ != RAY_VERSION:
+        raise RayVersionError(
+            f"{feature} uses a private Ray API written for Ray {RAY_VERSION}, but Ray {ray.__version__} is "
+            f"installed: install the pinned version (pip install -c constraints.txt ...) or port "
+            f"centernet_ray/ray_compat.py to this Ray")
+
+
+def validate_label_selector(selector: dict[str, str]) -> str | None:
+    """Ray's own check of a label selector (``{"key": "value"}``, ``"!value"``, ``"in(a,b)"``, ...):
+    the error message, or None when valid."""
+    require_ray_version("cluster node-pool labels")
+    from ray._private.label_utils import validate_label_selector as check
+
+    return check(selector)
+
+
+def execution_options(data_config: Any, dataset_name: str) -> Any:
+    """The ``ExecutionOptions`` a Ray Train ``DataConfig`` gives dataset ``dataset_name`` (its
+    resource limits and locality), for a subclass that adds to them in ``configure``."""
+    require_ray_version("the Train data config")
+    return data_config._resolve_execution_options(dataset_name)
+
+
+def asha_recorded_results(scheduler: Any) -> int:
+    """How many results the rungs of an ``AsyncHyperBandScheduler`` hold."""
+    require_ray_version("ASHA's rung records")
+    return sum(len(records) for bracket in scheduler._brackets for _, records in bracket._rungs)
+
+
+def asha_knows_trial(scheduler: Any, trial_id: str) -> bool:
+    """Whether the scheduler has already placed trial ``trial_id`` in a bracket."""
+    require_ray_version("ASHA's trial records")
+    return trial_id in scheduler._trial_info
+
+
+def asha_uncount_stop(scheduler: Any) -> None:
+    """Take back one stop from the scheduler's count (a STOP decision the caller overrides)."""
+    require_ray_version("ASHA's stop count")
+    scheduler._num_stopped -= 1
+
+
+def bound_deployment(application: Any) -> Any:
+    """The deployment bound into a Serve ``Application`` (its ``init_args``/``init_kwargs``, options)."""
+    require_ray_version("Serve application inspection")
+    return application._bound_deployment
+
+
+def import_attr(path: str) -> Any:
+    """Serve's own import of ``module:attribute`` / ``module.attribute`` (what ``serve run`` and
+    ``import_path`` in a Serve config use)."""
+    require_ray_version("Serve import paths")
+    from ray.serve._private.utils import import_attr as serve_import
+
+    return serve_import(path)
+
+
+def deployment_config(deployment: Any) -> Any:
+    """A Serve deployment's resolved ``DeploymentConfig`` (autoscaling, max ongoing requests, ...)."""
+    require_ray_version("Serve deployment inspection")
+    return deployment._deployment_config
+
+
+# --- the cluster launcher, KubeRay and runtime_env: what the tests of cluster/ check with Ray's own code
+
+def validate_launcher_config(config: dict[str, Any]) -> None:
+    """What `ray up` runs before it touches the cloud: defaults filled in, then Ray's ray-schema.json."""
+    require_ray_version("cluster launcher validation")
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(config))
+
+
+def launcher_start_command(command: str, labels: dict[str, str]) -> str:
+    """``command`` as the launcher runs it on a node of a type with ``labels`` (the labels exported in
+    ``RAY_OVERRIDE_LABELS`` in front of it)."""
+    require_ray_version("cluster launcher node labels")
+    from ray._private.ray_constants import LABELS_ENVIRONMENT_VARIABLE
+    from ray.autoscaler._private.command_runner import _with_environment_variables
+
+    return _with_environment_variables(command, {LABELS_ENVIRONMENT_VARIABLE: labels})
+
+
+def labels_from_environment() -> dict[str, str]:
+    """The node labels `ray start` reads from its environment."""
+    require_ray_version("node labels from the environment")
+    from ray._private.resource_and_label_spec import ResourceAndLabelSpec
+
+    return ResourceAndLabelSpec._load_env_labels()
+
+
+def kuberay_node_types(ray_cluster: dict[str, Any]) -> dict[str, Any]:
+    """The node types Ray's KubeRay autoscaler derives from a RayCluster resource."""
+    require_ray_version("KubeRay autoscaler config")
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    return _derive_autoscaling_config_from_ray_cr(ray_cluster)["available_node_types"]
+
+
+def working_dir_excluder(root: Any, excludes: list[str]) -> Any:
+    """The predicate Ray applies to paths under ``root`` when it uploads a working_dir with ``excludes``."""
+    require_ray_version("runtime_env excludes")
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    return _get_excludes(root, excludes)

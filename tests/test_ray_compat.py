@@ -1,0 +1,46 @@
+"""Ray's internals have one door (centernet_ray/ray_compat.py): nothing else imports a private Ray
+module, and the door refuses a Ray it was not written for with a message that says what to do."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from centernet_ray import ray_compat
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = [path for folder in ("centernet_ray", "pipelines", "tune", "benchmarks", "tests")
+           for path in sorted((REPO / folder).rglob("*.py")) if path.name != "ray_compat.py"]
+
+
+def _private_ray_imports(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else (
+            [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        found += [name for name in names
+                  if name.split(".")[0] == "ray" and any(part.startswith("_") for part in name.split("."))]
+    return found
+
+
+def test_no_module_but_ray_compat_imports_a_private_ray_module():
+    assert len(SOURCES) > 50
+    offenders = {str(p.relative_to(REPO)): _private_ray_imports(p) for p in SOURCES if _private_ray_imports(p)}
+    assert offenders == {}
+
+
+def test_the_private_attributes_ray_compat_wraps_are_used_nowhere_else():
+    wrapped = ("_resolve_execution_options", "_bound_deployment", "_deployment_config", "_brackets", "_rungs",
+               "_trial_info", "_num_stopped", "_load_env_labels")
+    uses = {str(p.relative_to(REPO)): name for p in SOURCES for name in wrapped
+            if name in p.read_text() and p.name != "test_ray_compat.py"}
+    assert uses == {}
+
+
+def test_another_ray_version_gets_a_clear_error(monkeypatch):
+    import ray
+
+    ray_compat.require_ray_version("anything")  # the pinned Ray passes
+    monkeypatch.setattr(ray, "__version__", "2.61.0")
+    with pytest.raises(ray_compat.RayVersionError, match=r"written for Ray 2\.60\.0, but Ray 2\.61\.0 is installed"):
+        ray_compat.validate_label_selector({"a": "b"})
