@@ -151,7 +151,9 @@ def test_every_trial_is_an_mlflow_run_nested_under_the_sweep_run(interrupted_the
         if trial is summary.trials[0]:  # run by the interrupted command; the others by the resume (pytest)
             assert run.data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
         assert run.info.artifact_uri.startswith(str(base.resolve())), run.info.artifact_uri
-        assert "checkpoint" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "config.yaml" in artifacts  # the checkpoint and the pictures come with the last epoch:
+        assert ("checkpoint" in artifacts) == (trial.status == "finished")  # not from a stopped trial
 
 
 def test_the_best_config_yaml_trains_unchanged_with_centernet_ray_train(interrupted_then_resumed, tmp_path):
