@@ -20,8 +20,8 @@ from centernet_ray import storage
 from centernet_ray.config import Config
 from centernet_ray.data.ingest import read_manifest
 from centernet_ray.data.preprocess import Preprocessor, render_targets
-from centernet_ray.model import OUTPUT_STRIDE
 from centernet_ray.ray_compat import execution_options
+from centernet_ray.targets import OUTPUT_STRIDE
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 
 RadiusFormula = Literal["cornernet", "exact"]
 
+# Input pixels per output-map cell: every model's heads run at 1/4 of the input (the official
+# ``down_ratio``). Defined here, with the output-map geometry, so that the data layer needs no model.
+OUTPUT_STRIDE = 4
+
 
 def gaussian_radius(height: float, width: float, min_overlap: float = 0.7,
                     formula: RadiusFormula = "cornernet") -> float:

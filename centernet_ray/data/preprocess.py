@@ -24,8 +24,7 @@ import torch
 from centernet_ray import storage
 from centernet_ray.data.images import ImageDecodeError, decode_image
 from centernet_ray.data.transforms import TrainTransform, ValTransform
-from centernet_ray.model import OUTPUT_STRIDE
-from centernet_ray.targets import encode_targets
+from centernet_ray.targets import OUTPUT_STRIDE, encode_targets
 
 log = logging.getLogger(__name__)
 
