@@ -5,7 +5,7 @@
 N clients each send a request, wait for the answer and send the next (closed loop) to Serve on
 127.0.0.1. The two settings are deployed in turn, alternating for ``--rounds`` rounds so that machine
 noise hits both alike; requests/s and p50/p95/p99 latency are pooled per setting. Without
-``--checkpoint`` the demo architecture (configs/demo.yaml) is served with random weights: the work
+``--checkpoint`` the demo architecture (the shipped `demo` config) is served with random weights: the work
 per request is the same as for a trained model (decode always takes the top 100 peaks).
 """
 
@@ -31,7 +31,7 @@ def demo_checkpoint(directory: Path) -> str:
     from centernet_ray.model import build_model
 
     torch.manual_seed(0)
-    config = load_config(ROOT / "configs" / "demo.yaml")
+    config = load_config("demo")
     model = build_model(config.model, 4)
     path = directory / "checkpoint.pt"
     save_checkpoint(path, checkpoint_state(model, config, ["circle", "rectangle", "triangle", "cross"], [1, 2, 3, 4], 0))

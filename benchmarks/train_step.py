@@ -1,6 +1,6 @@
 """Training step throughput: one Ray Train worker vs a plain PyTorch loop; 2-worker DDP vs 1 worker.
 
-    python -m benchmarks.train_step [--config configs/demo.yaml] [--steps 20] [--warmup 3] [--repeats 3]
+    python -m benchmarks.train_step [--config demo] [--steps 20] [--warmup 3] [--repeats 3]
                                     [--batches 8] [--no-pipeline] [--diagnose] [section.key=value ...]
 
 A fixed set of batches is preprocessed once (``Preprocessor`` + ``TargetCollate`` on the synthetic
@@ -38,7 +38,7 @@ from centernet_ray.config import Config, config_from_dict, load_config
 from centernet_ray.engine import TrainingEngine
 from centernet_ray.precision import autocast_dtype
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = "demo"  # the shipped demo config
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
             "KMP_AFFINITY", "LD_PRELOAD", "MALLOC_CONF")
 

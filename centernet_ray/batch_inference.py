@@ -18,6 +18,7 @@ import torch
 
 from centernet_ray import storage
 from centernet_ray.data.coco import parse_coco
+from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
 from centernet_ray.inference import Detector
 from centernet_ray.pipeline import PipelineReport, RayPreprocessor, read_rows
@@ -100,7 +101,7 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     ``runs:/<id>/model``) in ``tracking_uri`` (default: ``$MLFLOW_TRACKING_URI``, else
     ``./mlflow.db``). Local paths are resolved here: the actors run in Ray's session folder."""
     if (images is None) == (parquet is None):
-        raise ValueError("give exactly one of --images and --parquet")
+        raise UserInputError("give exactly one of --images and --parquet")
     started = time.perf_counter()
     tracking_uri = storage.tracking_uri(tracking_uri or "")
     if not is_mlflow_uri(checkpoint):

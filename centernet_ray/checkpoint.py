@@ -18,6 +18,7 @@ from torch import nn
 
 from centernet_ray import storage
 from centernet_ray.config import Config, config_from_dict
+from centernet_ray.errors import UserInputError
 from centernet_ray.model import CenterNet, build_model
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"no checkpoint at {path}")
     state = torch.load(io.BytesIO(storage.read_bytes(location)), map_location=map_location, weights_only=True)
     if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path} is not a centernet-ray checkpoint (schema {SCHEMA_VERSION})")
+        raise UserInputError(f"{path} is not a centernet-ray checkpoint (schema {SCHEMA_VERSION})")
     return state
 
 

@@ -12,25 +12,14 @@ from pathlib import Path
 
 log = logging.getLogger("centernet_ray")
 
-# The embedded default: configs/demo.yaml of the checkout the package is installed from; the
-# built-in defaults (also synthetic data) when the package is installed without it.
-CHECKOUT = Path(__file__).resolve().parents[1]
-_DEMO_CONFIG = CHECKOUT / "configs" / "demo.yaml"
-DEFAULT_CONFIG = str(_DEMO_CONFIG) if _DEMO_CONFIG.is_file() else None
-_DEMO_SWEEP = CHECKOUT / "tune" / "demo.yaml"
-DEFAULT_SWEEP_CONFIG = str(_DEMO_SWEEP) if _DEMO_SWEEP.is_file() else None
-
-
-def project_path(path: str) -> str:
-    """``path`` as given when it exists (relative to the working directory), else inside the checkout
-    the package is installed from (so ``tune/search_space.yaml`` works from any directory)."""
-    if Path(path).exists() or Path(path).is_absolute() or not (CHECKOUT / path).exists():
-        return path
-    return str(CHECKOUT / path)
+# The embedded defaults, shipped inside the package (centernet_ray/configs/): the demo and its sweep.
+DEFAULT_CONFIG = "demo"
+DEFAULT_SWEEP_CONFIG = "tune/demo"
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config file (default: the built-in demo config)")
+    parser.add_argument("config", nargs="?", help="YAML config file, or a shipped name: demo, coco_resdcn18, ... "
+                        "(`centernet-ray config --list`; default: demo)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. loss.alpha=2.5 data.input_size=[256,256]")
 
@@ -47,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    config = commands.add_parser("config", help="print the resolved config as YAML")
+    config = commands.add_parser("config", help="print the resolved config as YAML (the defaults without CONFIG)")
     _add_config_args(config)
+    config.add_argument("--list", action="store_true", help="list the configs shipped with the package")
 
     train = commands.add_parser("train", help="train a CenterNet with Ray Train (DDP) on Ray Data")
     _add_config_args(train)
@@ -122,7 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
+    from centernet_ray.config_files import packaged_names
 
+    if args.list:
+        print("\n".join(packaged_names()))
+        return 0
     path, overrides = _split_config_and_overrides(args)
     print(load_config(path, overrides).to_yaml(), end="")
     return 0
@@ -195,7 +189,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_SWEEP_CONFIG, overrides)
-    config.tune.search_space = project_path(args.search_space or config.tune.search_space)
+    config.tune.search_space = args.search_space or config.tune.search_space
     space = load_search_space(config.tune.search_space, config)
     init_ray()
     try:
@@ -271,13 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from centernet_ray.config import ConfigError
-    from centernet_ray.data.coco import CocoFormatError
+    from centernet_ray.errors import UserInputError
 
     handlers = {"config": _cmd_config, "data": _cmd_data, "eval": _cmd_eval, "predict": _cmd_predict,
                 "serve": _cmd_serve, "train": _cmd_train, "tune": _cmd_tune}
     try:
         return handlers[args.command](args)
-    except (ConfigError, CocoFormatError, ValueError, FileNotFoundError) as exc:
+    except (UserInputError, FileNotFoundError) as exc:
+        # A mistake in what the user gave: the message says what to change. Anything else is a fault
+        # of the program or its environment and keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2

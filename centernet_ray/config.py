@@ -16,8 +16,11 @@ from typing import Any, Literal
 
 import yaml
 
+from centernet_ray import config_files
+from centernet_ray.errors import UserInputError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserInputError):
     """A config file or override is invalid; the message says what to type instead."""
 
 
@@ -167,7 +170,7 @@ class TrainConfig:
 @dataclass
 class TuneConfig:
     name: str = ""  # the sweep's name (default sweep-<backbone>); rerunning a name resumes that sweep
-    search_space: str = "tune/search_space.yaml"  # relative paths: from the working directory, else the checkout
+    search_space: str = "tune/search_space"  # a YAML path, or a shipped name (`centernet-ray config --list`)
     num_samples: int = _ranged(8, ge=1)  # trials in all, the default-config trial included
     include_default: bool = True  # the first trial trains the base config unchanged (the baseline)
     metric: str = "AP"  # any stat training reports at evaluation epochs (AP, AP50, AR100, ...)
@@ -282,24 +285,23 @@ def _to_plain(value: Any) -> Any:
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
-    """The parsed content of a YAML file; a missing or malformed file is a :class:`ConfigError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
+    """The parsed content of a YAML file or a shipped name (``config_files.read_yaml``); a missing
+    or malformed file is a :class:`ConfigError`."""
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        return config_files.read_yaml(path, what)
+    except UserInputError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    """Read a config (a YAML path or a shipped name such as ``demo``; the defaults when ``path`` is
+    None), resolve its ``base:`` chain and apply ``key=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = read_yaml(path)
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections, got {type(loaded).__name__}")
-        data = loaded or {}
+        try:
+            data = config_files.read_config(path)
+        except UserInputError as exc:
+            raise ConfigError(str(exc)) from exc
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(data, key, value)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from centernet_ray import config_files
 from centernet_ray.cli import build_parser
 from centernet_ray.config import ClusterConfig, load_config
 
@@ -181,11 +182,11 @@ def test_rayjob_entrypoint_is_a_centernet_ray_command_with_a_valid_config(name, 
     assert argv[:3] == ["python", "-m", "centernet_ray"]
     args = build_parser().parse_args(argv[3:])
     assert args.command == command
-    config = load_config(REPO / args.config, args.overrides)  # the job's working_dir is the checkout
+    config = load_config(args.config, args.overrides)  # a shipped name: found from any working directory
     assert config.cluster.node_pools is True
     assert not config.train.storage_path  # CENTERNET_RAY_STORAGE supplies it
     if command == "tune":
-        assert (REPO / config.tune.search_space).is_file()
+        assert config_files.find(config.tune.search_space).is_file()
 
 
 @pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-tune.yaml"])
@@ -227,8 +228,8 @@ def test_runtime_env_excludes_drop_local_state_and_keep_the_code():
     excluded = working_dir_excluder(REPO, read_yaml(CLUSTER / "runtime_env.yaml")["excludes"])
     for local_state in (".git", ".venv", "outputs", "mlruns", "mlflow.db", "centernet_ray.egg-info"):
         assert excluded(REPO / local_state), local_state
-    code = [*(REPO / "centernet_ray").rglob("*.py"), *(REPO / "configs").glob("*.yaml"),
-            *(REPO / "tune").glob("*.yaml")]
+    code = [*(REPO / "centernet_ray").rglob("*.py"), *(REPO / "centernet_ray" / "configs").rglob("*.yaml"),
+            *(REPO / "tune").glob("*.py")]
     assert code and not [path for path in code if excluded(path)]  # e.g. a bare "data/" drops centernet_ray/data/
 
 

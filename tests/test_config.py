@@ -4,7 +4,7 @@ import pytest
 
 from centernet_ray.config import Config, ConfigError, config_from_dict, load_config, resolve_learning_rate
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "centernet_ray" / "configs"  # shipped with the package
 
 
 def test_defaults_match_the_paper():

@@ -1,4 +1,4 @@
-"""Every config in configs/ trains through the real job: ``centernet-ray train CONFIG`` with overrides
+"""Every config shipped in centernet_ray/configs/ trains through the real job: ``centernet-ray train CONFIG`` with overrides
 that point it at a tiny synthetic dataset at 128x128 on the CPU, one epoch of two steps.
 
 The list is read from the directory, so a config added without passing this cannot land. What
@@ -22,7 +22,7 @@ from centernet_ray.evaluation import STAT_NAMES
 
 pytestmark = pytest.mark.integration
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "centernet_ray" / "configs").glob("*.yaml"))
 HEAVY = ("dla34", "hourglass104")  # built and trained on the CPU: the heavy_model marker's models
 
 

@@ -32,7 +32,8 @@ CONFIG = ROOT / "tests" / "tiny_tune.yaml"
 def sweep_paths(tmp_path_factory):
     base = tmp_path_factory.mktemp("sweep")
     dataset = write_shapes_dataset(base / "shapes", num_train=320, num_val=32, image_size=64, seed=3)
-    overrides = [f"data.root={dataset}", f"data.parquet_dir={base / 'parquet'}", f"train.storage_path={base / 'runs'}"]
+    overrides = [f"data.root={dataset}", f"data.parquet_dir={base / 'parquet'}", f"train.storage_path={base / 'runs'}",
+                 f"tune.search_space={ROOT / 'tests' / 'tiny_space.yaml'}"]
     return base, overrides
 
 
@@ -79,7 +80,7 @@ def interrupted_then_resumed(ray_session, sweep_paths):
     with pytest.MonkeyPatch.context() as patch:  # the resume: same directory, same default store
         patch.chdir(base)
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        summary = run_sweep(config, load_search_space(ROOT / config.tune.search_space, config))
+        summary = run_sweep(config, load_search_space(config.tune.search_space, config))
     return "".join(log), process.returncode, summary
 
 

@@ -21,8 +21,8 @@ def write(tmp_path, text: str) -> Path:
 
 
 def test_the_shipped_search_space_covers_the_issue_keys_and_the_defaults_lie_inside_it():
-    config = load_config(ROOT / "tune" / "demo.yaml")
-    space = load_search_space(ROOT / "tune" / "search_space.yaml", config)
+    config = load_config("tune/demo")
+    space = load_search_space(config.tune.search_space, config)
     keys = {d.key for d in space.dimensions}
     assert {"loss.alpha", "loss.beta", "loss.wh_weight", "loss.off_weight", "targets.min_overlap",
             "targets.formula"} <= keys

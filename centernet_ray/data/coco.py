@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from centernet_ray.errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(UserInputError):
     """The annotation file is not a usable COCO instances json."""
 
 

@@ -9,8 +9,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from centernet_ray.errors import UserInputError
 
-class ImageDecodeError(ValueError):
+
+class ImageDecodeError(UserInputError):
     """The bytes are not a readable image (corrupt, truncated, unknown format, or too large)."""
 
 

@@ -22,6 +22,7 @@ from PIL import Image
 
 from centernet_ray import storage
 from centernet_ray.data.coco import CocoReport, ImageRecord, parse_coco
+from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
                 num_threads: int = 16, force: bool = False) -> IngestResult:
     """Write ``output``/part-NNNNN.parquet shards of at most ``shard_size`` rows, plus the manifest."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1; got {shard_size}")
+        raise UserInputError(f"shard_size must be >= 1; got {shard_size}")
     annotation_bytes = storage.read_bytes(annotations)
     fingerprint = _fingerprint(annotation_bytes, str(images), shard_size)
     previous = read_manifest(output)

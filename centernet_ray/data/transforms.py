@@ -32,6 +32,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from centernet_ray.config import DataConfig
+from centernet_ray.errors import UserInputError
 
 AugmentPreset = Literal["centernet", "centernet_official", "flip", "none"]
 
@@ -131,8 +132,8 @@ class TrainTransform:
         self.scale_range = scale_range
         self.scales = official_scales(scale_range) if preset == "centernet_official" else []
         if preset == "centernet_official" and not self.scales:
-            raise ValueError(f"scale_range {list(scale_range)} holds no scale: centernet_official draws from "
-                             "np.arange(low, high, 0.1), so it needs low < high")
+            raise UserInputError(f"scale_range {list(scale_range)} holds no scale: centernet_official draws from "
+                                 "np.arange(low, high, 0.1), so it needs low < high")
         self.flip_prob = flip_prob if preset != "none" else 0.0
         self.jitter = color_jitter if preset in ("centernet", "centernet_official") else 0.0
 

@@ -15,14 +15,16 @@ import torchvision
 from torch import nn
 
 from centernet_ray.config import ModelConfig
+from centernet_ray.errors import UserInputError
 from centernet_ray.model.dla import DLA34, DLAUpNeck, load_dla34_imagenet
 from centernet_ray.model.heads import HEATMAP_PRIOR_BIAS, _head
 from centernet_ray.model.hourglass import HourglassCenterNet
 from centernet_ray.model.resnet import UpConvNeck, resnet_channels, resnet_trunk
+from centernet_ray.targets import OUTPUT_STRIDE
 
 log = logging.getLogger(__name__)
 
-OUTPUT_STRIDE = 4
+__all__ = ["IMAGE_MEAN", "IMAGE_STD", "OUTPUT_STRIDE", "CenterNet", "build_model"]
 
 # ImageNet statistics used by torchvision's pretrained backbones; images are normalised with them.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -69,7 +71,7 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
                       config.lateral)
     if config.pretrained:
         if config.width != 1.0:
-            raise ValueError(f"model.pretrained needs the standard width (model.width=1.0); got {config.width}")
+            raise UserInputError(f"model.pretrained needs the standard width (model.width=1.0); got {config.width}")
         load_pretrained_backbone(backbone, arch, config.pretrained)
     return CenterNet(backbone, neck, num_classes, config.head_conv)
 
@@ -87,8 +89,8 @@ def load_pretrained_backbone(backbone: nn.Sequential, arch: str, source: str) ->
                 else torchvision.models.get_model_weights(arch).DEFAULT
         except KeyError as exc:
             names = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
-            raise ValueError(f"model.pretrained={source!r} is neither an existing file nor a torchvision "
-                             f"weights name for {arch} ({names}, DEFAULT)") from exc
+            raise UserInputError(f"model.pretrained={source!r} is neither an existing file nor a torchvision "
+                                 f"weights name for {arch} ({names}, DEFAULT)") from exc
         state = weights.get_state_dict(progress=False)
     # resnet_trunk is nn.Sequential over (conv1, bn1, relu, maxpool, layer1..4): rename the keys.
     names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
@@ -99,5 +101,5 @@ def load_pretrained_backbone(backbone: nn.Sequential, arch: str, source: str) ->
             renamed[f"{names.index(head)}.{rest}"] = value
     result = backbone.load_state_dict(renamed, strict=False)
     if result.missing_keys:
-        raise ValueError(f"pretrained weights {source!r} do not fit {arch}: missing {result.missing_keys[:5]}")
+        raise UserInputError(f"pretrained weights {source!r} do not fit {arch}: missing {result.missing_keys[:5]}")
     log.info("loaded pretrained %s backbone weights from %s", arch, source)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from centernet_ray.errors import UserInputError
 from centernet_ray.model.deform import ModulatedDeformConv
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,8 @@ class DLA34(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.shape[-2] % INPUT_MULTIPLE or x.shape[-1] % INPUT_MULTIPLE:
-            raise ValueError(f"DLA-34 needs image sides that are multiples of {INPUT_MULTIPLE}; "
-                             f"got {tuple(x.shape[-2:])}")
+            raise UserInputError(f"DLA-34 needs image sides that are multiples of {INPUT_MULTIPLE}; "
+                                 f"got {tuple(x.shape[-2:])}")
         x = self.base_layer(x)
         levels = []
         for level in (self.level0, self.level1, self.level2, self.level3, self.level4, self.level5):
@@ -151,7 +152,7 @@ def load_dla34_imagenet(trunk: DLA34, path: str) -> None:
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):  # a file that does not fit, like any other: one error type for callers
-        raise ValueError(  # noqa: TRY004
+        raise UserInputError(  # noqa: TRY004
             f"{path} holds a {type(state).__name__}, not a state dict of DLA-34 weights")
     state = {key.removeprefix("module."): value for key, value in state.items()}
     state = {key: value for key, value in state.items() if not key.startswith("fc.")}
@@ -165,8 +166,8 @@ def load_dla34_imagenet(trunk: DLA34, path: str) -> None:
         problems = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
                     for name, keys in (("missing", missing), ("unexpected", unexpected),
                                        ("wrong shape", mismatched)) if keys]
-        raise ValueError(f"{path} does not fit DLA34 (expected dla34-ba72cf86.pth from the DLA authors): "
-                         + "; ".join(problems))
+        raise UserInputError(f"{path} does not fit DLA34 (expected dla34-ba72cf86.pth from the DLA authors): "
+                             + "; ".join(problems))
     trunk.load_state_dict(state)
     log.info("loaded ImageNet DLA-34 weights from %s", path)
 

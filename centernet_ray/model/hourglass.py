@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from centernet_ray.errors import UserInputError
 from centernet_ray.model.heads import AUX_OUTPUTS, HEATMAP_PRIOR_BIAS, _head
 
 STEM_CHANNELS = 128
@@ -126,8 +127,8 @@ class HourglassCenterNet(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, Any]:
         height, width = images.shape[-2:]
         if height % INPUT_MULTIPLE or width % INPUT_MULTIPLE:
-            raise ValueError(f"Hourglass input height and width must be multiples of {INPUT_MULTIPLE}; "
-                             f"got {height}x{width} (resize or pad, e.g. to 512x512)")
+            raise UserInputError(f"Hourglass input height and width must be multiples of {INPUT_MULTIPLE}; "
+                                 f"got {height}x{width} (resize or pad, e.g. to 512x512)")
         x = self.stem(images)  # [B, 256, H/4, W/4]
         outputs = []
         for i in range(self.num_stacks):

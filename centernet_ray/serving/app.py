@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from centernet_ray.config import ServeConfig, config_from_dict
+from centernet_ray.errors import UserInputError
 from centernet_ray.serving.requests import RequestError, decode_request_image, image_bytes, parse_params
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     args = dict(args)
     source = args.pop("checkpoint", None)
     if not source:
-        raise ValueError("the Serve application needs args.checkpoint: a checkpoint path/URI or models:/name@alias")
+        raise UserInputError("the Serve application needs args.checkpoint: a checkpoint path/URI or models:/name@alias")
     base = load_config(args.pop("config")).serve if args.get("config") else ServeConfig()
     flip_test = bool(args.pop("flip_test", False))
     tracking_uri = args.pop("tracking_uri", None)

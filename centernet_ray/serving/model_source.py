@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from centernet_ray.checkpoint import CHECKPOINT_FILE, LoadedModel, model_from_checkpoint
+from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +60,11 @@ def fetch_checkpoint(uri: str, directory: str, tracking_uri: str | None = None) 
         else:
             name, _, number = name.partition("/")
             if not number:
-                raise ValueError(f"{uri}: name a version or an alias, e.g. models:/{name}@champion or models:/{name}/1")
+                raise UserInputError(f"{uri}: name a version or an alias, e.g. models:/{name}@champion or models:/{name}/1")
             model_version = client.get_model_version(name, number)
         run_id, version = model_version.run_id, f"{model_version.name}/{model_version.version}"
     if not run_id:
-        raise ValueError(f"{uri} has no source run to take the checkpoint from")
+        raise UserInputError(f"{uri} has no source run to take the checkpoint from")
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}",
                                                dst_path=directory, tracking_uri=tracking_uri)
     return path, run_id, version

@@ -20,6 +20,7 @@ from ray.train.torch import TorchTrainer
 from centernet_ray import storage
 from centernet_ray.config import Config
 from centernet_ray.data.sources import ingest_splits, split_sources
+from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, preprocessed_dataset
 from centernet_ray.ray_runtime import warn_if_node_local, warn_if_node_local_tracking
@@ -84,8 +85,8 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     global_batch = config.train.batch_size * config.train.num_workers
     steps_per_epoch = max(1, train_rows // config.train.num_workers // config.train.batch_size)
     if train_rows < global_batch:
-        raise ValueError(f"{train_rows} training images cannot fill one global batch of {global_batch} "
-                         "(train.batch_size x train.num_workers)")
+        raise UserInputError(f"{train_rows} training images cannot fill one global batch of {global_batch} "
+                             "(train.batch_size x train.num_workers)")
     report, clock = PipelineReport.remote(), EpochClock.remote()
     datasets = {"train": preprocessed_dataset(ingested["train"].output, config, train=True, report=report, clock=clock),
                 "val": preprocessed_dataset(ingested["val"].output, config, train=False, report=report)}

@@ -1,0 +1,98 @@
+"""Config and search-space files: found on disk or among the files shipped inside the package,
+and a config may build on another with ``base:``.
+
+A name such as ``demo``, ``coco_resdcn18``, ``tune/demo`` or ``tune/search_space`` (also written
+``demo.yaml``, ``configs/demo.yaml``) means the file shipped in ``centernet_ray/configs/``, so the
+same commands work from a wheel install as from a checkout. A path that exists is read as it is.
+
+``base: NAME_OR_PATH`` at the top of a config loads that config first and lays this one over it,
+section by section, key by key (lists and values are replaced, not merged). A relative base path
+means the including file's folder first.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from centernet_ray.errors import UserInputError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+PACKAGED = "configs"  # folder inside the package
+LEGACY_FOLDERS = ("configs/", "centernet_ray/configs/")  # how the names were written before they shipped
+MAX_BASE_DEPTH = 8
+
+
+def packaged_root() -> Traversable:
+    return resources.files("centernet_ray") / PACKAGED
+
+
+def packaged_names() -> list[str]:
+    """Every shipped file's name: ``demo``, ``coco_resdcn18``, ..., ``tune/demo``, ``tune/search_space``."""
+    names = []
+    for entry in packaged_root().iterdir():
+        if entry.is_dir():
+            names += [f"{entry.name}/{f.name[:-5]}" for f in entry.iterdir() if f.name.endswith(".yaml")]
+        elif entry.name.endswith(".yaml"):
+            names.append(entry.name[:-5])
+    return sorted(names)
+
+
+def find(name_or_path: str | Path, what: str = "config file") -> Path | Traversable:
+    """The file ``name_or_path`` names: an existing path, else a shipped file (see module docstring)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    name = str(PurePosixPath(str(name_or_path)))
+    for folder in LEGACY_FOLDERS:
+        name = name.removeprefix(folder)
+    name = name.removesuffix(".yaml")
+    if name and ".." not in name:
+        shipped = packaged_root().joinpath(*f"{name}.yaml".split("/"))
+        if shipped.is_file():
+            return shipped
+    raise UserInputError(f"{what} not found: {name_or_path} is neither a file nor a shipped name "
+                         f"({', '.join(packaged_names())})")
+
+
+def read_yaml(name_or_path: str | Path, what: str = "config file") -> Any:
+    """The parsed content of a YAML file or shipped name; missing or malformed is a :class:`UserInputError`."""
+    source = find(name_or_path, what)
+    try:
+        return yaml.safe_load(source.read_text())
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{name_or_path} is not valid YAML: {exc}") from exc
+
+
+def read_config(name_or_path: str | Path, _depth: int = 0) -> dict[str, Any]:
+    """A config file's sections with its ``base:`` chain resolved (the file's own values win)."""
+    if _depth > MAX_BASE_DEPTH:
+        raise UserInputError(f"{name_or_path}: base: chain deeper than {MAX_BASE_DEPTH} (a cycle?)")
+    data = read_yaml(name_or_path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserInputError(f"{name_or_path} must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise UserInputError(f"{name_or_path}: base: must name a config (a shipped name or a path); got {base!r}")
+    beside = Path(name_or_path).expanduser().parent / base
+    return merge(read_config(beside if beside.is_file() else base, _depth + 1), data)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base``: sections merged key by key, everything else replaced."""
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

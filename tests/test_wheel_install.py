@@ -1,0 +1,69 @@
+"""The package as a user installs it: a wheel in a fresh virtualenv outside the checkout, commands
+run from an empty folder. Configs and sweep files must come from inside the wheel (a non-editable
+install used to train the built-in defaults, 140 epochs at 512 px, instead of the demo)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """(bin folder of a fresh virtualenv holding only the wheel, an environment to run it in). The
+    dependencies are the test environment's, reached through a path entry (not its .pth files: those
+    include the editable install of this checkout)."""
+    root = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools writes build/ and *.egg-info/ into the tree it builds
+    source = shutil.copytree(REPO, root / "source", ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "*.egg-info", "mlruns", "mlflow.db", "outputs", "__pycache__", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(root / "dist"), str(source)], check=True, timeout=300)
+    (wheel,) = (root / "dist").glob("centernet_ray-*.whl")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True, timeout=120)
+    python = root / "venv" / "bin" / "python"
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    Path(purelib, "test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], check=True,
+                   timeout=300)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_", "PYTHON"))}
+    env["CENTERNET_RAY_CACHE"] = str(root / "cache")
+    return root / "venv" / "bin", env
+
+
+def test_the_wheel_is_what_runs(installed, tmp_path):
+    bin_dir, env = installed
+    where = subprocess.run([bin_dir / "python", "-c", "import centernet_ray; print(centernet_ray.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    assert str(bin_dir.parent) in where and str(REPO) not in where, where
+
+
+def test_config_demo_prints_the_shipped_demo(installed, tmp_path):
+    bin_dir, env = installed
+    shown = subprocess.run([bin_dir / "centernet-ray", "config", "demo"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, check=True, timeout=120).stdout
+    assert "width: 0.25" in shown and "epochs: 12" in shown and "input_size:\n  - 128" in shown
+    listed = subprocess.run([bin_dir / "centernet-ray", "config", "--list"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, check=True, timeout=120).stdout.split()
+    assert {"demo", "coco_resdcn18", "tune/demo", "tune/search_space"} <= set(listed)
+
+
+def test_a_two_step_train_of_the_demo_from_an_empty_folder(installed, tmp_path):
+    bin_dir, env = installed
+    command = [bin_dir / "centernet-ray", "train", "demo", "train.epochs=1", "data.synthetic_train_images=64",
+               "data.synthetic_val_images=8", "tracking.log_model=false", "tracking.system_metrics=false",
+               "--summary-json", "summary.json"]
+    finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert '"epochs": 1' in (tmp_path / "summary.json").read_text()
+    assert "step 2/2" in finished.stderr + finished.stdout  # 64 images / (2 workers x 16)
+    assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "outputs" / "ray_results").is_dir()
