@@ -94,7 +94,8 @@ def _assert_run_is_in_the_user_s_store(run_id: str, config: Path, expected_epoch
     assert run.info.status == "FINISHED" and run.info.run_name == config.stem
     assert run.info.artifact_uri.startswith(str(Path.cwd().resolve())), run.info.artifact_uri
     tags = run.data.tags
-    assert tags["mlflow.source.name"].startswith(f"centernet-ray train {config} "), tags["mlflow.source.name"]
+    assert tags["centernet_ray.command"].startswith(f"centernet-ray train {config} "), tags["centernet_ray.command"]
+    assert tags["mlflow.source.name"].startswith(f"centernet-ray train {config.stem} data.root=shapes ")  # as the UI shows it
     assert tags["centernet_ray.backbone"] == load_config(config).model.backbone
     assert tags["centernet_ray.dataset.train_images"] == "4" and len(tags["centernet_ray.dataset.fingerprint"]) == 64
     assert "| AP |" in tags["mlflow.note.content"]  # the summary table as the run's description

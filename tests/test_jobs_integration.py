@@ -146,5 +146,6 @@ def test_submitted_train_job_succeeds_and_is_tracked_in_mlflow(ray_head, backgro
     unpacked = ray_head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files" / package
     assert unpacked.is_dir(), f"{package} not under {ray_head.temp_dir}"
     shipped = {path.name for path in unpacked.iterdir()}
-    assert {"centernet_ray", "tests", "configs", "pyproject.toml"} <= shipped, shipped
+    assert {"centernet_ray", "tests", "tune", "pyproject.toml"} <= shipped, shipped
+    assert (unpacked / "centernet_ray" / "configs" / "demo.yaml").is_file()
     assert not shipped & {".venv", ".git", "data", "outputs", "mlflow.db"}, shipped

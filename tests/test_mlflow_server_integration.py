@@ -88,7 +88,8 @@ def test_training_logs_params_metrics_artifacts_and_model_to_the_server(ray_sess
     assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
 
     tags = run.data.tags
-    assert tags["mlflow.source.name"] == "centernet-ray train tests/tiny_train.yaml"
+    assert tags["mlflow.source.name"] == "centernet-ray train tiny_train"
+    assert tags["centernet_ray.command"] == "centernet-ray train tests/tiny_train.yaml"
     assert tags["centernet_ray.backbone"] == "resnet18" and tags["centernet_ray.dataset.train_images"] == "24"
     assert "| AP50 |" in tags["mlflow.note.content"]
 
@@ -142,5 +143,5 @@ def test_a_sweep_nests_every_trial_under_its_run_on_the_server(ray_session, mlfl
     assert sorted(r.info.run_id for r in children) == sorted(t.mlflow_run_id for t in summary.trials)
     for run in children:
         assert run.info.status == "FINISHED" and "val/AP50" in run.data.metrics
-        assert run.data.tags["mlflow.source.name"] == "centernet-ray tune tests/tiny_tune.yaml"
+        assert run.data.tags["mlflow.source.name"] == "centernet-ray tune tiny_tune"
         assert "checkpoint" in {a.path for a in client.list_artifacts(run.info.run_id)}

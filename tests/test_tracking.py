@@ -59,12 +59,24 @@ def test_the_run_source_is_the_command_as_typed():
     assert command_line(["/venv/lib/site-packages/pytest/__main__.py", "-q"]) == "python -m pytest -q"
 
 
+def test_the_source_shown_by_mlflow_keeps_file_names_only():
+    """MLflow's UI shows a run's source after its last '/': paths are shortened so it reads whole."""
+    from centernet_ray.training.tracking import display_command
+
+    assert display_command("centernet-ray train /data/cfg/coco_resdcn18.yaml data.root=/data/coco/ "
+                           "--summary-json /tmp/out/s.json train.lr=1e-3") == \
+        "centernet-ray train coco_resdcn18 data.root=coco --summary-json s.json train.lr=1e-3"
+    assert display_command("centernet-ray train train.ema=true") == "centernet-ray train train.ema=true"
+    assert display_command("centernet-ray 'unbalanced") == "centernet-ray 'unbalanced"
+
+
 def test_run_tags_name_the_code_model_dataset_and_versions():
     import ray
     import torch
 
     tags = run_tags(load_config(None), "centernet-ray train", {"fingerprint": "abc", "train_images": 10})
-    assert tags["mlflow.source.name"] == "centernet-ray train" and tags["centernet_ray.backbone"] == "resnet18"
+    assert tags["mlflow.source.name"] == tags["centernet_ray.command"] == "centernet-ray train"
+    assert tags["centernet_ray.backbone"] == "resnet18"
     assert tags["centernet_ray.dataset.fingerprint"] == "abc" and tags["centernet_ray.dataset.train_images"] == "10"
     assert tags["ray.version"] == ray.__version__ and tags["torch.version"] == torch.__version__
     if (Path(__file__).resolve().parents[1] / ".git").exists():  # a checkout: the commit is known

@@ -133,7 +133,8 @@ def test_every_trial_is_an_mlflow_run_nested_under_the_sweep_run(interrupted_the
     client = MlflowClient(f"sqlite:///{base.resolve() / 'mlflow.db'}")
     parent = client.get_run(summary.mlflow_run_id)
     assert parent.info.status == "FINISHED" and parent.data.params["space.train.lr"] == "choice[1e-09]"
-    assert parent.data.tags["mlflow.source.name"].startswith(f"centernet-ray tune {CONFIG} ")
+    assert parent.data.tags["centernet_ray.command"].startswith(f"centernet-ray tune {CONFIG} ")
+    assert parent.data.tags["mlflow.source.name"].startswith("centernet-ray tune tiny_tune data.root=shapes ")
     assert summary.best.trial_id in parent.data.tags["mlflow.note.content"]  # the trial table as its description
     assert parent.data.metrics["best_AP50"] == pytest.approx(summary.best.metrics["AP50"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -14,29 +14,13 @@ import torch
 from torch import nn
 
 from centernet_ray.errors import UserInputError
+from centernet_ray.model.blocks import BasicBlock
 from centernet_ray.model.deform import ModulatedDeformConv
 
 log = logging.getLogger(__name__)
 
 DLA34_CHANNELS = (16, 32, 64, 128, 256, 512)
 INPUT_MULTIPLE = 32  # five stride-2 steps; any other side would leave levels that no longer align
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs + BN with a residual: [B, in, H, W] -> [B, out, H/stride, W/stride]. The residual
-    is passed in by the enclosing ``Tree`` when the block changes shape."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        residual = x if residual is None else residual
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + residual)
 
 
 class Root(nn.Module):

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from centernet_ray.errors import UserInputError
+from centernet_ray.model.blocks import BasicBlock
 from centernet_ray.model.heads import AUX_OUTPUTS, HEATMAP_PRIOR_BIAS, _head
 
 STEM_CHANNELS = 128
@@ -41,23 +42,17 @@ def _conv1x1_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequ
                          nn.BatchNorm2d(out_channels))
 
 
-class Residual(nn.Module):
-    """Two 3x3 conv-BN layers plus a shortcut (1x1 conv-BN when the shape changes), then ReLU.
+class Residual(BasicBlock):
+    """:class:`BasicBlock` with its own shortcut (1x1 conv-BN when the shape changes):
     [B, in, H, W] -> [B, out, H/stride, W/stride]."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        super().__init__(in_channels, out_channels, stride)
         self.shortcut = (_conv1x1_bn(in_channels, out_channels, stride)
                          if stride != 1 or in_channels != out_channels else nn.Identity())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + self.shortcut(x), inplace=True)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x, self.shortcut(x))
 
 
 def _residuals(in_channels: int, out_channels: int, count: int, stride: int = 1) -> nn.Sequential:

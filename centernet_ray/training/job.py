@@ -128,7 +128,7 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     summary = TrainSummary(stats, checkpoint.path if checkpoint else None, metrics.get("mlflow_run_id"),
                            time.perf_counter() - started, int(metrics.get("epoch", 0)), dropped)
     if summary.mlflow_run_id:
-        describe_run(config, summary.mlflow_run_id, summary_markdown(summary, config))
+        describe_run(config, summary.mlflow_run_id, summary_markdown(summary, config, source or command_line()))
     return summary
 
 
@@ -142,9 +142,10 @@ def format_summary(summary: TrainSummary) -> str:
     return "\n".join(lines)
 
 
-def summary_markdown(summary: TrainSummary, config: Config) -> str:
+def summary_markdown(summary: TrainSummary, config: Config, command: str) -> str:
     """The summary as the MLflow run's description (Markdown: a table of the COCO stats)."""
-    lines = [f"**{config.model.backbone}** trained {summary.epochs} epoch(s) in {summary.wall_seconds:.0f} s "
+    lines = [f"`{command}`", "",
+             f"**{config.model.backbone}** trained {summary.epochs} epoch(s) in {summary.wall_seconds:.0f} s "
              f"({config.train.num_workers} worker(s), global batch {config.train.batch_size * config.train.num_workers}).",
              "", "| stat | value |", "|---|---|"]
     lines += [f"| {name} | {summary.stats[name]:.4f} |" for name in STAT_NAMES]

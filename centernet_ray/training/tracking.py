@@ -19,7 +19,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 from centernet_ray import storage
@@ -75,6 +75,25 @@ def command_line(argv: list[str] | None = None) -> str:
     return shlex.join([script.name, *argv[1:]])
 
 
+def display_command(command: str) -> str:
+    """``command`` with every path shortened to its file name (a YAML config to its stem), for
+    ``mlflow.source.name``: MLflow's UI shows a source after its last ``/`` only, so
+    ``centernet-ray train /data/cfg/coco.yaml data.root=/data/coco`` would read ``coco``; this
+    gives ``centernet-ray train coco data.root=coco``."""
+    def short(token: str) -> str:
+        key, sep, value = token.partition("=") if "=" in token and not token.startswith("/") else ("", "", token)
+        if "/" in value:
+            path = PurePosixPath(value.rstrip("/"))
+            value = path.stem if path.suffix in (".yaml", ".yml") else path.name
+        return f"{key}{sep}{value}"
+
+    try:
+        tokens = shlex.split(command)
+    except ValueError:  # unbalanced quotes: keep it as it is
+        return command
+    return shlex.join(short(token) for token in tokens)
+
+
 def git_commit() -> str | None:
     """The commit of the checkout this package runs from, when it runs from a git checkout."""
     package = Path(__file__).resolve().parents[1]
@@ -88,7 +107,8 @@ def git_commit() -> str | None:
 
 
 def run_tags(config: Config, source: str, dataset: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Tags that say what ran: the command (``mlflow.source.name``), the code version, the model, the
+    """Tags that say what ran: the command (``centernet_ray.command``; shortened, as MLflow shows it,
+    in ``mlflow.source.name``), the code version, the model, the
     dataset (``dataset``: ``fingerprint``, ``train_images``, ``val_images``, ``classes``) and the
     versions of Ray and torch."""
     import mlflow
@@ -97,7 +117,8 @@ def run_tags(config: Config, source: str, dataset: Mapping[str, Any] | None = No
 
     from centernet_ray import __version__
 
-    tags = {"mlflow.source.name": source, "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
+    tags = {"mlflow.source.name": display_command(source), "centernet_ray.command": source,
+            "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
             "centernet_ray.backbone": config.model.backbone, "centernet_ray.version": __version__,
             "centernet_ray.dataset": config.data.root or config.data.train_annotations or "synthetic shapes",
             "ray.version": ray.__version__, "torch.version": torch.__version__, "mlflow.version": mlflow.__version__}
