@@ -16,6 +16,15 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _setuptools_major() -> int:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("setuptools").split(".")[0])
+    except (PackageNotFoundError, ValueError):
+        return 0
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(bin folder of a fresh virtualenv holding only the wheel, an environment to run it in). The
@@ -25,8 +34,11 @@ def installed(tmp_path_factory):
     # built from a copy: setuptools writes build/ and *.egg-info/ into the tree it builds
     source = shutil.copytree(REPO, root / "source", ignore=shutil.ignore_patterns(
         ".git", ".venv*", "build", "dist", "*.egg-info", "mlruns", "mlflow.db", "outputs", "__pycache__", ".pytest_cache"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(root / "dist"), str(source)], check=True, timeout=300)
+    # pyproject's build-system needs setuptools>=77: reuse this environment's when it has one (fast,
+    # offline), else let pip build in isolation (it fetches setuptools from the package index)
+    no_isolation = ["--no-build-isolation"] if _setuptools_major() >= 77 else []
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *no_isolation, "-q", "-w", str(root / "dist"),
+                    str(source)], check=True, timeout=600)
     (wheel,) = (root / "dist").glob("centernet_ray-*.whl")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], check=True, timeout=120)
     python = root / "venv" / "bin" / "python"
