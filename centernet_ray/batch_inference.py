@@ -17,12 +17,13 @@ import ray
 import torch
 
 from centernet_ray import storage
+from centernet_ray.config import config_from_dict
 from centernet_ray.data.coco import parse_coco
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
 from centernet_ray.inference import Detector
 from centernet_ray.pipeline import PipelineReport, RayPreprocessor, read_rows
-from centernet_ray.serving.model_source import is_mlflow_uri, load_served_model
+from centernet_ray.serving.model_source import is_mlflow_uri, load_served_model, read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         checkpoint = storage.absolute(checkpoint)
     images, parquet = storage.absolute(images or "") or None, storage.absolute(parquet or "") or None
     output, annotations = storage.absolute(output), storage.absolute(annotations or "") or None
-    loaded = load_served_model(checkpoint, "cpu", tracking_uri).loaded
-    config, category_ids = loaded.config, loaded.category_ids
+    state = read_checkpoint(checkpoint, tracking_uri)  # the config and classes; the actors load the weights
+    config, category_ids = config_from_dict(state["config"]), state["category_ids"]
     ground_truth = json.loads(storage.read_bytes(annotations)) if annotations else None
     if ground_truth is not None:
         parse_coco(ground_truth, annotations)  # validate early with a clear error

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -258,7 +257,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    args.source = shlex.join(["centernet-ray", *(sys.argv[1:] if argv is None else argv)])  # MLflow's run source
+    from centernet_ray.training.tracking import command_line
+
+    args.source = command_line(["centernet-ray", *(sys.argv[1:] if argv is None else argv)])  # MLflow's run source
     if extra:  # key=value overrides after an option (`tune --search-space S k=v`): argparse leaves them over
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from centernet_ray.checkpoint import CHECKPOINT_FILE, LoadedModel, model_from_checkpoint
+from centernet_ray.checkpoint import CHECKPOINT_FILE, LoadedModel, load_checkpoint, model_from_checkpoint
 from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,15 @@ def load_served_model(source: str, device: str | torch.device = "cpu", tracking_
 
 def is_mlflow_uri(source: str) -> bool:
     return source.startswith(MLFLOW_SCHEMES)
+
+
+def read_checkpoint(source: str, tracking_uri: str | None = None) -> dict:
+    """The checkpoint dict behind ``source`` (file/directory/URI or MLflow model URI), without
+    building the model: for a driver that needs the config and classes, not the weights."""
+    if not is_mlflow_uri(source):
+        return load_checkpoint(source)
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_checkpoint(fetch_checkpoint(source, tmp, tracking_uri)[0])
 
 
 def fetch_checkpoint(uri: str, directory: str, tracking_uri: str | None = None) -> tuple[str, str, str]:
