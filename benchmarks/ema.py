@@ -15,15 +15,15 @@ import time
 
 import torch
 
+from centernet_ray import storage
 from centernet_ray.checkpoint import load_checkpoint
 from centernet_ray.config import config_from_dict
 from centernet_ray.data.coco import load_coco
 from centernet_ray.data.images import decode_image
 from centernet_ray.data.sources import split_sources
+from centernet_ray.detector import Detector
 from centernet_ray.evaluation import coco_evaluate, detections_to_coco
-from centernet_ray.inference import Detector
 from centernet_ray.model import build_model
-from centernet_ray import storage
 
 
 def evaluate_weights(weights: dict, state: dict, flip_test: bool, batch_size: int) -> dict[str, float]:

@@ -20,8 +20,9 @@ import torch
 
 from benchmarks.timing import compare, report
 from centernet_ray.data.images import decode_image
-from centernet_ray.data.preprocess import Preprocessor, render_targets
+from centernet_ray.data.preprocess import Preprocessor
 from centernet_ray.data.synthetic import render_image
+from centernet_ray.targets import render_targets
 
 INPUT = (512, 512)
 CLASSES = 80
@@ -111,8 +112,8 @@ def main() -> None:
     import ray
 
     from centernet_ray.config import load_config
-    from centernet_ray.data.ingest import ingest_coco
-    from centernet_ray.pipeline import preprocessed_dataset
+    from centernet_ray.ray_data.ingest import ingest_coco
+    from centernet_ray.ray_data.pipeline import preprocessed_dataset
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -81,7 +81,7 @@ def measure(checkpoint: str, port: int, max_batch_size: int, images: list[bytes]
     from ray import serve
 
     from centernet_ray.config import load_config
-    from centernet_ray.serving.launch import APP_NAME, start_app
+    from centernet_ray.ray_serve.launch import APP_NAME, start_app
 
     config = load_config(None, [f"serve.port={port}", f"serve.max_batch_size={max_batch_size}"])
     url = start_app(config, checkpoint)

@@ -6,7 +6,7 @@
 A fixed set of batches is preprocessed once (``Preprocessor`` + ``TargetCollate`` on the synthetic
 shapes dataset, ingested to Parquet) and put in the object store. The plain loop (in this process)
 and the Ray Train workers (``TorchTrainer``, CPU, torch threads = cores / workers as ``job.py``
-sets them) run the same ``TrainingEngine.step`` (``centernet_ray.engine``, the step the training job
+sets them) run the same ``TrainingEngine.step`` (``centernet_ray.training.engine``, the step the training job
 runs): same model (same seed), optimizer, schedule, loss, batch size - over those batches. Images/s are measured with
 ``perf_counter`` over ``--steps`` steps after ``--warmup`` steps, inside the loop in both cases; the
 workers send theirs back through ``ray.train.report``. Plain and Ray runs alternate, ``--repeats``
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from centernet_ray.config import Config, config_from_dict, load_config
-from centernet_ray.engine import TrainingEngine
 from centernet_ray.precision import autocast_dtype
+from centernet_ray.training.engine import TrainingEngine
 
 DEFAULT_CONFIG = "demo"  # the shipped demo config
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT",
@@ -45,7 +45,7 @@ ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_W
 
 def build_engine(config: Config, num_classes: int, steps_per_epoch: int,
                  wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> TrainingEngine:
-    """The training engine every trainer uses (``centernet_ray.engine``), seeded so that every side
+    """The training engine every trainer uses (``centernet_ray.training.engine``), seeded so that every side
     of a comparison starts from the same weights; ``wrap``: e.g. Ray Train's ``prepare_model`` (DDP)."""
     torch.manual_seed(config.train.seed)
     engine = TrainingEngine(config, num_classes, steps_per_epoch, "cpu")
@@ -188,7 +188,7 @@ def worker_loop(cfg: dict[str, Any]) -> None:
     config = config_from_dict(cfg["config"])
     engine = build_engine(config, cfg["num_classes"], cfg["steps_per_epoch"], wrap=ray.train.torch.prepare_model)
     if cfg["source"] == "pipeline":
-        from centernet_ray.pipeline import shard_batches
+        from centernet_ray.ray_data.pipeline import shard_batches
 
         batches = shard_batches("train", config, cfg["num_classes"], config.train.batch_size)
     else:
@@ -237,7 +237,7 @@ def ray_train(cfg: dict[str, Any], workers: int, storage: Path, datasets: dict |
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from centernet_ray.pipeline import CenterNetDataConfig
+    from centernet_ray.ray_data.pipeline import CenterNetDataConfig
 
     cfg = dict(cfg, threads_per_worker=cfg.get("threads_per_worker") or max(1, (os.cpu_count() or 1) // workers))
     extra = {"datasets": datasets, "dataset_config": CenterNetDataConfig()} if datasets else {}
@@ -256,10 +256,10 @@ def prepare_data(config: Config, images: int, root: Path) -> tuple[str, int, lis
     """Synthetic shapes -> ingested Parquet; every full batch preprocessed + collated once (numpy)."""
     import pyarrow.parquet as pq
 
-    from centernet_ray.data.ingest import ingest_coco
+    from centernet_ray.ray_data.ingest import ingest_coco
     from centernet_ray.data.preprocess import Preprocessor
     from centernet_ray.data.synthetic import write_shapes_dataset
-    from centernet_ray.pipeline import TargetCollate
+    from centernet_ray.targets import TargetCollate
 
     data = config.data
     write_shapes_dataset(root / "shapes", num_train=images, num_val=1, image_size=data.synthetic_image_size,
@@ -369,7 +369,7 @@ def main() -> None:
             return result
 
         def pipeline(knobs: dict[str, Any] | None = None, overrides: tuple[str, ...] = (), threads: int = 0) -> dict[str, Any]:
-            from centernet_ray.pipeline import preprocessed_dataset
+            from centernet_ray.ray_data.pipeline import preprocessed_dataset
 
             run_config = load_config(args.config, [*args.overrides, *overrides])
             dataset = preprocessed_dataset(parquet, run_config, train=True)

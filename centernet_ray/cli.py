@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--score-threshold", type=float, default=0.0,
                          help="keep detections scoring above this (default 0: all top-K, the COCO protocol)")
     predict.add_argument("--flip-test", action="store_true", help="average with the mirrored image")
+    predict.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="settings over the checkpoint's config for this run, e.g. cluster.node_pools=false "
+                              "or data.preprocess_compute=tasks")
 
     evaluate = commands.add_parser("eval", help="score COCO-format detections with COCOeval")
     evaluate.add_argument("--annotations", required=True, help="ground-truth instances json")
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
-    from centernet_ray.config_files import packaged_names
+    from centernet_ray.config.files import packaged_names
 
     if args.list:
         print("\n".join(packaged_names()))
@@ -123,7 +126,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "ingest":
-        from centernet_ray.data.ingest import ingest_coco
+        from centernet_ray.ray_data.ingest import ingest_coco
 
         result = ingest_coco(args.images, args.annotations, args.out, args.shard_size, args.threads, args.force)
         state = "already up to date" if result.reused else f"{len(result.shards)} shard(s), {result.bytes_written:,d} image bytes"
@@ -167,7 +170,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
     from centernet_ray.ray_runtime import init_ray
-    from centernet_ray.training.job import format_summary, run_training, write_summary_json
+    from centernet_ray.ray_train.job import format_summary, run_training, write_summary_json
 
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_CONFIG, overrides)
@@ -182,9 +185,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
     from centernet_ray.ray_runtime import init_ray
-    from centernet_ray.tuning.report import format_summary
-    from centernet_ray.tuning.search_space import load_search_space
-    from centernet_ray.tuning.sweep import SweepInterrupted, run_sweep
+    from centernet_ray.ray_tune.report import format_summary
+    from centernet_ray.ray_tune.search_space import load_search_space
+    from centernet_ray.ray_tune.sweep import SweepInterrupted, run_sweep
 
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_SWEEP_CONFIG, overrides)
@@ -205,7 +208,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
     from centernet_ray.ray_runtime import init_ray
-    from centernet_ray.serving.launch import serve_forever
+    from centernet_ray.ray_serve.launch import serve_forever
 
     path, overrides = _split_config_and_overrides(args)
     flags = {"host": args.host, "port": args.port, "num_replicas": args.replicas, "max_batch_size": args.max_batch_size,
@@ -218,7 +221,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from centernet_ray.batch_inference import run_predict
+    from centernet_ray.ray_data.batch_predict import run_predict
     from centernet_ray.evaluation import format_stats
     from centernet_ray.ray_runtime import init_ray
 
@@ -226,7 +229,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     result = run_predict(args.checkpoint, args.output, images=args.images, parquet=args.parquet,
                          annotations=args.annotations, batch_size=args.batch_size, num_actors=args.actors,
                          k=args.max_detections, score_threshold=args.score_threshold, flip_test=args.flip_test,
-                         tracking_uri=args.tracking_uri)
+                         tracking_uri=args.tracking_uri, overrides=args.overrides)
     print(f"{result.images} images, {result.detections} detections -> {result.output}/detections.json "
           f"({result.wall_seconds:.1f} s)")
     if result.skipped:
@@ -257,7 +260,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    from centernet_ray.training.tracking import command_line
+    from centernet_ray.tracking import command_line
 
     args.source = command_line(["centernet-ray", *(sys.argv[1:] if argv is None else argv)])  # MLflow's run source
     if extra:  # key=value overrides after an option (`tune --search-space S k=v`): argparse leaves them over

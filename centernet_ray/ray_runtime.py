@@ -62,3 +62,14 @@ def warn_if_node_local_tracking(uri: str) -> None:
                     "on whichever node logs them. Run a tracking server (`mlflow server ...`) and set "
                     "tracking.tracking_uri (or $MLFLOW_TRACKING_URI) to its http:// address, or use a path "
                     "every node mounts", uri, nodes)
+
+
+def warn_if_no_node_matches(selector: dict[str, str] | None, what: str) -> None:
+    """Log a warning when no alive node carries the labels ``selector`` asks for (``cluster.node_pools``
+    on a cluster without those pools): ``what`` would wait for such a node, e.g. from the autoscaler."""
+    if not selector or not ray.is_initialized():
+        return
+    labels = [node.get("Labels") or {} for node in ray.nodes() if node.get("Alive")]
+    if not any(all(node.get(key) == value for key, value in selector.items()) for node in labels):
+        log.warning("no node of this cluster has the labels %s that %s needs (cluster.node_pools): it waits until "
+                    "one joins; set cluster.node_pools=false to run anywhere", selector, what)

@@ -121,3 +121,12 @@ def with_absolute_paths(config: Config) -> Config:
         setattr(part, key, absolute(getattr(part, key)))
     resolved.tracking.tracking_uri = tracking_uri(resolved.tracking.tracking_uri)
     return resolved
+
+
+STORAGE_ENV = "CENTERNET_RAY_STORAGE"
+
+
+def default_storage_path(config: Config) -> str:
+    """``train.storage_path``, else ``$CENTERNET_RAY_STORAGE`` (set once per cluster), else
+    ./outputs/ray_results. On a multi-node cluster it must be a URI or a mount every node shares."""
+    return config.train.storage_path or os.environ.get(STORAGE_ENV) or str(Path("outputs").resolve() / "ray_results")

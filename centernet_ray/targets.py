@@ -1,4 +1,6 @@
-"""CenterNet training targets: Gaussian radius, peak kernels and the per-image target encoding.
+"""CenterNet training targets, all of them: Gaussian radius, peak kernels, the per-image encoding
+(``encode_targets``), a batch of sparse rows rendered dense (``render_targets``) and the collate
+that does it on the train worker (``TargetCollate``).
 
 All coordinates here are in OUTPUT-map pixels (input pixels / stride). The math follows
 DESIGN.md "The method, precisely".
@@ -9,9 +11,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from centernet_ray.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -148,3 +154,46 @@ def encode_targets(boxes: np.ndarray, classes: np.ndarray, num_classes: int,
         "heatmap": heatmap, "index": index, "mask": mask, "size": size, "offset": offset,
         "num_objects": filled, "num_degenerate": int(len(boxes) - num_valid), "num_overflow": num_overflow,
     }
+
+
+def render_targets(boxes: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray,
+                   num_boxes: torch.Tensor | np.ndarray, num_classes: int, output_size: tuple[int, int],
+                   max_objects: int, min_overlap: float = 0.7, formula: str = "cornernet") -> dict[str, torch.Tensor]:
+    """Dense training targets for a batch of sparse rows, exactly ``encode_targets`` per image.
+
+    Args: boxes [B, M, 4] output-map px, classes [B, M], num_boxes [B].
+    Returns: heatmap [B, C, H, W] float32, index [B, M] int64, mask [B, M] uint8,
+    size [B, M, 2], offset [B, M, 2] float32.
+    """
+    boxes, classes, num_boxes = (np.asarray(x) for x in (boxes, classes, num_boxes))
+    encoded = [encode_targets(boxes[b, : num_boxes[b]], classes[b, : num_boxes[b]], num_classes, output_size,
+                              max_objects, min_overlap, formula) for b in range(len(num_boxes))]
+    return {key: torch.from_numpy(np.stack([e[key] for e in encoded]))
+            for key in ("heatmap", "index", "mask", "size", "offset")}
+
+
+class TargetCollate:
+    """``iter_torch_batches`` collate: numpy rows -> uint8 images + dense targets (train worker).
+
+    Returns ``{"image": uint8 [B,3,H,W], "targets": {...render_targets...}, "image_id",
+    "input_to_original", "original_size"}``; the heatmap is rendered here, off the object store.
+    """
+
+    def __init__(self, config: Config, num_classes: int) -> None:
+        height, width = config.data.input_size
+        self.output_size = (height // OUTPUT_STRIDE, width // OUTPUT_STRIDE)
+        self.num_classes = num_classes
+        self.targets = config.targets
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        targets = render_targets(batch["boxes"], batch["classes"], batch["num_boxes"], self.num_classes,
+                                 self.output_size, self.targets.max_objects, self.targets.min_overlap,
+                                 self.targets.formula)
+        # Ray hands out read-only zero-copy arrays; torch wants writable memory, so copy (small).
+        return {
+            "image": torch.tensor(batch["image"]),
+            "targets": targets,
+            "image_id": torch.tensor(batch["image_id"]),
+            "input_to_original": torch.tensor(batch["input_to_original"]),
+            "original_size": torch.tensor(batch["original_size"]),
+        }

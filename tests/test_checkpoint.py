@@ -3,7 +3,7 @@ import torch
 
 from centernet_ray.checkpoint import checkpoint_state, load_checkpoint, model_from_checkpoint, save_checkpoint
 from centernet_ray.config import load_config
-from centernet_ray.inference import Detector
+from centernet_ray.detector import Detector
 from centernet_ray.model import build_model
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from centernet_ray import config_files
 from centernet_ray.cli import build_parser
+from centernet_ray.config import files as config_files
 from centernet_ray.config import ClusterConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -124,3 +124,14 @@ def test_local_paths_are_made_absolute_for_the_workers_and_uris_are_kept(tmp_pat
     assert resolved.data.root == str(tmp_path / "shapes") and resolved.data.val_annotations == str(tmp_path / "ann/val.json")
     assert resolved.data.parquet_dir == "s3://b/pq" and resolved.train.storage_path == str(Path("~/runs").expanduser())
     assert resolved.data.train_images == "" and config.data.root == "shapes"  # empty stays empty; the input is untouched
+
+
+def test_overrides_apply_over_a_config_dict_without_changing_it():
+    from centernet_ray.config import with_overrides
+
+    data = load_config("demo").to_dict()
+    config = with_overrides(data, ["cluster.node_pools=true", "data.preprocess_compute=actors"])
+    assert config.cluster.node_pools and config.data.preprocess_compute == "actors"
+    assert data["cluster"]["node_pools"] is False and data["data"]["preprocess_compute"] == "tasks"
+    with pytest.raises(ConfigError, match="unknown key 'data.nope'"):
+        with_overrides(data, ["data.nope=1"])

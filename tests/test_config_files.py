@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from centernet_ray.config import ConfigError, load_config
-from centernet_ray.config_files import merge, packaged_names, read_config
+from centernet_ray.config.files import merge, packaged_names, read_config
 
 SHIPPED = Path(__file__).resolve().parents[1] / "centernet_ray" / "configs"
 

@@ -16,9 +16,9 @@ import pytest
 from centernet_ray.checkpoint import load_checkpoint, model_from_checkpoint
 from centernet_ray.cli import main
 from centernet_ray.config import load_config
-from centernet_ray.storage import with_absolute_paths
 from centernet_ray.data.synthetic import write_shapes_dataset
 from centernet_ray.evaluation import STAT_NAMES
+from centernet_ray.storage import with_absolute_paths
 
 pytestmark = pytest.mark.integration
 

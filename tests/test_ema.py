@@ -9,8 +9,8 @@ from torch import nn
 
 from centernet_ray.checkpoint import checkpoint_state, load_checkpoint, model_from_checkpoint, save_checkpoint
 from centernet_ray.config import load_config
-from centernet_ray.engine import TrainingEngine
 from centernet_ray.training.ema import WeightAverage, ema_decay
+from centernet_ray.training.engine import TrainingEngine
 from test_engine import OVERRIDES, tiny_batch
 
 

@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from centernet_ray.config import load_config
-from centernet_ray.engine import MAX_CONSECUTIVE_NONFINITE, NonFiniteLossError, TrainingEngine
 from centernet_ray.targets import encode_targets
+from centernet_ray.training.engine import MAX_CONSECUTIVE_NONFINITE, NonFiniteLossError, TrainingEngine
 
 OVERRIDES = ["model.width=0.25", "model.neck_channels=[16,16,16]", "model.head_conv=8", "data.input_size=[64,64]",
              "targets.max_objects=4", "train.amp=none", "train.lr=1e-3", "train.optimizer=adam"]

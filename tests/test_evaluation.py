@@ -116,7 +116,7 @@ def test_evaluation_figures_draw_every_class(ground_truth):
     import torch
 
     from centernet_ray.evaluation import coco_evaluation, confusion_matrix
-    from centernet_ray.evaluation_figures import (class_ap_figure, confusion_matrix_figure, heatmap_figure,
+    from centernet_ray.evaluation.figures import (class_ap_figure, confusion_matrix_figure, heatmap_figure,
                                                   pr_curves_figure)
 
     coco = coco_from_dict(ground_truth)

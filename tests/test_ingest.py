@@ -3,7 +3,7 @@ import shutil
 
 import pyarrow.parquet as pq
 
-from centernet_ray.data.ingest import ingest_coco, read_manifest
+from centernet_ray.ray_data.ingest import ingest_coco, read_manifest
 
 
 def broken_copy(shapes_dataset, tmp_path):

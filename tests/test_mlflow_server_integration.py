@@ -57,7 +57,7 @@ def test_training_logs_params_metrics_artifacts_and_model_to_the_server(ray_sess
     import torch
     from mlflow import MlflowClient
 
-    from centernet_ray.training.job import run_training
+    from centernet_ray.ray_train.job import run_training
 
     config = load_config(TINY_CONFIG, [
         f"data.root={shapes_dataset}", f"data.parquet_dir={tmp_path / 'parquet'}",
@@ -125,8 +125,8 @@ def test_a_sweep_nests_every_trial_under_its_run_on_the_server(ray_session, mlfl
     both trials' runs are on the server, the trials as its children."""
     from mlflow import MlflowClient
 
-    from centernet_ray.tuning.search_space import load_search_space
-    from centernet_ray.tuning.sweep import run_sweep
+    from centernet_ray.ray_tune.search_space import load_search_space
+    from centernet_ray.ray_tune.sweep import run_sweep
 
     config = load_config(Path(__file__).with_name("tiny_tune.yaml"), [
         f"data.root={shapes_dataset}", f"data.parquet_dir={tmp_path / 'parquet'}",

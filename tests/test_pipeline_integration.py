@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from centernet_ray.config import load_config
-from centernet_ray.data.ingest import ingest_coco
+from centernet_ray.ray_data.ingest import ingest_coco
 from centernet_ray.targets import encode_targets
 
 pytestmark = pytest.mark.integration
@@ -35,7 +35,8 @@ def epoch_images(dataset):
 
 
 def test_preprocessed_batches_have_documented_shapes_and_targets_match_encode_targets(ray_session, parquet, config):
-    from centernet_ray.pipeline import TargetCollate, preprocessed_dataset
+    from centernet_ray.ray_data.pipeline import preprocessed_dataset
+    from centernet_ray.targets import TargetCollate
 
     dataset = preprocessed_dataset(str(parquet / "train"), config, train=True)
     batch = next(iter(dataset.iter_batches(batch_size=6, batch_format="numpy")))
@@ -51,7 +52,7 @@ def test_preprocessed_batches_have_documented_shapes_and_targets_match_encode_ta
 
 
 def test_each_epoch_draws_new_augmentations_and_a_seed_repeats_them(ray_session, parquet, config):
-    from centernet_ray.pipeline import EpochClock, preprocessed_dataset
+    from centernet_ray.ray_data.pipeline import EpochClock, preprocessed_dataset
 
     clock = EpochClock.remote()
     dataset = preprocessed_dataset(str(parquet / "train"), config, train=True, clock=clock)
@@ -68,7 +69,7 @@ def test_bad_rows_are_dropped_and_reported(ray_session, parquet, config, tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from centernet_ray.pipeline import PipelineReport, preprocessed_dataset
+    from centernet_ray.ray_data.pipeline import PipelineReport, preprocessed_dataset
 
     table = pq.read_table(parquet / "val").to_pylist()
     table[0]["image"] = b"corrupt"
@@ -87,7 +88,7 @@ def test_bad_rows_are_dropped_and_reported(ray_session, parquet, config, tmp_pat
 
 
 def test_validation_split_gives_every_image_to_exactly_one_worker(ray_session, parquet, config):
-    from centernet_ray.pipeline import CenterNetDataConfig, preprocessed_dataset
+    from centernet_ray.ray_data.pipeline import CenterNetDataConfig, preprocessed_dataset
 
     datasets = {"train": preprocessed_dataset(str(parquet / "train"), config, train=True),
                 "val": preprocessed_dataset(str(parquet / "val"), config, train=False)}
@@ -115,7 +116,7 @@ def test_torch_trainer_workers_stream_their_shards_with_collated_targets(ray_ses
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from centernet_ray.pipeline import CenterNetDataConfig, preprocessed_dataset, shard_batches
+    from centernet_ray.ray_data.pipeline import CenterNetDataConfig, preprocessed_dataset, shard_batches
 
     def loop(loop_config):
         import ray.train

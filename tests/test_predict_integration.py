@@ -30,6 +30,13 @@ def test_predict_writes_coco_results_and_scores_them(ray_session, shapes_dataset
     assert (out / "detections.parquet").stat().st_size > 0
 
 
+def test_predict_rejects_a_bad_override_before_starting_work(untrained_checkpoint, tmp_path, capsys):
+    code = main(["predict", "--checkpoint", str(untrained_checkpoint), "--images", str(tmp_path), "--output",
+                 str(tmp_path / "out"), "data.preprocess_compute=threads"])
+    assert code != 0 and "data.preprocess_compute must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_predict_accepts_any_pillow_image_and_reports_unreadable_files(ray_session, untrained_checkpoint, tmp_path, capsys):
     images = tmp_path / "mixed"
     images.mkdir()
@@ -40,7 +47,9 @@ def test_predict_accepts_any_pillow_image_and_reports_unreadable_files(ray_sessi
     Image.fromarray(pixels).save(images / "big.bmp")
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg at all")
     out = tmp_path / "out"
-    assert main(["predict", "--checkpoint", str(untrained_checkpoint), "--images", str(images), "--output", str(out)]) == 0
+    # the checkpoint's config with an override: the pipeline's task flavour of the preprocessing stage
+    assert main(["predict", "--checkpoint", str(untrained_checkpoint), "--images", str(images), "--output", str(out),
+                 "data.preprocess_compute=tasks"]) == 0
     printed = capsys.readouterr().out
     assert "4 images" in printed and "unreadable_images': 1" in printed
     ids = json.loads((out / "images.json").read_text())

@@ -5,8 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from centernet_ray.data.ingest import check_image, ingest_coco
-from centernet_ray.data.preprocess import Preprocessor, render_targets, sample_seed
+from centernet_ray.data.preprocess import Preprocessor, sample_seed
+from centernet_ray.ray_data.ingest import check_image, ingest_coco
+from centernet_ray.targets import render_targets
 from centernet_ray.targets import encode_targets
 
 

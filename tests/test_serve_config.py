@@ -18,7 +18,7 @@ def test_serve_yaml_matches_serves_schema_and_builds_the_application(untrained_c
 
     schema = ServeDeploySchema(**yaml.safe_load(SERVE_YAML.read_text()))
     (app,) = schema.applications
-    assert app.import_path == "centernet_ray.serving.app:build_app" and app.route_prefix == "/"
+    assert app.import_path == "centernet_ray.ray_serve.app:build_app" and app.route_prefix == "/"
     builder = import_attr(app.import_path)
     built = builder({**app.args, "checkpoint": str(untrained_checkpoint)})
     assert isinstance(built, Application)
@@ -31,7 +31,7 @@ def test_serve_yaml_matches_serves_schema_and_builds_the_application(untrained_c
 
 
 def test_build_app_rejects_a_missing_checkpoint_and_unknown_keys(untrained_checkpoint):
-    from centernet_ray.serving.app import build_app
+    from centernet_ray.ray_serve.app import build_app
 
     with pytest.raises(ValueError, match="args.checkpoint"):
         build_app({})

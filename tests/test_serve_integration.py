@@ -22,7 +22,7 @@ def endpoint(ray_session, trained_checkpoint, free_ports):
     import requests
     from ray import serve
 
-    from centernet_ray.serving.launch import APP_NAME, start_app
+    from centernet_ray.ray_serve.launch import APP_NAME, start_app
 
     checkpoint, _ = trained_checkpoint
     port = free_ports(1)[0]
@@ -161,7 +161,7 @@ def test_healthz_and_metadata(endpoint, trained_checkpoint):
 
 
 def test_endpoint_detections_equal_predict_on_the_same_images(endpoint, trained_checkpoint, tmp_path):
-    from centernet_ray.batch_inference import run_predict
+    from centernet_ray.ray_data.batch_predict import run_predict
 
     checkpoint, dataset = trained_checkpoint
     image_dir = dataset / "images" / "train"

@@ -6,7 +6,7 @@ import pytest
 
 from centernet_ray import storage
 from centernet_ray.config import load_config
-from centernet_ray.training.tracking import command_line, epoch_metric_names, metric_name, run_tags
+from centernet_ray.tracking import command_line, epoch_metric_names, metric_name, run_tags
 
 
 @pytest.mark.parametrize("uri, expected", [
@@ -61,7 +61,7 @@ def test_the_run_source_is_the_command_as_typed():
 
 def test_the_source_shown_by_mlflow_keeps_file_names_only():
     """MLflow's UI shows a run's source after its last '/': paths are shortened so it reads whole."""
-    from centernet_ray.training.tracking import display_command
+    from centernet_ray.tracking import display_command
 
     assert display_command("centernet-ray train /data/cfg/coco_resdcn18.yaml data.root=/data/coco/ "
                            "--summary-json /tmp/out/s.json train.lr=1e-3") == \
@@ -97,7 +97,7 @@ def test_the_experiment_keeps_its_artifacts_beside_a_sqlite_store(tmp_path, monk
     session folder, or any directory the command ran from)."""
     from mlflow import MlflowClient
 
-    from centernet_ray.training.tracking import ensure_experiment
+    from centernet_ray.tracking import ensure_experiment
 
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")

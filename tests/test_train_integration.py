@@ -9,7 +9,7 @@ import torch
 
 from centernet_ray.checkpoint import load_checkpoint, model_from_checkpoint
 from centernet_ray.config import load_config
-from centernet_ray.training.loop import WorkerCallback
+from centernet_ray.ray_train.loop import WorkerCallback
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +59,7 @@ def tiny_config(shapes_dataset, tmp_path):
 
 
 def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_session, tiny_config, tmp_path):
-    from centernet_ray.training.job import run_training
+    from centernet_ray.ray_train.job import run_training
 
     epoch_log = tmp_path / "epochs.txt"
     summary = run_training(tiny_config, [EpochLog(epoch_log), FailOnce(1)])

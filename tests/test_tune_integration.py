@@ -56,8 +56,8 @@ def interrupted_then_resumed(ray_session, sweep_paths):
     """(output of the interrupted run, its exit code, the resumed run's summary)."""
     import ray
 
-    from centernet_ray.tuning.search_space import load_search_space
-    from centernet_ray.tuning.sweep import run_sweep
+    from centernet_ray.ray_tune.search_space import load_search_space
+    from centernet_ray.ray_tune.sweep import run_sweep
 
     base, overrides = sweep_paths
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}

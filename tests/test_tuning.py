@@ -6,10 +6,10 @@ import pytest
 import yaml
 
 from centernet_ray.config import ConfigError, load_config
-from centernet_ray.tuning.report import SweepSummary, TrialRecord, best_config, format_summary, format_table
-from centernet_ray.tuning.search_space import apply_params, load_search_space, parse_dimension
-from centernet_ray.tuning.sweep import build_scheduler, build_searcher, derive_max_concurrent, trial_resources
-from centernet_ray.tuning.trial import trial_config
+from centernet_ray.ray_tune.report import SweepSummary, TrialRecord, best_config, format_summary, format_table
+from centernet_ray.ray_tune.search_space import apply_params, load_search_space, parse_dimension
+from centernet_ray.ray_tune.sweep import build_scheduler, build_searcher, derive_max_concurrent, trial_resources
+from centernet_ray.ray_tune.trial import trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

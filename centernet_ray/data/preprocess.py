@@ -3,8 +3,7 @@
 ``Preprocessor`` is the body of the Ray Data ``map_batches`` stage; it takes and returns numpy
 batches, so it runs and tests without Ray. Targets leave it *sparse* (boxes in output-map pixels
 and classes, padded to ``max_objects``): 3 KB per row instead of a 5 MB dense COCO heatmap
-(BENCHMARKS.md). ``render_targets`` turns them into the dense training targets with
-``encode_targets`` on the train worker.
+(BENCHMARKS.md). ``targets.render_targets`` makes them dense on the train worker.
 
 Output batch (B rows that decoded; bad rows are dropped, logged and counted):
     image [B, 3, H_in, W_in] uint8; boxes [B, M, 4] float32 (output-map px, zero padded);
@@ -19,12 +18,11 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-import torch
 
 from centernet_ray import storage
 from centernet_ray.data.images import ImageDecodeError, decode_image
 from centernet_ray.data.transforms import TrainTransform, ValTransform
-from centernet_ray.targets import OUTPUT_STRIDE, encode_targets
+from centernet_ray.targets import OUTPUT_STRIDE
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +118,3 @@ class Preprocessor:
             out_boxes, classes = out_boxes[: self.max_objects], classes[: self.max_objects]
         size = (image.shape[2], image.shape[1])
         return result.image.numpy(), out_boxes, classes, image_id, result.input_to_original.numpy(), size
-
-
-def render_targets(boxes: torch.Tensor | np.ndarray, classes: torch.Tensor | np.ndarray,
-                   num_boxes: torch.Tensor | np.ndarray, num_classes: int, output_size: tuple[int, int],
-                   max_objects: int, min_overlap: float = 0.7, formula: str = "cornernet") -> dict[str, torch.Tensor]:
-    """Dense training targets for a batch of sparse rows, exactly ``encode_targets`` per image.
-
-    Args: boxes [B, M, 4] output-map px, classes [B, M], num_boxes [B].
-    Returns: heatmap [B, C, H, W] float32, index [B, M] int64, mask [B, M] uint8,
-    size [B, M, 2], offset [B, M, 2] float32.
-    """
-    boxes, classes, num_boxes = (np.asarray(x) for x in (boxes, classes, num_boxes))
-    encoded = [encode_targets(boxes[b, : num_boxes[b]], classes[b, : num_boxes[b]], num_classes, output_size,
-                              max_objects, min_overlap, formula) for b in range(len(num_boxes))]
-    return {key: torch.from_numpy(np.stack([e[key] for e in encoded]))
-            for key in ("heatmap", "index", "mask", "size", "offset")}

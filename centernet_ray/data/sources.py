@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 from centernet_ray import storage
 from centernet_ray.config import ConfigError, DataConfig
-from centernet_ray.data.ingest import IngestResult, ingest_coco
 from centernet_ray.data.synthetic import default_cache_dir, ensure_shapes_dataset
 
 
@@ -38,9 +37,3 @@ def split_sources(config: DataConfig) -> dict[str, SplitSource]:
                                               str(default_cache_dir() / "parquet"))
         sources[split] = SplitSource(images, annotations, storage.join(parquet_root, split))
     return sources
-
-
-def ingest_splits(config: DataConfig) -> dict[str, IngestResult]:
-    """Ingest every split to Parquet (a no-op for splits already ingested from the same input)."""
-    return {split: ingest_coco(source.images, source.annotations, source.parquet, config.shard_size)
-            for split, source in split_sources(config).items()}

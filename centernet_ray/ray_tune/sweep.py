@@ -13,14 +13,13 @@ from ray import tune
 
 from centernet_ray import storage
 from centernet_ray.config import Config, ConfigError
-from centernet_ray.data.sources import ingest_splits
+from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_runtime import warn_if_node_local_tracking
-from centernet_ray.training.job import default_storage_path
-from centernet_ray.training.tracking import command_line, run_tags
-from centernet_ray.tuning.report import SweepSummary, TrialRecord, best_config, records_from_results
-from centernet_ray.tuning.search_space import SearchSpace
-from centernet_ray.tuning.trial import run_trial
-from centernet_ray.tuning.tracking import SweepTracker, TrialRunCloser
+from centernet_ray.ray_tune.report import SweepSummary, TrialRecord, best_config, records_from_results
+from centernet_ray.ray_tune.search_space import SearchSpace
+from centernet_ray.ray_tune.sweep_tracking import SweepTracker, TrialRunCloser
+from centernet_ray.ray_tune.trial import run_trial
+from centernet_ray.tracking import command_line, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ def build_scheduler(config: Config, state_uri: str, baseline: dict[str, Any] | N
     """ASHA over evaluation reports; ``baseline`` (the default-config trial's params) is never stopped."""
     if config.tune.scheduler == "none":
         return None
-    from centernet_ray.tuning.scheduler import ResumableASHA
+    from centernet_ray.ray_tune.scheduler import ResumableASHA
 
     # time_attr "epoch": reports arrive only at evaluation epochs, so rungs are in epochs trained
     return ResumableASHA(state_uri, baseline, time_attr="epoch", max_t=config.train.epochs,
@@ -95,7 +94,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     # and every trial's run must land in the sweep's store, nested under its run.
     config = storage.with_absolute_paths(config)
     source = source or command_line()
-    name, root = sweep_name(config), default_storage_path(config)
+    name, root = sweep_name(config), storage.default_storage_path(config)
     experiment = storage.join(root, name)
     warn_if_node_local_tracking(config.tracking.tracking_uri)
     ingested = ingest_splits(config.data)  # once, here: concurrent trials would otherwise race to ingest

@@ -21,7 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from centernet_ray.config import ServeConfig, config_from_dict
 from centernet_ray.errors import UserInputError
-from centernet_ray.serving.requests import RequestError, decode_request_image, image_bytes, parse_params
+from centernet_ray.ray_serve.requests import RequestError, decode_request_image, image_bytes, parse_params
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ class DetectionModel:
 
     def __init__(self, source: str, flip_test: bool = False, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, tracking_uri: str | None = None) -> None:
-        from centernet_ray.inference import Detector
-        from centernet_ray.serving.model_source import load_served_model
+        from centernet_ray.detector import Detector
+        from centernet_ray.checkpoint import load_served_model
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         served = load_served_model(source, device, tracking_uri)

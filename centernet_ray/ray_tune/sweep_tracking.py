@@ -15,11 +15,11 @@ from typing import Any
 
 from ray.tune import Callback
 
-from centernet_ray import config_files
+from centernet_ray.config import files as config_files
 from centernet_ray.config import Config
-from centernet_ray.training.tracking import ensure_experiment, tracking_uri
-from centernet_ray.tuning.report import SweepSummary, format_table, short
-from centernet_ray.tuning.search_space import SearchSpace
+from centernet_ray.ray_tune.report import SweepSummary, format_table, short
+from centernet_ray.ray_tune.search_space import SearchSpace
+from centernet_ray.tracking import ensure_experiment, tracking_uri
 
 log = logging.getLogger(__name__)
 

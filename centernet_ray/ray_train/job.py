@@ -19,13 +19,14 @@ from ray.train.torch import TorchTrainer
 
 from centernet_ray import storage
 from centernet_ray.config import Config
-from centernet_ray.data.sources import ingest_splits, split_sources
+from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import STAT_NAMES
-from centernet_ray.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, preprocessed_dataset
+from centernet_ray.ray_data.ingest import ingest_splits
+from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, preprocessed_dataset
 from centernet_ray.ray_runtime import warn_if_node_local, warn_if_node_local_tracking
-from centernet_ray.training.loop import DatasetFacts, LoopInputs, WorkerCallback, train_loop_per_worker
-from centernet_ray.training.tracking import DatasetInput, command_line, describe_run, ensure_experiment, run_tags
+from centernet_ray.ray_train.loop import DatasetFacts, LoopInputs, WorkerCallback, train_loop_per_worker
+from centernet_ray.tracking import DatasetInput, command_line, describe_run, ensure_experiment, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,6 @@ def default_run_name(config: Config) -> str:
     return config.train.run_name or f"centernet-{config.model.backbone}"
 
 
-STORAGE_ENV = "CENTERNET_RAY_STORAGE"
-
-
-def default_storage_path(config: Config) -> str:
-    """``train.storage_path``, else ``$CENTERNET_RAY_STORAGE`` (set once per cluster), else
-    ./outputs/ray_results. On a multi-node cluster it must be a URI or a mount every node shares."""
-    return config.train.storage_path or os.environ.get(STORAGE_ENV) or str(Path("outputs").resolve() / "ray_results")
-
-
 def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None, worker_callbacks: list[WorkerCallback] | None = None,
                   threads_per_worker: int | None = None, mlflow_parent_run_id: str | None = None,
                   mlflow_tags: dict[str, str] | None = None, source: str | None = None) -> tuple[TorchTrainer, Any]:
@@ -72,7 +64,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     ingested = ingest_splits(config.data)
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
-    warn_if_node_local(default_storage_path(config), "train.storage_path")
+    warn_if_node_local(storage.default_storage_path(config), "train.storage_path")
     warn_if_node_local_tracking(config.tracking.tracking_uri)
     ensure_experiment(config)
     dataset_facts = {"fingerprint": ingested["train"].fingerprint, "train_images": ingested["train"].rows,
@@ -100,7 +92,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
                             label_selector=config.cluster.train_selector())
     run = RunConfig(
-        name=default_run_name(config), storage_path=default_storage_path(config),
+        name=default_run_name(config), storage_path=storage.default_storage_path(config),
         checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="best_AP",
                                            checkpoint_score_order="max"),
         failure_config=FailureConfig(max_failures=config.train.max_failures),

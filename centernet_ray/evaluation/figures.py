@@ -15,7 +15,7 @@ import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from centernet_ray.evaluation import CocoEvaluation
+from centernet_ray.evaluation.coco import CocoEvaluation
 
 MAX_LEGEND_CLASSES = 20  # more classes than this: per-class curves without a legend
 MAX_ANNOTATED_CLASSES = 30  # more classes than this: the confusion matrix without numbers in its cells

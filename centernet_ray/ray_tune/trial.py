@@ -15,7 +15,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from centernet_ray import storage
 from centernet_ray.config import Config, config_from_dict
-from centernet_ray.tuning.search_space import apply_params
+from centernet_ray.ray_tune.search_space import apply_params
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str
     import ray.tune
     from ray.data import DataContext
 
-    from centernet_ray.training.job import build_trainer
+    from centernet_ray.ray_train.job import build_trainer
 
     # Each trial's datasets are driven from its own actor: their progress bars would interleave on the
     # sweep's output. The training loop's progress lines report throughput and data wait instead.

@@ -1,5 +1,6 @@
-"""Batch inference on Ray Data: read -> preprocess (CPU actors) -> model + decode (actor pool,
-GPU when the cluster has one) -> COCO results json + Parquet, scored with COCOeval on request."""
+"""Batch inference on Ray Data: read -> the training pipeline's preprocessing stage (CPU pool) ->
+model + decode (actor pool, GPU pool when the cluster has one) -> COCO results json + Parquet,
+scored with COCOeval on request."""
 
 from __future__ import annotations
 
@@ -17,13 +18,14 @@ import ray
 import torch
 
 from centernet_ray import storage
-from centernet_ray.config import config_from_dict
+from centernet_ray.checkpoint import is_mlflow_uri, load_served_model, read_checkpoint
+from centernet_ray.config import with_overrides
 from centernet_ray.data.coco import parse_coco
+from centernet_ray.detector import Detector
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
-from centernet_ray.inference import Detector
-from centernet_ray.pipeline import PipelineReport, RayPreprocessor, read_rows
-from centernet_ray.serving.model_source import is_mlflow_uri, load_served_model, read_checkpoint
+from centernet_ray.ray_data.pipeline import PipelineReport, preprocess_stage, read_rows
+from centernet_ray.ray_runtime import warn_if_no_node_matches
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +97,14 @@ def _image_rows(images: str, annotations: dict | None) -> tuple[list[dict[str, A
 def run_predict(checkpoint: str, output: str, images: str | None = None, parquet: str | None = None,
                 annotations: str | None = None, batch_size: int = 16, num_actors: int = 1,
                 k: int = 100, score_threshold: float = 0.0, flip_test: bool = False,
-                tracking_uri: str | None = None) -> PredictResult:
+                tracking_uri: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PredictResult:
     """Detect on every image and write ``output``/detections.json (+ .parquet, metrics.json).
 
     ``checkpoint``: a checkpoint file/directory/URI or an MLflow model URI (``models:/name@alias``,
     ``runs:/<id>/model``) in ``tracking_uri`` (default: ``$MLFLOW_TRACKING_URI``, else
-    ``./mlflow.db``). Local paths are resolved here: the actors run in Ray's session folder."""
+    ``./mlflow.db``). The checkpoint's config, with ``overrides`` (``key=value``, e.g.
+    ``cluster.node_pools=false``) applied, sets the preprocessing stage and the node pools. Local
+    paths are resolved here: the actors run in Ray's session folder."""
     if (images is None) == (parquet is None):
         raise UserInputError("give exactly one of --images and --parquet")
     started = time.perf_counter()
@@ -110,7 +114,7 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     images, parquet = storage.absolute(images or "") or None, storage.absolute(parquet or "") or None
     output, annotations = storage.absolute(output), storage.absolute(annotations or "") or None
     state = read_checkpoint(checkpoint, tracking_uri)  # the config and classes; the actors load the weights
-    config, category_ids = config_from_dict(state["config"]), state["category_ids"]
+    config, category_ids = with_overrides(state["config"], overrides), state["category_ids"]
     ground_truth = json.loads(storage.read_bytes(annotations)) if annotations else None
     if ground_truth is not None:
         parse_coco(ground_truth, annotations)  # validate early with a clear error
@@ -120,18 +124,19 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         dataset = ray.data.from_items(rows)
     else:
         dataset, id_to_path = read_rows(parquet, batch_size), {}
+    warn_if_no_node_matches(config.cluster.data_selector(), "preprocessing")
+    warn_if_no_node_matches(config.cluster.train_selector(), "the model actors")
     report = PipelineReport.remote()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    preprocessed = dataset.map_batches(
-        RayPreprocessor, batch_format="numpy", batch_size=batch_size,
-        fn_constructor_kwargs=dict(input_size=config.data.input_size, max_objects=0, train=False, report=report),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.data.preprocess_max_actors)),
-        num_cpus=config.data.preprocess_num_cpus)
+    # the training pipeline's preprocessing stage (compute strategy, CPUs, node pool), at this batch size
+    preprocessed = preprocess_stage(dataset, config, train=False, report=report, batch_size=batch_size, max_objects=0,
+                                    label_selector=config.cluster.data_selector())
+    model_placement = {"label_selector": config.cluster.train_selector()} if config.cluster.node_pools else {}
     predicted = preprocessed.map_batches(
         DetectorActor, batch_format="numpy", batch_size=batch_size,
         fn_constructor_kwargs=dict(checkpoint=checkpoint, use_gpu=use_gpu, k=k, flip_test=flip_test,
                                    tracking_uri=tracking_uri),
-        compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0)
+        compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0, **model_placement)
 
     image_ids, all_boxes, all_scores, all_classes = [], [], [], []
     for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):

@@ -8,7 +8,7 @@ from typing import Any
 
 from centernet_ray.config import Config
 from centernet_ray.evaluation import STAT_NAMES
-from centernet_ray.tuning.search_space import SearchSpace, apply_params
+from centernet_ray.ray_tune.search_space import SearchSpace, apply_params
 
 
 @dataclass

@@ -21,7 +21,9 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from centernet_ray import storage
+from centernet_ray.config import DataConfig
 from centernet_ray.data.coco import CocoReport, ImageRecord, parse_coco
+from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -147,3 +149,9 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     log.log(level, "ingest: %s -> %s: %s", annotations, output, report.summary())
     return IngestResult(output, rows, shards, dataset.category_ids, dataset.class_names, counts, written, reused=False,
                         fingerprint=fingerprint)
+
+
+def ingest_splits(config: DataConfig) -> dict[str, IngestResult]:
+    """Ingest every split to Parquet (a no-op for splits already ingested from the same input)."""
+    return {split: ingest_coco(source.images, source.annotations, source.parquet, config.shard_size)
+            for split, source in split_sources(config).items()}

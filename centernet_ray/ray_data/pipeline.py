@@ -18,10 +18,10 @@ from ray.train import DataConfig as TrainDataConfig
 
 from centernet_ray import storage
 from centernet_ray.config import Config
-from centernet_ray.data.ingest import read_manifest
-from centernet_ray.data.preprocess import Preprocessor, render_targets
+from centernet_ray.data.preprocess import Preprocessor
 from centernet_ray.ray_compat import execution_options
-from centernet_ray.targets import OUTPUT_STRIDE
+from centernet_ray.ray_data.ingest import read_manifest
+from centernet_ray.targets import OUTPUT_STRIDE, TargetCollate
 
 log = logging.getLogger(__name__)
 
@@ -117,22 +117,34 @@ def read_rows(parquet_dir: str, rows_per_block: int) -> ray.data.Dataset:
 
 def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: Any = None,
                          clock: Any = None) -> ray.data.Dataset:
-    """Lazy dataset of preprocessed rows (see ``centernet_ray.data.preprocess`` for the columns)."""
+    """Lazy dataset of preprocessed rows (see ``centernet_ray.data.preprocess`` for the columns).
+
+    Which nodes run it (``cluster.node_pools``) is set for the whole dataset, reads included, by
+    :class:`CenterNetDataConfig`'s execution options, not per stage."""
+    rows = read_rows(parquet_dir, config.data.preprocess_batch_size)
+    return preprocess_stage(rows, config, train=train, report=report, clock=clock if train else None)
+
+
+def preprocess_stage(rows: ray.data.Dataset, config: Config, *, train: bool, report: Any = None, clock: Any = None,
+                     batch_size: int | None = None, max_objects: int | None = None,
+                     label_selector: dict[str, str] | None = None) -> ray.data.Dataset:
+    """``rows`` (ingested rows: ``image`` bytes, ``image_id``, ``boxes``, ``labels``) through the
+    preprocessing stage as ``config.data`` runs it: tasks or an actor pool (``preprocess_compute``),
+    ``preprocess_num_cpus`` each, ``preprocess_batch_size`` rows per call unless ``batch_size``;
+    ``label_selector`` pins it to a node pool when the caller does not set it dataset-wide."""
     data = config.data
-    rows = read_rows(parquet_dir, data.preprocess_batch_size)
-    # Which nodes run it (cluster.node_pools) is set for the whole dataset, reads included, by
-    # CenterNetDataConfig's execution options, not per stage.
+    batch_size = batch_size or data.preprocess_batch_size
+    arguments = dict(input_size=data.input_size, train=train, augment=data.augment, scale_range=data.scale_range,
+                     flip_prob=data.flip_prob, color_jitter=data.color_jitter, seed=config.train.seed, report=report,
+                     clock=clock, max_objects=config.targets.max_objects if max_objects is None else max_objects)
     placement: dict[str, Any] = {"num_cpus": data.preprocess_num_cpus}
-    arguments = dict(input_size=data.input_size, max_objects=config.targets.max_objects, train=train,
-                     augment=data.augment, scale_range=data.scale_range, flip_prob=data.flip_prob,
-                     color_jitter=data.color_jitter, seed=config.train.seed, report=report,
-                     clock=clock if train else None)
+    if label_selector:
+        placement["label_selector"] = label_selector
     if data.preprocess_compute == "tasks":
-        return rows.map_batches(preprocess_in_task, fn_kwargs=arguments, batch_size=data.preprocess_batch_size,
-                                batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=data.preprocess_max_actors),
-                                **placement)
+        return rows.map_batches(preprocess_in_task, fn_kwargs=arguments, batch_size=batch_size, batch_format="numpy",
+                                compute=ray.data.TaskPoolStrategy(size=data.preprocess_max_actors), **placement)
     return rows.map_batches(
-        RayPreprocessor, fn_constructor_kwargs=arguments, batch_size=data.preprocess_batch_size, batch_format="numpy",
+        RayPreprocessor, fn_constructor_kwargs=arguments, batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=data.preprocess_min_actors, max_size=data.preprocess_max_actors),
         **placement)
 
@@ -167,30 +179,3 @@ def shard_batches(name: str, config: Config, num_classes: int, batch_size: int):
     shard = ray.train.get_dataset_shard(name)
     return shard.iter_torch_batches(batch_size=batch_size, collate_fn=TargetCollate(config, num_classes),
                                     prefetch_batches=config.data.prefetch_batches, device="cpu")
-
-
-class TargetCollate:
-    """``iter_torch_batches`` collate: numpy rows -> uint8 images + dense targets (train worker).
-
-    Returns ``{"image": uint8 [B,3,H,W], "targets": {...render_targets...}, "image_id",
-    "input_to_original", "original_size"}``; the heatmap is rendered here, off the object store.
-    """
-
-    def __init__(self, config: Config, num_classes: int) -> None:
-        height, width = config.data.input_size
-        self.output_size = (height // OUTPUT_STRIDE, width // OUTPUT_STRIDE)
-        self.num_classes = num_classes
-        self.targets = config.targets
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        targets = render_targets(batch["boxes"], batch["classes"], batch["num_boxes"], self.num_classes,
-                                 self.output_size, self.targets.max_objects, self.targets.min_overlap,
-                                 self.targets.formula)
-        # Ray hands out read-only zero-copy arrays; torch wants writable memory, so copy (small).
-        return {
-            "image": torch.tensor(batch["image"]),
-            "targets": targets,
-            "image_id": torch.tensor(batch["image_id"]),
-            "input_to_original": torch.tensor(batch["input_to_original"]),
-            "original_size": torch.tensor(batch["original_size"]),
-        }

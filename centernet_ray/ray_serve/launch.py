@@ -6,10 +6,10 @@ import dataclasses
 import logging
 import time
 
+from centernet_ray.checkpoint import is_mlflow_uri
 from centernet_ray.config import Config
 from centernet_ray.ray_runtime import warn_if_node_local_tracking
-from centernet_ray.serving.model_source import is_mlflow_uri
-from centernet_ray.training.tracking import tracking_uri
+from centernet_ray.tracking import tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def start_app(config: Config, checkpoint: str, flip_test: bool = False) -> str:
     """Deploy the application on the running Ray; returns its base URL."""
     from ray import serve
 
-    from centernet_ray.serving.app import build_app
+    from centernet_ray.ray_serve.app import build_app
 
     settings = config.serve
     if is_mlflow_uri(checkpoint):

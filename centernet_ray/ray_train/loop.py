@@ -1,4 +1,4 @@
-"""The per-worker function run by ``TorchTrainer``: Ray glue around ``centernet_ray.engine``.
+"""The per-worker function run by ``TorchTrainer``: Ray glue around ``centernet_ray.training.engine``.
 
 Shards in (``pipeline.shard_batches``), reports and checkpoints out (``ray.train.report``), MLflow
 from rank 0. The step, the epoch and the evaluation pass are the engine's.
@@ -26,10 +26,11 @@ from centernet_ray import storage
 from centernet_ray.checkpoint import CHECKPOINT_FILE, checkpoint_state, load_checkpoint, save_checkpoint
 from centernet_ray.config import Config
 from centernet_ray.drawing import draw_detections, save_png_grid
-from centernet_ray.engine import LOSS_TERMS, EpochResult, EvaluationResult, KeptImage, Progress, TrainingEngine, evaluate
-from centernet_ray.evaluation_figures import class_ap_figure, confusion_matrix_figure, heatmap_figure, pr_curves_figure
-from centernet_ray.pipeline import shard_batches
-from centernet_ray.training.tracking import DatasetInput, RunTracker, epoch_metric_names
+from centernet_ray.evaluation import EvaluationResult, KeptImage, evaluate
+from centernet_ray.evaluation.figures import class_ap_figure, confusion_matrix_figure, heatmap_figure, pr_curves_figure
+from centernet_ray.ray_data.pipeline import shard_batches
+from centernet_ray.tracking import DatasetInput, RunTracker, epoch_metric_names
+from centernet_ray.training.engine import LOSS_TERMS, EpochResult, Progress, TrainingEngine
 
 log = logging.getLogger(__name__)
 

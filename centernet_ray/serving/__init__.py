@@ -1,1 +1,0 @@
-"""Ray Serve: the detection endpoint."""

@@ -1,1 +1,0 @@
-"""Ray Tune sweeps over training runs."""
