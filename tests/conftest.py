@@ -145,10 +145,10 @@ def trained_checkpoint(tmp_path_factory):
     from centernet_ray.checkpoint import checkpoint_state, save_checkpoint
     from centernet_ray.config import load_config
     from centernet_ray.data.preprocess import Preprocessor
-    from centernet_ray.targets import render_targets
     from centernet_ray.data.transforms import normalize_images
     from centernet_ray.losses import CenterNetLoss
     from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, build_model
+    from centernet_ray.targets import render_targets
 
     root = tmp_path_factory.mktemp("overfit")
     dataset = write_shapes_dataset(root / "shapes", num_train=8, num_val=4, image_size=64, seed=11)
