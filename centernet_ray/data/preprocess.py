@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -42,8 +43,9 @@ class Preprocessor:
     def __init__(self, input_size: tuple[int, int], max_objects: int, train: bool,
                  augment: str = "centernet", scale_range: tuple[float, float] = (0.6, 1.4),
                  flip_prob: float = 0.5, color_jitter: float = 0.4, seed: int = 0, epoch: int = 0,
-                 max_pixels: int | None = 100_000_000) -> None:
+                 max_pixels: int | None = 100_000_000, on_problem: Callable[[str, str], None] | None = None) -> None:
         self.input_size = tuple(input_size)
+        self.on_problem = on_problem  # also told of every dropped or repaired row, e.g. a shared report
         self.max_objects = max_objects
         self.train = train
         self.seed, self.epoch = seed, epoch
@@ -53,9 +55,11 @@ class Preprocessor:
         self.counts: Counter[str] = Counter()
 
     def report(self, problem: str, example: str) -> None:
-        """Record a dropped or repaired row; Ray subclasses forward this to a shared report."""
+        """Record a dropped or repaired row (and pass it to ``on_problem``)."""
         self.counts[problem] += 1
         log.warning("preprocess: %s: %s", problem, example)
+        if self.on_problem is not None:
+            self.on_problem(problem, example)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         height, width = self.input_size

@@ -13,15 +13,12 @@ from collections import Counter
 from typing import Any
 
 import ray
-import torch
 from ray.train import DataConfig as TrainDataConfig
 
 from centernet_ray import storage
 from centernet_ray.config import Config
-from centernet_ray.data.preprocess import Preprocessor
 from centernet_ray.ray_compat import execution_options
 from centernet_ray.ray_data.ingest import read_manifest
-from centernet_ray.targets import OUTPUT_STRIDE, TargetCollate
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +55,32 @@ class EpochClock:
         return self.epoch
 
 
-class RayPreprocessor(Preprocessor):
-    """:class:`Preprocessor` as a Ray Data actor: reads the epoch once at start-up (each epoch's
-    execution starts fresh actors) and forwards dropped rows to the shared report."""
+class RayPreprocessor:
+    """:class:`~centernet_ray.data.preprocess.Preprocessor` as a Ray Data actor: reads the epoch once
+    at start-up (each epoch's execution starts fresh actors) and forwards dropped rows to the shared
+    report.
 
-    def __init__(self, *args: Any, report: Any = None, clock: Any = None, **kwargs: Any) -> None:
+    torch and the preprocessing code are imported here, not at the top of this module: Ray Data's
+    coordinators (the DatasetManager and one SplitCoordinator per dataset) import this module to
+    unpickle the stage, and importing torch costs each of them seconds of CPU on the critical path
+    to the first batch (BENCHMARKS.md)."""
+
+    def __init__(self, *, report: Any = None, clock: Any = None, **kwargs: Any) -> None:
+        import torch
+
+        from centernet_ray.data.preprocess import Preprocessor
+
         torch.set_num_threads(1)  # one actor = one CPU; parallelism comes from the pool
         if clock is not None:
             kwargs["epoch"] = ray.get(clock.get.remote())
-        super().__init__(*args, **kwargs)
-        self._report_actor = report
+        on_problem = None if report is None else (lambda problem, example: report.add.remote(problem, example))
+        self.preprocessor = Preprocessor(**kwargs, on_problem=on_problem)
 
-    def report(self, problem: str, example: str) -> None:
-        super().report(problem, example)
-        if self._report_actor is not None:
-            self._report_actor.add.remote(problem, example)
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.preprocessor(batch)
 
 
-_PROCESS_PREPROCESSORS: dict[tuple, Preprocessor] = {}
+_PROCESS_PREPROCESSORS: dict[tuple, RayPreprocessor] = {}
 
 
 def preprocess_in_task(batch: dict[str, Any], *, report: Any = None, clock: Any = None, **kwargs: Any) -> dict[str, Any]:
@@ -89,7 +94,6 @@ def preprocess_in_task(batch: dict[str, Any], *, report: Any = None, clock: Any 
     preprocessor = _PROCESS_PREPROCESSORS.get(key)
     if preprocessor is None:
         _PROCESS_PREPROCESSORS.clear()
-        torch.set_num_threads(1)
         preprocessor = _PROCESS_PREPROCESSORS[key] = RayPreprocessor(report=report, epoch=epoch, **kwargs)
     return preprocessor(batch)
 
@@ -175,6 +179,8 @@ def shard_batches(name: str, config: Config, num_classes: int, batch_size: int):
     """Inside a Ray Train worker: this worker's split of dataset ``name`` as collated torch batches
     (see :class:`TargetCollate`), prefetched ``data.prefetch_batches`` ahead."""
     import ray.train
+
+    from centernet_ray.targets import TargetCollate
 
     shard = ray.train.get_dataset_shard(name)
     return shard.iter_torch_batches(batch_size=batch_size, collate_fn=TargetCollate(config, num_classes),
