@@ -2,8 +2,12 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
+import time
+import urllib.request
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -182,3 +186,31 @@ def trained_checkpoint(tmp_path_factory):
                                            [c["id"] for c in annotations["categories"]], epoch=300,
                                            metrics={"final_loss": float(loss)}))
     return path, dataset
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:  # connection refused while the server starts, HTTP errors, timeouts
+        return False
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(background_services, free_ports, tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 and a free port, one worker, SQLite backend; artifacts go through
+    the server (mlflow-artifacts:/) into ``artifacts``. Terminated by ``background_services``."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    (port,) = free_ports(1)
+    log = root / "server.log"
+    server = background_services.start([
+        Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}", "--artifacts-destination", root / "artifacts",
+    ], log)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not _healthy(uri):
+        assert server.poll() is None, f"`mlflow server` exited with {server.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"`mlflow server` not healthy in 120 s:\n{log.read_text()}"
+        time.sleep(0.5)
+    yield SimpleNamespace(uri=uri, artifacts=root / "artifacts", log=log)

@@ -1,5 +1,6 @@
 """`ray job submit` of the train job to a real Ray head with token authentication (DESIGN.md: the
-Jobs API of Ray 2.60 needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN on the head and the client)."""
+Jobs API of Ray 2.60 needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN on the head and the client),
+tracked on a real `mlflow server`: the path users take from submitting a job to reading it in MLflow."""
 
 import json
 import secrets
@@ -102,20 +103,26 @@ def test_submission_without_the_right_token_is_rejected(ray_head, background_ser
     assert not [job for job in _jobs_client(ray_head).list_jobs() if marker in job.entrypoint]
 
 
-def test_submitted_train_job_succeeds_and_is_tracked_in_mlflow(ray_head, background_services, shapes_dataset,
-                                                             tmp_path):
-    """`ray job submit --working-dir <repo> -- python -m centernet_ray train ...` with the token:
-    the job SUCCEEDS, its MLflow run holds the config and metrics, and the uploaded working dir
-    left out what .gitignore and the excludes name (.venv, .git)."""
+def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_server(
+        ray_head, mlflow_server, background_services, shapes_dataset, tmp_path):
+    """The user's path: `ray job submit --working-dir <repo> -- python -m centernet_ray train ...`
+    with the token, tracked on a real `mlflow server`. The job SUCCEEDS; its run on the server holds
+    the flattened config, per-step train losses, per-evaluation COCO stats, system metrics, the
+    tags, config.yaml, the checkpoint, the evaluation pictures and a LoggedModel that loads and
+    runs; the uploaded working dir left out what .gitignore and the excludes name (.venv, .git)."""
     import mlflow
+    import torch
+    from mlflow import MlflowClient
     from ray.job_submission import JobStatus
 
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    from centernet_ray.config import load_config
+
     summary_path = tmp_path / "summary.json"
     submission_id = f"centernet-train-{secrets.token_hex(4)}"
-    entrypoint = ["python", "-m", "centernet_ray", "train", TINY_CONFIG, f"data.root={shapes_dataset}",
-                  f"data.parquet_dir={tmp_path / 'parquet'}", f"train.storage_path={tmp_path / 'runs'}",
-                  f"tracking.tracking_uri={tracking_uri}", "--summary-json", summary_path]
+    overrides = [f"data.root={shapes_dataset}", f"data.parquet_dir={tmp_path / 'parquet'}",
+                 f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_server.uri}",
+                 "tracking.system_metrics_interval_s=1"]
+    entrypoint = ["python", "-m", "centernet_ray", "train", TINY_CONFIG, *overrides, "--summary-json", summary_path]
     result = _submit(ray_head, entrypoint, env=background_services.env(**ray_head.env), options=(
         "--submission-id", submission_id, "--working-dir", REPO, "--runtime-env-json", '{"excludes": [".git"]}'))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -130,16 +137,65 @@ def test_submitted_train_job_succeeds_and_is_tracked_in_mlflow(ray_head, backgro
     info = client.get_job_info(submission_id)
     assert info.status == JobStatus.SUCCEEDED, (
         f"job {info.status}: {info.message}\n--- job logs ---\n{client.get_job_logs(submission_id)}")
-
     summary = json.loads(summary_path.read_text())
     assert summary["epochs"] == 1 and 0.0 <= summary["AP"] <= 1.0 and summary["mlflow_run_id"], summary
-    tracking = mlflow.MlflowClient(tracking_uri)
-    runs = tracking.search_runs([tracking.get_experiment_by_name("centernet-ray").experiment_id])
+
+    config = load_config(REPO / TINY_CONFIG, overrides)
+    tracking = MlflowClient(mlflow_server.uri)
+    runs = tracking.search_runs([tracking.get_experiment_by_name(config.tracking.experiment).experiment_id])
     assert [run.info.run_id for run in runs] == [summary["mlflow_run_id"]], runs
     run = runs[0]
-    assert run.info.status == "FINISHED"
-    assert run.data.params["train.num_workers"] == "1" and run.data.params["model.head_conv"] == "16"
-    assert {"train/loss_total", "train/epoch_loss_total", "val/AP", "val/AP50", "val/best_AP"} <= set(run.data.metrics), run.data.metrics
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    params = run.data.params
+    assert params["model.backbone"] == "resnet18" and params["loss.alpha"] == "2.0", params
+    assert params["train.batch_size"] == "4" and params["targets.max_objects"] == "8", params
+    assert params["train.num_workers"] == "1" and params["model.head_conv"] == "16", params
+    assert set(params) == set(config.flatten()), set(params) ^ set(config.flatten())
+
+    steps_per_epoch = 24 // 4  # shapes_dataset has 24 training images
+    for name in ("train/loss_total", "train/loss_heatmap", "train/loss_size", "train/loss_offset", "train/lr",
+                 "train/images_per_s", "train/data_wait_s"):
+        history = tracking.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [steps_per_epoch], (name, history)
+    for name in ("val/AP", "val/AP50", "val/AP75", "val/ARl", "val/best_AP", "train/epoch_loss_total", "train/epoch",
+                 *(f"val_class_AP/{c}" for c in ("circle", "rectangle", "triangle", "cross"))):
+        history = tracking.get_metric_history(run.info.run_id, name)
+        assert len(history) == 1 and history[0].step == steps_per_epoch, (name, history)
+    metrics = run.data.metrics
+    assert 0.0 <= metrics["val/AP50"] <= 1.0 and metrics["val/AP"] == pytest.approx(summary["AP"])
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+
+    tags = run.data.tags
+    assert tags["mlflow.source.name"].startswith("centernet-ray train tiny_train data.root="), tags
+    assert tags["mlflow.source.type"] == "JOB"
+    assert tags["centernet_ray.command"].startswith(f"centernet-ray train {TINY_CONFIG} data.root={shapes_dataset} ")
+    assert tags["centernet_ray.backbone"] == "resnet18" and tags["centernet_ray.dataset.train_images"] == "24"
+    assert "| AP50 |" in tags["mlflow.note.content"]
+
+    artifacts = {a.path for a in tracking.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "checkpoint", "val_predictions.png", "evaluation"} <= artifacts, artifacts
+    pictures = {a.path for a in tracking.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/per_class_ap.png", "evaluation/precision_recall.png", "evaluation/confusion_matrix.png",
+            "evaluation/heatmaps_target_vs_predicted.png", "evaluation/per_class_ap.json"} == pictures
+    table = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="evaluation/per_class_ap.json", dst_path=str(tmp_path / "table"),
+        tracking_uri=mlflow_server.uri)).read_text())
+    assert table["columns"] == ["class", "AP", "AP50", "AP75", "objects"] and len(table["data"]) == 4
+    assert [a.path for a in tracking.list_artifacts(run.info.run_id, "checkpoint")] == ["checkpoint/checkpoint.pt"]
+    config_file = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml",
+                                                           dst_path=str(tmp_path), tracking_uri=mlflow_server.uri))
+    assert load_config(config_file) == config
+    assert list(mlflow_server.artifacts.rglob("val_predictions.png")), "artifacts did not go through the server"
+
+    models = tracking.search_logged_models([run.info.experiment_id])
+    assert [(m.name, m.source_run_id) for m in models] == [("model", run.info.run_id)], models
+    local = mlflow.artifacts.download_artifacts(artifact_uri=models[0].artifact_location,
+                                                dst_path=str(tmp_path / "model"), tracking_uri=mlflow_server.uri)
+    model = mlflow.pytorch.load_model(local)
+    with torch.no_grad():
+        outputs = model(torch.zeros(2, 3, 64, 64))
+    shapes = {name: tuple(value.shape) for name, value in outputs.items()}
+    assert shapes == {"heatmap": (2, 4, 16, 16), "size": (2, 2, 16, 16), "offset": (2, 2, 16, 16)}, shapes
 
     # The package the job ran in: the repo without .venv (.gitignore) and .git (excludes).
     package = info.runtime_env["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")
