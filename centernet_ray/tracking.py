@@ -28,6 +28,8 @@ from centernet_ray.evaluation import STAT_NAMES
 
 log = logging.getLogger(__name__)
 
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint
+
 # Epoch report key -> MLflow metric name (COCO stats go to val/<stat>).
 _EPOCH_NAMES = {"epoch": "train/epoch", "images_per_s": "train/epoch_images_per_s",
                 "nonfinite_steps": "train/nonfinite_steps", "best_AP": "val/best_AP", "eval_images": "val/images"}
@@ -106,6 +108,12 @@ def git_commit() -> str | None:
     return commit if result.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
+def running_as_ray_job() -> bool:
+    """Whether this process is the entrypoint of a Ray job (``ray job submit``): Ray's job supervisor
+    gives it the job's config in this variable (``RAY_JOB_ID`` is internal and not set there)."""
+    return bool(os.environ.get(RAY_JOB_ENV))
+
+
 def run_tags(config: Config, source: str, dataset: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Tags that say what ran: the command (``centernet_ray.command``; shortened, as MLflow shows it,
     in ``mlflow.source.name``), the code version, the model, the
@@ -118,7 +126,7 @@ def run_tags(config: Config, source: str, dataset: Mapping[str, Any] | None = No
     from centernet_ray import __version__
 
     tags = {"mlflow.source.name": display_command(source), "centernet_ray.command": source,
-            "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_ID") else "LOCAL",
+            "mlflow.source.type": "JOB" if running_as_ray_job() else "LOCAL",
             "centernet_ray.backbone": config.model.backbone, "centernet_ray.version": __version__,
             "centernet_ray.dataset": config.data.root or config.data.train_annotations or "synthetic shapes",
             "ray.version": ray.__version__, "torch.version": torch.__version__, "mlflow.version": mlflow.__version__}
