@@ -258,6 +258,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``centernet-ray`` with ``argv`` (default: the command line, whose output is made plain text
+    when it is not a terminal: no colour codes or progress-bar redraws in files and job logs)."""
+    if argv is None:
+        from centernet_ray.console import plain_output_unless_terminal
+
+        plain_output_unless_terminal()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     from centernet_ray.tracking import command_line

@@ -7,8 +7,11 @@ import os
 from pathlib import Path
 
 import ray
+import ray.data
 
+from centernet_ray.console import is_terminal
 from centernet_ray.storage import is_node_local_store
+from centernet_ray.tracking import running_as_ray_job
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +22,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     train workers on small machines (a 2-core box with num_cpus=2 deadlocks)."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"):
+    if not is_terminal():
+        # Ray Data's workers then log their progress as lines (LoggingExecutionProgressManager)
+        # instead of sending tqdm bars that the driver redraws with cursor movements.
+        ray.data.DataContext.get_current().use_ray_tqdm = False
+    if os.environ.get("RAY_ADDRESS") or running_as_ray_job():
         ray.init(log_to_driver=True)
         log.info("connected to Ray cluster: %s", ray.cluster_resources())
         return
@@ -27,7 +34,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     # The dashboard (on 127.0.0.1 only) serves Ray's State API, which Ray Train's PlacementGroupCleaner
     # needs: without it the placement group of a Train run whose driver was killed (a trial stopped
     # by ASHA) is never removed, and its CPUs stay reserved until Ray stops.
-    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    # address="local": a new local Ray even when another one runs on this machine (`ray start`, a
+    # second command), which ray.init() without an address would join instead.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     log.info("started local Ray with %d logical CPUs on %d cores", cpus, os.cpu_count() or 1)
 
 
@@ -52,7 +61,7 @@ def warn_if_node_local_tracking(uri: str) -> None:
     another node and would write to (or read from) that node's own copy."""
     if not is_node_local_store(uri):
         return
-    if os.environ.get("RAY_JOB_ID") and "runtime_resources" in str(Path.cwd()) and str(Path.cwd()) in uri:
+    if running_as_ray_job() and "runtime_resources" in str(Path.cwd()) and str(Path.cwd()) in uri:
         log.warning("the MLflow store %s is inside this Ray job's working_dir, a copy Ray deletes with its "
                     "session: set tracking.tracking_uri (or MLFLOW_TRACKING_URI in the job's runtime_env) to a "
                     "tracking server or a lasting path", uri)

@@ -133,3 +133,18 @@ def test_evaluation_figures_draw_every_class(ground_truth):
     figure = heatmap_figure(images, heat, heat)
     titles = [a.get_title() for a in figure.axes if a.get_title()]
     assert titles == [f"image {i}: {kind}" for i in (1, 2, 3) for kind in ("target", "predicted")]
+
+
+def test_pycocotools_prints_nothing_even_where_print_is_replaced(monkeypatch, capsys):
+    """Ray Train workers replace builtins.print with a logger; pycocotools' progress must still stay out."""
+    import builtins
+
+    from centernet_ray.evaluation import coco_evaluate, coco_from_dict
+
+    seen = []
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: seen.append(args))
+    instances = {"images": [{"id": 1, "width": 10, "height": 10}], "categories": [{"id": 1, "name": "a"}],
+                 "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}]}
+    stats = coco_evaluate(coco_from_dict(instances), [{"image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "score": 0.9}])
+    assert stats["AP50"] == pytest.approx(1.0)
+    assert seen == [] and capsys.readouterr().out == ""

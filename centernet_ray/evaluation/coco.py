@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+import pycocotools.coco
+import pycocotools.cocoeval
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -42,11 +45,29 @@ def detections_to_coco(image_ids: Sequence[int], boxes: np.ndarray, scores: np.n
     return results
 
 
+@contextlib.contextmanager
+def _pycocotools_output(buffer: io.StringIO) -> Iterator[None]:
+    """pycocotools' progress prints ("creating index...", the stats table) go to ``buffer``. Its
+    modules get their own ``print``: redirecting stdout is not enough in a Ray Train worker, whose
+    ``builtins.print`` Ray replaces with one that also logs every line."""
+    def to_buffer(*objects: Any, sep: str = " ", end: str = "\n", **_: Any) -> None:
+        buffer.write(sep.join(map(str, objects)) + end)
+
+    modules = (pycocotools.coco, pycocotools.cocoeval)
+    for module in modules:
+        module.print = to_buffer  # a module global shadows the builtin for that module only
+    try:
+        yield
+    finally:
+        for module in modules:
+            vars(module).pop("print", None)
+
+
 def coco_from_dict(instances: dict[str, Any]) -> COCO:
     """A pycocotools ``COCO`` index built from an in-memory instances dict, without its prints."""
     coco = COCO()
     coco.dataset = instances
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _pycocotools_output(io.StringIO()):
         coco.createIndex()
     return coco
 
@@ -86,7 +107,7 @@ class CocoEvaluation:
 def coco_evaluation(ground_truth: COCO | str, detections: list[dict[str, Any]],
                     image_ids: Sequence[int] | None = None) -> CocoEvaluation:
     """COCOeval of ``detections`` (see :func:`coco_evaluate`), keeping its precision array."""
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _pycocotools_output(io.StringIO()):
         gt = COCO(ground_truth) if isinstance(ground_truth, str) else ground_truth
     category_ids = sorted(gt.getCatIds())
     iou_thresholds = np.linspace(0.5, 0.95, 10)
@@ -100,7 +121,7 @@ def coco_evaluation(ground_truth: COCO | str, detections: list[dict[str, Any]],
     if unknown:
         raise ValueError(f"detections refer to image ids absent from the ground truth: {sorted(unknown)[:5]}")
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    with _pycocotools_output(buffer):
         dt = gt.loadRes(detections)
         evaluator = COCOeval(gt, dt, iouType="bbox")
         if image_ids is not None:
