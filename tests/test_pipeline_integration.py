@@ -23,10 +23,20 @@ def parquet(shapes_dataset, tmp_path_factory):
     return out
 
 
+SMALL = ["data.input_size=[64,64]", "targets.max_objects=8", "data.preprocess_batch_size=8", "data.preprocess_max_actors=2"]
+
+
 @pytest.fixture
 def config():
-    return load_config(None, ["data.input_size=[64,64]", "targets.max_objects=8", "data.preprocess_batch_size=8",
-                              "data.preprocess_max_actors=2"])
+    """The stage as an actor pool (the default ``data.preprocess_compute``)."""
+    return load_config(None, SMALL)
+
+
+@pytest.fixture
+def task_config():
+    """The stage as tasks (the demo's flavour): Ray's pooled worker processes, which keep their
+    imports, instead of new actor processes for every execution."""
+    return load_config(None, [*SMALL, "data.preprocess_compute=tasks"])
 
 
 def epoch_images(dataset):
@@ -65,7 +75,8 @@ def test_each_epoch_draws_new_augmentations_and_a_seed_repeats_them(ray_session,
     assert all(np.array_equal(epoch0[k][0], replay[k][0]) and np.array_equal(epoch0[k][1], replay[k][1]) for k in epoch0)
 
 
-def test_bad_rows_are_dropped_and_reported(ray_session, parquet, config, tmp_path):
+def test_bad_rows_are_dropped_and_reported(ray_session, parquet, task_config, tmp_path):
+    config = task_config
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -87,7 +98,8 @@ def test_bad_rows_are_dropped_and_reported(ray_session, parquet, config, tmp_pat
     assert "image_id=" in summary["examples"]["unreadable_images"][0]
 
 
-def test_validation_split_gives_every_image_to_exactly_one_worker(ray_session, parquet, config):
+def test_validation_split_gives_every_image_to_exactly_one_worker(ray_session, parquet, task_config):
+    config = task_config
     from centernet_ray.ray_data.pipeline import CenterNetDataConfig, preprocessed_dataset
 
     datasets = {"train": preprocessed_dataset(str(parquet / "train"), config, train=True),
@@ -110,7 +122,8 @@ def test_validation_split_gives_every_image_to_exactly_one_worker(ray_session, p
     assert len(seen["train"][0]) == len(seen["train"][1])  # equal split for DDP
 
 
-def test_torch_trainer_workers_stream_their_shards_with_collated_targets(ray_session, parquet, config, tmp_path):
+def test_torch_trainer_workers_stream_their_shards_with_collated_targets(ray_session, parquet, task_config, tmp_path):
+    config = task_config
     import json
 
     from ray.train import RunConfig, ScalingConfig
