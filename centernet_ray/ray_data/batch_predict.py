@@ -131,12 +131,12 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     # the training pipeline's preprocessing stage (compute strategy, CPUs, node pool), at this batch size
     preprocessed = preprocess_stage(dataset, config, train=False, report=report, batch_size=batch_size, max_objects=0,
                                     label_selector=config.cluster.data_selector())
-    model_placement = {"label_selector": config.cluster.train_selector()} if config.cluster.node_pools else {}
     predicted = preprocessed.map_batches(
         DetectorActor, batch_format="numpy", batch_size=batch_size,
         fn_constructor_kwargs=dict(checkpoint=checkpoint, use_gpu=use_gpu, k=k, flip_test=flip_test,
                                    tracking_uri=tracking_uri),
-        compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0, **model_placement)
+        compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0,
+        label_selector=config.cluster.train_selector())
 
     image_ids, all_boxes, all_scores, all_classes = [], [], [], []
     for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):

@@ -141,9 +141,7 @@ def preprocess_stage(rows: ray.data.Dataset, config: Config, *, train: bool, rep
     arguments = dict(input_size=data.input_size, train=train, augment=data.augment, scale_range=data.scale_range,
                      flip_prob=data.flip_prob, color_jitter=data.color_jitter, seed=config.train.seed, report=report,
                      clock=clock, max_objects=config.targets.max_objects if max_objects is None else max_objects)
-    placement: dict[str, Any] = {"num_cpus": data.preprocess_num_cpus}
-    if label_selector:
-        placement["label_selector"] = label_selector
+    placement = {"num_cpus": data.preprocess_num_cpus, "label_selector": label_selector}  # None: anywhere
     if data.preprocess_compute == "tasks":
         return rows.map_batches(preprocess_in_task, fn_kwargs=arguments, batch_size=batch_size, batch_format="numpy",
                                 compute=ray.data.TaskPoolStrategy(size=data.preprocess_max_actors), **placement)

@@ -34,8 +34,8 @@ class DetectionModel:
 
     def __init__(self, source: str, flip_test: bool = False, max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, tracking_uri: str | None = None) -> None:
-        from centernet_ray.detector import Detector
         from centernet_ray.checkpoint import load_served_model
+        from centernet_ray.detector import Detector
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         served = load_served_model(source, device, tracking_uri)
