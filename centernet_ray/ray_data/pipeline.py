@@ -73,7 +73,9 @@ class RayPreprocessor:
         torch.set_num_threads(1)  # one actor = one CPU; parallelism comes from the pool
         if clock is not None:
             kwargs["epoch"] = ray.get(clock.get.remote())
-        on_problem = None if report is None else (lambda problem, example: report.add.remote(problem, example))
+        # Wait for the report to hold each problem before the batch moves on: whoever reads the report
+        # after the rows (the driver) then sees every one. Problems are rare, the wait is short.
+        on_problem = None if report is None else (lambda problem, example: ray.get(report.add.remote(problem, example)))
         self.preprocessor = Preprocessor(**kwargs, on_problem=on_problem)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -90,7 +92,10 @@ def preprocess_in_task(batch: dict[str, Any], *, report: Any = None, clock: Any 
     which starts new processes for every epoch's execution, this costs nothing per epoch.
     """
     epoch = ray.get(clock.get.remote()) if clock is not None else 0
-    key = (epoch, *sorted((k, repr(v)) for k, v in kwargs.items()))
+    # The report is part of the key: a worker process outlives a run, and a preprocessor kept from
+    # an earlier run would send this run's dropped rows to that run's report (actor handles compare
+    # by actor id).
+    key = (epoch, report, *sorted((k, repr(v)) for k, v in kwargs.items()))
     preprocessor = _PROCESS_PREPROCESSORS.get(key)
     if preprocessor is None:
         _PROCESS_PREPROCESSORS.clear()
