@@ -93,3 +93,31 @@ def test_check_image_accepts_images_and_names_the_problem_otherwise():
     assert check_image(buffer.getvalue()) is None
     assert check_image(buffer.getvalue()[: len(buffer.getvalue()) // 2]) is not None  # truncated
     assert check_image(b"nope") is not None
+
+
+@pytest.mark.parametrize("preset", ["flip", "none", "centernet", "centernet_official"])
+def test_the_cached_part_then_the_random_part_equal_the_whole_preprocessor(val_rows, preset):
+    """data.cache runs ``prepare`` once and ``augment`` every epoch: bit for bit what the uncached
+    stage gives for the same seed and epoch, for every preset (exact: same operations, same draws)."""
+    settings = dict(input_size=(96, 128), max_objects=8, train=True, augment=preset, seed=3)
+    for epoch in (0, 1):
+        whole = Preprocessor(**settings, epoch=epoch)(val_rows)
+        prepared = Preprocessor(**settings, epoch=epoch).prepare(val_rows)
+        split = Preprocessor(**settings, epoch=epoch).augment(prepared)
+        assert whole.keys() == split.keys()
+        for key in whole:
+            np.testing.assert_array_equal(whole[key], split[key], err_msg=f"{preset} epoch {epoch}: {key}")
+    fixed = preset in ("flip", "none")
+    assert prepared["image"].dtype == (np.uint8 if fixed else object)
+    assert (prepared["region"][:, 2] > 0).all() == fixed  # the letterbox is done once for flip/none only
+
+
+def test_prepare_drops_and_reports_bad_rows_as_the_whole_preprocessor_does(val_rows):
+    batch = {k: v.copy() for k, v in val_rows.items()}
+    batch["image"][0] = b"\xff\xd8 not really a jpeg"
+    preprocessor = Preprocessor((64, 64), 8, train=True, augment="flip")
+    prepared = preprocessor.prepare(batch)
+    assert len(prepared["image_id"]) == len(batch["image_id"]) - 1
+    assert preprocessor.counts == {"unreadable_images": 1}
+    with pytest.raises(ValueError, match="validation rows are cached whole"):
+        Preprocessor((64, 64), 8, train=False).prepare(batch)

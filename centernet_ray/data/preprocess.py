@@ -19,10 +19,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from centernet_ray import storage
 from centernet_ray.data.images import ImageDecodeError, decode_image
-from centernet_ray.data.transforms import TrainTransform, ValTransform
+from centernet_ray.data.transforms import Prepared, Preprocessed, TrainTransform, ValTransform
 from centernet_ray.targets import OUTPUT_STRIDE
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,63 @@ class Preprocessor:
             self.on_problem(problem, example)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        height, width = self.input_size
+        """Decode, augment (or letterbox) and pack every row of ``batch`` (see the module docstring)."""
         rows = []
         for i in range(len(batch["image_id"])):
-            packed = self._one(batch, i)
-            if packed is not None:
-                rows.append(packed)
+            decoded = self._decode(batch, i)
+            if decoded is not None:
+                image, boxes, labels, image_id, size = decoded
+                rows.append(self._pack_row(self._transform(image, boxes, labels, image_id), image_id, size))
+        return self._pack(rows)
+
+    def prepare(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The part of a training batch that is the same every epoch, which ``data.cache`` keeps in
+        Ray's object store: rows decoded, bad ones dropped and reported, and for the ``flip`` and
+        ``none`` presets letterboxed (``TrainTransform.prepare``). :meth:`augment` does the rest.
+
+        Columns: image uint8 [B, 3, H_in, W_in] for flip/none, else one [3, h, w] array per row
+        (object array: sizes differ); boxes one float32 [N, 4] per row (object array) in that
+        image's pixels; labels one int64 [N] per row; image_id [B]; original_size int32 [B, 2];
+        region int32 [B, 4] (top, left, crop_h, crop_w; all 0 = not cropped yet).
+        """
+        if not self.train:
+            raise ValueError("prepare/augment split the training transform; validation rows are cached whole")
+        prepared, ids, sizes = [], [], []
+        for i in range(len(batch["image_id"])):
+            decoded = self._decode(batch, i)
+            if decoded is not None:
+                image, boxes, labels, image_id, size = decoded
+                prepared.append(self.transform.prepare(image, boxes, labels))
+                ids.append(image_id)
+                sizes.append(size)
+        images = [p.image.numpy() for p in prepared]
+        fixed = self.transform.preset in ("flip", "none")
+        return {
+            "image": np.stack(images) if fixed and images else _objects(images),
+            "boxes": _objects([p.boxes.numpy() for p in prepared]),
+            "labels": _objects([p.labels.numpy() for p in prepared]),
+            "image_id": np.array(ids, dtype=np.int64),
+            "original_size": np.array(sizes, dtype=np.int32).reshape(-1, 2),
+            "region": np.array([p.region or (0, 0, 0, 0) for p in prepared], dtype=np.int32).reshape(-1, 4),
+        }
+
+    def augment(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The random part on rows from :meth:`prepare`: the same output as calling the
+        preprocessor on the rows they came from (same seed and epoch)."""
+        rows = []
+        for i in range(len(batch["image_id"])):
+            region = tuple(int(v) for v in batch["region"][i])
+            prepared = Prepared(torch.from_numpy(np.ascontiguousarray(batch["image"][i])),
+                                torch.from_numpy(np.asarray(batch["boxes"][i], dtype=np.float32)).reshape(-1, 4),
+                                torch.from_numpy(np.asarray(batch["labels"][i], dtype=np.int64)),
+                                region if region[2] > 0 else None)
+            image_id = int(batch["image_id"][i])
+            result = self.transform.finish(prepared, seed=sample_seed(self.seed, self.epoch, image_id))
+            rows.append(self._pack_row(result, image_id, tuple(int(v) for v in batch["original_size"][i])))
+        return self._pack(rows)
+
+    def _pack(self, rows: list[tuple]) -> dict[str, np.ndarray]:
+        height, width = self.input_size
         m = self.max_objects
         out = {
             "image": np.zeros((len(rows), 3, height, width), dtype=np.uint8),
@@ -88,7 +140,9 @@ class Preprocessor:
             out["original_size"][j] = size
         return out
 
-    def _one(self, batch: dict[str, Any], i: int) -> tuple | None:
+    def _decode(self, batch: dict[str, Any], i: int) -> tuple | None:
+        """Row ``i``: (uint8 [3, H, W] image, valid boxes [N, 4], labels [N], image_id, (width, height)),
+        or None when the row was dropped (and reported)."""
         image_id = int(batch["image_id"][i])
         if "image" in batch:
             data = bytes(batch["image"][i])
@@ -110,15 +164,26 @@ class Preprocessor:
         if not finite.all():
             self.report("dropped_invalid_boxes", f"image_id={image_id}: {int((~finite).sum())} box(es)")
             boxes, labels = boxes[finite], labels[finite]
+        return image, boxes, labels, image_id, (image.shape[2], image.shape[1])
+
+    def _transform(self, image: Any, boxes: np.ndarray, labels: np.ndarray, image_id: int) -> Preprocessed:
         if self.train:
-            result = self.transform(image, boxes, labels, seed=sample_seed(self.seed, self.epoch, image_id))
-        else:
-            result = self.transform(image, boxes, labels)
+            return self.transform(image, boxes, labels, seed=sample_seed(self.seed, self.epoch, image_id))
+        return self.transform(image, boxes, labels)
+
+    def _pack_row(self, result: Preprocessed, image_id: int, size: tuple[int, int]) -> tuple:
         out_boxes = result.boxes.numpy() / OUTPUT_STRIDE
         classes = result.labels.numpy().astype(np.int32)
         if len(out_boxes) > self.max_objects:
             if self.max_objects:  # 0 = boxes not wanted (inference), nothing worth reporting
                 self.report("boxes_beyond_max_objects", f"image_id={image_id}: {len(out_boxes)} > {self.max_objects}")
             out_boxes, classes = out_boxes[: self.max_objects], classes[: self.max_objects]
-        size = (image.shape[2], image.shape[1])
         return result.image.numpy(), out_boxes, classes, image_id, result.input_to_original.numpy(), size
+
+
+def _objects(arrays: list[np.ndarray]) -> np.ndarray:
+    """A 1-D object array holding ``arrays`` (numpy would stack arrays of one shape into a block)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        out[i] = array
+    return out

@@ -49,6 +49,17 @@ COLOR_OPS = ("brightness", "contrast", "saturation")
 
 
 @dataclass
+class Prepared:
+    """The deterministic part of a training transform (what ``data.cache`` keeps): the decoded image
+    for the cropping presets; the letterboxed input for ``flip`` and ``none``, with its ``region``."""
+
+    image: torch.Tensor  # uint8 [3, H, W]
+    boxes: torch.Tensor  # float32 [N, 4] x1, y1, x2, y2 in the pixels of ``image``
+    labels: torch.Tensor  # int64 [N]
+    region: tuple[int, int, int, int] | None  # (top, left, crop_h, crop_w) applied; None: not cropped yet
+
+
+@dataclass
 class Preprocessed:
     image: torch.Tensor  # uint8 [3, H_in, W_in]
     boxes: torch.Tensor  # float32 [N, 4] x1, y1, x2, y2 in input pixels (clipped, empty ones removed)
@@ -144,6 +155,40 @@ class TrainTransform:
     def __call__(self, image: torch.Tensor, boxes: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
                  seed: int | None = None) -> Preprocessed:
         """Augment one uint8 [3, H, W] image; the same ``seed`` gives the same result."""
+        return self.finish(self.prepare(image, boxes, labels), seed)
+
+    def prepare(self, image: torch.Tensor, boxes: np.ndarray | torch.Tensor,
+                labels: np.ndarray | torch.Tensor) -> Prepared:
+        """The part of the transform that is the same every epoch: the letterbox of ``flip`` and
+        ``none`` (the cropping presets draw their region at random, so nothing is done for them)."""
+        boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if self.preset not in ("flip", "none"):
+            return Prepared(image, boxes, labels, None)
+        height, width = image.shape[-2:]
+        region = letterbox_region(width, height, self.input_size)
+        img, bbs = _wrap(image, boxes)
+        size = list(self.input_size)
+        # bilinear without antialiasing, as the official affine warp
+        img, bbs = F.resized_crop(img, *region, size, antialias=False), F.resized_crop(bbs, *region, size)
+        return Prepared(img.as_subclass(torch.Tensor), bbs.as_subclass(torch.Tensor), labels, region)
+
+    def finish(self, prepared: Prepared, seed: int | None = None) -> Preprocessed:
+        """The random part, on what :meth:`prepare` returned (``prepare`` + ``finish`` = ``__call__``)."""
+        if prepared.region is None:
+            return self._crop_and_augment(prepared.image, prepared.boxes, prepared.labels, seed)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        flipped = torch.rand((), generator=generator).item() < self.flip_prob
+        img, bbs = _wrap(prepared.image, prepared.boxes)
+        if flipped:
+            img, bbs = F.horizontal_flip(img), F.horizontal_flip(bbs)
+        kept_boxes, kept_labels = _keep_nonempty(bbs, prepared.labels)
+        return Preprocessed(img.as_subclass(torch.Tensor), kept_boxes, kept_labels,
+                            region_to_original(*prepared.region, self.input_size, flipped=flipped))
+
+    def _crop_and_augment(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+                          seed: int | None) -> Preprocessed:
+        """``centernet`` and ``centernet_official``: a random region, flip and colours."""
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         uniform = lambda low, high: low + (high - low) * torch.rand((), generator=generator).item()  # noqa: E731
         randint = lambda low, high: int(torch.randint(low, high, (), generator=generator))  # noqa: E731
@@ -153,12 +198,10 @@ class TrainTransform:
             border_x, border_y = official_border(OFFICIAL_CROP_BORDER, width), official_border(OFFICIAL_CROP_BORDER, height)
             center = (randint(border_x, width - border_x), randint(border_y, height - border_y))
             region = letterbox_region(width, height, self.input_size, scale, center)
-        elif self.preset == "centernet":
+        else:  # centernet
             scale = uniform(*self.scale_range)
             center = (uniform(0.25, 0.75) * width, uniform(0.25, 0.75) * height)
             region = letterbox_region(width, height, self.input_size, scale, center)
-        else:
-            region = letterbox_region(width, height, self.input_size)
         flipped = uniform(0.0, 1.0) < self.flip_prob
 
         img, bbs = _wrap(image, boxes)
