@@ -155,3 +155,51 @@ def test_torch_trainer_workers_stream_their_shards_with_collated_targets(ray_ses
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert sorted(ranks[0]["val"] + ranks[1]["val"]) == list(range(1, 13))
     assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == 12
+
+
+@pytest.mark.parametrize("augment", ["flip", "centernet"])
+def test_the_cached_pipeline_yields_the_uncached_pipeline_s_rows_every_epoch(ray_session, parquet, augment):
+    """data.cache: decoded once into the object store, augmented per epoch: epoch by epoch the same
+    rows as the uncached stage (same seed), new augmentations each epoch, validation cached whole."""
+    from centernet_ray.ray_data.pipeline import EpochClock, PipelineReport, preprocessed_dataset, training_datasets
+
+    config = load_config(None, [*SMALL, "data.preprocess_compute=tasks", f"data.augment={augment}", "data.cache=true"])
+    clock, report = EpochClock.remote(), PipelineReport.remote()
+    cached = training_datasets(str(parquet / "train"), str(parquet / "val"), config, report=report, clock=clock)
+    assert type(cached["val"]).__name__ == "MaterializedDataset"
+    uncached_clock = EpochClock.remote()
+    uncached = preprocessed_dataset(str(parquet / "train"), config, train=True, clock=uncached_clock)
+    for epoch in (0, 1):
+        ray_session.get([clock.advance_to.remote(epoch), uncached_clock.advance_to.remote(epoch)])
+        got, expected = epoch_images(cached["train"]), epoch_images(uncached)
+        assert got.keys() == expected.keys() and len(got) == 24
+        for key in got:
+            np.testing.assert_array_equal(got[key][0], expected[key][0])
+            np.testing.assert_array_equal(got[key][1], expected[key][1])
+        if epoch == 0:
+            first = got
+    assert sum(not np.array_equal(first[k][0], got[k][0]) for k in got) >= 4  # flip: half of them, by chance
+    val = epoch_images(preprocessed_dataset(str(parquet / "val"), config, train=False))
+    cached_val = epoch_images(cached["val"])
+    assert cached_val.keys() == val.keys() and all(np.array_equal(cached_val[k][0], val[k][0]) for k in val)
+    assert ray_session.get(report.get.remote())["counts"] == {}
+
+
+def test_a_cache_larger_than_half_the_object_store_is_refused_unless_forced(ray_session, parquet, caplog):
+    from centernet_ray.errors import UserInputError
+    from centernet_ray.ray_data.cache import check_fits, estimate_bytes
+
+    import pyarrow.parquet as pq
+
+    boxes = sum(len(v) for v in pq.read_table(parquet / "train", columns=["labels"]).column("labels").to_pylist())
+    flip = load_config(None, [*SMALL, "data.augment=flip"])  # letterboxed once: input-size pixels
+    assert estimate_bytes(str(parquet / "train"), flip, True) == 24 * 3 * 64 * 64 + 24 * boxes
+    crop = load_config(None, [*SMALL, "data.augment=centernet"])  # the whole 96 x 96 image is kept
+    assert estimate_bytes(str(parquet / "train"), crop, True) == 24 * 3 * 96 * 96 + 24 * boxes
+    assert estimate_bytes(str(parquet / "val"), crop, False) == 12 * 3 * 64 * 64 + 24 * sum(
+        len(v) for v in pq.read_table(parquet / "val", columns=["labels"]).column("labels").to_pylist())
+    store = ray_session.cluster_resources()["object_store_memory"]
+    with pytest.raises(UserInputError, match="data.cache_force=true"):
+        check_fits(int(store), force=False)
+    check_fits(int(store), force=True)
+    assert "spill" in caplog.text

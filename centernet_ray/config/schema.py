@@ -109,6 +109,11 @@ class DataConfig:
     preprocess_max_actors: int = _ranged(4, ge=1)
     preprocess_num_cpus: float = _ranged(1.0, gt=0.0)
     prefetch_batches: int = _ranged(2, ge=0)
+    # Decode (and for augment flip/none, letterbox) every image once per cluster and keep the result in
+    # Ray's object store; each epoch then runs only the random part (ray_data/cache.py). Refused when the
+    # estimate exceeds half the cluster's object store, unless cache_force (Ray spills the rest to disk).
+    cache: bool = False
+    cache_force: bool = False
 
     def __post_init__(self) -> None:
         if any(side <= 0 or side % 32 for side in self.input_size):

@@ -65,7 +65,7 @@ class RayPreprocessor:
     unpickle the stage, and importing torch costs each of them seconds of CPU on the critical path
     to the first batch (BENCHMARKS.md)."""
 
-    def __init__(self, *, report: Any = None, clock: Any = None, **kwargs: Any) -> None:
+    def __init__(self, *, report: Any = None, clock: Any = None, method: str = "__call__", **kwargs: Any) -> None:
         import torch
 
         from centernet_ray.data.preprocess import Preprocessor
@@ -77,9 +77,10 @@ class RayPreprocessor:
         # after the rows (the driver) then sees every one. Problems are rare, the wait is short.
         on_problem = None if report is None else (lambda problem, example: ray.get(report.add.remote(problem, example)))
         self.preprocessor = Preprocessor(**kwargs, on_problem=on_problem)
+        self.run = getattr(self.preprocessor, method)  # the whole stage, or data.cache's prepare / augment part
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return self.preprocessor(batch)
+        return self.run(batch)
 
 
 _PROCESS_PREPROCESSORS: dict[tuple, RayPreprocessor] = {}
@@ -134,18 +135,32 @@ def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: 
     return preprocess_stage(rows, config, train=train, report=report, clock=clock if train else None)
 
 
+def training_datasets(train_dir: str, val_dir: str, config: Config, report: Any = None,
+                      clock: Any = None) -> dict[str, ray.data.Dataset]:
+    """The ``train`` and ``val`` datasets a training run reads: preprocessed every epoch from the
+    Parquet rows, or with ``data.cache`` from the cache in Ray's object store (``cache.py``)."""
+    if config.data.cache:
+        from centernet_ray.ray_data.cache import cached_datasets
+
+        return cached_datasets(train_dir, val_dir, config, report=report, clock=clock)
+    return {"train": preprocessed_dataset(train_dir, config, train=True, report=report, clock=clock),
+            "val": preprocessed_dataset(val_dir, config, train=False, report=report)}
+
+
 def preprocess_stage(rows: ray.data.Dataset, config: Config, *, train: bool, report: Any = None, clock: Any = None,
                      batch_size: int | None = None, max_objects: int | None = None,
-                     label_selector: dict[str, str] | None = None) -> ray.data.Dataset:
+                     label_selector: dict[str, str] | None = None, method: str = "__call__") -> ray.data.Dataset:
     """``rows`` (ingested rows: ``image`` bytes, ``image_id``, ``boxes``, ``labels``) through the
     preprocessing stage as ``config.data`` runs it: tasks or an actor pool (``preprocess_compute``),
     ``preprocess_num_cpus`` each, ``preprocess_batch_size`` rows per call unless ``batch_size``;
-    ``label_selector`` pins it to a node pool when the caller does not set it dataset-wide."""
+    ``label_selector`` pins it to a node pool when the caller does not set it dataset-wide;
+    ``method``: the ``Preprocessor``'s whole stage, or ``prepare``/``augment`` (``data.cache``)."""
     data = config.data
     batch_size = batch_size or data.preprocess_batch_size
     arguments = dict(input_size=data.input_size, train=train, augment=data.augment, scale_range=data.scale_range,
                      flip_prob=data.flip_prob, color_jitter=data.color_jitter, seed=config.train.seed, report=report,
-                     clock=clock, max_objects=config.targets.max_objects if max_objects is None else max_objects)
+                     clock=clock, max_objects=config.targets.max_objects if max_objects is None else max_objects,
+                     method=method)
     placement = {"num_cpus": data.preprocess_num_cpus, "label_selector": label_selector}  # None: anywhere
     if data.preprocess_compute == "tasks":
         return rows.map_batches(preprocess_in_task, fn_kwargs=arguments, batch_size=batch_size, batch_format="numpy",

@@ -23,7 +23,7 @@ from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
-from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, preprocessed_dataset
+from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, training_datasets
 from centernet_ray.ray_runtime import warn_if_node_local, warn_if_node_local_tracking
 from centernet_ray.ray_train.loop import DatasetFacts, LoopInputs, WorkerCallback, train_loop_per_worker
 from centernet_ray.tracking import DatasetInput, command_line, describe_run, ensure_experiment, run_tags
@@ -80,8 +80,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
         raise UserInputError(f"{train_rows} training images cannot fill one global batch of {global_batch} "
                              "(train.batch_size x train.num_workers)")
     report, clock = PipelineReport.remote(), EpochClock.remote()
-    datasets = {"train": preprocessed_dataset(ingested["train"].output, config, train=True, report=report, clock=clock),
-                "val": preprocessed_dataset(ingested["val"].output, config, train=False, report=report)}
+    datasets = training_datasets(ingested["train"].output, ingested["val"].output, config, report=report, clock=clock)
     facts = DatasetFacts(num_classes=len(ingested["train"].class_names), class_names=ingested["train"].class_names,
                          category_ids=ingested["train"].category_ids, steps_per_epoch=steps_per_epoch,
                          val_annotations=sources["val"].annotations)

@@ -1,0 +1,97 @@
+"""``data.cache``: the deterministic part of preprocessing done once per cluster, kept in Ray's object store.
+
+Without the cache every epoch decodes every image again. With it, before training starts:
+
+- train rows go through ``Preprocessor.prepare`` (decode, drop bad rows, and for the ``flip`` and
+  ``none`` presets the letterbox) and the result is materialised in the object store; each epoch
+  runs only ``Preprocessor.augment`` (the random crop, flip and colours, and the sparse targets) on
+  it, with that epoch's seed, so epochs still differ and equal the uncached pipeline's bit for bit;
+- validation rows are deterministic: they are preprocessed whole, once.
+
+The blocks live in the object store of the nodes that made them, owned by the job's driver, and
+every training process streams its share from there: one copy per cluster, however many workers
+(a per-process RAM cache, as Ultralytics' ``cache=ram``, would hold one copy per rank). Ray spills
+blocks to disk when the store is full, which works but costs a disk read per epoch; so the cache
+is refused when its estimated size exceeds half of the cluster's object store (the other half is
+for the blocks streaming to the trainers), unless ``data.cache_force``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pyarrow.parquet as pq
+import ray
+
+from centernet_ray import storage
+from centernet_ray.config import Config
+from centernet_ray.errors import UserInputError
+from centernet_ray.ray_data.ingest import read_manifest
+from centernet_ray.ray_data.pipeline import preprocess_stage, read_rows
+
+log = logging.getLogger(__name__)
+
+STORE_SHARE = 0.5  # of the cluster's object store the cache may fill without data.cache_force
+BOX_BYTES = 4 * 4 + 8  # a box and its label, as the cache holds them
+
+
+def estimate_bytes(parquet_dir: str, config: Config, train: bool) -> int:
+    """Bytes the cache of one split holds: uint8 pixels at input size (validation, and training
+    with the letterboxing presets) or at each image's own size (the cropping presets, which need the
+    whole image every epoch), plus boxes. Read from the Parquet metadata and the width/height columns."""
+    manifest = read_manifest(parquet_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no ingested dataset at {parquet_dir}")
+    height, width = config.data.input_size
+    letterboxed = not train or config.data.augment in ("flip", "none")
+    pixels = boxes = 0
+    for name in manifest["shards"]:
+        fs, path = storage.resolve(storage.join(parquet_dir, name))
+        table = pq.read_table(path, columns=["width", "height", "labels"], filesystem=fs)
+        rows = table.num_rows
+        if letterboxed:
+            pixels += rows * height * width
+        else:
+            pixels += sum(w * h for w, h in zip(table.column("width").to_pylist(), table.column("height").to_pylist()))
+        boxes += sum(len(labels) for labels in table.column("labels").to_pylist())
+    return 3 * pixels + BOX_BYTES * boxes
+
+
+def check_fits(needed: int, force: bool) -> None:
+    """Refuse a cache larger than ``STORE_SHARE`` of the cluster's object store, unless ``force``."""
+    store = ray.cluster_resources().get("object_store_memory", 0.0)
+    allowed = STORE_SHARE * store
+    if needed <= allowed:
+        log.info("data.cache: %.2f GB of decoded images in Ray's object store (%.2f GB in the cluster)",
+                 needed / 1e9, store / 1e9)
+        return
+    if force:
+        log.warning("data.cache: %.2f GB of decoded images exceed half of the cluster's %.2f GB object store; "
+                    "Ray will spill the rest to disk (data.cache_force)", needed / 1e9, store / 1e9)
+        return
+    raise UserInputError(
+        f"data.cache needs ~{needed / 1e9:.2f} GB of Ray's object store for the decoded images, more than half "
+        f"of the cluster's {store / 1e9:.2f} GB (the rest streams batches to the trainers). Give the nodes more "
+        "object store (`ray start --object-store-memory`, or more CPU nodes), train without the cache "
+        "(data.cache=false), or set data.cache_force=true to let Ray spill the rest to disk.")
+
+
+def cached_datasets(train_dir: str, val_dir: str, config: Config, *, report: Any = None,
+                    clock: Any = None) -> dict[str, ray.data.Dataset]:
+    """``train`` (the cached prepared rows, augmented each epoch) and ``val`` (cached whole), built
+    now: this runs the decoding over the whole dataset before it returns."""
+    check_fits(estimate_bytes(train_dir, config, True) + estimate_bytes(val_dir, config, False),
+               config.data.cache_force)
+    selector = config.cluster.data_selector()
+    batch = config.data.preprocess_batch_size
+    prepared = preprocess_stage(read_rows(train_dir, batch), config, train=True, report=report, method="prepare")
+    val = preprocess_stage(read_rows(val_dir, batch), config, train=False, report=report)
+    cached = {}
+    for name, dataset in (("train", prepared), ("val", val)):
+        dataset.context.execution_options.label_selector = selector  # reads included, as for the uncached pipeline
+        cached[name] = dataset.materialize()
+        log.info("data.cache: %s split cached: %d rows, %.1f MB", name, cached[name].count(),
+                 cached[name].size_bytes() / 1e6)
+    train = preprocess_stage(cached["train"], config, train=True, report=report, clock=clock, method="augment")
+    return {"train": train, "val": cached["val"]}
