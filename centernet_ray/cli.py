@@ -175,7 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_CONFIG, overrides)
     init_ray()
-    summary = run_training(config, source=args.source)
+    summary = run_training(config, source=args.source, started_at=args.started_at)
     print(format_summary(summary))
     if args.summary_json:
         write_summary_json(summary, args.summary_json)
@@ -260,6 +260,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``centernet-ray`` with ``argv`` (default: the command line, whose output is made plain text
     when it is not a terminal: no colour codes or progress-bar redraws in files and job logs)."""
+    started_at = time.time()  # train.time_limit counts from here: Ray's start-up and the data are in the budget
     if argv is None:
         from centernet_ray.console import plain_output_unless_terminal
 
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     from centernet_ray.tracking import command_line
 
+    args.started_at = started_at
     args.source = command_line(["centernet-ray", *(sys.argv[1:] if argv is None else argv)])  # MLflow's run source
     if extra:  # key=value overrides after an option (`tune --search-space S k=v`): argparse leaves them over
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):

@@ -76,3 +76,30 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     again = run_training(tiny_config, [EpochLog(epoch_log)])
     assert epoch_log.read_text() == ""  # a finished run is resumed, not retrained
     assert again.mlflow_run_id == summary.mlflow_run_id and again.stats["AP"] == pytest.approx(summary.stats["AP"])
+
+
+def test_a_time_limit_trains_the_epochs_that_fit_with_the_schedule_fitted_to_them(ray_session, tiny_config, tmp_path):
+    """train.time_limit on 2 DDP workers (rank 0's plan broadcast to both: they would hang on a
+    mismatch) with the cache on: fewer epochs than the 500 allowed, the plan in MLflow and the
+    checkpoint, and unless the run had to stop early, the cosine schedule ended. (~35 s of start-up
+    and a first epoch of ~35 s on 2 cores: 110 s leaves room for a plan.)"""
+    import time
+
+    from mlflow import MlflowClient
+
+    from centernet_ray.config import with_overrides
+    from centernet_ray.ray_train.job import run_training
+
+    config = with_overrides(tiny_config.to_dict(), ["train.epochs=500", "train.time_limit=110", "train.eval_every=1000",
+                                          "train.checkpoint_every=1000", "train.schedule=cosine",
+                                          "train.warmup_epochs=0", "data.cache=true", "train.run_name=budget"])
+    summary = run_training(config, started_at=time.time())
+    client = MlflowClient(config.tracking.tracking_uri)
+    planned = client.get_metric_history(summary.mlflow_run_id, "train/planned_epochs")
+    assert 1 <= summary.epochs < 500 and planned[-1].value == summary.epochs, (summary.epochs, planned)
+    state = load_checkpoint(summary.checkpoint)
+    assert state["epoch"] == summary.epochs and state["metrics"]["planned_epochs"] == summary.epochs
+    lr = client.get_metric_history(summary.mlflow_run_id, "train/lr")
+    if len(planned) >= 2 and planned[-1].value == planned[-2].value:  # the plan held: the cosine reached its end
+        assert lr[-1].value < 0.05 * config.train.lr, (lr[-1], planned)
+    assert 0.0 <= summary.stats["AP50"] <= 1.0

@@ -131,7 +131,11 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = _ranged(140, ge=1)
+    epochs: int = _ranged(140, ge=1)  # with time_limit: the most epochs trained
+    # Wall-clock budget in seconds for the whole command (start-up, data, training, the final evaluation
+    # and checkpoint), as Ultralytics' `time=`: the epochs that fit are trained, sized from the measured
+    # step time, with the LR schedule fitted to them. null = train `epochs` epochs.
+    time_limit: float | None = None
     batch_size: int = _ranged(32, ge=1)  # per worker
     num_workers: int = _ranged(1, ge=1)
     use_gpu: bool = False
@@ -161,6 +165,8 @@ class TrainConfig:
     run_name: str = ""
 
     def __post_init__(self) -> None:
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ConfigError(f"train.time_limit must be > 0 seconds (or null for no limit); got {self.time_limit}")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0 (or null for the linear scaling rule); got {self.lr}")
         if list(self.lr_steps) != sorted(self.lr_steps):

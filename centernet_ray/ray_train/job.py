@@ -51,13 +51,16 @@ def default_run_name(config: Config) -> str:
 
 def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None, worker_callbacks: list[WorkerCallback] | None = None,
                   threads_per_worker: int | None = None, mlflow_parent_run_id: str | None = None,
-                  mlflow_tags: dict[str, str] | None = None, source: str | None = None) -> tuple[TorchTrainer, Any]:
+                  mlflow_tags: dict[str, str] | None = None, source: str | None = None,
+                  started_at: float | None = None) -> tuple[TorchTrainer, Any]:
     """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report.
 
     ``callbacks`` are Ray Train ``UserCallback``s (a Tune trial passes its report callback);
     ``worker_callbacks`` run inside every worker's loop; ``threads_per_worker`` defaults to the
     cores divided among the workers; ``mlflow_parent_run_id`` nests the run's MLflow run under a
-    sweep's run; ``source`` is the command shown as the run's source (default: this process's)."""
+    sweep's run; ``source`` is the command shown as the run's source (default: this process's);
+    ``started_at`` (``time.time()``, default now) is when ``train.time_limit`` started counting."""
+    started_at = time.time() if started_at is None else started_at
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
     # directory is Ray's session folder.
     config = storage.with_absolute_paths(config)
@@ -87,7 +90,11 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     inputs = LoopInputs(config=config, dataset=facts, run_name=default_run_name(config), clock=clock,
                         threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // config.train.num_workers),
                         mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=tags, mlflow_datasets=dataset_inputs,
-                        callbacks=list(worker_callbacks or []))
+                        callbacks=list(worker_callbacks or []), eval_images=ingested["val"].rows,
+                        deadline=None if config.train.time_limit is None else started_at + config.train.time_limit)
+    if inputs.deadline is not None:
+        log.info("time limit: %.0f s, %.0f s left for training after start-up and data (at most %d epochs)",
+                 config.train.time_limit, inputs.deadline - time.time(), config.train.epochs)
     scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
                             label_selector=config.cluster.train_selector())
     run = RunConfig(
@@ -104,11 +111,12 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
 
 
 def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None = None,
-                 source: str | None = None) -> TrainSummary:
+                 source: str | None = None, started_at: float | None = None) -> TrainSummary:
     """Train to the end (resuming a run of the same name and storage path) and summarise it; the
-    summary becomes the MLflow run's description. ``source``: the command, for the run's source."""
+    summary becomes the MLflow run's description. ``source``: the command, for the run's source;
+    ``started_at``: when ``train.time_limit`` started counting (the CLI: when the command started)."""
     started = time.perf_counter()
-    trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source)
+    trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source, started_at=started_at)
     result = trainer.fit()
     if result.error is not None:
         raise result.error

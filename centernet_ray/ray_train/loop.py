@@ -30,6 +30,7 @@ from centernet_ray.evaluation import EvaluationResult, KeptImage, evaluate
 from centernet_ray.evaluation.figures import class_ap_figure, confusion_matrix_figure, heatmap_figure, pr_curves_figure
 from centernet_ray.ray_data.pipeline import shard_batches
 from centernet_ray.tracking import DatasetInput, RunTracker, epoch_metric_names
+from centernet_ray.training.budget import TimeBudget
 from centernet_ray.training.engine import LOSS_TERMS, EpochResult, Progress, TrainingEngine
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class LoopInputs:
     dataset: DatasetFacts
     run_name: str
     clock: Any = None  # pipeline.EpochClock actor: the epoch the train pipeline augments for
+    deadline: float | None = None  # train.time_limit's end (time.time()); None: train train.epochs epochs
+    eval_images: int = 0  # validation images in all (the time budget sizes the evaluation from it)
     threads_per_worker: int = 1  # torch threads of a CPU worker
     log_every: int = 20  # progress line + MLflow step metrics every this many steps
     mlflow_parent_run_id: str | None = None  # a sweep's run: this run is nested under it
@@ -125,15 +128,16 @@ class _ProgressLog:
     def __init__(self, inputs: LoopInputs, tracker: Any, world: int, start_step: int) -> None:
         self.train, self.steps_per_epoch = inputs.config.train, inputs.dataset.steps_per_epoch
         self.tracker, self.world, self.start_step = tracker, world, start_step
+        self.epochs = self.train.epochs  # planned epochs: a time budget changes them
         self.started = time.perf_counter()
 
     def __call__(self, p: Progress) -> None:
         rate = p.images * self.world / max(p.seconds, 1e-9)
-        total_steps = self.train.epochs * self.steps_per_epoch
+        total_steps = self.epochs * self.steps_per_epoch
         eta = (time.perf_counter() - self.started) / max(p.global_step - self.start_step, 1) * (total_steps - p.global_step)
         terms = {k: v.item() for k, v in p.terms.items()}
         log.info("epoch %d/%d step %d/%d  loss %.3f (hm %.3f wh %.3f off %.3f)  lr %.2e  %.0f img/s  data %.0f%%  ETA %s",
-                 p.epoch + 1, self.train.epochs, p.step, self.steps_per_epoch, terms["total"], terms["heatmap"],
+                 p.epoch + 1, self.epochs, p.step, self.steps_per_epoch, terms["total"], terms["heatmap"],
                  terms["size"], terms["offset"], p.lr, rate, 100 * p.data_wait / max(p.seconds, 1e-9),
                  datetime.timedelta(seconds=round(eta)))
         self.tracker.metrics({f"train/loss_{k}": terms[k] for k in LOSS_TERMS} | {
@@ -162,8 +166,8 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
         restored_metrics = dict(state["metrics"], mlflow_run_id=mlflow_run_id)
         if rank == 0:
             log.info("resumed from the checkpoint of epoch %d", start_epoch)
-    if start_epoch >= train.epochs:  # a finished run rerun under the same name: report, do not retrain
-        ray.train.report(restored_metrics)
+    if start_epoch >= restored_metrics.get("planned_epochs", train.epochs):  # a finished run rerun under the
+        ray.train.report(restored_metrics)                                      # same name: report, do not retrain
         return
     engine.wrap(ray.train.torch.prepare_model)  # DDP (gloo on CPU, NCCL on GPU)
 
@@ -174,16 +178,19 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
         ground_truth = json.loads(storage.read_bytes(facts.val_annotations))
         progress = _ProgressLog(inputs, tracker, world, engine.global_step)
 
-    for epoch in range(start_epoch, train.epochs):
+    schedule = _Schedule(inputs, engine, world, progress)
+    epoch = start_epoch
+    while epoch < schedule.epochs:
         if inputs.clock is not None:
             ray.get(inputs.clock.advance_to.remote(epoch))
         for callback in inputs.callbacks:
             callback.on_epoch_start(epoch, rank, checkpoint is not None)
         result = engine.train_epoch(shard_batches("train", config, facts.num_classes, train.batch_size), epoch,
                                     log_every=inputs.log_every, steps_per_epoch=facts.steps_per_epoch,
-                                    on_progress=progress)
+                                    on_progress=progress, on_step=schedule.step_hook(epoch))
         metrics = _epoch_metrics(result, epoch, world, engine.nonfinite_steps)
-        last_epoch = epoch + 1 == train.epochs
+        last_epoch = schedule.ends_after(epoch, result.seconds)
+        metrics["planned_epochs"] = schedule.epochs
         evaluation, class_ap = None, {}
         if (epoch + 1) % train.eval_every == 0 or last_epoch:
             evaluation = evaluate(engine.detector(), shard_batches("val", config, facts.num_classes, train.batch_size),
@@ -199,8 +206,45 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
             metrics["mlflow_run_id"] = tracker.run_id
             tracker.metrics(epoch_metric_names(metrics) | class_ap, step=engine.global_step)
         _report(engine, inputs, tracker, metrics, epoch, last_epoch, evaluation, rank)
+        epoch += 1
     if tracker is not None:
         tracker.close()
+
+
+class _Schedule:
+    """How many epochs this run trains: ``train.epochs``, or under ``train.time_limit`` as many as the
+    :class:`~centernet_ray.training.budget.TimeBudget` fits (the LR schedule refitted to them)."""
+
+    def __init__(self, inputs: LoopInputs, engine: TrainingEngine, world: int, progress: _ProgressLog | None) -> None:
+        train = inputs.config.train
+        self.engine, self.progress, self.eval_every = engine, progress, train.eval_every
+        self.epochs = train.epochs
+        self.budget = None if inputs.deadline is None else TimeBudget(
+            inputs.deadline, max_epochs=train.epochs, steps_per_epoch=inputs.dataset.steps_per_epoch,
+            batch_size=train.batch_size, eval_images=-(-inputs.eval_images // world), eval_every=train.eval_every,
+            flip_test=train.eval_flip_test)
+
+    def step_hook(self, epoch: int):
+        if self.budget is None or not self.budget.timing:
+            return None
+
+        def on_step(taken: int) -> None:
+            plan = self.budget.on_step(taken, epoch)
+            if plan is not None:
+                self.epochs = plan.epochs
+                self.engine.fit_schedule(plan.epochs)
+                if self.progress is not None:
+                    self.progress.epochs = plan.epochs
+        return on_step
+
+    def ends_after(self, epoch: int, seconds: float) -> bool:
+        """Whether ``epoch`` (0-based, just trained in ``seconds``) is the run's last."""
+        if epoch + 1 >= self.epochs:
+            return True
+        if self.budget is not None and self.budget.should_stop(epoch + 1, seconds, (epoch + 2) % self.eval_every == 0):
+            self.epochs = epoch + 1
+            return True
+        return False
 
 
 def _epoch_metrics(result: EpochResult, epoch: int, world: int, nonfinite: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from centernet_ray.losses import CenterNetLoss
 from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, build_model
 from centernet_ray.precision import autocast_dtype
 from centernet_ray.training.ema import WeightAverage
-from centernet_ray.training.schedule import build_optimizer, build_scheduler
+from centernet_ray.training.schedule import build_optimizer, build_scheduler, fitted_schedule
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ class TrainingEngine:
         self.model: nn.Module = build_model(config.model, num_classes).to(self.device,
                                                                           memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, config.train)
-        self.scheduler = build_scheduler(self.optimizer, config.train, steps_per_epoch)
+        self.schedule = config.train  # the LR schedule's settings; a time budget refits its length
+        self.scheduler = build_scheduler(self.optimizer, lambda: self.schedule, steps_per_epoch)
         self.amp_dtype = autocast_dtype(config.train.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.criterion = CenterNetLoss.from_config(config.loss)
@@ -112,6 +113,11 @@ class TrainingEngine:
         """Wrap the model, e.g. in DDP (``ray.train.torch.prepare_model``); the optimizer keeps
         the same parameters."""
         self.model = wrapper(self.model)
+
+    def fit_schedule(self, epochs: int) -> None:
+        """Make the LR schedule end after ``epochs`` epochs (``schedule.fitted_schedule``) from the
+        next step on; the steps taken so far keep their learning rates."""
+        self.schedule = fitted_schedule(self.config.train, epochs)
 
     def load_state(self, state: dict[str, Any], steps_per_epoch: int) -> None:
         """Restore model, optimizer, schedule and scaler from a checkpoint dict (``checkpoint.py``)."""
@@ -168,18 +174,22 @@ class TrainingEngine:
 
     def train_epoch(self, batches: Iterable[dict[str, Any]], epoch: int, *, log_every: int = 20,
                     steps_per_epoch: int | None = None,
-                    on_progress: Callable[[Progress], None] | None = None) -> EpochResult:
+                    on_progress: Callable[[Progress], None] | None = None,
+                    on_step: Callable[[int], None] | None = None) -> EpochResult:
         """Train on every batch of ``batches``; ``on_progress`` is called every ``log_every``
-        updates and at update ``steps_per_epoch`` (the epoch's last)."""
+        updates and at update ``steps_per_epoch`` (the epoch's last); ``on_step`` after every step
+        with the number of steps taken in this epoch (skipped ones included)."""
         self.model.train()
         sums = dict.fromkeys(LOSS_TERMS, 0.0)
         steps = images = 0
         data_wait = 0.0
         start = tick = time.perf_counter()
-        for batch in batches:
+        for taken, batch in enumerate(batches, 1):
             data_wait += time.perf_counter() - tick
             result = self.step(batch)
             tick = time.perf_counter()
+            if on_step is not None:
+                on_step(taken)
             if not result.finite:
                 continue
             steps += 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -37,6 +39,14 @@ def lr_factor(step: int, steps_per_epoch: int, config: TrainConfig) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
-    """A per-step ``LambdaLR`` following :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, config))
+def build_scheduler(optimizer: torch.optim.Optimizer, config: Callable[[], TrainConfig], steps_per_epoch: int):
+    """A per-step ``LambdaLR`` following :func:`lr_factor` for the settings ``config()`` returns at
+    each step (a time budget changes the epoch count mid-run: :func:`fitted_schedule`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, config()))
+
+
+def fitted_schedule(config: TrainConfig, epochs: int) -> TrainConfig:
+    """``config``'s schedule stretched or shrunk to ``epochs``: a cosine decays to 0 at the new end;
+    step boundaries (``lr_steps``) move in proportion, so 90 and 120 of 140 epochs become 45 and 60 of 70."""
+    ratio = epochs / config.epochs
+    return replace(config, epochs=epochs, lr_steps=tuple(max(1, round(b * ratio)) for b in config.lr_steps))

@@ -1,0 +1,146 @@
+"""A wall-clock budget for training (``train.time_limit``), Ray-free.
+
+The budget ends at a ``deadline`` (seconds since the epoch, ``time.time()``). During the first
+epoch trained, :class:`TimeBudget` times the steps after a short warm-up and decides how many
+epochs fit before the deadline once the final evaluation, checkpoint and shutdown are set aside;
+the trainer then fits its LR schedule to that many epochs (``TrainingEngine.fit_schedule``), so a
+fast machine trains longer and a slow one still finishes its schedule. After every epoch it checks
+that the next one still fits, using the slowest epoch seen, and ends the run early if not.
+
+Under DDP every process must take the same decisions (they train in lockstep): rank 0's are
+broadcast to all.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 3  # not timed: the first steps include the pipeline's and the allocator's start-up
+TIMED_STEPS = 20
+# Set aside after the last epoch besides the evaluation itself: the checkpoint, the MLflow run's
+# figures and model, Ray Train's shutdown and the driver's summary. Measured on the demo: ~12 s on a
+# 2-core AVX512-BF16 machine (the model's MLflow logging is most of it); doubled as the margin.
+FINISH_SECONDS = 25.0
+# An evaluation image costs about this share of a training image (forward only, no loss or
+# backward, measured on the demo model: 0.31), doubled with the flip test; plus the pipeline's
+# start and COCOeval.
+EVAL_IMAGE_SHARE = 0.35
+EVAL_OVERHEAD_SECONDS = 5.0
+
+
+@dataclass
+class BudgetPlan:
+    epochs: int  # epochs in all, counted from the run's first (earlier attempts included)
+    step_seconds: float  # median wall time of a step, waiting for data included
+    epoch_seconds: float
+    eval_seconds: float  # one evaluation pass
+    reserve_seconds: float  # kept for the final evaluation and the finish
+
+
+class TimeBudget:
+    """Sizes and guards a run against ``deadline``.
+
+    ``max_epochs``: the most epochs to plan (``train.epochs``); ``eval_images``: validation images
+    this process evaluates; ``eval_every`` and ``flip_test`` as in ``train``.
+    """
+
+    def __init__(self, deadline: float, *, max_epochs: int, steps_per_epoch: int, batch_size: int,
+                 eval_images: int, eval_every: int, flip_test: bool) -> None:
+        self.deadline = deadline
+        self.max_epochs, self.steps_per_epoch, self.batch_size = max_epochs, steps_per_epoch, batch_size
+        self.eval_images, self.eval_every, self.flip_test = eval_images, eval_every, flip_test
+        self.plan: BudgetPlan | None = None
+        self._stamps: list[float] = []
+        self._slowest_epoch = 0.0  # of the epochs after the first this process trained
+        self._epochs_seen = 0
+
+    @property
+    def timing(self) -> bool:
+        """Whether steps are still being timed (no plan yet)."""
+        return self.plan is None
+
+    def on_step(self, taken: int, epoch: int) -> BudgetPlan | None:
+        """Call after each step (``taken`` steps so far in epoch ``epoch``, 0-based); returns the plan
+        once it is made: after ``WARMUP_STEPS + TIMED_STEPS`` steps, however many epochs they span
+        (an epoch's start, included once per epoch, hardly moves the median)."""
+        if self.plan is not None:
+            return None
+        self._stamps.append(time.perf_counter())
+        if len(self._stamps) <= WARMUP_STEPS + TIMED_STEPS:
+            return None
+        self.plan = _agreed(self._size(self._step_seconds(), epoch, self.steps_per_epoch - taken))
+        log.info("time budget: %.0f s left, %.2f s/step -> %d epoch(s) of ~%.0f s, %.0f s kept for the final "
+                 "evaluation and checkpoint", self.deadline - time.time(), self.plan.step_seconds, self.plan.epochs,
+                 self.plan.epoch_seconds, self.plan.reserve_seconds)
+        return self.plan
+
+    def _step_seconds(self) -> float:
+        intervals = [b - a for a, b in zip(self._stamps, self._stamps[1:])]
+        return statistics.median(intervals[WARMUP_STEPS:] or intervals or [0.0])
+
+    def _size(self, step: float, epoch: int, steps_left_in_epoch: int) -> BudgetPlan:
+        epoch_seconds = step * self.steps_per_epoch
+        eval_seconds = (EVAL_OVERHEAD_SECONDS + self.eval_images * step / self.batch_size * EVAL_IMAGE_SHARE
+                        * (2 if self.flip_test else 1))
+        reserve = eval_seconds + FINISH_SECONDS
+        available = self.deadline - time.time() - reserve - steps_left_in_epoch * step
+        epochs = epoch + 1  # the current one is finished in any case
+        while epochs < self.max_epochs:  # add epoch number epochs + 1 (1-based) while it fits
+            cost = epoch_seconds + (eval_seconds if (epochs + 1) % self.eval_every == 0 else 0.0)
+            if cost > available:
+                break
+            available -= cost
+            epochs += 1
+        if available < 0:
+            log.warning("time budget: the epoch under way alone needs ~%.0f s more than train.time_limit leaves",
+                        -available)
+        return BudgetPlan(epochs, step, epoch_seconds, eval_seconds, reserve)
+
+    def should_stop(self, epochs_done: int, epoch_seconds: float, next_evaluates: bool) -> bool:
+        """After an epoch whose training took ``epoch_seconds``: whether the next one (with its
+        evaluation when ``next_evaluates``) and the final evaluation would end past the deadline.
+        Also before the plan is made (epochs shorter than the timed steps). The same answer on every
+        DDP process."""
+        if self.plan is not None and epochs_done >= self.plan.epochs:
+            return False
+        self._epochs_seen += 1
+        if self._epochs_seen > 1:  # the run's first epoch also starts the pipeline and the workers
+            self._slowest_epoch = max(self._slowest_epoch, epoch_seconds)
+        estimate = self.plan or self._size(self._step_seconds(), epochs_done - 1, 0)
+        needed = (max(self._slowest_epoch, estimate.epoch_seconds) + estimate.reserve_seconds
+                  + (estimate.eval_seconds if next_evaluates else 0.0))
+        stop = _agreed_flag(time.time() + needed > self.deadline)
+        if stop:
+            log.warning("time budget: stopping after epoch %d (%s): another epoch and the final evaluation need "
+                        "~%.0f s, %.0f s are left", epochs_done,
+                        f"of the {self.plan.epochs} planned" if self.plan else "before the plan was made",
+                        needed, self.deadline - time.time())
+        return stop
+
+
+def _agreed(plan: BudgetPlan) -> BudgetPlan:
+    """Rank 0's plan on every process of a DDP group (the plan as it is without one)."""
+    values = _from_rank0([plan.epochs, plan.step_seconds, plan.epoch_seconds, plan.eval_seconds, plan.reserve_seconds])
+    return BudgetPlan(int(round(values[0])), *values[1:])
+
+
+def _agreed_flag(flag: bool) -> bool:
+    return _from_rank0([1.0 if flag else 0.0])[0] > 0.5
+
+
+def _from_rank0(values: list[float]) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    # NCCL only moves GPU tensors; gloo, CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()

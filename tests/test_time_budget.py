@@ -1,0 +1,116 @@
+"""train.time_limit: the epochs that fit, the LR schedule fitted to them, the early stop (Ray-free, a
+fake clock: the figures below are worked by hand from the constants in ``training/budget.py``)."""
+
+import math
+
+import pytest
+
+from centernet_ray.config import ConfigError, load_config
+from centernet_ray.training import budget as budget_module
+from centernet_ray.training.budget import EVAL_IMAGE_SHARE, EVAL_OVERHEAD_SECONDS, FINISH_SECONDS, TimeBudget
+from centernet_ray.training.engine import TrainingEngine
+from centernet_ray.training.schedule import fitted_schedule, lr_factor
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(budget_module.time, "time", fake)
+    monkeypatch.setattr(budget_module.time, "perf_counter", fake)
+    return fake
+
+
+def _budget(clock, seconds_left, **kwargs):
+    settings = dict(max_epochs=100, steps_per_epoch=50, batch_size=16, eval_images=200, eval_every=1000, flip_test=True)
+    settings.update(kwargs)
+    return TimeBudget(clock.now + seconds_left, **settings)
+
+
+def _run_steps(budget, clock, count, seconds_per_step, epoch=0):
+    plan = None
+    for taken in range(1, count + 1):
+        clock.now += seconds_per_step
+        plan = budget.on_step(taken, epoch) or plan
+    return plan
+
+
+def test_the_plan_fits_whole_epochs_after_the_final_evaluation_and_finish(clock):
+    budget = _budget(clock, 100.0)
+    assert _run_steps(budget, clock, 23, 0.1) is None  # 3 warm-up + 20 timed steps need 24 stamps
+    plan = _run_steps(budget, clock, 1, 0.1)
+    assert plan is not None and not budget.timing
+    # By hand: 0.1 s/step; an epoch 50 x 0.1 = 5 s; an evaluation 5 + 200 x 0.1 / 16 x 0.35 x 2 = 5.875 s;
+    # left at the plan 100 - 2.4 = 97.6 s, minus the reserve (5.875 + 25) and the 26 steps left of this
+    # epoch (2.6 s) = 64.125 s -> 12 more whole epochs of 5 s: 13 in all.
+    eval_seconds = EVAL_OVERHEAD_SECONDS + 200 * 0.1 / 16 * EVAL_IMAGE_SHARE * 2
+    available = 100.0 - 24 * 0.1 - (eval_seconds + FINISH_SECONDS) - 26 * 0.1
+    assert plan.epochs == 1 + math.floor(available / 5.0) == 13
+    assert plan.step_seconds == pytest.approx(0.1) and plan.epoch_seconds == pytest.approx(5.0)
+    assert plan.reserve_seconds == pytest.approx(eval_seconds + FINISH_SECONDS)
+
+
+def test_periodic_evaluations_count_and_max_epochs_caps_the_plan(clock):
+    plain = _run_steps(_budget(clock, 100.0), clock, 24, 0.1)
+    clock.now = 1000.0
+    every_2 = _run_steps(_budget(clock, 100.0, eval_every=2), clock, 24, 0.1)
+    # 64.125 s as above, spent on epochs 2, 3, ... alternately costing 5 + 5.875 s (even ones evaluate)
+    # and 5 s: after epoch 9, 0.625 s are left, less than epoch 10's 10.875 s
+    assert every_2.epochs < plain.epochs and every_2.epochs == 9
+    clock.now = 1000.0
+    assert _run_steps(_budget(clock, 10_000.0, max_epochs=7), clock, 24, 0.1).epochs == 7
+
+
+def test_short_epochs_are_timed_together_and_a_budget_too_small_still_trains_the_epoch_under_way(clock, caplog):
+    budget = _budget(clock, 5.0, steps_per_epoch=4)
+    assert _run_steps(budget, clock, 4, 0.5, epoch=0) is None  # 4 stamps: not enough yet
+    assert budget.should_stop(1, 2.0, next_evaluates=False)  # 3 s left: no room for another epoch + reserve
+    plan = None
+    for epoch in range(1, 6):
+        plan = _run_steps(budget, clock, 4, 0.5, epoch=epoch) or plan
+    assert plan is not None and plan.epochs == 6  # made during epoch 5 (the 24th step), past the deadline
+    assert "alone needs" in caplog.text
+
+
+def test_the_run_stops_early_when_the_next_epoch_no_longer_fits(clock):
+    budget = _budget(clock, 100.0)
+    plan = _run_steps(budget, clock, 50, 0.1)
+    assert plan.epochs == 13
+    assert not budget.should_stop(1, 60.0, next_evaluates=False)  # the first epoch's start-up does not count
+    clock.now += 40.0  # the machine slowed down: an epoch took 40 s
+    assert budget.should_stop(2, 40.0, next_evaluates=False)  # 55 s left < 40 s + the 30.875 s reserve
+    assert not budget.should_stop(13, 40.0, next_evaluates=False)  # the planned end: nothing to decide
+
+
+def test_fitted_schedule_moves_step_boundaries_and_ends_the_cosine_at_the_new_length():
+    official = load_config(None, ["train.epochs=140", "train.lr_steps=[90,120]", "train.schedule=step"]).train
+    assert fitted_schedule(official, 70).lr_steps == (45, 60) and fitted_schedule(official, 70).epochs == 70
+    cosine = load_config(None, ["train.epochs=100", "train.schedule=cosine", "train.warmup_epochs=0"]).train
+    fitted = fitted_schedule(cosine, 10)
+    assert lr_factor(10 * 50, 50, fitted) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(5 * 50, 50, fitted) == pytest.approx(0.5)
+
+
+def test_the_engine_refits_its_schedule_from_the_next_step():
+    config = load_config("demo", ["train.epochs=100", "train.warmup_epochs=0"])
+    engine = TrainingEngine(config, num_classes=3, steps_per_epoch=10)
+    base = engine.optimizer.param_groups[0]["initial_lr"]
+    engine.fit_schedule(2)
+    for _ in range(10):
+        engine.optimizer.step()
+        engine.scheduler.step()
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.5)  # half-way through 2 epochs
+    assert engine.schedule.epochs == 2 and config.train.epochs == 100  # the config itself is unchanged
+
+
+def test_time_limit_must_be_positive():
+    assert load_config(None, ["train.time_limit=600"]).train.time_limit == 600
+    with pytest.raises(ConfigError, match="time_limit"):
+        load_config(None, ["train.time_limit=0"])
