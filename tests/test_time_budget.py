@@ -71,7 +71,7 @@ def test_periodic_evaluations_count_and_max_epochs_caps_the_plan(clock):
 def test_short_epochs_are_timed_together_and_a_budget_too_small_still_trains_the_epoch_under_way(clock, caplog):
     budget = _budget(clock, 5.0, steps_per_epoch=4)
     assert _run_steps(budget, clock, 4, 0.5, epoch=0) is None  # 4 stamps: not enough yet
-    assert budget.should_stop(1, 2.0, next_evaluates=False)  # 3 s left: no room for another epoch + reserve
+    assert budget.after_epoch(1, 2.0, next_evaluates=False) == 1  # 3 s left: no room for another epoch + reserve
     plan = None
     for epoch in range(1, 6):
         plan = _run_steps(budget, clock, 4, 0.5, epoch=epoch) or plan
@@ -79,14 +79,17 @@ def test_short_epochs_are_timed_together_and_a_budget_too_small_still_trains_the
     assert "alone needs" in caplog.text
 
 
-def test_the_run_stops_early_when_the_next_epoch_no_longer_fits(clock):
+def test_the_second_epoch_resizes_the_plan_and_a_slow_epoch_stops_the_run(clock):
     budget = _budget(clock, 100.0)
-    plan = _run_steps(budget, clock, 50, 0.1)
-    assert plan.epochs == 13
-    assert not budget.should_stop(1, 60.0, next_evaluates=False)  # the first epoch's start-up does not count
-    clock.now += 40.0  # the machine slowed down: an epoch took 40 s
-    assert budget.should_stop(2, 40.0, next_evaluates=False)  # 55 s left < 40 s + the 30.875 s reserve
-    assert not budget.should_stop(13, 40.0, next_evaluates=False)  # the planned end: nothing to decide
+    assert _run_steps(budget, clock, 50, 0.1).epochs == 13  # as above
+    assert budget.after_epoch(1, 60.0, next_evaluates=False) == 13  # the first epoch's start-up does not count
+    # The second epoch ran at 0.05 s/step (2.5 s) instead of 0.1: re-planned from it with 100 - 7.5 = 92.5 s
+    # left: eval 5 + 200 x 0.05 / 16 x 0.35 x 2 = 5.4375 s, reserve 30.4375 s -> 62.0625 s / 2.5 s = 24 more
+    clock.now += 2.5
+    assert budget.after_epoch(2, 2.5, next_evaluates=False) == 2 + 24
+    clock.now += 60.0  # then the machine slowed down: an epoch took 60 s
+    assert budget.after_epoch(3, 60.0, next_evaluates=False) == 3  # 32.5 s left < 60 s + the reserve: stop
+    assert budget.after_epoch(26, 1.0, next_evaluates=False) == 26  # the planned end: nothing to decide
 
 
 def test_fitted_schedule_moves_step_boundaries_and_ends_the_cosine_at_the_new_length():

@@ -231,20 +231,25 @@ class _Schedule:
         def on_step(taken: int) -> None:
             plan = self.budget.on_step(taken, epoch)
             if plan is not None:
-                self.epochs = plan.epochs
-                self.engine.fit_schedule(plan.epochs)
-                if self.progress is not None:
-                    self.progress.epochs = plan.epochs
+                self._set(plan.epochs)
         return on_step
 
     def ends_after(self, epoch: int, seconds: float) -> bool:
         """Whether ``epoch`` (0-based, just trained in ``seconds``) is the run's last."""
         if epoch + 1 >= self.epochs:
             return True
-        if self.budget is not None and self.budget.should_stop(epoch + 1, seconds, (epoch + 2) % self.eval_every == 0):
-            self.epochs = epoch + 1
-            return True
-        return False
+        if self.budget is not None:
+            planned = self.budget.after_epoch(epoch + 1, seconds, (epoch + 2) % self.eval_every == 0)
+            if planned != self.epochs:
+                self._set(planned, refit=planned > epoch + 1)
+        return epoch + 1 >= self.epochs
+
+    def _set(self, epochs: int, refit: bool = True) -> None:
+        self.epochs = epochs
+        if refit:  # a run stopped early keeps its schedule: it ends with this epoch anyway
+            self.engine.fit_schedule(epochs)
+        if self.progress is not None:
+            self.progress.epochs = epochs
 
 
 def _epoch_metrics(result: EpochResult, epoch: int, world: int, nonfinite: int) -> dict[str, Any]:

@@ -4,8 +4,10 @@ The budget ends at a ``deadline`` (seconds since the epoch, ``time.time()``). Du
 epoch trained, :class:`TimeBudget` times the steps after a short warm-up and decides how many
 epochs fit before the deadline once the final evaluation, checkpoint and shutdown are set aside;
 the trainer then fits its LR schedule to that many epochs (``TrainingEngine.fit_schedule``), so a
-fast machine trains longer and a slow one still finishes its schedule. After every epoch it checks
-that the next one still fits, using the slowest epoch seen, and ends the run early if not.
+fast machine trains longer and a slow one still finishes its schedule. The second epoch re-sizes
+the plan once from its own duration (the first epoch's steps also wait for the pipeline to start).
+After every epoch it checks that the next one still fits, using the slowest epoch seen, and ends
+the run early if not.
 
 Under DDP every process must take the same decisions (they train in lockstep): rank 0's are
 broadcast to all.
@@ -104,26 +106,33 @@ class TimeBudget:
                         -available)
         return BudgetPlan(epochs, step, epoch_seconds, eval_seconds, reserve)
 
-    def should_stop(self, epochs_done: int, epoch_seconds: float, next_evaluates: bool) -> bool:
-        """After an epoch whose training took ``epoch_seconds``: whether the next one (with its
-        evaluation when ``next_evaluates``) and the final evaluation would end past the deadline.
-        Also before the plan is made (epochs shorter than the timed steps). The same answer on every
-        DDP process."""
+    def after_epoch(self, epochs_done: int, epoch_seconds: float, next_evaluates: bool) -> int:
+        """After an epoch whose training took ``epoch_seconds``: the epochs the run now trains in all
+        (``epochs_done``: stop now). The second epoch this process trains re-sizes the plan from its
+        own duration (the first one's steps also waited for the pipeline to start); every epoch
+        checks that the next one (with its evaluation when ``next_evaluates``) and the final
+        evaluation still end before the deadline. The same answer on every DDP process."""
         if self.plan is not None and epochs_done >= self.plan.epochs:
-            return False
+            return epochs_done
         self._epochs_seen += 1
+        if self._epochs_seen == 2 and self.plan is not None:
+            before = self.plan.epochs
+            self.plan = _agreed(self._size(epoch_seconds / self.steps_per_epoch, epochs_done - 1, 0))
+            if self.plan.epochs != before:
+                log.info("time budget: re-planned from epoch %d's %.0f s: %d epoch(s) instead of %d", epochs_done,
+                         epoch_seconds, self.plan.epochs, before)
         if self._epochs_seen > 1:  # the run's first epoch also starts the pipeline and the workers
             self._slowest_epoch = max(self._slowest_epoch, epoch_seconds)
         estimate = self.plan or self._size(self._step_seconds(), epochs_done - 1, 0)
         needed = (max(self._slowest_epoch, estimate.epoch_seconds) + estimate.reserve_seconds
                   + (estimate.eval_seconds if next_evaluates else 0.0))
-        stop = _agreed_flag(time.time() + needed > self.deadline)
-        if stop:
+        if _agreed_flag(time.time() + needed > self.deadline):
             log.warning("time budget: stopping after epoch %d (%s): another epoch and the final evaluation need "
                         "~%.0f s, %.0f s are left", epochs_done,
                         f"of the {self.plan.epochs} planned" if self.plan else "before the plan was made",
                         needed, self.deadline - time.time())
-        return stop
+            return epochs_done
+        return self.plan.epochs if self.plan is not None else self.max_epochs
 
 
 def _agreed(plan: BudgetPlan) -> BudgetPlan:
