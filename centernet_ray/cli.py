@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--shard-size", type=int, default=1000, help="rows (images) per shard")
     ingest.add_argument("--threads", type=int, default=16, help="parallel image reads")
     ingest.add_argument("--force", action="store_true", help="rewrite even if the same input was ingested")
+    ingest.add_argument("--node-pools", action="store_true",
+                        help="read the images on the CPU pool's nodes only (as cluster.node_pools=true)")
     show = data_commands.add_parser("show", help="draw ground-truth boxes of a few images into a PNG grid")
     show.add_argument("--annotations", required=True)
     show.add_argument("--images", required=True)
@@ -126,9 +128,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "ingest":
+        from centernet_ray.config import ClusterConfig
         from centernet_ray.ray_data.ingest import ingest_coco
+        from centernet_ray.ray_runtime import init_ray
 
-        result = ingest_coco(args.images, args.annotations, args.out, args.shard_size, args.threads, args.force)
+        init_ray()  # one Ray Data task per shard reads, checks and writes its images, on the cluster
+        result = ingest_coco(args.images, args.annotations, args.out, args.shard_size, args.threads, args.force,
+                             label_selector=ClusterConfig(node_pools=args.node_pools).data_selector())
         state = "already up to date" if result.reused else f"{len(result.shards)} shard(s), {result.bytes_written:,d} image bytes"
         print(f"{result.output}: {result.rows} images, {state}")
         for key, value in result.report.items():

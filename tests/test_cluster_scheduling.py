@@ -76,3 +76,68 @@ def test_preprocessing_runs_on_the_cpu_pool_and_train_workers_on_the_gpu_pool(
                  for r in placed if where.get(r.node_id) != "cpu"]
     assert not misplaced, misplaced
     assert any(r.node_id == node_ids["cpu"] for r in data_actors)
+
+
+def _noise_coco(root: Path, count: int, distinct: int = 8) -> tuple[Path, Path]:
+    """``count`` 256x256 JPEGs of noise (~0.1 MB each: they do not compress), hard links to
+    ``distinct`` files, with one box each: a dataset whose image bytes are large next to its
+    annotations."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(distinct):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=95)
+        (root / f"source-{k}.jpg").write_bytes(buffer.getvalue())
+    entries, boxes = [], []
+    for i in range(count):
+        os.link(root / f"source-{i % distinct}.jpg", images / f"{i:05d}.jpg")
+        entries.append({"id": i + 1, "file_name": f"{i:05d}.jpg", "width": 256, "height": 256})
+        boxes.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [10, 20, 100, 50], "area": 5000,
+                      "iscrowd": 0})
+    annotations = root / "instances.json"
+    annotations.write_text(json.dumps({"images": entries, "annotations": boxes,
+                                       "categories": [{"id": 1, "name": "noise"}]}))
+    return images, annotations
+
+
+def _ingest_on_the_cluster(cluster, images: Path, annotations: Path, out: Path) -> int:
+    """`centernet-ray data ingest --node-pools` joined to the cluster; returns its peak RSS in bytes."""
+    script = ("import resource, sys\nfrom centernet_ray.cli import main\ncode = main(sys.argv[1:])\n"
+              "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)")
+    finished = subprocess.run([sys.executable, "-c", script, "data", "ingest", "--images", str(images),
+                               "--annotations", str(annotations), "--out", str(out), "--shard-size", "2000",
+                               "--node-pools"], env={**os.environ, "RAY_ADDRESS": cluster.address},
+                              capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    return int(finished.stdout.split("PEAK_RSS_KB")[1].split()[0]) * 1024
+
+
+def test_ingest_reads_images_in_tasks_on_the_cpu_pool_and_the_driver_holds_no_image_bytes(
+        node_pool_cluster, tmp_path):
+    import pyarrow.parquet as pq
+    from ray.util.state import list_tasks
+
+    from centernet_ray.ray_data.ingest import ingest_coco, read_manifest
+
+    cluster, node_ids, dashboard = node_pool_cluster
+    small, large = _noise_coco(tmp_path / "small", 500), _noise_coco(tmp_path / "large", 4000)
+    peak_small = _ingest_on_the_cluster(cluster, *small, tmp_path / "small-pq")
+    peak_large = _ingest_on_the_cluster(cluster, *large, tmp_path / "large-pq")
+    # 3,500 more images of 0.1 MB: 350 MB more bytes read, 2,000 per shard; none of them in the driver
+    assert peak_large - peak_small < 100e6, (peak_small, peak_large)
+
+    tasks = [t for t in list_tasks(address=dashboard, limit=10_000, raise_on_missing_output=False, detail=True)
+             if "_write_shards_task" in t.name]
+    assert len(tasks) >= 3 and {t.node_id for t in tasks} == {node_ids["cpu"]}, [(t.name, t.node_id) for t in tasks]
+
+    # the same output as ingesting in one process, without Ray: rows, counts, manifest
+    reference = ingest_coco(str(small[0]), str(small[1]), str(tmp_path / "reference"), shard_size=2000, use_ray=False)
+    assert read_manifest(str(tmp_path / "small-pq")) == read_manifest(str(tmp_path / "reference"))
+    assert reference.rows == 500 and reference.shards == ["part-00000.parquet"]
+    assert pq.read_table(tmp_path / "small-pq").equals(pq.read_table(tmp_path / "reference"))

@@ -1,5 +1,8 @@
 """Ingest: a COCO dataset (images + instances json, local or any pyarrow URI) -> sharded Parquet.
 
+The driver reads the annotation file; the images are read, checked and written to Parquet by one
+Ray Data task per shard on the CPU pool (or in this process when Ray is not running).
+
 One row per usable image: ``image_id``, ``file_name``, ``width``, ``height``, ``image`` (the
 original encoded bytes), ``boxes`` (flat float32 x1, y1, x2, y2, ... in image pixels) and
 ``labels`` (int32 contiguous class indices). ``_manifest.json`` beside the shards holds the class
@@ -15,6 +18,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,8 +79,8 @@ def read_manifest(output: str) -> dict | None:
     return json.loads(storage.read_bytes(path))
 
 
-def _load_image(images: str, record: ImageRecord) -> tuple[bytes | None, str | None]:
-    uri = storage.join(images, record.file_name)
+def _load_image(images: str, file_name: str) -> tuple[bytes | None, str | None]:
+    uri = storage.join(images, file_name)
     try:
         data = storage.read_bytes(uri)
     except OSError as exc:
@@ -85,9 +89,75 @@ def _load_image(images: str, record: ImageRecord) -> tuple[bytes | None, str | N
     return (None, problem) if problem else (data, None)
 
 
+def _shard_records(records: list[ImageRecord]) -> str:
+    """A shard's annotations as JSON text: what travels to the task that writes it (no image bytes)."""
+    return json.dumps([[r.image_id, r.file_name, r.width, r.height, r.boxes.reshape(-1).tolist(),
+                        r.labels.astype("int32").tolist()] for r in records])
+
+
+def write_shard(images: str, output: str, index: int, records_json: str, num_threads: int) -> dict:
+    """Read and check the images of one shard (``num_threads`` reads at a time: object storage is
+    latency-bound) and write ``output``/part-<index>.parquet. Returns what the manifest needs:
+    the shard's name ("" when every image was dropped), rows, image bytes and the dropped images
+    as [kind, example, annotations] (the image bytes stay here, never in the caller's memory)."""
+    records = json.loads(records_json)
+    columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+    dropped = []
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        loaded = pool.map(lambda record: _load_image(images, record[1]), records)
+        for (image_id, file_name, width, height, boxes, labels), (data, problem) in zip(records, loaded):
+            if data is None:
+                kind = "missing_images" if problem.startswith("missing") else "unreadable_images"
+                dropped.append([kind, f"{file_name} ({problem[:80]})", len(labels)])
+                continue
+            for name, value in zip(SCHEMA.names, (image_id, file_name, width, height, data, boxes, labels)):
+                columns[name].append(value)
+    name, written = "", sum(len(b) for b in columns["image"])
+    if columns["image_id"]:
+        name = f"part-{index:05d}.parquet"
+        fs, path = storage.resolve(storage.join(output, name))
+        with fs.open_output_stream(path) as sink:
+            pq.write_table(pa.table(columns, schema=SCHEMA), sink)
+    return {"index": index, "name": name, "rows": len(columns["image_id"]), "bytes": written,
+            "dropped": json.dumps(dropped)}
+
+
+def _write_shards_task(batch: dict[str, Any], *, images: str, output: str, num_threads: int) -> dict[str, Any]:
+    """Ray Data ``map_batches`` body: one shard per row."""
+    results = [write_shard(images, output, int(index), str(records), num_threads)
+               for index, records in zip(batch["index"], batch["records"])]
+    return {key: [r[key] for r in results] for key in ("index", "name", "rows", "bytes", "dropped")}
+
+
+def _write_shards(images: str, output: str, chunks: list[list[ImageRecord]], num_threads: int,
+                  label_selector: dict[str, str] | None, use_ray: bool | None) -> list[dict]:
+    """Every shard written, by Ray Data tasks on the CPU pool (one task per shard, ``label_selector``
+    honoured) when ``use_ray`` (None: when Ray is up), else here, one shard after another; results
+    in shard order."""
+    import ray
+
+    if not (ray.is_initialized() if use_ray is None else use_ray):
+        results = []
+        for index, chunk in enumerate(chunks):
+            results.append(write_shard(images, output, index, _shard_records(chunk), num_threads))
+            log.info("ingest: shard %d/%d written", index + 1, len(chunks))
+        return results
+    items = [{"index": index, "records": _shard_records(chunk)} for index, chunk in enumerate(chunks)]
+    written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _write_shards_task, batch_size=1, fn_kwargs=dict(images=images, output=output, num_threads=num_threads),
+        num_cpus=1, label_selector=label_selector)
+    return sorted(written.take_all(), key=lambda r: r["index"])
+
+
 def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 1000,
-                num_threads: int = 16, force: bool = False) -> IngestResult:
-    """Write ``output``/part-NNNNN.parquet shards of at most ``shard_size`` rows, plus the manifest."""
+                num_threads: int = 16, force: bool = False,
+                label_selector: dict[str, str] | None = None, use_ray: bool | None = None) -> IngestResult:
+    """Write ``output``/part-NNNNN.parquet shards of at most ``shard_size`` rows, plus the manifest.
+
+    This process reads only the annotation file; with Ray up, every shard's images are read,
+    checked and written by a Ray Data task (on nodes matching ``label_selector``), so neither the
+    work nor the image bytes pass through here (``use_ray=False``: here, without Ray). A shard whose
+    images were all dropped is not written (its number is skipped)."""
     if shard_size < 1:
         raise UserInputError(f"shard_size must be >= 1; got {shard_size}")
     annotation_bytes = storage.read_bytes(annotations)
@@ -100,6 +170,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
                             fingerprint=fingerprint)
 
     dataset = parse_coco(json.loads(annotation_bytes), str(annotations))
+    del annotation_bytes
     report: CocoReport = dataset.report
     fs, out_path = storage.resolve(output)
     fs.create_dir(out_path, recursive=True)
@@ -107,35 +178,14 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
         if stale.base_name.startswith("part-") or stale.base_name == MANIFEST:
             fs.delete_file(stale.path)
 
-    shards: list[str] = []
-    rows = written = 0
-    with ThreadPoolExecutor(max_workers=num_threads) as pool:
-        for start in range(0, len(dataset.images), shard_size):
-            chunk = dataset.images[start:start + shard_size]
-            columns: dict[str, list] = {name: [] for name in SCHEMA.names}
-            for record, (data, problem) in zip(chunk, pool.map(lambda r: _load_image(images, r), chunk)):
-                if data is None:
-                    kind = "missing_images" if problem.startswith("missing") else "unreadable_images"
-                    report.note(kind, f"{record.file_name} ({problem[:80]})")
-                    report.annotations -= len(record.labels)
-                    continue
-                columns["image_id"].append(record.image_id)
-                columns["file_name"].append(record.file_name)
-                columns["width"].append(record.width)
-                columns["height"].append(record.height)
-                columns["image"].append(data)
-                columns["boxes"].append(record.boxes.reshape(-1).tolist())
-                columns["labels"].append(record.labels.astype("int32").tolist())
-            if not columns["image_id"]:
-                continue
-            table = pa.table(columns, schema=SCHEMA)
-            name = f"part-{len(shards):05d}.parquet"
-            with fs.open_output_stream(f"{out_path}/{name}") as sink:
-                pq.write_table(table, sink)
-            shards.append(name)
-            rows += table.num_rows
-            written += sum(len(b) for b in columns["image"])
-            log.info("ingest: shard %s, %d/%d images", name, min(start + shard_size, len(dataset.images)), len(dataset.images))
+    chunks = [dataset.images[start:start + shard_size] for start in range(0, len(dataset.images), shard_size)]
+    results = _write_shards(str(images), output, chunks, num_threads, label_selector, use_ray)
+    for result in results:
+        for kind, example, annotations_dropped in json.loads(result["dropped"]):
+            report.note(kind, example)
+            report.annotations -= annotations_dropped
+    shards = [r["name"] for r in results if r["name"]]
+    rows, written = sum(r["rows"] for r in results), sum(r["bytes"] for r in results)
 
     report.images = rows
     counts = report.counts()
@@ -151,7 +201,8 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
                         fingerprint=fingerprint)
 
 
-def ingest_splits(config: DataConfig) -> dict[str, IngestResult]:
+def ingest_splits(config: DataConfig, label_selector: dict[str, str] | None = None) -> dict[str, IngestResult]:
     """Ingest every split to Parquet (a no-op for splits already ingested from the same input)."""
-    return {split: ingest_coco(source.images, source.annotations, source.parquet, config.shard_size)
+    return {split: ingest_coco(source.images, source.annotations, source.parquet, config.shard_size,
+                               label_selector=label_selector)
             for split, source in split_sources(config).items()}

@@ -64,7 +64,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
     # directory is Ray's session folder.
     config = storage.with_absolute_paths(config)
-    ingested = ingest_splits(config.data)
+    ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
     warn_if_node_local(storage.default_storage_path(config), "train.storage_path")

@@ -97,7 +97,8 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     name, root = sweep_name(config), storage.default_storage_path(config)
     experiment = storage.join(root, name)
     warn_if_node_local_tracking(config.tracking.tracking_uri)
-    ingested = ingest_splits(config.data)  # once, here: concurrent trials would otherwise race to ingest
+    # once, here: concurrent trials would otherwise race to ingest
+    ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     include_default = config.tune.include_default and not space.has_grid()
     if config.tune.include_default and space.has_grid():
         log.info("the search space has grid: entries; the default config is not added as a trial of its own")
