@@ -1,7 +1,9 @@
-"""Training step throughput: one Ray Train worker vs a plain PyTorch loop; 2-worker DDP vs 1 worker.
+"""Training step throughput: one Ray Train worker vs a plain PyTorch loop; 2-worker DDP vs 1 worker;
+the DDP workers fed by fixed batches vs the real Ray Data pipeline vs the pipeline from ``data.cache``.
 
     python -m benchmarks.train_step [--config demo] [--steps 20] [--warmup 3] [--repeats 3]
-                                    [--batches 8] [--no-pipeline] [--diagnose] [section.key=value ...]
+                                    [--batches 8] [--no-pipeline] [--epoch-images 2000] [--feed-only]
+                                    [--diagnose] [section.key=value ...]
 
 A fixed set of batches is preprocessed once (``Preprocessor`` + ``TargetCollate`` on the synthetic
 shapes dataset, ingested to Parquet) and put in the object store. The plain loop (in this process)
@@ -10,7 +12,10 @@ sets them) run the same ``TrainingEngine.step`` (``centernet_ray.training.engine
 runs): same model (same seed), optimizer, schedule, loss, batch size - over those batches. Images/s are measured with
 ``perf_counter`` over ``--steps`` steps after ``--warmup`` steps, inside the loop in both cases; the
 workers send theirs back through ``ray.train.report``. Plain and Ray runs alternate, ``--repeats``
-times, and medians are shown. Row (c) feeds one worker from the real Ray Data pipeline instead.
+times, and medians are shown. Section (c) feeds ``train.num_workers`` DDP workers from fixed batches, from
+the real Ray Data pipeline and from the pipeline over ``data.cache`` (``training_datasets``, as the
+training job builds them): each pipeline run trains one untimed epoch, then times the second whole,
+its first batch (the start of an execution) included; "machine" cores = every process's CPU.
 ``--diagnose`` adds one run per suspected cause of a Ray-vs-plain gap (niceness, OMP threads, ...),
 with what each process saw: nice, OMP_NUM_THREADS, torch threads, CPU cores used, context switches.
 """
@@ -190,10 +195,17 @@ def worker_loop(cfg: dict[str, Any]) -> None:
     if cfg["source"] == "pipeline":
         from centernet_ray.ray_data.pipeline import shard_batches
 
-        batches = shard_batches("train", config, cfg["num_classes"], config.train.batch_size)
+        def epoch_batches():
+            return shard_batches("train", config, cfg["num_classes"], config.train.batch_size)
+
+        for batch in epoch_batches():  # epoch 1, untimed: the first execution starts the pipeline's processes
+            engine.step(batch)
+        ray.get(cfg["clock"].advance_to.remote(1))  # epoch 2 draws new augmentations, as in training
+        metrics = timed_steps(engine, epoch_batches(), 0, cfg["steps_per_epoch"], world)
     else:
         batches = itertools.cycle(materialize(ray.get(cfg["batches"][0]))[rank::world])
-    metrics = {**timed_steps(engine, batches, cfg["warmup"], cfg["steps"], world), **process_facts(engine.model)}
+        metrics = timed_steps(engine, batches, cfg["warmup"], cfg["steps"], world)
+    metrics.update(process_facts(engine.model))
     # Ray Train V2 returns only metrics attached to a checkpoint (Result.metrics), so rank 0 attaches a
     # one-file checkpoint; every rank reports (report is collective).
     with tempfile.TemporaryDirectory() as directory:
@@ -252,8 +264,9 @@ def ray_train(cfg: dict[str, Any], workers: int, storage: Path, datasets: dict |
     return dict(result.metrics)
 
 
-def prepare_data(config: Config, images: int, root: Path) -> tuple[str, int, list[dict]]:
-    """Synthetic shapes -> ingested Parquet; every full batch preprocessed + collated once (numpy)."""
+def prepare_data(config: Config, images: int, root: Path, keep: int) -> tuple[str, int, list[dict]]:
+    """Synthetic shapes -> ingested Parquet (train, and a 1-image val split beside it: ``pq-val``);
+    the first ``keep`` full batches preprocessed + collated once (numpy)."""
     import pyarrow.parquet as pq
 
     from centernet_ray.ray_data.ingest import ingest_coco
@@ -267,6 +280,8 @@ def prepare_data(config: Config, images: int, root: Path) -> tuple[str, int, lis
     ingested = ingest_coco(str(root / "shapes" / "images" / "train"),
                            str(root / "shapes" / "annotations" / "instances_train.json"), str(root / "pq"),
                            data.shard_size)
+    ingest_coco(str(root / "shapes" / "images" / "val"), str(root / "shapes" / "annotations" / "instances_val.json"),
+                str(root / "pq-val"), data.shard_size)
     table = pq.read_table(root / "pq").to_pydict()
     rows = {k: np.array(v, dtype=object) if k in ("image", "boxes", "labels") else np.array(v) for k, v in table.items()}
     preprocess = Preprocessor(data.input_size, config.targets.max_objects, train=True, augment=data.augment,
@@ -275,7 +290,7 @@ def prepare_data(config: Config, images: int, root: Path) -> tuple[str, int, lis
     num_classes = len(ingested.class_names)
     collate = TargetCollate(config, num_classes)
     size, batches = config.train.batch_size, []
-    for start in range(0, len(rows["image_id"]) - size + 1, size):
+    for start in range(0, min(len(rows["image_id"]) - size + 1, keep * size), size):
         out = collate(preprocess({k: v[start:start + size] for k, v in rows.items()}))
         batches.append({"image": out["image"].numpy(), "targets": {k: v.numpy() for k, v in out["targets"].items()}})
     return str(root / "pq"), num_classes, batches
@@ -333,7 +348,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved plain / Ray repeats (medians shown)")
     parser.add_argument("--batches", type=int, default=8, help="distinct preprocessed batches cycled through")
-    parser.add_argument("--no-pipeline", action="store_true", help="skip row (c), the Ray Data fed worker")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip section (c), the workers fed by Ray Data")
+    parser.add_argument("--epoch-images", type=int, default=2000, help="images in the pipelines' epochs (c)")
+    parser.add_argument("--feed-only", action="store_true", help="only section (c)")
     parser.add_argument("--diagnose", action="store_true", help="also run each suspected cause of a gap in isolation")
     parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
     args = parser.parse_args()
@@ -344,8 +361,9 @@ def main() -> None:
     batch = config.train.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        images = (max(args.batches, args.warmup + args.steps) + 1) * batch
-        parquet, num_classes, batches = prepare_data(config, images, root)
+        fixed_count = max(args.batches, args.warmup + args.steps) + 1
+        images = max(fixed_count * batch, args.epoch_images)
+        parquet, num_classes, batches = prepare_data(config, images, root, fixed_count)
         cfg = {"config": config.to_dict(), "num_classes": num_classes, "steps_per_epoch": len(batches),
                "warmup": args.warmup, "steps": args.steps, "source": "fixed", "knobs": {}}
         plain_cfg = dict(cfg, threads_per_worker=cores)
@@ -368,23 +386,41 @@ def main() -> None:
                   file=sys.stderr, flush=True)
             return result
 
-        def pipeline(knobs: dict[str, Any] | None = None, overrides: tuple[str, ...] = (), threads: int = 0) -> dict[str, Any]:
-            from centernet_ray.ray_data.pipeline import preprocessed_dataset
+        def pipeline(knobs: dict[str, Any] | None = None, overrides: tuple[str, ...] = (), threads: int = 0,
+                     workers: int = 1) -> dict[str, Any]:
+            """Workers fed by the real Ray Data pipeline (``training_datasets``, as the job builds it; the
+            cache too with ``data.cache=true``): one untimed epoch, then the second timed whole."""
+            from centernet_ray.ray_data.pipeline import EpochClock, training_datasets
 
             run_config = load_config(args.config, [*args.overrides, *overrides])
-            dataset = preprocessed_dataset(parquet, run_config, train=True)
+            clock = EpochClock.remote()
+            dataset = training_datasets(parquet, f"{parquet}-val", run_config, clock=clock)["train"]
+            steps = images // workers // run_config.train.batch_size
             return ray_train(dict(cfg, config=run_config.to_dict(), source="pipeline", knobs=knobs or {},
-                                  threads_per_worker=threads), 1, storage, datasets={"train": dataset})
+                                  threads_per_worker=threads, clock=clock, steps_per_epoch=steps), workers, storage,
+                             datasets={"train": dataset})
 
         fixed = batches[: args.batches]
         plain, ray1, ray2 = [], [], []
-        for _ in range(args.repeats):  # interleaved: machine noise hits every candidate alike
+        for _ in range(0 if args.feed_only else args.repeats):  # interleaved: noise hits every candidate alike
             plain.append(measure("plain loop", lambda: plain_loop(plain_cfg, fixed)))
             ray1.append(measure("Ray Train 1 worker", lambda: ray_train(cfg, 1, storage)))
             ray2.append(measure("Ray Train 2 workers", lambda: ray_train(cfg, 2, storage)))
-        results = {"plain loop (driver)": summary(plain), "Ray Train 1x2": summary(ray1), "Ray Train 2x1 DDP": summary(ray2)}
+        results = {} if args.feed_only else {"plain loop (driver)": summary(plain), "Ray Train 1x2": summary(ray1),
+                                              "Ray Train 2x1 DDP": summary(ray2)}
+        workers = config.train.num_workers
+        feeds = {}
         if not args.no_pipeline:
-            results["Ray Train 1x2 + Ray Data"] = summary([measure("Ray Train 1 worker + Ray Data", pipeline)])
+            runs: dict[str, list] = {f"fixed batches, {workers} workers": [], "Ray Data pipeline": [],
+                                     "Ray Data + data.cache": []}
+            for _ in range(args.repeats):  # interleaved, as above
+                runs[f"fixed batches, {workers} workers"].append(measure("fixed batches", lambda: ray_train(
+                    cfg, workers, storage)))
+                for name, cache in (("Ray Data pipeline", "false"), ("Ray Data + data.cache", "true")):
+                    runs[name].append(measure(name, lambda: pipeline(overrides=(f"data.cache={cache}",),
+                                                                     workers=workers)))
+            feeds = {name: summary(found) for name, found in runs.items()}
+            results.update(feeds)
         diagnostics = {}
         if args.diagnose:
             variants = {
@@ -406,19 +442,28 @@ def main() -> None:
             diagnostics = {name: summary([measure(name, run)]) for name, run in variants.items()}
             results.update(diagnostics)
 
-        base = results["plain loop (driver)"]
-        print("\n(a) one Ray Train worker vs a plain PyTorch loop, same batches, "
-              f"{cores} torch threads each (images/s; target >= 0.9x)")
-        row("plain PyTorch loop (driver process)", base, base, "plain")
-        row(f"Ray Train TorchTrainer, 1 worker x {cores} threads", results["Ray Train 1x2"], base, "plain")
-        print(f"\n(b) DDP at equal total threads ({cores}), global images/s")
-        row(f"Ray Train, 1 worker x {cores} threads", results["Ray Train 1x2"], results["Ray Train 1x2"], "1 worker")
-        row(f"Ray Train, 2 workers x {max(1, cores // 2)} thread(s), DDP gloo", results["Ray Train 2x1 DDP"],
-            results["Ray Train 1x2"], "1 worker")
-        if "Ray Train 1x2 + Ray Data" in results:
-            print("\n(c) the same worker fed by the real Ray Data pipeline (preprocessed_dataset + shard_batches)")
-            row("Ray Train 1 worker + Ray Data", results["Ray Train 1x2 + Ray Data"], results["Ray Train 1x2"],
-                "fixed batches")
+        base = results.get("plain loop (driver)")
+        if base is not None:
+            print("\n(a) one Ray Train worker vs a plain PyTorch loop, same batches, "
+                  f"{cores} torch threads each (images/s; target >= 0.9x)")
+            row("plain PyTorch loop (driver process)", base, base, "plain")
+            row(f"Ray Train TorchTrainer, 1 worker x {cores} threads", results["Ray Train 1x2"], base, "plain")
+            print(f"\n(b) DDP at equal total threads ({cores}), global images/s")
+            one = results["Ray Train 1x2"]
+            row(f"Ray Train, 1 worker x {cores} threads", one, one, "1 worker")
+            row(f"Ray Train, 2 workers x {max(1, cores // 2)} thread(s), DDP gloo", results["Ray Train 2x1 DDP"],
+                one, "1 worker")
+        if feeds:
+            fixed_name = f"fixed batches, {workers} workers"
+            print(f"\n(c) feeding {workers} DDP worker(s) (this config's train.num_workers): fixed batches vs the real "
+                  f"Ray Data pipeline vs the pipeline from data.cache; the pipelines' second epoch, timed whole "
+                  f"({images} images); targets: cached >= 0.85x fixed, uncached keeps >= {0.9 * cores:.1f} of "
+                  f"{cores} cores busy, first batch of the second epoch within 1 s")
+            for name, result in feeds.items():
+                row(name, result, feeds[fixed_name], "fixed")
+                if name != fixed_name:
+                    print(f"  {'':<44} first batch of epoch 2 after {result['first_batch_s']:.2f} s, "
+                          f"waiting for data {100 * result['data_wait']:.0f}% of the epoch")
         if args.diagnose:
             print("\n(d) suspected causes of a Ray-vs-plain gap, one run each")
             for name, result in diagnostics.items():
