@@ -63,7 +63,7 @@ def test_config_demo_prints_the_shipped_demo(installed, tmp_path):
     bin_dir, env = installed
     shown = subprocess.run([bin_dir / "centernet-ray", "config", "demo"], cwd=tmp_path, env=env, capture_output=True,
                            text=True, check=True, timeout=120).stdout
-    assert "width: 0.25" in shown and "time_limit: 560" in shown and "input_size:\n  - 128" in shown
+    assert "width: 0.25" in shown and "time_limit: 585" in shown and "input_size:\n  - 128" in shown
     listed = subprocess.run([bin_dir / "centernet-ray", "config", "--list"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, check=True, timeout=120).stdout.split()
     assert {"demo", "coco_resdcn18", "tune/demo", "tune/search_space"} <= set(listed)
