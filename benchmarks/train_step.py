@@ -114,15 +114,15 @@ def timed_steps(engine: TrainingEngine, batches: Iterable, warmup: int, steps: i
         got = time.perf_counter()
         first_batch = first_batch or got - start
         wait += (got - tick) if i >= warmup else 0.0
-        result = engine.step(batch)
-        if not result.finite:
-            raise FloatingPointError(f"non-finite loss at step {i}: the benchmark's figures would count a skipped step")
+        result = engine.step(batch)  # reads nothing back from the device: checked once, after the loop
         count = result.images
         images += count if i >= warmup else 0
         tick = time.perf_counter()
         stamps.append(tick)
     elapsed = tick - t0
     rusage1 = _rusage()
+    if engine.nonfinite_steps:
+        raise FloatingPointError(f"{engine.nonfinite_steps} non-finite step(s): the figures would count skipped steps")
     return {"images_per_s": images * world / elapsed,
             "step_ms": float(statistics.median(np.diff([t0] + stamps[warmup:]))) * 1e3,
             "whole_images_per_s": (warmup + steps) * count * world / (tick - start),

@@ -44,9 +44,11 @@ def test_non_finite_steps_are_skipped_counted_and_abort_after_too_many_in_a_row(
     assert all(torch.equal(a, b) for a, b in zip(before, engine.model.parameters()))
     engine.step(tiny_batch())  # a good step resets the run of bad ones
     assert engine.consecutive_nonfinite == 0
-    with pytest.raises(NonFiniteLossError, match="consecutive steps"):
-        for _ in range(MAX_CONSECUTIVE_NONFINITE):
-            engine.step(tiny_batch(nan_size=True))
+    engine.check_finite()  # one skipped step: a warning, no error
+    for _ in range(MAX_CONSECUTIVE_NONFINITE):
+        engine.step(tiny_batch(nan_size=True))
+    with pytest.raises(NonFiniteLossError, match="consecutive steps"):  # surfaced where the host looks
+        engine.check_finite()
 
 
 def test_train_epoch_averages_the_finite_steps_and_reports_progress():
@@ -55,8 +57,9 @@ def test_train_epoch_averages_the_finite_steps_and_reports_progress():
     seen = []
     result = engine.train_epoch([tiny_batch(1), tiny_batch(2, nan_size=True), tiny_batch(3)], epoch=0, log_every=1,
                                 steps_per_epoch=3, on_progress=seen.append)
-    assert (result.steps, result.images) == (2, 4) and engine.global_step == 3
-    assert [p.step for p in seen] == [1, 2] and math.isfinite(result.mean_terms["total"])
+    assert (result.steps, result.images) == (2, 6) and engine.global_step == 3  # every image went through
+    assert [p.step for p in seen] == [1, 2, 3] and math.isfinite(result.mean_terms["total"])
+    assert engine.nonfinite_steps == 1
 
 
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
@@ -68,7 +71,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         first = engine.step(tiny_batch(rank, nan_size=rank == 1))  # only rank 1's loss is NaN
         second = engine.step(tiny_batch(rank + 2))
         flat = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
-        torch.save((first.finite, second.finite, engine.nonfinite_steps, flat), f"{out_dir}/rank{rank}.pt")
+        torch.save((bool(first.finite), bool(second.finite), engine.nonfinite_steps, flat), f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -81,3 +84,30 @@ def test_under_ddp_every_rank_skips_a_step_that_is_non_finite_on_one(free_ports,
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert results[0][:3] == results[1][:3] == (False, True, 1)
     torch.testing.assert_close(results[0][3], results[1][3], rtol=0, atol=0)  # replicas stayed in step
+
+
+HOST_READS = ("item", "__float__", "__bool__", "__int__", "cpu", "tolist", "numpy")
+
+
+def test_the_step_reads_nothing_back_from_the_device(monkeypatch):
+    """Between log intervals a step must not wait for the device: no Tensor method that copies a
+    value to the host runs during 6 steps, a skipped non-finite one included (counted here on the
+    CPU, where the same calls would be synchronisations on a GPU); the one read is the check."""
+    torch.manual_seed(0)
+    engine = TrainingEngine(load_config(None, [*OVERRIDES, "train.grad_clip=35"]), num_classes=2, steps_per_epoch=10)
+    batches = [tiny_batch(i, nan_size=i == 3) for i in range(6)]
+    engine.step(batches[0])  # the optimizer's state is created on the first step
+    reads = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, _name=name, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    results = [engine.step(batch) for batch in batches[1:]]
+    assert reads == [], reads
+    engine.check_finite()
+    assert reads  # the check does read, once per interval
+    monkeypatch.undo()
+    assert [bool(r.finite) for r in results] == [True, True, False, True, True] and engine.nonfinite_steps == 1

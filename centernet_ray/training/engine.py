@@ -44,8 +44,8 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class StepResult:
     images: int  # images in the batch
-    terms: dict[str, torch.Tensor]  # detached scalar loss terms (LOSS_TERMS)
-    finite: bool  # False: the step was skipped (no update), the schedule still advanced
+    terms: dict[str, torch.Tensor]  # detached scalar loss terms (LOSS_TERMS), on the device
+    finite: torch.Tensor  # bool, on the device; False: the update was skipped (the schedule still advanced)
 
 
 @dataclass
@@ -96,8 +96,36 @@ class TrainingEngine:
         train = config.train
         self.ema = WeightAverage(self.model, train.ema_decay, train.ema_tau) if train.ema else None
         self.global_step = 0
-        self.nonfinite_steps = 0
-        self.consecutive_nonfinite = 0
+        # Non-finite steps, counted on the device so that no step waits for it; read at log intervals
+        zero = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._nonfinite, self._consecutive, self._longest_run = zero.clone(), zero.clone(), zero.clone()
+        self._reported_nonfinite = 0
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps skipped so far for a non-finite gradient (reads the device: at log intervals only)."""
+        return int(self._nonfinite)
+
+    @property
+    def consecutive_nonfinite(self) -> int:
+        """Skipped steps in a row up to now (reads the device)."""
+        return int(self._consecutive)
+
+    def check_finite(self) -> None:
+        """Warn about steps skipped since the last check and raise :class:`NonFiniteLossError` once
+        ``MAX_CONSECUTIVE_NONFINITE`` were skipped in a row. The step itself decides and counts on
+        the device (as ``GradScaler`` does with its found-inf flag); this is where the host looks,
+        at the log interval, one read for all."""
+        total, longest = (int(v) for v in torch.stack([self._nonfinite, self._longest_run]).tolist())
+        if total > self._reported_nonfinite:
+            log.warning("%d step(s) with a non-finite gradient skipped (on this or another DDP rank: every rank "
+                        "skips the update; %d so far, by step %d)", total - self._reported_nonfinite, total,
+                        self.global_step)
+            self._reported_nonfinite = total
+        if longest >= MAX_CONSECUTIVE_NONFINITE:
+            raise NonFiniteLossError(
+                f"the loss was NaN/inf for {longest} consecutive steps: training diverged. "
+                "Lower train.lr / train.base_lr, raise train.warmup_epochs, or set train.amp=none.")
 
     @property
     def module(self) -> nn.Module:
@@ -142,32 +170,37 @@ class TrainingEngine:
         return len(images), self.criterion(outputs, targets)
 
     def step(self, batch: dict[str, Any]) -> StepResult:
-        """One optimisation step. A non-finite loss skips the update (the schedule still advances)
-        and is counted; ``MAX_CONSECUTIVE_NONFINITE`` in a row raise :class:`NonFiniteLossError`.
-        Under DDP every process skips when any one's loss is non-finite, so that all of them take
-        part in the same gradient all-reduces."""
+        """One optimisation step that never waits for the device. A non-finite gradient skips the
+        update, decided on the device (the fused optimizer's ``found_inf``, as ``GradScaler`` passes
+        it) and counted there (:meth:`check_finite` reads the counts); the schedule still advances.
+        So does a non-finite loss on any DDP process (its flag is all-reduced on the device, where
+        NCCL does not stop the host), so that all processes skip together."""
         count, terms = self.forward_loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        finite = _finite_everywhere(terms["total"])
-        if finite:
-            self.consecutive_nonfinite = 0
-            self.scaler.scale(terms["total"]).backward()
-            if self.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.scale(terms["total"]).backward()
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if self.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
+        finite = torch.isfinite(norm) & _finite_everywhere(terms["total"])
+        if self.scaler.is_enabled():  # fp16: GradScaler hands its own found-inf to the fused optimizer
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            if self.ema is not None:
-                self.ema.update(self.module)
         else:
-            self.nonfinite_steps += 1
-            self.consecutive_nonfinite += 1
-            log.warning("non-finite loss at step %d (on this or another DDP rank; every rank skips the update; "
-                        "%d so far)", self.global_step, self.nonfinite_steps)
-            if self.consecutive_nonfinite >= MAX_CONSECUTIVE_NONFINITE:
-                raise NonFiniteLossError(
-                    f"the loss was NaN/inf for {self.consecutive_nonfinite} consecutive steps: training diverged. "
-                    "Lower train.lr / train.base_lr, raise train.warmup_epochs, or set train.amp=none.")
+            self.optimizer.found_inf = (~finite).to(torch.float32)  # the fused optimizers skip on the device
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        if self.ema is not None:  # on a skipped step the weights did not move: the average stays put
+            self.ema.update(self.module)
+        bad = (~finite).to(torch.int64)
+        self._nonfinite += bad
+        self._consecutive = (self._consecutive + 1) * bad
+        self._longest_run = torch.maximum(self._longest_run, self._consecutive)
         self.scheduler.step()
         self.global_step += 1
         return StepResult(count, {k: v.detach() for k, v in terms.items()}, finite)
@@ -177,11 +210,14 @@ class TrainingEngine:
                     on_progress: Callable[[Progress], None] | None = None,
                     on_step: Callable[[int], None] | None = None) -> EpochResult:
         """Train on every batch of ``batches``; ``on_progress`` is called every ``log_every``
-        updates and at update ``steps_per_epoch`` (the epoch's last); ``on_step`` after every step
-        with the number of steps taken in this epoch (skipped ones included)."""
+        steps and at step ``steps_per_epoch`` (the epoch's last), where the non-finite rule is also
+        checked; ``on_step`` after every step with the number of steps taken in this epoch. Loss
+        terms are summed on the device (over the steps whose loss and gradient were finite) and
+        read only there and at the end."""
         self.model.train()
-        sums = dict.fromkeys(LOSS_TERMS, 0.0)
-        steps = images = 0
+        sums = torch.zeros(len(LOSS_TERMS), device=self.device)
+        finite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
+        images = 0
         data_wait = 0.0
         start = tick = time.perf_counter()
         for taken, batch in enumerate(batches, 1):
@@ -190,17 +226,19 @@ class TrainingEngine:
             tick = time.perf_counter()
             if on_step is not None:
                 on_step(taken)
-            if not result.finite:
-                continue
-            steps += 1
+            values = torch.stack([result.terms[key].float() for key in LOSS_TERMS])
+            counted = result.finite & torch.isfinite(values).all()
+            sums += torch.where(counted, values, torch.zeros_like(values))
+            finite_steps += counted.to(torch.int64)
             images += result.images
-            for key in LOSS_TERMS:
-                sums[key] += float(result.terms[key])
-            if on_progress is not None and (steps % log_every == 0 or steps == steps_per_epoch):
-                on_progress(Progress(epoch, steps, images, tick - start, data_wait, self.global_step, result.terms,
+            if on_progress is not None and (taken % log_every == 0 or taken == steps_per_epoch):
+                self.check_finite()
+                on_progress(Progress(epoch, taken, images, tick - start, data_wait, self.global_step, result.terms,
                                      self.scheduler.get_last_lr()[0]))
-        return EpochResult(steps, images, time.perf_counter() - start, data_wait,
-                           {key: value / max(steps, 1) for key, value in sums.items()})
+        self.check_finite()
+        steps = int(finite_steps)
+        means = (sums / max(steps, 1)).tolist()
+        return EpochResult(steps, images, time.perf_counter() - start, data_wait, dict(zip(LOSS_TERMS, means)))
 
     def detector(self) -> Detector:
         """A :class:`Detector` over the current weights, as ``config.train`` evaluates (flip test, amp)."""
@@ -214,9 +252,10 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _finite_everywhere(loss: torch.Tensor) -> bool:
-    """Whether ``loss`` is finite on this process and, under DDP, on every other one."""
+def _finite_everywhere(loss: torch.Tensor) -> torch.Tensor:
+    """bool tensor on ``loss``'s device: whether ``loss`` is finite here and, under DDP, on every
+    other process (an all-reduce of the flag: no read back to the host)."""
     finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
     if distributed():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+    return finite[0].bool()
