@@ -104,3 +104,48 @@ def test_encode_targets_rejects_out_of_range_classes():
 def test_encode_targets_with_no_objects_is_all_zero():
     out = encode_targets(np.zeros((0, 4)), np.zeros(0), 2, (8, 8), max_objects=5)
     assert out["heatmap"].sum() == 0 and out["mask"].sum() == 0 and out["num_objects"] == 0
+
+
+def _random_sparse_batch(seed: int, batch: int, slots: int, num_classes: int, size: tuple[int, int]):
+    """Boxes of every kind encode_targets meets: tiny to whole-map, across the borders, overlapping
+    (same class), degenerate and NaN ones between good ones, and padding slots full of garbage."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    boxes = np.zeros((batch, slots, 4), dtype=np.float32)
+    for b in range(batch):
+        for m in range(slots):
+            kind = rng.integers(0, 6)
+            if kind == 0:  # the whole map and beyond
+                boxes[b, m] = [-5, -3, width + 4, height + 7]
+            elif kind == 1:  # degenerate (zero width after clipping) or not finite
+                boxes[b, m] = [width + 1, 2, width + 9, 6] if rng.random() < 0.5 else [np.nan, 1, 4, 4]
+            else:
+                w, h = np.exp(rng.uniform(np.log(0.3), np.log(width), size=2))
+                x, y = rng.uniform(-w / 2, width - w / 2), rng.uniform(-h / 2, height - h / 2)
+                boxes[b, m] = [x, y, x + w, y + h]
+    classes = rng.integers(0, num_classes, (batch, slots)).astype(np.int32)
+    num_boxes = rng.integers(0, slots + 1, batch).astype(np.int32)
+    num_boxes[0] = slots
+    return boxes, classes, num_boxes
+
+
+@pytest.mark.parametrize("formula, min_overlap", [("cornernet", 0.7), ("exact", 0.7), ("cornernet", 0.3),
+                                                  ("exact", 0.3)])
+def test_render_targets_is_bit_for_bit_encode_targets_per_image(formula, min_overlap):
+    """The vectorised renderer (all images and objects at once, no host reads: the accelerator path,
+    run here on the CPU) against the per-image reference, exactly (rtol = atol = 0): every output,
+    padding slots and odd boxes included."""
+    import torch
+
+    from centernet_ray.targets import render_targets
+
+    for seed, size in ((0, (32, 32)), (1, (24, 40)), (2, (128, 128))):
+        boxes, classes, num_boxes = _random_sparse_batch(seed, batch=6, slots=12, num_classes=3, size=size)
+        rendered = render_targets(torch.from_numpy(boxes), torch.from_numpy(classes), torch.from_numpy(num_boxes),
+                                  3, size, max_objects=10, min_overlap=min_overlap, formula=formula,
+                                  method="vectorised")
+        for b in range(len(boxes)):
+            reference = encode_targets(boxes[b, :num_boxes[b]], classes[b, :num_boxes[b]], 3, size, 10,
+                                       min_overlap, formula)
+            for key in ("heatmap", "index", "mask", "size", "offset"):
+                np.testing.assert_array_equal(rendered[key][b].numpy(), reference[key], err_msg=f"{seed} {b} {key}")
