@@ -111,3 +111,29 @@ def test_the_step_reads_nothing_back_from_the_device(monkeypatch):
     assert reads  # the check does read, once per interval
     monkeypatch.undo()
     assert [bool(r.finite) for r in results] == [True, True, False, True, True] and engine.nonfinite_steps == 1
+
+
+def test_a_sparse_batch_trains_exactly_as_its_rendered_targets():
+    """On an accelerator the collate leaves the boxes sparse and the engine renders the targets on
+    its device: the same loss and the same update as the collate's dense targets (here on the CPU)."""
+    from centernet_ray.targets import TargetCollate
+
+    config = load_config(None, OVERRIDES)
+    generator = torch.Generator().manual_seed(0)
+    rows = {"image": torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8, generator=generator).numpy(),
+            "boxes": torch.tensor([[[2.0, 3.0, 9.0, 12.0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
+                                   [[1.0, 1.0, 15.5, 6.0], [4.0, 4.0, 14.0, 14.0], [0, 0, 0, 0], [0, 0, 0, 0]]]).numpy(),
+            "classes": torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0]], dtype=torch.int32).numpy(),
+            "num_boxes": torch.tensor([1, 2], dtype=torch.int32).numpy(), "image_id": torch.tensor([1, 2]).numpy(),
+            "input_to_original": torch.zeros(2, 2, 3).numpy(), "original_size": torch.ones(2, 2).numpy()}
+    dense, sparse = TargetCollate(config, 2)(rows), TargetCollate(config, 2, render=False)(rows)
+    assert "targets" not in sparse and sparse["boxes"].shape == (2, 4, 4)
+    results, weights = [], []
+    for batch in (dense, sparse):
+        torch.manual_seed(0)
+        engine = TrainingEngine(config, num_classes=2, steps_per_epoch=10)
+        results.append(engine.step(batch))
+        weights.append(torch.cat([p.detach().reshape(-1) for p in engine.model.parameters()]))
+    for key in results[0].terms:
+        torch.testing.assert_close(results[0].terms[key], results[1].terms[key], rtol=0, atol=0)
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)

@@ -195,11 +195,15 @@ class CenterNetDataConfig(TrainDataConfig):
 
 def shard_batches(name: str, config: Config, num_classes: int, batch_size: int):
     """Inside a Ray Train worker: this worker's split of dataset ``name`` as collated torch batches
-    (see :class:`TargetCollate`), prefetched ``data.prefetch_batches`` ahead."""
+    (see :class:`TargetCollate`: sparse for training on a GPU), prefetched ``data.prefetch_batches``
+    ahead, in pinned memory on a GPU node."""
     import ray.train
 
     from centernet_ray.targets import TargetCollate
 
     shard = ray.train.get_dataset_shard(name)
-    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=TargetCollate(config, num_classes),
-                                    prefetch_batches=config.data.prefetch_batches, device="cpu")
+    # On a GPU the train batches stay sparse and pinned: the engine renders the targets on the device
+    on_device = config.train.use_gpu and name == "train"
+    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=TargetCollate(config, num_classes, not on_device),
+                                    prefetch_batches=config.data.prefetch_batches, device="cpu",
+                                    pin_memory=config.train.use_gpu)

@@ -7,7 +7,9 @@ trainer. It imports no Ray (torch; ``torch.distributed`` when a process group is
 and is tested on any machine. The evaluation pass is ``centernet_ray.evaluation.evaluate``.
 
 A batch is what the pipeline's collate yields: ``image`` uint8 [B, 3, H_in, W_in] and ``targets``
-(``heatmap`` [B, C, H, W], ``index`` [B, M], ``mask`` [B, M], ``size`` and ``offset`` [B, M, 2]).
+(``heatmap`` [B, C, H, W], ``index`` [B, M], ``mask`` [B, M], ``size`` and ``offset`` [B, M, 2]), or,
+for training on an accelerator, the sparse ``boxes`` [B, M, 4], ``classes`` [B, M] and
+``num_boxes`` [B] from which the engine renders those targets on its device.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from centernet_ray.detector import Detector
 from centernet_ray.losses import CenterNetLoss
 from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, build_model
 from centernet_ray.precision import autocast_dtype
+from centernet_ray.targets import OUTPUT_STRIDE, render_targets
 from centernet_ray.training.ema import WeightAverage
 from centernet_ray.training.schedule import build_optimizer, build_scheduler, fitted_schedule
 
@@ -83,6 +86,7 @@ class TrainingEngine:
     def __init__(self, config: Config, num_classes: int, steps_per_epoch: int,
                  device: str | torch.device = "cpu") -> None:
         self.config = config
+        self.num_classes = num_classes
         self.device = torch.device(device)
         self.model: nn.Module = build_model(config.model, num_classes).to(self.device,
                                                                           memory_format=torch.channels_last)
@@ -164,7 +168,15 @@ class TrainingEngine:
         """Normalise the batch's images on the device, run the model under autocast, compute the loss."""
         images = normalize_images(batch["image"].to(self.device, non_blocking=True), IMAGE_MEAN, IMAGE_STD)
         images = images.contiguous(memory_format=torch.channels_last)
-        targets = {k: v.to(self.device, non_blocking=True) for k, v in batch["targets"].items()}
+        if "targets" in batch:  # rendered by the collate (CPU training)
+            targets = {k: v.to(self.device, non_blocking=True) for k, v in batch["targets"].items()}
+        else:  # sparse boxes: rendered here, on the device (vectorised on an accelerator)
+            height, width = self.config.data.input_size
+            settings = self.config.targets
+            targets = render_targets(*(batch[k].to(self.device, non_blocking=True)
+                                       for k in ("boxes", "classes", "num_boxes")),
+                                     self.num_classes, (height // OUTPUT_STRIDE, width // OUTPUT_STRIDE),
+                                     settings.max_objects, settings.min_overlap, settings.formula, device=self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             outputs = self.model(images)
         return len(images), self.criterion(outputs, targets)
