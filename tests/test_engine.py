@@ -137,3 +137,13 @@ def test_a_sparse_batch_trains_exactly_as_its_rendered_targets():
     for key in results[0].terms:
         torch.testing.assert_close(results[0].terms[key], results[1].terms[key], rtol=0, atol=0)
     torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+def test_train_compile_puts_the_training_forward_through_torch_compile_only():
+    """train.compile: the training forward goes through torch.compile (compiled lazily, at the first
+    step: ~2.5 min on a CPU, so no step is run here; BENCHMARKS.md has the measured run); the module
+    that is evaluated, checkpointed and exported stays the plain one."""
+    engine = TrainingEngine(load_config(None, [*OVERRIDES, "train.compile=true"]), num_classes=2, steps_per_epoch=10)
+    assert type(engine.compiled).__name__ == "OptimizedModule" and engine.compiled._orig_mod is engine.model
+    assert type(engine.evaluated_module).__name__ == "CenterNet"
+    assert TrainingEngine(load_config(None, OVERRIDES), num_classes=2, steps_per_epoch=10).compiled is None

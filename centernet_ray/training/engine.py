@@ -99,6 +99,7 @@ class TrainingEngine:
         self.grad_clip = config.train.grad_clip
         train = config.train
         self.ema = WeightAverage(self.model, train.ema_decay, train.ema_tau) if train.ema else None
+        self.compiled = self._compile(self.model)
         self.global_step = 0
         # Non-finite steps, counted on the device so that no step waits for it; read at log intervals
         zero = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -145,6 +146,12 @@ class TrainingEngine:
         """Wrap the model, e.g. in DDP (``ray.train.torch.prepare_model``); the optimizer keeps
         the same parameters."""
         self.model = wrapper(self.model)
+        self.compiled = self._compile(self.model)
+
+    def _compile(self, model: nn.Module) -> Callable | None:
+        """``train.compile``: the training forward through ``torch.compile`` (the same parameters;
+        evaluation and export use the plain module)."""
+        return torch.compile(model) if self.config.train.compile else None
 
     def fit_schedule(self, epochs: int) -> None:
         """Make the LR schedule end after ``epochs`` epochs (``schedule.fitted_schedule``) from the
@@ -178,7 +185,7 @@ class TrainingEngine:
                                      self.num_classes, (height // OUTPUT_STRIDE, width // OUTPUT_STRIDE),
                                      settings.max_objects, settings.min_overlap, settings.formula, device=self.device)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            outputs = self.model(images)
+            outputs = (self.model if self.compiled is None else self.compiled)(images)
         return len(images), self.criterion(outputs, targets)
 
     def step(self, batch: dict[str, Any]) -> StepResult:
