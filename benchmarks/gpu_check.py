@@ -1,6 +1,6 @@
 """One call that proves (or measures) the accelerator path on a machine with an NVIDIA GPU.
 
-    python -m benchmarks.gpu_check OUT_DIR [--dry-run] [--train-seconds 120] [--models resnet18,...]
+    python -m benchmarks.gpu_check OUT_DIR [--dry-run] [--train-seconds 180] [--models resnet18,...]
     benchmarks/gpu_check.sh OUT_DIR          # the same, after unpacking an offline bundle if present
 
 Within ~8 minutes on one GPU it:
