@@ -141,7 +141,7 @@ def test_a_sparse_batch_trains_exactly_as_its_rendered_targets():
 
 def test_train_compile_puts_the_training_forward_through_torch_compile_only():
     """train.compile: the training forward goes through torch.compile (compiled lazily, at the first
-    step: ~2.5 min on a CPU, so no step is run here; BENCHMARKS.md has the measured run); the module
+    step: up to ~2.5 min on a CPU, so no step is run here; BENCHMARKS.md has the measured run); the module
     that is evaluated, checkpointed and exported stays the plain one."""
     engine = TrainingEngine(load_config(None, [*OVERRIDES, "train.compile=true"]), num_classes=2, steps_per_epoch=10)
     assert type(engine.compiled).__name__ == "OptimizedModule" and engine.compiled._orig_mod is engine.model

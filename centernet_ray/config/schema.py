@@ -156,8 +156,8 @@ class TrainConfig:
     ema_decay: float = _ranged(0.9998, gt=0.0, lt=1.0)
     ema_tau: float = _ranged(2000.0, gt=0.0)  # updates
     amp: Literal["bf16", "fp16", "none"] = "bf16"
-    # torch.compile the model for training (inductor; the first steps compile, ~1 min on a CPU). Off by
-    # default: measured on the demo it does not pay on these CPUs (BENCHMARKS.md).
+    # torch.compile the model for training (inductor; the first steps compile: up to ~2.5 min on a CPU with
+    # a cold cache). Off by default: on the demo it runs at 1.00x of eager on these CPUs (BENCHMARKS.md).
     compile: bool = False
     eval_every: int = _ranged(10, ge=1)
     eval_flip_test: bool = False  # evaluation averages each image's outputs with its mirror's
