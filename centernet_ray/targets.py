@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -38,24 +39,26 @@ def gaussian_radius(height: float, width: float, min_overlap: float = 0.7,
     """
     if not 0.0 < min_overlap < 1.0:
         raise ValueError(f"min_overlap must be in (0, 1); got {min_overlap}")
-    h, w, o = float(math.ceil(height)), float(math.ceil(width)), float(min_overlap)
+    return min(_radius_roots(float(math.ceil(height)), float(math.ceil(width)), float(min_overlap), formula, math.sqrt))
 
+
+def _radius_roots(h: Any, w: Any, o: float, formula: str, sqrt: Callable[[Any], Any]) -> tuple[Any, Any, Any]:
+    """The three radii of :func:`gaussian_radius` for whole-pixel sides ``h``, ``w`` (Python floats,
+    or float64 tensors with ``sqrt=torch.sqrt``: the same IEEE operations, so the same bits)."""
     # Case 1: both corners shift outwards/inwards so that the box grows.
     a1, b1, c1 = 1.0, h + w, w * h * (1 - o) / (1 + o)
     # Case 2: the predicted box lies inside the true box.
     a2, b2, c2 = 4.0, 2 * (h + w), (1 - o) * w * h
     # Case 3: the predicted box encloses the true box.
     a3, b3, c3 = 4 * o, -2 * o * (h + w), (o - 1) * w * h
-    sq1 = math.sqrt(b1 * b1 - 4 * a1 * c1)
-    sq2 = math.sqrt(b2 * b2 - 4 * a2 * c2)
-    sq3 = math.sqrt(b3 * b3 - 4 * a3 * c3)
+    sq1 = sqrt(b1 * b1 - 4 * a1 * c1)
+    sq2 = sqrt(b2 * b2 - 4 * a2 * c2)
+    sq3 = sqrt(b3 * b3 - 4 * a3 * c3)
     if formula == "cornernet":
-        r1, r2, r3 = (b1 + sq1) / 2, (b2 + sq2) / 2, (b3 + sq3) / 2
-    elif formula == "exact":
-        r1, r2, r3 = (b1 - sq1) / (2 * a1), (b2 - sq2) / (2 * a2), (b3 + sq3) / (2 * a3)
-    else:
-        raise ValueError(f"formula must be 'cornernet' or 'exact'; got {formula!r}")
-    return min(r1, r2, r3)
+        return (b1 + sq1) / 2, (b2 + sq2) / 2, (b3 + sq3) / 2
+    if formula == "exact":
+        return (b1 - sq1) / (2 * a1), (b2 - sq2) / (2 * a2), (b3 + sq3) / (2 * a3)
+    raise ValueError(f"formula must be 'cornernet' or 'exact'; got {formula!r}")
 
 
 @functools.lru_cache(maxsize=512)
@@ -240,21 +243,9 @@ def _render_vectorised(boxes: torch.Tensor, classes: Any, num_boxes: Any, num_cl
 
 
 def _radius(height: torch.Tensor, width: torch.Tensor, min_overlap: float, formula: str) -> torch.Tensor:
-    """:func:`gaussian_radius` on float64 tensors, the same operations in the same order, truncated
-    and floored at 0 as ``encode_targets`` does: int64 radii."""
-    if formula not in ("cornernet", "exact"):
-        raise ValueError(f"formula must be 'cornernet' or 'exact'; got {formula!r}")
-    h, w, o = height.ceil(), width.ceil(), float(min_overlap)
-    a1, b1, c1 = 1.0, h + w, w * h * (1 - o) / (1 + o)
-    a2, b2, c2 = 4.0, 2 * (h + w), (1 - o) * w * h
-    a3, b3, c3 = 4 * o, -2 * o * (h + w), (o - 1) * w * h
-    sq1 = torch.sqrt(b1 * b1 - 4 * a1 * c1)
-    sq2 = torch.sqrt(b2 * b2 - 4 * a2 * c2)
-    sq3 = torch.sqrt(b3 * b3 - 4 * a3 * c3)
-    if formula == "cornernet":
-        r1, r2, r3 = (b1 + sq1) / 2, (b2 + sq2) / 2, (b3 + sq3) / 2
-    else:
-        r1, r2, r3 = (b1 - sq1) / (2 * a1), (b2 - sq2) / (2 * a2), (b3 + sq3) / (2 * a3)
+    """:func:`gaussian_radius` on float64 tensors, truncated and floored at 0 as ``encode_targets``
+    does: int64 radii."""
+    r1, r2, r3 = _radius_roots(height.ceil(), width.ceil(), float(min_overlap), formula, torch.sqrt)
     return torch.minimum(torch.minimum(r1, r2), r3).trunc().long().clamp(min=0)
 
 
