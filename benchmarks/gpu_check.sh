@@ -2,7 +2,7 @@
 # The GPU check in one call, for a machine with an NVIDIA GPU, Python 3.12 and torch but no package
 # index: the project's other dependencies come as the offline bundle built by
 # ../shared/tools/offline_bundle.sh .bundle (unpacked here when present).
-#   benchmarks/gpu_check.sh OUT_DIR [gpu_check options]
+#   benchmarks/gpu_check.sh OUT_DIR [gpu_check options]      (PYTHON=... picks the interpreter; default python3)
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [--dry-run] [--train-seconds S] [--models a,b]}
 shift
@@ -12,4 +12,4 @@ if [ -f .bundle/site.tar.xz ]; then
   export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 mkdir -p "$out"
-timeout 480 python3 -m benchmarks.gpu_check "$out" "$@"
+timeout 480 "${PYTHON:-python3}" -m benchmarks.gpu_check "$out" "$@"
