@@ -76,6 +76,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration  # spawns two processes and a gloo process group: ~8 s, kept out of the unit subset
 @pytest.mark.timeout(120)  # without the agreement the ranks' collectives mismatch: a hang or a failure
 def test_under_ddp_every_rank_skips_a_step_that_is_non_finite_on_one(free_ports, tmp_path):
     # Results come back through files: a multiprocessing Manager would fork this process, and a fork
