@@ -2,10 +2,10 @@
 (``loading.py``), and finding config files by path or shipped name (``files.py``)."""
 
 from centernet_ray.config.loading import config_from_dict, load_config, parse_override, read_yaml, with_overrides
-from centernet_ray.config.schema import (ClusterConfig, Config, ConfigError, DataConfig, LossConfig, ModelConfig,
-                                         ServeConfig, TargetConfig, TrackingConfig, TrainConfig, TuneConfig,
+from centernet_ray.config.schema import (LETTERBOX_PRESETS, ClusterConfig, Config, ConfigError, DataConfig,
+                                         LossConfig, ModelConfig, ServeConfig, TargetConfig, TrackingConfig, TrainConfig, TuneConfig,
                                          resolve_learning_rate)
 
-__all__ = ["ClusterConfig", "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "ServeConfig",
+__all__ = ["LETTERBOX_PRESETS", "ClusterConfig", "Config", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "ServeConfig",
            "TargetConfig", "TrackingConfig", "TrainConfig", "TuneConfig", "config_from_dict", "load_config",
            "parse_override", "read_yaml", "resolve_learning_rate", "with_overrides"]

@@ -73,6 +73,11 @@ class TargetConfig:
     max_objects: int = _ranged(128, ge=1)
 
 
+# Augmentation presets whose crop is the fixed letterbox: the resize is the same every epoch, so
+# data.cache keeps it done (the others draw their crop at random)
+LETTERBOX_PRESETS = ("flip", "none")
+
+
 @dataclass
 class DataConfig:
     # Dataset root in the standard layout (images/{split}/, annotations/instances_{split}.json).

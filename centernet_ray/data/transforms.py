@@ -31,7 +31,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from centernet_ray.config import DataConfig
+from centernet_ray.config import LETTERBOX_PRESETS, DataConfig
 from centernet_ray.errors import UserInputError
 
 AugmentPreset = Literal["centernet", "centernet_official", "flip", "none"]
@@ -163,7 +163,7 @@ class TrainTransform:
         ``none`` (the cropping presets draw their region at random, so nothing is done for them)."""
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.as_tensor(labels, dtype=torch.int64)
-        if self.preset not in ("flip", "none"):
+        if self.preset not in LETTERBOX_PRESETS:
             return Prepared(image, boxes, labels, None)
         height, width = image.shape[-2:]
         region = letterbox_region(width, height, self.input_size)
@@ -179,11 +179,14 @@ class TrainTransform:
             return self._crop_and_augment(prepared.image, prepared.boxes, prepared.labels, seed)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         flipped = torch.rand((), generator=generator).item() < self.flip_prob
-        img, bbs = _wrap(prepared.image, prepared.boxes)
-        if flipped:
-            img, bbs = F.horizontal_flip(img), F.horizontal_flip(bbs)
-        kept_boxes, kept_labels = _keep_nonempty(bbs, prepared.labels)
-        return Preprocessed(img.as_subclass(torch.Tensor), kept_boxes, kept_labels,
+        image, boxes = prepared.image, prepared.boxes
+        if flipped:  # plain tensor ops, ~3x faster per row than the tv_tensors dispatch; the same values
+            # as F.horizontal_flip: torchvision computes x' = -(x - W), which is W - x exactly
+            width = self.input_size[1]
+            image = image.flip(-1)
+            boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+        kept_boxes, kept_labels = _keep_nonempty(boxes, prepared.labels)
+        return Preprocessed(image, kept_boxes, kept_labels,
                             region_to_original(*prepared.region, self.input_size, flipped=flipped))
 
     def _crop_and_augment(self, image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,

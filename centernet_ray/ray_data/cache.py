@@ -21,11 +21,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
 from centernet_ray import storage
-from centernet_ray.config import Config
+from centernet_ray.config import LETTERBOX_PRESETS, Config
 from centernet_ray.errors import UserInputError
 from centernet_ray.ray_data.ingest import read_manifest
 from centernet_ray.ray_data.pipeline import preprocess_stage, read_rows
@@ -44,17 +46,17 @@ def estimate_bytes(parquet_dir: str, config: Config, train: bool) -> int:
     if manifest is None:
         raise FileNotFoundError(f"no ingested dataset at {parquet_dir}")
     height, width = config.data.input_size
-    letterboxed = not train or config.data.augment in ("flip", "none")
+    letterboxed = not train or config.data.augment in LETTERBOX_PRESETS
     pixels = boxes = 0
     for name in manifest["shards"]:
         fs, path = storage.resolve(storage.join(parquet_dir, name))
         table = pq.read_table(path, columns=["width", "height", "labels"], filesystem=fs)
-        rows = table.num_rows
         if letterboxed:
-            pixels += rows * height * width
+            pixels += table.num_rows * height * width
         else:
-            pixels += sum(w * h for w, h in zip(table.column("width").to_pylist(), table.column("height").to_pylist()))
-        boxes += sum(len(labels) for labels in table.column("labels").to_pylist())
+            sides = [table.column(side).cast(pa.int64()) for side in ("width", "height")]
+            pixels += pc.sum(pc.multiply(*sides)).as_py() or 0
+        boxes += pc.sum(pc.list_value_length(table.column("labels"))).as_py() or 0
     return 3 * pixels + BOX_BYTES * boxes
 
 

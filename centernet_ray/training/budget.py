@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from centernet_ray.training.engine import distributed
+
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3  # not timed: the first steps include the pipeline's and the allocator's start-up
@@ -146,7 +148,7 @@ def _agreed_flag(flag: bool) -> bool:
 
 
 def _from_rank0(values: list[float]) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed():
         return values
     # NCCL only moves GPU tensors; gloo, CPU ones
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

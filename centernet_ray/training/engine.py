@@ -199,11 +199,10 @@ class TrainingEngine:
         self.scaler.scale(terms["total"]).backward()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         else:
-            norm = torch.nn.utils.get_total_norm(grads)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         finite = torch.isfinite(norm) & _finite_everywhere(terms["total"])
         if self.scaler.is_enabled():  # fp16: GradScaler hands its own found-inf to the fused optimizer
             self.scaler.step(self.optimizer)
@@ -246,9 +245,8 @@ class TrainingEngine:
             if on_step is not None:
                 on_step(taken)
             values = torch.stack([result.terms[key].float() for key in LOSS_TERMS])
-            counted = result.finite & torch.isfinite(values).all()
-            sums += torch.where(counted, values, torch.zeros_like(values))
-            finite_steps += counted.to(torch.int64)
+            sums += torch.where(result.finite, values, torch.zeros_like(values))  # finite: the total, so every term
+            finite_steps += result.finite.to(torch.int64)
             images += result.images
             if on_progress is not None and (taken % log_every == 0 or taken == steps_per_epoch):
                 self.check_finite()
