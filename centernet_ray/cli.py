@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="settings over the checkpoint's config for this run, e.g. cluster.node_pools=false "
                               "or data.preprocess_compute=tasks")
 
+    export = commands.add_parser("export", help="the detector, decoding included, as one ONNX graph, checked against PyTorch")
+    export.add_argument("--checkpoint", required=True,
+                        help="checkpoint file/directory/URI, or an MLflow model URI (models:/name@alias, runs:/ID/model)")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
+    export.add_argument("--output", required=True, help="output directory (model.onnx, export.json)")
+    export.add_argument("--max-detections", type=int, default=100, help="top-K detections per image in the graph")
+    export.add_argument("--no-check", action="store_true", help="skip the parity and AP check on the validation set")
+    export.add_argument("--max-images", type=int, help="check on the first N validation images only")
+    export.add_argument("--images", help="validation images directory (default: the checkpoint's config)")
+    export.add_argument("--annotations", help="validation instances json (default: the checkpoint's config)")
+    export.add_argument("--tracking-uri", help="MLflow store to log to (default: the one the checkpoint was trained with)")
+    export.add_argument("--no-mlflow", action="store_true", help="do not log the export to MLflow")
+
     evaluate = commands.add_parser("eval", help="score COCO-format detections with COCOeval")
     evaluate.add_argument("--annotations", required=True, help="ground-truth instances json")
     evaluate.add_argument("--detections", required=True, help="COCO results json (list of detections)")
@@ -245,6 +258,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from centernet_ray.export.job import format_export, run_export
+
+    if args.max_detections < 1:
+        raise SystemExit("--max-detections must be at least 1")
+    result = run_export(args.checkpoint, args.output, k=args.max_detections, check=not args.no_check,
+                        max_images=args.max_images, images=args.images, annotations=args.annotations,
+                        tracking_uri=args.tracking_uri, log_to_mlflow=not args.no_mlflow)
+    print(format_export(result))
+    return 0 if result.check is None or result.check.passed else 1
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from centernet_ray.evaluation import coco_evaluate, format_stats
 
@@ -286,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     from centernet_ray.errors import UserInputError
 
     handlers = {"config": _cmd_config, "data": _cmd_data, "eval": _cmd_eval, "predict": _cmd_predict,
-                "serve": _cmd_serve, "train": _cmd_train, "tune": _cmd_tune}
+                "export": _cmd_export, "serve": _cmd_serve, "train": _cmd_train, "tune": _cmd_tune}
     try:
         return handlers[args.command](args)
     except (UserInputError, FileNotFoundError) as exc:

@@ -37,7 +37,6 @@ class Detector:
         self.input_size = tuple(input_size)
         self.flip_test = flip_test
         self.amp_dtype = autocast_dtype(amp, self.device)
-        self.letterbox = ValTransform(self.input_size)
 
     @classmethod
     def from_checkpoint(cls, path: str, device: str | torch.device = "cpu", flip_test: bool = False) -> tuple["Detector", LoadedModel]:
@@ -70,17 +69,38 @@ class Detector:
         boxes, scores, classes = decode(out["heatmap"], out["size"], out["offset"], k)  # [B,K,4], [B,K], [B,K]
         boxes = boxes_to_original(boxes, input_to_original.to(boxes.device), OUTPUT_STRIDE,
                                   original_size.to(boxes.device))
-        boxes, scores, classes = boxes.cpu().numpy(), scores.cpu().numpy(), classes.cpu().numpy()
-        results = []
-        for b in range(len(scores)):
-            keep = scores[b] > score_threshold
-            results.append(Detections(boxes[b][keep], scores[b][keep], classes[b][keep]))
-        return results
+        return split_detections(boxes.cpu().numpy(), scores.cpu().numpy(), classes.cpu().numpy(), score_threshold)
 
     def detect_images(self, images: list[torch.Tensor], k: int = 100, score_threshold: float = 0.0) -> list[Detections]:
         """Letterbox raw uint8 [3, H, W] images of any sizes and detect on them as one batch."""
-        prepared = [self.letterbox(image, np.zeros((0, 4)), np.zeros(0)) for image in images]
-        batch = torch.stack([p.image for p in prepared])
-        matrices = torch.stack([p.input_to_original for p in prepared])
-        sizes = torch.tensor([[image.shape[2], image.shape[1]] for image in images])
-        return self.detect(batch, matrices, sizes, k, score_threshold)
+        return self.detect(*letterbox_batch(images, self.input_size), k, score_threshold)
+
+
+@dataclass
+class LetterboxedBatch:
+    """Network inputs of a batch and what maps detections back to each original image."""
+
+    images: torch.Tensor  # uint8 [B, 3, H_in, W_in]
+    input_to_original: torch.Tensor  # [B, 2, 3]
+    original_size: torch.Tensor  # [B, 2] (width, height)
+
+    def __iter__(self):  # unpacks as (images, input_to_original, original_size)
+        return iter((self.images, self.input_to_original, self.original_size))
+
+
+def letterbox_batch(images: list[torch.Tensor], input_size: tuple[int, int]) -> LetterboxedBatch:
+    """uint8 [3, H, W] images of any sizes -> the letterboxed batch every detector runs on."""
+    letterbox = ValTransform(tuple(input_size))
+    prepared = [letterbox(image, np.zeros((0, 4)), np.zeros(0)) for image in images]
+    return LetterboxedBatch(torch.stack([p.image for p in prepared]), torch.stack([p.input_to_original for p in prepared]),
+                            torch.tensor([[image.shape[2], image.shape[1]] for image in images]))
+
+
+def split_detections(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                     score_threshold: float = 0.0) -> list[Detections]:
+    """Per-image :class:`Detections` from batched arrays ([B, K, 4], [B, K], [B, K]) above the threshold."""
+    results = []
+    for b in range(len(scores)):
+        keep = scores[b] > score_threshold
+        results.append(Detections(boxes[b][keep], scores[b][keep], classes[b][keep]))
+    return results
