@@ -133,28 +133,34 @@ def read_checkpoint(source: str, tracking_uri: str | None = None) -> dict:
         return load_checkpoint(fetch_checkpoint(source, tmp, tracking_uri)[0])
 
 
+def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, str]:
+    """The training run behind an MLflow model URI and a version label (``name/3``, or the URI for
+    ``runs:/``), read from the registry without downloading anything."""
+    from mlflow import MlflowClient
+
+    if uri.startswith("runs:/"):
+        return uri[len("runs:/"):].split("/")[0], uri
+    client = MlflowClient(tracking_uri)
+    name, _, ref = uri[len("models:/"):].partition("@")
+    if ref:
+        model_version = client.get_model_version_by_alias(name, ref)
+    else:
+        name, _, number = name.partition("/")
+        if not number:
+            raise UserInputError(f"{uri}: name a version or an alias, e.g. models:/{name}@champion or models:/{name}/1")
+        model_version = client.get_model_version(name, number)
+    if not model_version.run_id:
+        raise UserInputError(f"{uri} has no source run to take the checkpoint from")
+    return model_version.run_id, f"{model_version.name}/{model_version.version}"
+
+
 def fetch_checkpoint(uri: str, directory: str, tracking_uri: str | None = None) -> tuple[str, str, str]:
     """Download the checkpoint behind an MLflow model URI into ``directory``.
 
     Returns (local checkpoint path, the source run id, a version label: ``name/3`` or the URI)."""
     import mlflow
-    from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    if uri.startswith("runs:/"):
-        run_id, version = uri[len("runs:/"):].split("/")[0], uri
-    else:
-        name, _, ref = uri[len("models:/"):].partition("@")
-        if ref:
-            model_version = client.get_model_version_by_alias(name, ref)
-        else:
-            name, _, number = name.partition("/")
-            if not number:
-                raise UserInputError(f"{uri}: name a version or an alias, e.g. models:/{name}@champion or models:/{name}/1")
-            model_version = client.get_model_version(name, number)
-        run_id, version = model_version.run_id, f"{model_version.name}/{model_version.version}"
-    if not run_id:
-        raise UserInputError(f"{uri} has no source run to take the checkpoint from")
+    run_id, version = resolve_model_uri(uri, tracking_uri)
     path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}",
                                                dst_path=directory, tracking_uri=tracking_uri)
     return path, run_id, version

@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-wait-timeout", type=float, help="seconds a batch waits to fill (default serve.batch_wait_timeout_s)")
     serve.add_argument("--num-gpus", type=float, help="GPUs per model replica (default serve.num_gpus)")
     serve.add_argument("--flip-test", action="store_true", help="average each image's outputs with its mirror's")
+    serve.add_argument("--api-keys-file", help="require 'Authorization: Bearer <key>' with a key from this file "
+                       "(one per line; default serve.api_keys_file, else $CENTERNET_RAY_API_KEYS, else open)")
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -231,11 +233,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     path, overrides = _split_config_and_overrides(args)
     flags = {"host": args.host, "port": args.port, "num_replicas": args.replicas, "max_batch_size": args.max_batch_size,
-             "batch_wait_timeout_s": args.batch_wait_timeout, "num_gpus": args.num_gpus}
+             "batch_wait_timeout_s": args.batch_wait_timeout, "num_gpus": args.num_gpus,
+             "api_keys_file": args.api_keys_file}
     overrides += [f"serve.{key}={value}" for key, value in flags.items() if value is not None]
     config = load_config(path, overrides)
     init_ray()
-    serve_forever(config, args.checkpoint, flip_test=args.flip_test)
+    received = serve_forever(config, args.checkpoint, flip_test=args.flip_test)
+    print(f"stopped on {received}: Serve shut down cleanly")
     return 0
 
 

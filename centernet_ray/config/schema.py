@@ -215,6 +215,13 @@ class ServeConfig:
     max_image_pixels: int = _ranged(40_000_000, ge=1)
     score_threshold: float = _ranged(0.3, ge=0.0, le=1.0)
     max_detections: int = _ranged(100, ge=1)
+    # 413 answers read and drop the rest of an oversized body up to this many bytes first, so that
+    # clients which send the whole body before reading (Python's urllib) see the 413, not a reset
+    max_drain_bytes: int = _ranged(256 * 1024 * 1024, ge=0)
+    api_keys_file: str = ""  # one key per line; empty = $CENTERNET_RAY_API_KEYS (comma-separated), else open
+    # a models:/NAME@ALIAS checkpoint is re-resolved this often (seconds); a moved alias swaps the
+    # replicas' weights in place, without a failed request. 0 = never
+    model_poll_s: float = _ranged(30.0, ge=0.0)
 
 
 @dataclass

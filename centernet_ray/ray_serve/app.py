@@ -1,15 +1,21 @@
 """The Serve application: a FastAPI ingress composed with a batched model deployment.
 
-``DetectionAPI`` (ingress, CPU) checks and decodes each request; ``DetectionModel`` gathers
-requests with ``@serve.batch`` and runs letterboxing, the network and ``decode`` (3x3 max-pool
-peaks + top-K, no NMS) for the whole batch on its device. ``build_app`` is the import path for
-``serve run`` / ``serve deploy`` (see cluster/serve.yaml) and for ``centernet-ray serve``.
+``DetectionAPI`` (ingress, CPU) checks the API key, reads, decodes and letterboxes each request, so
+that only input-size uint8 arrays travel to the model; ``DetectionModel`` gathers them with
+``@serve.batch`` and runs the network and ``decode`` (3x3 max-pool peaks + top-K, no NMS) for the
+whole batch on its device. The model's checkpoint is the deployment's ``user_config``: a new one
+(``serve deploy`` with another ``checkpoint``), or a moved ``models:/NAME@ALIAS`` alias found by
+polling, swaps the weights inside the running replicas; requests in flight finish on the old model.
+``build_app`` is the import path for ``serve run`` / ``serve deploy`` (see cluster/serve.yaml) and
+for ``centernet-ray serve``.
 """
 
 
 import asyncio
 import dataclasses
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,111 +27,213 @@ from ray.serve.handle import DeploymentHandle
 
 from centernet_ray.config import ServeConfig, config_from_dict
 from centernet_ray.errors import UserInputError
-from centernet_ray.ray_serve.requests import RequestError, decode_request_image, image_bytes, parse_params
+from centernet_ray.ray_serve.auth import ApiKeys
+from centernet_ray.ray_serve.metrics import IngressMetrics, ModelMetrics
+from centernet_ray.ray_serve.requests import (RequestError, decode_request_image, image_bytes,
+                                              letterbox_request_image, parse_params)
 
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="centernet-ray", description="CenterNet object detection")
 
 
+@dataclass(frozen=True)
+class ServedState:
+    """The model a replica answers with; replaced as a whole on a swap."""
+
+    detector: Any  # centernet_ray.detector.Detector
+    loaded: Any  # centernet_ray.checkpoint.LoadedModel
+    version: str
+    source: str
+
+
 @serve.deployment(name="DetectionModel")
 class DetectionModel:
-    """One model replica: batches of decoded images in, detections (original pixels) out."""
+    """One model replica: batches of letterboxed images in, detections (original pixels) out."""
 
-    def __init__(self, source: str, flip_test: bool = False, max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, tracking_uri: str | None = None) -> None:
-        from centernet_ray.checkpoint import load_served_model
-        from centernet_ray.detector import Detector
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        served = load_served_model(source, device, tracking_uri)
-        self.loaded, self.version, self.source = served.loaded, served.version, served.source
-        self.detector = Detector(served.loaded.model, served.loaded.config.data.input_size, device, flip_test,
-                                 amp="bf16" if device.type == "cuda" else "none")
+    def __init__(self, flip_test: bool = False, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+                 tracking_uri: str | None = None, poll_s: float = 0.0) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.flip_test, self.tracking_uri, self.poll_s = flip_test, tracking_uri, poll_s
         self.max_batch_size = max_batch_size
         self.detect_batch.set_max_batch_size(max_batch_size)
         self.detect_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        log.info("DetectionModel %s on %s, batches of up to %d", self.version, device, max_batch_size)
+        self.state: ServedState | None = None
+        self.metrics = ModelMetrics()
+        self._poller: asyncio.Task | None = None
+
+    def _load(self, source: str) -> ServedState:
+        from centernet_ray.checkpoint import load_served_model
+        from centernet_ray.detector import Detector
+
+        served = load_served_model(source, self.device, self.tracking_uri)
+        detector = Detector(served.loaded.model, served.loaded.config.data.input_size, self.device, self.flip_test,
+                            amp="bf16" if self.device.type == "cuda" else "none")
+        log.info("DetectionModel %s on %s, batches of up to %d", served.version, self.device, self.max_batch_size)
+        return ServedState(detector, served.loaded, served.version, source)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this at start and whenever the deployment's ``user_config`` changes."""
+        source = user_config["checkpoint"]
+        if self.state is None or source != self.state.source:
+            self._swap(await asyncio.to_thread(self._load, source))
+        if self.poll_s > 0 and "@" in source and source.startswith("models:/") and self._poller is None:
+            self._poller = asyncio.get_running_loop().create_task(self._follow_alias())
+
+    def _swap(self, state: ServedState) -> None:
+        if self.state is not None:
+            log.info("model swapped in place: %s -> %s", self.state.version, state.version)
+            self.metrics.swaps.inc()
+        self.state = state  # one assignment: a batch uses the state it started with
+
+    async def _follow_alias(self) -> None:
+        """Re-resolve the alias every ``poll_s``; load a moved one beside the current model, then swap."""
+        from centernet_ray.checkpoint import resolve_model_uri
+
+        while True:
+            await asyncio.sleep(self.poll_s)
+            state = self.state
+            try:
+                _, version = await asyncio.to_thread(resolve_model_uri, state.source, self.tracking_uri)
+                if version != state.version:
+                    self._swap(await asyncio.to_thread(self._load, state.source))
+            except Exception as exc:  # the registry unreachable or a bad new version: keep serving the current one
+                log.warning("could not follow %s (still serving %s): %s", state.source, state.version, exc)
 
     def metadata(self) -> dict[str, Any]:
-        height, width = self.detector.input_size
-        return {"model_version": self.version, "checkpoint_source": self.source,
+        state = self.state
+        height, width = state.detector.input_size
+        return {"model_version": state.version, "checkpoint_source": state.source,
                 "classes": [{"category_id": c, "label": n}
-                            for c, n in zip(self.loaded.category_ids, self.loaded.class_names)],
-                "input_size": {"height": height, "width": width}, "epoch": self.loaded.epoch,
-                "device": str(self.detector.device), "flip_test": self.detector.flip_test,
+                            for c, n in zip(state.loaded.category_ids, state.loaded.class_names)],
+                "input_size": {"height": height, "width": width}, "epoch": state.loaded.epoch,
+                "device": str(state.detector.device), "flip_test": state.detector.flip_test,
                 "max_batch_size": self.max_batch_size}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def detect_batch(self, images: list[np.ndarray], max_detections: list[int],
-                           thresholds: list[float]) -> list[list[dict[str, Any]]]:
-        """images: uint8 [3, H, W] each (any sizes); one list of detections per image."""
-        found = self.detector.detect_images([torch.from_numpy(image) for image in images], k=max(max_detections),
-                                            score_threshold=0.0)
+    async def detect_batch(self, inputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], max_detections: list[int],
+                           thresholds: list[float]) -> list[dict[str, Any]]:
+        """inputs: (letterboxed uint8 [3, H_in, W_in], input->original [2, 3], original (w, h)) per request."""
+        state, started = self.state, time.perf_counter()
+        images, matrices = _fit_to_input([torch.from_numpy(i[0]) for i in inputs],
+                                         [torch.from_numpy(i[1]) for i in inputs], state.detector.input_size)
+        sizes = torch.from_numpy(np.stack([i[2] for i in inputs]))
+        found = state.detector.detect(images, matrices, sizes, k=max(max_detections), score_threshold=0.0)
         answers = []
         for det, limit, threshold in zip(found, max_detections, thresholds):
             keep = np.flatnonzero(det.scores > threshold)[:limit]  # scores come sorted, highest first
-            answers.append([{"bbox": [float(v) for v in det.boxes[i]], "score": float(det.scores[i]),
-                             "category_id": int(self.loaded.category_ids[det.classes[i]]),
-                             "label": self.loaded.class_names[det.classes[i]]} for i in keep])
+            answers.append({"model": state.version, "detections": [
+                {"bbox": [float(v) for v in det.boxes[i]], "score": float(det.scores[i]),
+                 "category_id": int(state.loaded.category_ids[det.classes[i]]),
+                 "label": state.loaded.class_names[det.classes[i]]} for i in keep]})
+            self.metrics.detections.observe(len(keep))
+        self.metrics.batch_size.observe(len(inputs))
+        self.metrics.latency_ms.observe(1e3 * (time.perf_counter() - started))
         return answers
 
-    async def __call__(self, image: np.ndarray, max_detections: int, threshold: float) -> list[dict[str, Any]]:
-        return await self.detect_batch(image, max_detections, threshold)
+    async def __call__(self, prepared: tuple[np.ndarray, np.ndarray, np.ndarray], max_detections: int,
+                       threshold: float) -> dict[str, Any]:
+        return await self.detect_batch(prepared, max_detections, threshold)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status)
+def _fit_to_input(images: list[torch.Tensor], matrices: list[torch.Tensor],
+                  input_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack the letterboxed inputs; one letterboxed for another input size (the ingress had not yet
+    seen a swap to a model with another size) is letterboxed again, its affine composed."""
+    from centernet_ray.detector import letterbox_batch
+
+    for j, image in enumerate(images):
+        if tuple(image.shape[-2:]) != tuple(input_size):
+            again = letterbox_batch([image], input_size)
+            outer = torch.cat([matrices[j], torch.tensor([[0.0, 0.0, 1.0]])])  # [3, 3] first input -> original
+            inner = torch.cat([again.input_to_original[0], torch.tensor([[0.0, 0.0, 1.0]])])
+            images[j], matrices[j] = again.images[0], (outer @ inner)[:2]
+    return torch.stack(images), torch.stack(matrices)
+
+
+def _error(exc: RequestError) -> JSONResponse:
+    headers = {"Connection": "close"} if exc.close else {}
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": exc.message, "status": exc.status}, status_code=exc.status, headers=headers)
 
 
 @serve.deployment(name="DetectionAPI")
 @serve.ingress(api)
 class DetectionAPI:
-    """HTTP front: validates and decodes requests (never a 5xx for a client error)."""
+    """HTTP front: authenticates, validates, decodes and letterboxes requests (never a 5xx for a
+    client error)."""
 
-    def __init__(self, model: DeploymentHandle, settings: ServeConfig) -> None:
+    def __init__(self, model: DeploymentHandle, settings: ServeConfig, keys_required: bool = False) -> None:
         self.model = model
         self.settings = settings
-        self._metadata: dict[str, Any] | None = None
+        self.keys = ApiKeys.load(settings.api_keys_file)
+        if keys_required and not self.keys.required:  # never serve openly what was meant to be closed
+            raise UserInputError(f"API keys were found where the app was deployed but not in this replica's "
+                                 f"environment: set serve.api_keys_file to a file every node can read")
+        self.metrics = IngressMetrics()
+        self._input: tuple[str, tuple[int, int]] | None = None  # (model version, its input size)
 
-    async def _model_metadata(self) -> dict[str, Any]:
-        if self._metadata is None:
-            self._metadata = await self.model.metadata.remote()
-        return self._metadata
+    def _authorize(self, request: Request) -> None:
+        if not self.keys.allows(request.headers.get("authorization")):
+            raise RequestError(401, "missing or unknown API key: send the header 'Authorization: Bearer <key>'")
+
+    async def _input_size(self) -> tuple[int, int]:
+        if self._input is None:
+            metadata = await self.model.metadata.remote()
+            size = metadata["input_size"]
+            self._input = (metadata["model_version"], (size["height"], size["width"]))
+        return self._input[1]
 
     @api.post("/detect")
     async def detect(self, request: Request) -> Response:
-        settings = self.settings
+        started, settings = time.perf_counter(), self.settings
         try:
+            self._authorize(request)
             params = parse_params(request.query_params, settings.score_threshold, settings.max_detections)
-            data = await image_bytes(request, settings.max_body_bytes)
+            data = await image_bytes(request, settings.max_body_bytes, settings.max_drain_bytes)
             image = await asyncio.to_thread(decode_request_image, data, settings.max_image_pixels)
         except RequestError as exc:
-            return _error(exc.status, exc.message)
-        detections = await self.model.remote(image.numpy(), params.max_detections, params.score_threshold)
-        metadata = await self._model_metadata()
+            self.metrics.answered("/detect", exc.status, exc.kind)
+            return _error(exc)
+        prepared = await asyncio.to_thread(letterbox_request_image, image, await self._input_size())
+        answer = await self.model.remote(prepared, params.max_detections, params.score_threshold)
+        if self._input is not None and answer["model"] != self._input[0]:
+            self._input = None  # the model was swapped: read its input size again
+        detections = answer["detections"]
         if params.format == "png":
             from centernet_ray.drawing import detections_png
 
-            labels = [c["label"] for c in metadata["classes"]]
+            labels = [c["label"] for c in (await self.model.metadata.remote())["classes"]]
             boxes = torch.tensor([d["bbox"] for d in detections], dtype=torch.float32).reshape(-1, 4)
             classes = [labels.index(d["label"]) for d in detections]
             png = await asyncio.to_thread(detections_png, image, boxes, classes, labels, [d["score"] for d in detections])
-            return Response(png, media_type="image/png")
-        return JSONResponse({"detections": detections, "model": metadata["model_version"],
-                             "image_size": [int(image.shape[2]), int(image.shape[1])]})
+            response: Response = Response(png, media_type="image/png")
+        else:
+            response = JSONResponse({"detections": detections, "model": answer["model"],
+                                     "image_size": [int(image.shape[2]), int(image.shape[1])]})
+        self.metrics.answered("/detect", 200)
+        self.metrics.latency_ms.observe(1e3 * (time.perf_counter() - started))
+        return response
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
-        metadata = await self._model_metadata()
+        metadata = await self.model.metadata.remote()
         return {"status": "ok", "model": metadata["model_version"]}
 
     @api.get("/metadata")
-    async def metadata(self) -> dict[str, Any]:
-        return {**await self._model_metadata(), "max_body_bytes": self.settings.max_body_bytes,
-                "max_image_pixels": self.settings.max_image_pixels,
-                "default_score_threshold": self.settings.score_threshold,
-                "max_detections": self.settings.max_detections}
+    async def metadata(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except RequestError as exc:
+            self.metrics.answered("/metadata", exc.status, exc.kind)
+            return _error(exc)
+        self.metrics.answered("/metadata", 200)
+        return JSONResponse({**await self.model.metadata.remote(), "max_body_bytes": self.settings.max_body_bytes,
+                             "max_image_pixels": self.settings.max_image_pixels,
+                             "default_score_threshold": self.settings.score_threshold,
+                             "max_detections": self.settings.max_detections,
+                             "api_key_required": self.keys.required})
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -133,7 +241,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     ``args``: ``checkpoint`` (path, URI or MLflow model URI; required), ``config`` (optional YAML
     whose ``serve`` section gives the defaults), any ``serve`` config key (``max_batch_size``,
-    ``num_replicas``, ``num_gpus``, ...), ``flip_test`` and ``tracking_uri``."""
+    ``num_replicas``, ``num_gpus``, ``model_poll_s``, ...), ``flip_test``, ``tracking_uri`` and
+    ``api_keys_required`` (the ingress refuses to start without keys)."""
     from centernet_ray.config import load_config
 
     args = dict(args)
@@ -143,10 +252,12 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     base = load_config(args.pop("config")).serve if args.get("config") else ServeConfig()
     flip_test = bool(args.pop("flip_test", False))
     tracking_uri = args.pop("tracking_uri", None)
+    keys_required = bool(args.pop("api_keys_required", False))
     settings = config_from_dict({"serve": {**dataclasses.asdict(base), **args}}).serve
     model_options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": settings.num_gpus, "num_cpus": 1},
         "max_ongoing_requests": max(2 * settings.max_batch_size, 8),
+        "user_config": {"checkpoint": source},  # changed in place by `serve deploy`: no replica restarts
     }
     if settings.max_replicas and settings.max_replicas > settings.num_replicas:
         model_options["autoscaling_config"] = {"min_replicas": settings.num_replicas,
@@ -154,7 +265,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                                                "target_ongoing_requests": settings.target_ongoing_requests}
     else:
         model_options["num_replicas"] = settings.num_replicas
-    model = DetectionModel.options(**model_options).bind(source, flip_test, settings.max_batch_size,
-                                                          settings.batch_wait_timeout_s, tracking_uri)
-    return DetectionAPI.options(max_ongoing_requests=max(4 * settings.max_batch_size, 32)).bind(model, settings)
-
+    model = DetectionModel.options(**model_options).bind(flip_test, settings.max_batch_size,
+                                                          settings.batch_wait_timeout_s, tracking_uri,
+                                                          settings.model_poll_s)
+    return DetectionAPI.options(max_ongoing_requests=max(4 * settings.max_batch_size, 32)).bind(model, settings, keys_required)

@@ -1,14 +1,17 @@
-"""``centernet-ray serve``: start Serve's HTTP proxy on the configured address and run the app."""
+"""``centernet-ray serve``: start Serve's HTTP proxy on the configured address, run the app, and
+shut it down cleanly on SIGTERM (what Kubernetes sends) or SIGINT (Ctrl+C)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import time
+import signal
+import threading
 
 from centernet_ray.checkpoint import is_mlflow_uri
 from centernet_ray.config import Config
 from centernet_ray.ray_runtime import warn_if_node_local_tracking
+from centernet_ray.ray_serve.auth import ApiKeys
 from centernet_ray.tracking import tracking_uri
 
 log = logging.getLogger(__name__)
@@ -25,21 +28,47 @@ def start_app(config: Config, checkpoint: str, flip_test: bool = False) -> str:
     settings = config.serve
     if is_mlflow_uri(checkpoint):
         warn_if_node_local_tracking(tracking_uri(config))
+    keys_required = ApiKeys.load(settings.api_keys_file).required  # a bad keys file fails here, in one line
     serve.start(http_options={"host": settings.host, "port": settings.port})
     args = {**dataclasses.asdict(settings), "checkpoint": checkpoint, "flip_test": flip_test,
-            "tracking_uri": tracking_uri(config)}
+            "tracking_uri": tracking_uri(config), "api_keys_required": keys_required}
     serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{settings.host}:{settings.port}"
 
 
-def serve_forever(config: Config, checkpoint: str, flip_test: bool = False) -> None:
+def metrics_url() -> str | None:
+    """This node's Prometheus endpoint (Ray's metrics, the endpoint's own included)."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    for node in ray.nodes():
+        if node.get("NodeID") == node_id and node.get("MetricsExportPort"):
+            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    return None
+
+
+def serve_forever(config: Config, checkpoint: str, flip_test: bool = False) -> str:
+    """Serve until SIGTERM or SIGINT, then shut Serve down; returns the signal's name."""
     from ray import serve
 
-    url = start_app(config, checkpoint, flip_test)
-    log.info("serving %s at %s/detect (also /healthz, /metadata); Ctrl+C stops", checkpoint, url)
+    received: list[str] = []
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        log.info("shutting down Serve")
+        url = start_app(config, checkpoint, flip_test)
+        log.info("serving %s at %s/detect (also /healthz, /metadata); Ctrl+C or SIGTERM stops", checkpoint, url)
+        log.info("metrics (Prometheus): %s", metrics_url() or "not exported by this Ray")
+        while not stop.wait(1.0):  # a timed wait: signal handlers run between waits
+            pass
+        log.info("received %s: shutting down Serve", received[0])
         serve.shutdown()
+        log.info("Serve stopped")
+        return received[0]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

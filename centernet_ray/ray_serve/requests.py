@@ -6,20 +6,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from centernet_ray.data.images import ImageDecodeError, decode_image
+from centernet_ray.detector import letterbox_batch
 
 MULTIPART_FIELDS = ("image", "file")
 
 
-class RequestError(Exception):
-    """A client error: ``status`` (4xx) and a message that says what to send instead."""
+ERROR_KINDS = {400: "bad_request", 401: "unauthorized", 413: "too_large", 415: "unsupported_media_type",
+               422: "invalid_parameter"}
 
-    def __init__(self, status: int, message: str) -> None:
+
+class RequestError(Exception):
+    """A client error: ``status`` (4xx) and a message that says what to send instead. ``kind`` names
+    the error in the endpoint's metrics; ``close`` asks to close the connection after the answer."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None, close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.kind = kind or ERROR_KINDS.get(status, "client_error")
+        self.close = close
 
 
 @dataclass(frozen=True)
@@ -59,28 +68,47 @@ def _number(query: Mapping[str, str], name: str, kind: type, default: Any) -> An
     return value
 
 
-async def read_body(request: Any, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``max_bytes`` (header or stream)."""
+async def read_body(request: Any, max_bytes: int, drain_bytes: int = 0) -> bytes:
+    """The request body, refused with 413 once it passes ``max_bytes`` (declared or streamed).
+
+    Before answering 413 the rest of the body is read and dropped, up to ``drain_bytes`` in all: a
+    client that sends the whole body before reading (Python's urllib) then gets the 413 instead of
+    a connection reset. A body beyond that bound is not read further (the connection closes)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}")
+        too_large = RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}",
+                                 close=True)
+        if int(declared) <= drain_bytes:
+            await _drain(request, drain_bytes)
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes")
+            await _drain(request, drain_bytes - size)
+            raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes", close=True)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def image_bytes(request: Any, max_bytes: int) -> bytes:
+async def _drain(request: Any, budget: int) -> None:
+    """Read and drop what is left of the body, at most ``budget`` bytes."""
+    if budget <= 0:
+        return
+    async for chunk in request.stream():
+        budget -= len(chunk)
+        if budget <= 0:
+            return
+
+
+async def image_bytes(request: Any, max_bytes: int, drain_bytes: int = 0) -> bytes:
     """The image of a ``POST /detect``: a raw body with an ``image/*`` content type, or the ``image``
     (or ``file``) field of a ``multipart/form-data`` upload."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith("image/"):
-        data = await read_body(request, max_bytes)
+        data = await read_body(request, max_bytes, drain_bytes)
     elif content_type == "multipart/form-data":
-        data = await _multipart_image(request, max_bytes)
+        data = await _multipart_image(request, max_bytes, drain_bytes)
     else:
         raise RequestError(415, f"unsupported content type {content_type or '(none)'!r}: send the image bytes with "
                                 "an image/* content type, or a multipart/form-data upload with an 'image' field")
@@ -89,12 +117,12 @@ async def image_bytes(request: Any, max_bytes: int) -> bytes:
     return data
 
 
-async def _multipart_image(request: Any, max_bytes: int) -> bytes:
+async def _multipart_image(request: Any, max_bytes: int, drain_bytes: int = 0) -> bytes:
     from starlette.datastructures import UploadFile
 
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}")
+        await read_body(request, max_bytes, drain_bytes)  # drains, then raises the 413
     try:
         form = await request.form(max_files=1, max_fields=10, max_part_size=max_bytes)
     except Exception as exc:  # starlette raises MultiPartException / HTTPException for malformed bodies
@@ -106,6 +134,14 @@ async def _multipart_image(request: Any, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise RequestError(413, f"uploaded image exceeds the limit of {max_bytes} bytes")
     return data
+
+
+def letterbox_request_image(image: torch.Tensor, input_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the ingress sends to a model replica for one decoded image (uint8 [3, H, W]): the
+    letterboxed input (uint8 [3, H_in, W_in]), its input->original affine [2, 3] and the original
+    (width, height); the full-size image stays at the ingress."""
+    batch = letterbox_batch([image], input_size)
+    return batch.images[0].numpy(), batch.input_to_original[0].numpy(), batch.original_size[0].numpy()
 
 
 def decode_request_image(data: bytes, max_pixels: int) -> torch.Tensor:
