@@ -1,0 +1,96 @@
+"""The endpoint's Ray-free parts: API keys, the drained 413, the ingress letterbox and the replica's
+re-letterbox after a swap to another input size."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from centernet_ray.detector import letterbox_batch
+from centernet_ray.errors import UserInputError
+from centernet_ray.ray_serve.auth import API_KEYS_ENV, ApiKeys
+from centernet_ray.ray_serve.requests import RequestError, letterbox_request_image, read_body
+
+
+def test_keys_from_a_file_skip_comments_and_need_a_bearer_token(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("# production\n\n  alpha-key  \nbeta-key\n")
+    keys = ApiKeys.load(str(path))
+    assert keys.required
+    assert keys.allows("Bearer alpha-key") and keys.allows("bearer beta-key") and keys.allows("Bearer  beta-key ")
+    for header in (None, "", "Bearer", "Bearer gamma", "Basic alpha-key", "alpha-key", "Bearer # production"):
+        assert not keys.allows(header), header
+
+
+def test_keys_from_the_environment_and_none_means_open(monkeypatch):
+    monkeypatch.setenv(API_KEYS_ENV, "one, two ,")
+    keys = ApiKeys.load("")
+    assert keys.allows("Bearer one") and keys.allows("Bearer two") and not keys.allows("Bearer ")
+    monkeypatch.delenv(API_KEYS_ENV)
+    assert not ApiKeys.load("").required and ApiKeys.load("").allows(None)
+
+
+def test_a_keys_file_that_is_missing_or_empty_is_a_user_error(tmp_path):
+    with pytest.raises(UserInputError, match="cannot read"):
+        ApiKeys.load(str(tmp_path / "absent"))
+    (tmp_path / "empty").write_text("# nothing yet\n")
+    with pytest.raises(UserInputError, match="holds no key"):
+        ApiKeys.load(str(tmp_path / "empty"))
+
+
+class _Upload:
+    """A request whose body arrives in chunks, counting what was read."""
+
+    def __init__(self, size, chunk=1000, declared=True):
+        self.headers = {"content-length": str(size)} if declared else {}
+        self.size, self.chunk, self.read = size, chunk, 0
+
+    async def stream(self):
+        while self.read < self.size:
+            step = min(self.chunk, self.size - self.read)
+            self.read += step
+            yield b"x" * step
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_an_oversized_body_is_drained_up_to_the_bound_before_the_413(declared):
+    upload = _Upload(50_000, declared=declared)
+    with pytest.raises(RequestError) as caught:
+        asyncio.run(read_body(upload, max_bytes=10_000, drain_bytes=100_000))
+    assert caught.value.status == 413 and caught.value.close and caught.value.kind == "too_large"
+    assert upload.read == 50_000  # all of it read: the client gets to read the answer
+
+
+def test_a_body_beyond_the_drain_bound_is_not_read_further():
+    declared = _Upload(500_000)
+    with pytest.raises(RequestError):
+        asyncio.run(read_body(declared, max_bytes=10_000, drain_bytes=100_000))
+    assert declared.read == 0  # declared too large to drain: answered at once
+    streamed = _Upload(500_000, declared=False)
+    with pytest.raises(RequestError):
+        asyncio.run(read_body(streamed, max_bytes=10_000, drain_bytes=100_000))
+    assert 100_000 <= streamed.read <= 101_000
+
+
+def test_the_ingress_sends_the_letterboxed_input_not_the_image():
+    image = torch.randint(0, 256, (3, 2160, 3840), dtype=torch.uint8)  # a 4K photo: 24.9 MB decoded
+    prepared, matrix, size = letterbox_request_image(image, (128, 128))
+    assert prepared.shape == (3, 128, 128) and prepared.dtype == np.uint8  # 49 KB
+    direct = letterbox_batch([image], (128, 128))
+    np.testing.assert_array_equal(prepared, direct.images[0].numpy())
+    np.testing.assert_array_equal(matrix, direct.input_to_original[0].numpy())
+    assert size.tolist() == [3840, 2160]
+
+
+def test_a_replica_with_another_input_size_letterboxes_again_and_composes_the_mapping():
+    from centernet_ray.ray_serve.app import _fit_to_input
+
+    image = torch.randint(0, 256, (3, 300, 500), dtype=torch.uint8)
+    prepared, matrix, _ = letterbox_request_image(image, (64, 64))
+    images, matrices = _fit_to_input([torch.from_numpy(prepared)], [torch.from_numpy(matrix)], (128, 96))
+    assert images.shape == (1, 3, 128, 96)
+    direct = letterbox_batch([image], (128, 96)).input_to_original[0]
+    corners = torch.tensor([[0.0, 0.0, 1.0], [96.0, 128.0, 1.0], [48.0, 64.0, 1.0]])
+    # the same original pixels as letterboxing the original directly, within the rounding of two crops
+    torch.testing.assert_close(corners @ matrices[0].T, corners @ direct.T, atol=8.0, rtol=0)
