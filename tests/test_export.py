@@ -85,6 +85,7 @@ def _assert_parity(loaded, path, images):
         assert score_diff <= SCORE_ATOL and box_diff <= BOX_ATOL
 
 
+@pytest.mark.integration  # the exporter takes 5-10 s a model
 def test_exported_graph_is_the_detector_for_any_batch_size_and_carries_its_metadata(tmp_path):
     loaded = _loaded(["model.width=0.25", "model.lateral=true", "model.neck_channels=[32,32,32]", "model.head_conv=16"])
     path = export_onnx(loaded, tmp_path / "model.onnx", k=100, version="ckpt@epoch3")
@@ -99,6 +100,7 @@ def test_exported_graph_is_the_detector_for_any_batch_size_and_carries_its_metad
     _assert_parity(loaded, path, _random_images(6))
 
 
+@pytest.mark.integration  # the exporter takes 5-10 s a model
 def test_a_changed_graph_fails_the_check_with_the_reason(tmp_path, shapes_dataset):
     loaded = _loaded(["model.neck_channels=[32,32,32]", "model.head_conv=16"])
     path = export_onnx(loaded, tmp_path / "model.onnx", k=100)
@@ -121,6 +123,7 @@ def test_official_models_at_512_export_and_match_pytorch(tmp_path, name):
     _assert_parity(loaded, path, _random_images(2))
 
 
+@pytest.mark.integration  # the exporter takes 5-10 s a model
 def test_deformable_models_export_through_onnx_deformconv(tmp_path):
     """ONNX's DeformConv computes torchvision's deform_conv2d: the raw heads of a ResDCN whose
     offsets are far from zero agree within 1e-5. (Its decoded detections are not compared here: an
@@ -150,6 +153,7 @@ def test_deformable_models_export_through_onnx_deformconv(tmp_path):
         np.testing.assert_allclose(theirs, ours.numpy(), atol=1e-5, rtol=0)
 
 
+@pytest.mark.integration  # the exporter takes 5-10 s a model
 def test_export_command_on_a_trained_checkpoint_logs_parity_and_ap_to_mlflow(tmp_path, trained_checkpoint):
     """`centernet-ray export` as a user runs it, checked on the demo's validation set (the synthetic
     generator's 200 val images at 128 px, seed 0) and on the images the model learned."""

@@ -121,7 +121,7 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     submission_id = f"centernet-train-{secrets.token_hex(4)}"
     overrides = [f"data.root={shapes_dataset}", f"data.parquet_dir={tmp_path / 'parquet'}",
                  f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_server.uri}",
-                 "tracking.system_metrics_interval_s=1"]
+                 "tracking.system_metrics_interval_s=1", "tracking.registered_model=shapes"]
     entrypoint = ["python", "-m", "centernet_ray", "train", TINY_CONFIG, *overrides, "--summary-json", summary_path]
     result = _submit(ray_head, entrypoint, env=background_services.env(**ray_head.env), options=(
         "--submission-id", submission_id, "--working-dir", REPO, "--runtime-env-json", '{"excludes": [".git"]}'))
@@ -196,6 +196,15 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
         outputs = model(torch.zeros(2, 3, 64, 64))
     shapes = {name: tuple(value.shape) for name, value in outputs.items()}
     assert shapes == {"heatmap": (2, 4, 16, 16), "size": (2, 2, 16, 16), "offset": (2, 2, 16, 16)}, shapes
+
+    # tracking.registered_model: the run's version, ONNX-checked, is the first champion
+    version = tracking.get_model_version_by_alias("shapes", "champion")
+    assert version.run_id == run.info.run_id and str(version.version) == "1"
+    assert str(tracking.get_model_version_by_alias("shapes", "candidate").version) == "1"
+    assert version.tags["centernet_ray.promotion"].startswith("first champion (AP ")
+    assert summary["promotion"].startswith("shapes version 1: promoted to champion: first champion"), summary
+    assert {a.path for a in tracking.list_artifacts(run.info.run_id, "onnx")} == {"onnx/model.onnx", "onnx/export.json"}
+    assert tracking.get_run(run.info.run_id).data.metrics["export/passed"] == 1.0
 
     # The package the job ran in: the repo without .venv (.gitignore) and .git (excludes).
     package = info.runtime_env["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")

@@ -228,7 +228,12 @@ class ServeConfig:
 class TrackingConfig:
     tracking_uri: str = ""  # empty = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "centernet-ray"
-    registered_model: str = ""  # register the trained model under this name when set
+    # register the trained model under this name when set; the version is aliased candidate_alias and
+    # takes champion_alias when its ONNX export checks out and its val AP beats the champion's
+    registered_model: str = ""
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+    export_check_images: int = _ranged(0, ge=0)  # validation images of the export check; 0 = all
     log_model: bool = True  # log the final model with mlflow.pytorch.log_model (a torch.export: seconds)
     system_metrics: bool = True  # MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on rank 0
     system_metrics_interval_s: float = _ranged(10.0, gt=0.0)  # seconds between two samples

@@ -39,10 +39,12 @@ class TrainSummary:
     wall_seconds: float
     epochs: int
     dropped_rows: dict[str, int]
+    promotion: str | None = None  # with tracking.registered_model: what the registry did and why
 
     def to_json(self) -> dict[str, Any]:
         return {**self.stats, "checkpoint": self.checkpoint, "mlflow_run_id": self.mlflow_run_id,
-                "wall_seconds": round(self.wall_seconds, 2), "epochs": self.epochs, "dropped_rows": self.dropped_rows}
+                "wall_seconds": round(self.wall_seconds, 2), "epochs": self.epochs, "dropped_rows": self.dropped_rows,
+                "promotion": self.promotion}
 
 
 def default_run_name(config: Config) -> str:
@@ -126,6 +128,11 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     dropped = ray.get(report.get.remote())["counts"]
     summary = TrainSummary(stats, checkpoint.path if checkpoint else None, metrics.get("mlflow_run_id"),
                            time.perf_counter() - started, int(metrics.get("epoch", 0)), dropped)
+    if config.tracking.registered_model and summary.mlflow_run_id and summary.checkpoint:
+        from centernet_ray.promotion import export_and_promote
+
+        summary.promotion = export_and_promote(storage.with_absolute_paths(config), summary.checkpoint,
+                                               summary.mlflow_run_id, summary.stats["AP"]).describe()
     if summary.mlflow_run_id:
         describe_run(config, summary.mlflow_run_id, summary_markdown(summary, config, source or command_line()))
     return summary
@@ -138,6 +145,8 @@ def format_summary(summary: TrainSummary) -> str:
               f"{'ckpt':>8}  {summary.checkpoint}", f"{'mlflow':>8}  {summary.mlflow_run_id}"]
     if summary.dropped_rows:
         lines.append(f"{'dropped':>8}  {summary.dropped_rows}")
+    if summary.promotion:
+        lines.append(f"{'registry':>8}  {summary.promotion}")
     return "\n".join(lines)
 
 
@@ -151,6 +160,8 @@ def summary_markdown(summary: TrainSummary, config: Config, command: str) -> str
     lines += ["", f"Checkpoint: `{summary.checkpoint}`"]
     if summary.dropped_rows:
         lines.append(f"Dropped by preprocessing: {summary.dropped_rows}")
+    if summary.promotion:
+        lines.append(f"Registry: {summary.promotion}")
     return "\n".join(lines)
 
 

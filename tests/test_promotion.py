@@ -1,0 +1,64 @@
+"""Registry-gated promotion on a real MLflow store (SQLite): the alias moves only for a better AP on
+the same validation set with a passed export check, and the registry says why either way."""
+
+import pytest
+
+from centernet_ray.promotion import AP_METRIC, REASON_TAG, VAL_FINGERPRINT_TAG, promote
+
+
+@pytest.fixture
+def store(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("promotion", artifact_location=str(tmp_path / "artifacts"))
+
+    def run(ap, fingerprint="val-a"):
+        run_id = client.create_run(experiment, tags={VAL_FINGERPRINT_TAG: fingerprint}).info.run_id
+        client.log_metric(run_id, AP_METRIC, ap)
+        return run_id
+
+    return uri, client, run
+
+
+def _aliases(client, name):
+    return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
+
+
+def test_first_better_worse_and_failed_export(store):
+    uri, client, run = store
+    first = promote(uri, "det", run(0.40), 0.40, export_passed=True)
+    assert first.promoted and first.version == "1" and first.reason == "first champion (AP 0.4000)"
+    assert _aliases(client, "det") == {"candidate": "1", "champion": "1"}
+
+    better = promote(uri, "det", run(0.45), 0.45, export_passed=True)
+    assert better.promoted and better.champion_version == "1"
+    assert better.reason == "AP 0.4500 beats the champion's (version 1) 0.4000"
+    assert _aliases(client, "det") == {"candidate": "2", "champion": "2"}
+
+    worse = promote(uri, "det", run(0.45), 0.45, export_passed=True)  # equal is not better
+    assert not worse.promoted and "does not beat the champion's (version 2) 0.4500" in worse.reason
+    assert _aliases(client, "det") == {"candidate": "3", "champion": "2"}
+    assert client.get_model_version("det", "3").tags[REASON_TAG] == worse.reason
+
+    failed = promote(uri, "det", run(0.90), 0.90, export_passed=False, export_reason="3 detections have no twin")
+    assert not failed.promoted and failed.reason == "the export check failed: 3 detections have no twin"
+    assert _aliases(client, "det") == {"candidate": "4", "champion": "2"}
+
+
+def test_another_validation_set_is_not_compared(store):
+    uri, client, run = store
+    promote(uri, "det", run(0.40), 0.40, export_passed=True)
+    other = promote(uri, "det", run(0.99, fingerprint="val-b"), 0.99, export_passed=True)
+    assert not other.promoted and "another validation set (val-a vs val-b)" in other.reason
+    assert _aliases(client, "det")["champion"] == "1"
+
+
+def test_a_version_the_run_registered_itself_is_reused_and_custom_aliases(store):
+    uri, client, run = store
+    run_id = run(0.3)
+    client.create_registered_model("det")
+    client.create_model_version("det", f"runs:/{run_id}/model", run_id=run_id)  # as log_model registers
+    result = promote(uri, "det", run_id, 0.3, export_passed=True, candidate_alias="staging", champion_alias="prod")
+    assert result.version == "1" and _aliases(client, "det") == {"staging": "1", "prod": "1"}
