@@ -94,3 +94,26 @@ def test_a_replica_with_another_input_size_letterboxes_again_and_composes_the_ma
     corners = torch.tensor([[0.0, 0.0, 1.0], [96.0, 128.0, 1.0], [48.0, 64.0, 1.0]])
     # the same original pixels as letterboxing the original directly, within the rounding of two crops
     torch.testing.assert_close(corners @ matrices[0].T, corners @ direct.T, atol=8.0, rtol=0)
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_serve_forever_shuts_serve_down_on_sigint_and_sigterm(monkeypatch, signum):
+    """The signal handling of `centernet-ray serve` (the real process: test_serve_production.py);
+    Serve itself is replaced by recorders here."""
+    import os
+    import signal
+    import threading
+
+    from ray import serve
+
+    from centernet_ray.config import load_config
+    from centernet_ray.ray_serve import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "start_app", lambda *args, **kwargs: calls.append("start") or "http://127.0.0.1:1")
+    monkeypatch.setattr(launch, "metrics_url", lambda: None)
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("shutdown"))
+    before = signal.getsignal(getattr(signal, signum))
+    threading.Timer(0.5, os.kill, (os.getpid(), getattr(signal, signum))).start()
+    assert launch.serve_forever(load_config(None), "ckpt") == signum
+    assert calls == ["start", "shutdown"] and signal.getsignal(getattr(signal, signum)) is before
