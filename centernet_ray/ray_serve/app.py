@@ -256,7 +256,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     settings = config_from_dict({"serve": {**dataclasses.asdict(base), **args}}).serve
     model_options: dict[str, Any] = {
         "ray_actor_options": {"num_gpus": settings.num_gpus, "num_cpus": 1},
-        "max_ongoing_requests": max(2 * settings.max_batch_size, 8),
+        # Eight batches deep: requests wait in the replica's batch queue, not in the router, whose
+        # back-off cut 64 clients to 12 req/s at a depth of 16 (66 req/s at 64; BENCHMARKS.md)
+        "max_ongoing_requests": max(8 * settings.max_batch_size, 64),
         "user_config": {"checkpoint": source},  # changed in place by `serve deploy`: no replica restarts
     }
     if settings.max_replicas and settings.max_replicas > settings.num_replicas:
@@ -268,4 +270,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     model = DetectionModel.options(**model_options).bind(flip_test, settings.max_batch_size,
                                                           settings.batch_wait_timeout_s, tracking_uri,
                                                           settings.model_poll_s)
-    return DetectionAPI.options(max_ongoing_requests=max(4 * settings.max_batch_size, 32)).bind(model, settings, keys_required)
+    return DetectionAPI.options(max_ongoing_requests=settings.ingress_max_ongoing_requests).bind(
+        model, settings, keys_required)
