@@ -144,7 +144,7 @@ def test_deformable_models_export_through_onnx_deformconv(tmp_path):
             return out["heatmap"], out["size"], out["offset"]
 
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    torch.onnx.export(Heads(), (images,), str(tmp_path / "heads.onnx"), input_names=["x"], opset_version=19,
+    torch.onnx.export(Heads().eval(), (images,), str(tmp_path / "heads.onnx"), input_names=["x"], opset_version=19,
                       dynamo=True, external_data=False, verbose=False)
     got = onnxruntime.InferenceSession(str(tmp_path / "heads.onnx")).run(None, {"x": images.numpy()})
     with torch.no_grad():
