@@ -36,7 +36,7 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
     check it on the validation set (or ``images``/``annotations``) and log both to MLflow."""
     from centernet_ray.storage import tracking_uri as resolve_tracking_uri
 
-    output = Path(output)
+    output = Path(output).resolve()  # the report names the file wherever it is read
     with tempfile.TemporaryDirectory() as tmp:
         run_id = None
         path, version = source, Path(source.rstrip("/")).name
