@@ -6,10 +6,12 @@ import pytest
 from centernet_ray.promotion import AP_METRIC, REASON_TAG, VAL_FINGERPRINT_TAG, promote
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One store for the module (creating an MLflow database takes seconds); each test its own model."""
     from mlflow import MlflowClient
 
+    tmp_path = tmp_path_factory.mktemp("promotion")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("promotion", artifact_location=str(tmp_path / "artifacts"))
@@ -49,16 +51,16 @@ def test_first_better_worse_and_failed_export(store):
 
 def test_another_validation_set_is_not_compared(store):
     uri, client, run = store
-    promote(uri, "det", run(0.40), 0.40, export_passed=True)
-    other = promote(uri, "det", run(0.99, fingerprint="val-b"), 0.99, export_passed=True)
+    promote(uri, "other-val", run(0.40), 0.40, export_passed=True)
+    other = promote(uri, "other-val", run(0.99, fingerprint="val-b"), 0.99, export_passed=True)
     assert not other.promoted and "another validation set (val-a vs val-b)" in other.reason
-    assert _aliases(client, "det")["champion"] == "1"
+    assert _aliases(client, "other-val")["champion"] == "1"
 
 
 def test_a_version_the_run_registered_itself_is_reused_and_custom_aliases(store):
     uri, client, run = store
     run_id = run(0.3)
-    client.create_registered_model("det")
-    client.create_model_version("det", f"runs:/{run_id}/model", run_id=run_id)  # as log_model registers
-    result = promote(uri, "det", run_id, 0.3, export_passed=True, candidate_alias="staging", champion_alias="prod")
-    assert result.version == "1" and _aliases(client, "det") == {"staging": "1", "prod": "1"}
+    client.create_registered_model("logged")
+    client.create_model_version("logged", f"runs:/{run_id}/model", run_id=run_id)  # as log_model registers
+    result = promote(uri, "logged", run_id, 0.3, export_passed=True, candidate_alias="staging", champion_alias="prod")
+    assert result.version == "1" and _aliases(client, "logged") == {"staging": "1", "prod": "1"}
