@@ -212,3 +212,44 @@ def test_moving_the_alias_swaps_the_model_under_load_without_a_failed_request(ra
     finally:
         serve.delete(APP_NAME)
         serve.shutdown()
+
+
+def test_redeploying_with_another_checkpoint_loses_no_request(ray_session, trained_checkpoint, free_ports, tmp_path):
+    """The app deployed again with another `checkpoint` (through `serve.run`, whose code version is
+    new each time, so Serve replaces the replica: the new one starts before the old one stops) while
+    8 clients keep sending: every request answered 200, then the new checkpoint served by a new replica."""
+    import dataclasses
+
+    import requests
+    from ray import serve
+
+    from centernet_ray.checkpoint import load_checkpoint, save_checkpoint
+    from centernet_ray.config import load_config
+    from centernet_ray.ray_serve.app import build_app
+    from centernet_ray.ray_serve.launch import APP_NAME, start_app
+
+    second = tmp_path / "second" / "checkpoint.pt"
+    save_checkpoint(second, {**load_checkpoint(trained_checkpoint[0]), "epoch": 302})
+    port = free_ports(1)[0]
+    config = load_config(None, [f"serve.port={port}"])
+    url = start_app(config, str(trained_checkpoint[0]))
+    image = next((trained_checkpoint[1] / "images" / "train").iterdir()).read_bytes()
+    try:
+        before = requests.get(f"{url}/metadata", timeout=60).json()
+        assert before["epoch"] == 300
+        with ThreadPoolExecutor(8) as pool:
+            sending = [pool.submit(lambda: [_post(url, image, key=None).status_code for _ in range(30)])
+                       for _ in range(8)]
+            time.sleep(2)
+            args = {**dataclasses.asdict(config.serve), "checkpoint": str(second)}
+            serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)  # as `serve deploy` does
+            statuses = [code for future in sending for code in future.result()]
+        assert statuses and set(statuses) == {200}, statuses
+        deadline = time.time() + 60
+        while requests.get(f"{url}/metadata", timeout=30).json()["epoch"] != 302:
+            assert time.time() < deadline, "the new checkpoint was not swapped in"
+            time.sleep(0.5)
+        assert requests.get(f"{url}/metadata", timeout=30).json()["replica"] != before["replica"]
+    finally:
+        serve.delete(APP_NAME)
+        serve.shutdown()

@@ -3,9 +3,9 @@
 ``DetectionAPI`` (ingress, CPU) checks the API key, reads, decodes and letterboxes each request, so
 that only input-size uint8 arrays travel to the model; ``DetectionModel`` gathers them with
 ``@serve.batch`` and runs the network and ``decode`` (3x3 max-pool peaks + top-K, no NMS) for the
-whole batch on its device. The model's checkpoint is the deployment's ``user_config``: a new one
-(``serve deploy`` with another ``checkpoint``), or a moved ``models:/NAME@ALIAS`` alias found by
-polling, swaps the weights inside the running replicas; requests in flight finish on the old model.
+whole batch on its device. The model's checkpoint is the deployment's ``user_config`` (Serve calls
+``reconfigure`` with it), and a moved ``models:/NAME@ALIAS`` alias found by polling swaps the
+weights inside the running replicas; requests in flight finish on the old model.
 ``build_app`` is the import path for ``serve run`` / ``serve deploy`` (see cluster/serve.yaml) and
 for ``centernet-ray serve``.
 """
@@ -108,7 +108,7 @@ class DetectionModel:
                             for c, n in zip(state.loaded.category_ids, state.loaded.class_names)],
                 "input_size": {"height": height, "width": width}, "epoch": state.loaded.epoch,
                 "device": str(state.detector.device), "flip_test": state.detector.flip_test,
-                "max_batch_size": self.max_batch_size}
+                "max_batch_size": self.max_batch_size, "replica": serve.get_replica_context().replica_tag}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def detect_batch(self, inputs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], max_detections: list[int],
@@ -259,7 +259,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         # Eight batches deep: requests wait in the replica's batch queue, not in the router, whose
         # back-off cut 64 clients to 12 req/s at a depth of 16 (66 req/s at 64; BENCHMARKS.md)
         "max_ongoing_requests": max(8 * settings.max_batch_size, 64),
-        "user_config": {"checkpoint": source},  # changed in place by `serve deploy`: no replica restarts
+        "user_config": {"checkpoint": source},  # loaded by reconfigure()
     }
     if settings.max_replicas and settings.max_replicas > settings.num_replicas:
         model_options["autoscaling_config"] = {"min_replicas": settings.num_replicas,
