@@ -267,6 +267,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.max_detections < 1:
         raise SystemExit("--max-detections must be at least 1")
+    if args.max_images is not None and args.max_images < 1:
+        raise SystemExit("--max-images must be at least 1")
+    if bool(args.images) != bool(args.annotations):
+        raise SystemExit("--images and --annotations go together: the validation images and their instances json")
     result = run_export(args.checkpoint, args.output, k=args.max_detections, check=not args.no_check,
                         max_images=args.max_images, images=args.images, annotations=args.annotations,
                         tracking_uri=args.tracking_uri, log_to_mlflow=not args.no_mlflow)
