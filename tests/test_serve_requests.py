@@ -39,38 +39,63 @@ def test_a_keys_file_that_is_missing_or_empty_is_a_user_error(tmp_path):
         ApiKeys.load(str(tmp_path / "empty"))
 
 
-class _Upload:
-    """A request whose body arrives in chunks, counting what was read."""
+def _request(chunks, declared=None):
+    """A real Starlette request whose body arrives as ``chunks`` (the ASGI messages uvicorn sends);
+    after the last chunk with ``more_body`` set, the client stops sending. Returns (request, bytes read)."""
+    from starlette.requests import Request
 
-    def __init__(self, size, chunk=1000, declared=True):
-        self.headers = {"content-length": str(size)} if declared else {}
-        self.size, self.chunk, self.read = size, chunk, 0
+    messages = [{"type": "http.request", "body": chunk, "more_body": True} for chunk in chunks]
+    if messages and declared is None or (declared is not None and sum(map(len, chunks)) >= declared):
+        messages[-1]["more_body"] = False  # the whole body was sent
+    read = {"bytes": 0}
 
-    async def stream(self):
-        while self.read < self.size:
-            step = min(self.chunk, self.size - self.read)
-            self.read += step
-            yield b"x" * step
+    async def receive():
+        if messages:
+            message = messages.pop(0)
+            read["bytes"] += len(message["body"])
+            return message
+        await asyncio.sleep(3600)  # a client that stopped sending mid-body
+
+    headers = [(b"content-length", str(declared).encode())] if declared is not None else []
+    scope = {"type": "http", "method": "POST", "path": "/detect", "query_string": b"", "headers": headers}
+    return Request(scope, receive), read
 
 
 @pytest.mark.parametrize("declared", [True, False])
 def test_an_oversized_body_is_drained_up_to_the_bound_before_the_413(declared):
-    upload = _Upload(50_000, declared=declared)
+    request, read = _request([b"x" * 1000] * 50, declared=50_000 if declared else None)
     with pytest.raises(RequestError) as caught:
-        asyncio.run(read_body(upload, max_bytes=10_000, drain_bytes=100_000))
+        asyncio.run(read_body(request, max_bytes=10_000, drain_bytes=100_000))
     assert caught.value.status == 413 and caught.value.close and caught.value.kind == "too_large"
-    assert upload.read == 50_000  # all of it read: the client gets to read the answer
+    assert read["bytes"] == 50_000  # all of it read: the client gets to read the answer
+
+
+def test_a_body_whose_last_chunk_crosses_the_limit_is_a_413_not_a_500():
+    request, _ = _request([b"x" * 9_000, b"x" * 2_000])  # chunked: no content-length
+    with pytest.raises(RequestError) as caught:
+        asyncio.run(read_body(request, max_bytes=10_000, drain_bytes=100_000))
+    assert caught.value.status == 413
 
 
 def test_a_body_beyond_the_drain_bound_is_not_read_further():
-    declared = _Upload(500_000)
+    declared, read = _request([b"x" * 1000] * 500, declared=500_000)
     with pytest.raises(RequestError):
         asyncio.run(read_body(declared, max_bytes=10_000, drain_bytes=100_000))
-    assert declared.read == 0  # declared too large to drain: answered at once
-    streamed = _Upload(500_000, declared=False)
+    assert read["bytes"] == 0  # declared too large to drain: answered at once
+    streamed, read = _request([b"x" * 1000] * 500)
     with pytest.raises(RequestError):
         asyncio.run(read_body(streamed, max_bytes=10_000, drain_bytes=100_000))
-    assert 100_000 <= streamed.read <= 101_000
+    assert 100_000 <= read["bytes"] <= 101_000
+
+
+def test_a_client_that_stops_sending_gets_its_413_after_the_drain_timeout(monkeypatch):
+    from centernet_ray.ray_serve import requests as module
+
+    monkeypatch.setattr(module, "DRAIN_TIMEOUT_S", 0.3)
+    request, read = _request([b"x" * 100], declared=50_000)  # declares 50 KB, sends 100 bytes, waits
+    with pytest.raises(RequestError) as caught:
+        asyncio.run(asyncio.wait_for(read_body(request, max_bytes=10_000, drain_bytes=100_000), 5))
+    assert caught.value.status == 413 and read["bytes"] == 100
 
 
 def test_the_ingress_sends_the_letterboxed_input_not_the_image():

@@ -3,6 +3,7 @@ values, image decoding. Every client mistake becomes a :class:`RequestError` wit
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -68,37 +69,50 @@ def _number(query: Mapping[str, str], name: str, kind: type, default: Any) -> An
     return value
 
 
+DRAIN_TIMEOUT_S = 10.0  # a client that stops sending mid-body does not hold an ingress slot longer
+
+
 async def read_body(request: Any, max_bytes: int, drain_bytes: int = 0) -> bytes:
     """The request body, refused with 413 once it passes ``max_bytes`` (declared or streamed).
 
-    Before answering 413 the rest of the body is read and dropped, up to ``drain_bytes`` in all: a
-    client that sends the whole body before reading (Python's urllib) then gets the 413 instead of
-    a connection reset. A body beyond that bound is not read further (the connection closes)."""
+    Before answering 413 the rest of the body is read and dropped, up to ``drain_bytes`` in all and
+    for at most ``DRAIN_TIMEOUT_S``: a client that sends the whole body before reading (Python's
+    urllib) then gets the 413 instead of a connection reset. Beyond either bound the body is not
+    read further (the answer says ``Connection: close``)."""
     declared = request.headers.get("content-length")
+    stream = request.stream()  # one iterator: the drain goes on where the reading stopped
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        too_large = RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}",
-                                 close=True)
         if int(declared) <= drain_bytes:
-            await _drain(request, drain_bytes)
-        raise too_large
+            await _drain(stream, drain_bytes)
+        raise RequestError(413, f"request body of {int(declared)} bytes exceeds the limit of {max_bytes}", close=True)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         size += len(chunk)
         if size > max_bytes:
-            await _drain(request, drain_bytes - size)
+            await _drain(stream, drain_bytes - size)
             raise RequestError(413, f"request body exceeds the limit of {max_bytes} bytes", close=True)
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _drain(request: Any, budget: int) -> None:
-    """Read and drop what is left of the body, at most ``budget`` bytes."""
+async def _drain(stream: Any, budget: int) -> None:
+    """Read and drop what is left of ``stream``, at most ``budget`` bytes and ``DRAIN_TIMEOUT_S``;
+    a client that disconnects meanwhile ends it (it will not read the answer)."""
+    from starlette.requests import ClientDisconnect
+
+    async def drop() -> None:
+        nonlocal budget
+        async for chunk in stream:
+            budget -= len(chunk)
+            if budget <= 0:
+                return
+
     if budget <= 0:
         return
-    async for chunk in request.stream():
-        budget -= len(chunk)
-        if budget <= 0:
-            return
+    try:
+        await asyncio.wait_for(drop(), DRAIN_TIMEOUT_S)
+    except (asyncio.TimeoutError, ClientDisconnect):
+        pass
 
 
 async def image_bytes(request: Any, max_bytes: int, drain_bytes: int = 0) -> bytes:
@@ -122,7 +136,7 @@ async def _multipart_image(request: Any, max_bytes: int, drain_bytes: int = 0) -
 
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        await read_body(request, max_bytes, drain_bytes)  # drains, then raises the 413
+        await read_body(request, max_bytes, drain_bytes)  # drains (bounded), then raises the 413
     try:
         form = await request.form(max_files=1, max_fields=10, max_part_size=max_bytes)
     except Exception as exc:  # starlette raises MultiPartException / HTTPException for malformed bodies
