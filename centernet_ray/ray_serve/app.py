@@ -77,6 +77,8 @@ class DetectionModel:
         source = user_config["checkpoint"]
         if self.state is None or source != self.state.source:
             self._swap(await asyncio.to_thread(self._load, source))
+        if self._poller is not None and self._poller.done():
+            self._poller = None
         if self.poll_s > 0 and "@" in source and source.startswith("models:/") and self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._follow_alias())
 
@@ -93,10 +95,14 @@ class DetectionModel:
         while True:
             await asyncio.sleep(self.poll_s)
             state = self.state
+            if not (state.source.startswith("models:/") and "@" in state.source):
+                return  # reconfigured to a fixed checkpoint: nothing to follow
             try:
                 _, version = await asyncio.to_thread(resolve_model_uri, state.source, self.tracking_uri)
                 if version != state.version:
-                    self._swap(await asyncio.to_thread(self._load, state.source))
+                    loaded = await asyncio.to_thread(self._load, state.source)
+                    if self.state is state:  # a reconfigure meanwhile wins over the alias
+                        self._swap(loaded)
             except Exception as exc:  # the registry unreachable or a bad new version: keep serving the current one
                 log.warning("could not follow %s (still serving %s): %s", state.source, state.version, exc)
 
@@ -122,7 +128,7 @@ class DetectionModel:
         answers = []
         for det, limit, threshold in zip(found, max_detections, thresholds):
             keep = np.flatnonzero(det.scores > threshold)[:limit]  # scores come sorted, highest first
-            answers.append({"model": state.version, "detections": [
+            answers.append({"model": state.version, "labels": state.loaded.class_names, "detections": [
                 {"bbox": [float(v) for v in det.boxes[i]], "score": float(det.scores[i]),
                  "category_id": int(state.loaded.category_ids[det.classes[i]]),
                  "label": state.loaded.class_names[det.classes[i]]} for i in keep]})
@@ -204,7 +210,7 @@ class DetectionAPI:
         if params.format == "png":
             from centernet_ray.drawing import detections_png
 
-            labels = [c["label"] for c in (await self.model.metadata.remote())["classes"]]
+            labels = answer["labels"]  # the answering model's classes (another replica may hold another version)
             boxes = torch.tensor([d["bbox"] for d in detections], dtype=torch.float32).reshape(-1, 4)
             classes = [labels.index(d["label"]) for d in detections]
             png = await asyncio.to_thread(detections_png, image, boxes, classes, labels, [d["score"] for d in detections])
