@@ -140,15 +140,20 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, s
 
     if uri.startswith("runs:/"):
         return uri[len("runs:/"):].split("/")[0], uri
+    from mlflow.exceptions import MlflowException
+
     client = MlflowClient(tracking_uri)
     name, _, ref = uri[len("models:/"):].partition("@")
-    if ref:
-        model_version = client.get_model_version_by_alias(name, ref)
-    else:
-        name, _, number = name.partition("/")
-        if not number:
-            raise UserInputError(f"{uri}: name a version or an alias, e.g. models:/{name}@champion or models:/{name}/1")
-        model_version = client.get_model_version(name, number)
+    try:
+        if ref:
+            model_version = client.get_model_version_by_alias(name, ref)
+        else:
+            name, _, number = name.partition("/")
+            if not number:
+                raise UserInputError(f"{uri}: name a version or an alias, e.g. models:/{name}@champion or models:/{name}/1")
+            model_version = client.get_model_version(name, number)
+    except MlflowException as exc:  # no such model, version or alias in this store
+        raise UserInputError(f"{uri}: {exc.message} (store: {tracking_uri or 'the default'})") from None
     if not model_version.run_id:
         raise UserInputError(f"{uri} has no source run to take the checkpoint from")
     return model_version.run_id, f"{model_version.name}/{model_version.version}"
@@ -160,9 +165,14 @@ def fetch_checkpoint(uri: str, directory: str, tracking_uri: str | None = None) 
     Returns (local checkpoint path, the source run id, a version label: ``name/3`` or the URI)."""
     import mlflow
 
+    from mlflow.exceptions import MlflowException
+
     run_id, version = resolve_model_uri(uri, tracking_uri)
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}",
-                                               dst_path=directory, tracking_uri=tracking_uri)
+    try:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"checkpoint/{CHECKPOINT_FILE}",
+                                                   dst_path=directory, tracking_uri=tracking_uri)
+    except MlflowException as exc:  # no such run, or a run without a checkpoint
+        raise UserInputError(f"{uri}: no checkpoint/{CHECKPOINT_FILE} in run {run_id}: {exc.message}") from None
     return path, run_id, version
 
 

@@ -122,14 +122,15 @@ def validation_batches(loaded: LoadedModel, batch_size: int = 16, max_images: in
 
 
 class _Timed:
-    """Wraps a detector's ``detect`` and adds up its time (parity needs each batch's detections too)."""
+    """Wraps a detector's ``detect``: at most ``k`` detections (the graph's K, for both sides), its
+    time added up, each batch's detections kept for the parity check."""
 
-    def __init__(self, detector: Any) -> None:
-        self.detector, self.seconds, self.images, self.found = detector, 0.0, 0, []
+    def __init__(self, detector: Any, k: int) -> None:
+        self.detector, self.k, self.seconds, self.images, self.found = detector, k, 0.0, 0, []
 
-    def detect(self, images: torch.Tensor, *args: Any, **kwargs: Any) -> list[Detections]:
+    def detect(self, images: torch.Tensor, *args: Any, k: int = EVAL_TOP_K, **kwargs: Any) -> list[Detections]:
         started = time.perf_counter()
-        found = self.detector.detect(images, *args, **kwargs)
+        found = self.detector.detect(images, *args, k=min(k, self.k), **kwargs)
         self.seconds += time.perf_counter() - started
         self.images += len(found)
         self.found += found
@@ -139,8 +140,9 @@ class _Timed:
 def check_export(loaded: LoadedModel, onnx_path: str | Path, batch_size: int = 16, max_images: int | None = None,
                  images: str | None = None, annotations: str | None = None) -> ExportCheck:
     """Run PyTorch (float32, this process's CPU) and the ONNX file on the validation set; compare."""
-    torch_side = _Timed(Detector(loaded.model.float(), loaded.config.data.input_size, "cpu"))
-    onnx_side = _Timed(OnnxDetector(onnx_path))
+    exported = OnnxDetector(onnx_path)
+    torch_side = _Timed(Detector(loaded.model.float(), loaded.config.data.input_size, "cpu"), exported.max_detections)
+    onnx_side = _Timed(exported, exported.max_detections)
     results = {}
     for name, side in (("torch", torch_side), ("onnx", onnx_side)):
         batches, instances = validation_batches(loaded, batch_size, max_images, images, annotations)
