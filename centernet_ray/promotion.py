@@ -92,16 +92,22 @@ def _decide(client, champion, version: str, run_id: str, ap: float, export_passe
     return True, f"AP {ap:.4f} beats the champion's (version {champion.version}) {their_ap:.4f}"
 
 
-def export_and_promote(config: Config, checkpoint: str, run_id: str, ap: float) -> Promotion:
-    """After a training run with ``tracking.registered_model``: export the final checkpoint to ONNX,
-    check it on the validation set (logged to the run under ``onnx/``), then :func:`promote`."""
+def export_and_promote(config: Config, run_id: str, ap: float) -> Promotion:
+    """After a training run with ``tracking.registered_model``: export the checkpoint the run logged
+    (``runs:/<run>/checkpoint``, what its registered version serves), check it on the validation
+    set (logged to the run under ``onnx/``), then :func:`promote`. A failing export or check is a
+    reason not to promote, not a failed run."""
     from centernet_ray.export.job import run_export
     from centernet_ray.storage import tracking_uri
 
     uri = tracking_uri(config.tracking.tracking_uri)
-    with tempfile.TemporaryDirectory() as folder:
-        exported = run_export(checkpoint, folder, max_images=config.tracking.export_check_images or None,
-                              tracking_uri=uri)
-    check = exported.check
-    return promote(uri, config.tracking.registered_model, run_id, ap, check.passed, check.reason,
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            check = run_export(f"runs:/{run_id}/checkpoint", folder, tracking_uri=uri,
+                               max_images=config.tracking.export_check_images or None).check
+        passed, reason = check.passed, check.reason
+    except Exception as exc:  # onnxruntime, unreadable validation images, the store: say why, keep the run
+        log.exception("the export check of run %s failed", run_id)
+        passed, reason = False, f"{type(exc).__name__}: {exc}"
+    return promote(uri, config.tracking.registered_model, run_id, ap, passed, reason,
                    config.tracking.candidate_alias, config.tracking.champion_alias)

@@ -64,3 +64,16 @@ def test_a_version_the_run_registered_itself_is_reused_and_custom_aliases(store)
     client.create_model_version("logged", f"runs:/{run_id}/model", run_id=run_id)  # as log_model registers
     result = promote(uri, "logged", run_id, 0.3, export_passed=True, candidate_alias="staging", champion_alias="prod")
     assert result.version == "1" and _aliases(client, "logged") == {"staging": "1", "prod": "1"}
+
+
+def test_an_export_that_cannot_run_is_a_reason_not_to_promote_not_a_failed_run(store):
+    from centernet_ray.config import load_config
+    from centernet_ray.promotion import export_and_promote
+
+    uri, client, run = store
+    config = load_config(None, [f"tracking.tracking_uri={uri}", "tracking.registered_model=no-checkpoint"])
+    run_id = run(0.5)  # a run that logged no checkpoint
+    result = export_and_promote(config, run_id, 0.5)
+    assert not result.promoted and result.reason.startswith("the export check failed: UserInputError: ")
+    assert f"no checkpoint/checkpoint.pt in run {run_id}" in result.reason
+    assert _aliases(client, "no-checkpoint") == {"candidate": "1"}

@@ -128,11 +128,15 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     dropped = ray.get(report.get.remote())["counts"]
     summary = TrainSummary(stats, checkpoint.path if checkpoint else None, metrics.get("mlflow_run_id"),
                            time.perf_counter() - started, int(metrics.get("epoch", 0)), dropped)
-    if config.tracking.registered_model and summary.mlflow_run_id and summary.checkpoint:
+    if config.tracking.registered_model and summary.mlflow_run_id:
         from centernet_ray.promotion import export_and_promote
 
-        summary.promotion = export_and_promote(storage.with_absolute_paths(config), summary.checkpoint,
-                                               summary.mlflow_run_id, summary.stats["AP"]).describe()
+        try:  # the run is trained and tracked whatever the registry says
+            summary.promotion = export_and_promote(storage.with_absolute_paths(config), summary.mlflow_run_id,
+                                                   summary.stats["AP"]).describe()
+        except Exception as exc:  # the model registry unreachable or refusing
+            log.exception("registering run %s failed", summary.mlflow_run_id)
+            summary.promotion = f"not registered: {type(exc).__name__}: {exc}"
     if summary.mlflow_run_id:
         describe_run(config, summary.mlflow_run_id, summary_markdown(summary, config, source or command_line()))
     return summary
