@@ -69,7 +69,7 @@ async def soak(url: str, plan: list[tuple[str, bytes, str, dict, int]], clients:
                                         headers={"Content-Type": content_type}) as response:
                     await response.read()
                     status = response.status
-            except aiohttp.ClientError:
+            except (aiohttp.ClientError, asyncio.TimeoutError):  # counted as failed, the soak goes on
                 status = 0
             results.append((kind, expected, status, time.perf_counter() - start))
 
