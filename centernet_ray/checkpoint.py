@@ -92,7 +92,11 @@ class LoadedModel:
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild the model a checkpoint was trained with, in eval mode on ``device``, with the weights it
     was evaluated with: the EMA when the run kept one, else the trained weights."""
-    state = load_checkpoint(path)
+    return model_from_state(load_checkpoint(path), device)
+
+
+def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu") -> LoadedModel:
+    """:func:`model_from_checkpoint` for a checkpoint dict already read (``load_checkpoint``)."""
     config = config_from_dict(state["config"])
     # the checkpoint's weights replace any pretrained ones: never download them here
     model = build_model(dataclasses.replace(config.model, pretrained=None), num_classes=len(state["class_names"]))

@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from centernet_ray.checkpoint import fetch_checkpoint, is_mlflow_uri, load_checkpoint, model_from_checkpoint
+from centernet_ray.checkpoint import fetch_checkpoint, is_mlflow_uri, load_checkpoint, model_from_state
 from centernet_ray.export.check import ExportCheck, check_export
 from centernet_ray.export.graph import export_onnx
 
@@ -42,9 +42,9 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
         path, version = source, Path(source.rstrip("/")).name
         if is_mlflow_uri(source):
             path, run_id, version = fetch_checkpoint(source, tmp, tracking_uri)
-        state = load_checkpoint(path)
+        state = load_checkpoint(path)  # read once: the model and the run it was trained in
         run_id = run_id or state.get("mlflow_run_id")
-        loaded = model_from_checkpoint(path)
+        loaded = model_from_state(state)
     onnx_path = export_onnx(loaded, output / ONNX_FILE, k, f"{version}@epoch{loaded.epoch}")
     result = check_export(loaded, onnx_path, max_images=max_images, images=images, annotations=annotations) if check else None
     report = {"source": source, "onnx": str(onnx_path), "epoch": loaded.epoch, "max_detections": k,
