@@ -121,8 +121,9 @@ class DetectionModel:
                            thresholds: list[float]) -> list[dict[str, Any]]:
         """inputs: (letterboxed uint8 [3, H_in, W_in], input->original [2, 3], original (w, h)) per request."""
         state, started = self.state, time.perf_counter()
-        images, matrices = _fit_to_input([torch.from_numpy(i[0]) for i in inputs],
-                                         [torch.from_numpy(i[1]) for i in inputs], state.detector.input_size)
+        # torch.tensor copies: arrays from Ray's object store are read-only (torch warns on from_numpy)
+        images, matrices = _fit_to_input([torch.tensor(i[0]) for i in inputs],
+                                         [torch.tensor(i[1]) for i in inputs], state.detector.input_size)
         sizes = torch.from_numpy(np.stack([i[2] for i in inputs]))
         found = state.detector.detect(images, matrices, sizes, k=max(max_detections), score_threshold=0.0)
         answers = []
