@@ -239,8 +239,14 @@ class RunTracker:
         # Batch 2, not 1: torch.export specialises a dimension whose example size is 0 or 1, which
         # would make the logged model reject every batch size but 1.
         example = np.zeros((2, 3, *input_size), dtype=np.float32)
+        # The requirements are stated, not inferred: inferring them loads the model in a subprocess
+        # (~9 s of CPU at the end of every run) to find what a pt2 graph needs anyway, torch. The
+        # serving-input check is off because MLflow's pyfunc wrapper expects one output tensor and
+        # the network answers a dict of heads: the check could only print a misleading warning.
         mlflow.pytorch.log_model(model.eval(), name="model", input_example=example, signature=signature,
-                                 serialization_format="pt2", registered_model_name=registered_name or None)
+                                 serialization_format="pt2", registered_model_name=registered_name or None,
+                                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                                 validate_serving_input=False)
 
     def close(self) -> None:
         self.mlflow.end_run()

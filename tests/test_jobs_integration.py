@@ -191,6 +191,8 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     assert [(m.name, m.source_run_id) for m in models] == [("model", run.info.run_id)], models
     local = mlflow.artifacts.download_artifacts(artifact_uri=models[0].artifact_location,
                                                 dst_path=str(tmp_path / "model"), tracking_uri=mlflow_server.uri)
+    requirements = (Path(local) / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements and any(r.startswith("mlflow") for r in requirements)
     model = mlflow.pytorch.load_model(local)
     with torch.no_grad():
         outputs = model(torch.zeros(2, 3, 64, 64))
