@@ -28,6 +28,9 @@ def test_serve_yaml_matches_serves_schema_and_builds_the_application(untrained_c
     assert model.ray_actor_options["num_gpus"] == 1
     assert deployment_config(model).autoscaling_config.max_replicas == 4
     assert deployment_config(model).max_ongoing_requests >= app.args["max_batch_size"]
+    # a stopping endpoint fits Kubernetes' 30 s between SIGTERM and SIGKILL: the two deployments
+    # stop one after the other, each waiting at most this long for its requests in flight
+    assert sum(deployment_config(d).graceful_shutdown_timeout_s for d in (ingress, model)) <= 20
 
 
 def test_build_app_rejects_a_missing_checkpoint_and_unknown_keys(untrained_checkpoint):

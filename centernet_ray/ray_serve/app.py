@@ -47,6 +47,12 @@ class ServedState:
     source: str
 
 
+# A stopping replica finishes its requests in flight, checking every 0.5 s (Serve's default: 2 s), for
+# at most 10 s (default: 20 s): the two deployments stop one after the other, and with Serve's defaults
+# a loaded endpoint could outlast the 30 s Kubernetes gives a pod between SIGTERM and SIGKILL.
+SHUTDOWN_OPTIONS = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": 10.0}
+
+
 @serve.deployment(name="DetectionModel")
 class DetectionModel:
     """One model replica: batches of letterboxed images in, detections (original pixels) out."""
@@ -262,6 +268,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     keys_required = bool(args.pop("api_keys_required", False))
     settings = config_from_dict({"serve": {**dataclasses.asdict(base), **args}}).serve
     model_options: dict[str, Any] = {
+        **SHUTDOWN_OPTIONS,
         "ray_actor_options": {"num_gpus": settings.num_gpus, "num_cpus": 1},
         # Eight batches deep: requests wait in the replica's batch queue, not in the router, whose
         # back-off cut 64 clients to 12 req/s at a depth of 16 (66 req/s at 64; BENCHMARKS.md)
@@ -277,5 +284,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     model = DetectionModel.options(**model_options).bind(flip_test, settings.max_batch_size,
                                                           settings.batch_wait_timeout_s, tracking_uri,
                                                           settings.model_poll_s)
-    return DetectionAPI.options(max_ongoing_requests=settings.ingress_max_ongoing_requests).bind(
+    return DetectionAPI.options(max_ongoing_requests=settings.ingress_max_ongoing_requests, **SHUTDOWN_OPTIONS).bind(
         model, settings, keys_required)
