@@ -229,27 +229,35 @@ class RunTracker:
         self.mlflow.log_table(data, artifact_file=file_name)
 
     def model(self, model: Any, input_size: tuple[int, int], registered_name: str = "") -> None:
-        """Log the model in MLflow's ``pt2`` format (a traced graph: loading it runs no pickle)."""
-        import mlflow.pytorch
-        import numpy as np
-        from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
-
-        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, *input_size))]))
-        # Batch 2, not 1: torch.export specialises a dimension whose example size is 0 or 1, which
-        # would make the logged model reject every batch size but 1.
-        example = np.zeros((2, 3, *input_size), dtype=np.float32)
-        # The requirements are stated, not inferred: inferring them loads the model in a subprocess
-        # (~9 s of CPU at the end of every run) to find what a pt2 graph needs anyway, torch. The
-        # serving-input check is off because MLflow's pyfunc wrapper expects one output tensor and
-        # the network answers a dict of heads: the check could only print a misleading warning.
-        mlflow.pytorch.log_model(model.eval(), name="model", input_example=example, signature=signature,
-                                 serialization_format="pt2", registered_model_name=registered_name or None,
-                                 pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-                                 validate_serving_input=False)
+        """Log the model to this run (see :func:`log_model`)."""
+        log_model(model, input_size, registered_name)
 
     def close(self) -> None:
         self.mlflow.end_run()
+
+
+def log_model(model: Any, input_size: tuple[int, int], registered_name: str = "") -> None:
+    """Log ``model`` (inputs ``[B, 3, H, W]`` float32 at ``input_size``) to the active MLflow run in
+    MLflow's ``pt2`` format (a traced graph: loading it runs no pickle), registered as
+    ``registered_name`` when given."""
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, *input_size))]))
+    # Batch 2, not 1: torch.export specialises a dimension whose example size is 0 or 1, which
+    # would make the logged model reject every batch size but 1.
+    example = np.zeros((2, 3, *input_size), dtype=np.float32)
+    # The requirements are stated, not inferred: inferring them loads the model in a subprocess
+    # (~9 s of CPU at the end of every run, benchmarks/log_model.py) to find what a pt2 graph needs
+    # anyway, torch. The serving-input check is off because MLflow's pyfunc wrapper expects one
+    # output tensor and the network answers a dict of heads: the check could only print a
+    # misleading warning.
+    mlflow.pytorch.log_model(model.eval(), name="model", input_example=example, signature=signature,
+                             serialization_format="pt2", registered_model_name=registered_name or None,
+                             pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+                             validate_serving_input=False)
 
 
 def describe_run(config: Config, run_id: str, markdown: str) -> None:
