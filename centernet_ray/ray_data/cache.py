@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 STORE_SHARE = 0.5  # of the cluster's object store the cache may fill without data.cache_force
 BOX_BYTES = 4 * 4 + 8  # a box and its label, as the cache holds them
+# Rows per augmentation task: the per-epoch work on a cached row is a fraction of a millisecond, so
+# at data.preprocess_batch_size (32) rows a task, Ray's per-task cost was most of the stage's CPU:
+# 1.49 ms of machine CPU per row at 32, 0.80 at 128, 0.69 at 256, 0.70 at 512
+# (benchmarks/cache_augment.py). Augmentation seeds are per image: the grouping changes no row.
+AUGMENT_TASK_ROWS = 256
 
 
 def estimate_bytes(parquet_dir: str, config: Config, train: bool) -> int:
@@ -95,5 +100,6 @@ def cached_datasets(train_dir: str, val_dir: str, config: Config, *, report: Any
         cached[name] = dataset.materialize()
         log.info("data.cache: %s split cached: %d rows, %.1f MB", name, cached[name].count(),
                  cached[name].size_bytes() / 1e6)
-    train = preprocess_stage(cached["train"], config, train=True, report=report, clock=clock, method="augment")
+    train = preprocess_stage(cached["train"], config, train=True, report=report, clock=clock, method="augment",
+                             batch_size=max(AUGMENT_TASK_ROWS, config.data.preprocess_batch_size))
     return {"train": train, "val": cached["val"]}
