@@ -53,6 +53,11 @@ class ServedState:
 SHUTDOWN_OPTIONS = {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": 10.0}
 
 
+def _names_an_alias(source: str) -> bool:
+    """Whether ``source`` is a registry alias (``models:/name@alias``), which can move."""
+    return source.startswith("models:/") and "@" in source
+
+
 @serve.deployment(name="DetectionModel")
 class DetectionModel:
     """One model replica: batches of letterboxed images in, detections (original pixels) out."""
@@ -85,7 +90,7 @@ class DetectionModel:
             self._swap(await asyncio.to_thread(self._load, source))
         if self._poller is not None and self._poller.done():
             self._poller = None
-        if self.poll_s > 0 and "@" in source and source.startswith("models:/") and self._poller is None:
+        if self.poll_s > 0 and _names_an_alias(source) and self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._follow_alias())
 
     def _swap(self, state: ServedState) -> None:
@@ -101,7 +106,7 @@ class DetectionModel:
         while True:
             await asyncio.sleep(self.poll_s)
             state = self.state
-            if not (state.source.startswith("models:/") and "@" in state.source):
+            if not _names_an_alias(state.source):
                 return  # reconfigured to a fixed checkpoint: nothing to follow
             try:
                 _, version = await asyncio.to_thread(resolve_model_uri, state.source, self.tracking_uri)
