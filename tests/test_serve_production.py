@@ -108,7 +108,13 @@ def _metric_lines(text: str, name: str) -> list[str]:
 
 def test_application_metrics_are_scraped_from_rays_prometheus_endpoint(served):
     """The URL `centernet-ray serve` logs; counts by status and kind, batch sizes, model latency."""
-    url = re.search(r"metrics \(Prometheus\): (http://\S+)", served["log"].read_text()).group(1)
+    # the command logs the URL once `serve.run` returns, which can be after /healthz first answers
+    deadline, found = time.time() + 60, None
+    while found is None and time.time() < deadline:
+        found = re.search(r"metrics \(Prometheus\): (http://\S+)", served["log"].read_text())
+        time.sleep(0.5)
+    assert found, served["log"].read_text()[-3000:]
+    url = found.group(1)
     assert _post(served["url"], served["image"], key=None).status_code == 401
     assert _post(served["url"], b"not an image").status_code == 400
     for _ in range(3):
