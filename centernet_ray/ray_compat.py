@@ -40,6 +40,15 @@ def validate_label_selector(selector: dict[str, str]) -> str | None:
     return check(selector)
 
 
+# Ray Train's own switch (ray/train/v2/_internal/constants.py, propagated from the driver to its
+# controller and workers). Not version-checked: were it renamed, a run would only start the watcher again.
+SINGLE_NODE_TRAIN_ENV = {
+    # The PreemptionWatcher actor listens for notices that a node is about to be reclaimed (spot
+    # instances); on a Ray of one machine there is no other node, and it is one more process per run.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
 def execution_options(data_config: Any, dataset_name: str) -> Any:
     """The ``ExecutionOptions`` a Ray Train ``DataConfig`` gives dataset ``dataset_name`` (its
     resource limits and locality), for a subclass that adds to them in ``configure``."""

@@ -10,6 +10,7 @@ import ray
 import ray.data
 
 from centernet_ray.console import is_terminal
+from centernet_ray.ray_compat import SINGLE_NODE_TRAIN_ENV
 from centernet_ray.storage import is_node_local_store
 from centernet_ray.tracking import running_as_ray_job
 
@@ -31,6 +32,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         log.info("connected to Ray cluster: %s", ray.cluster_resources())
         return
     cpus = num_cpus or max(8, os.cpu_count() or 1)
+    for name, value in SINGLE_NODE_TRAIN_ENV.items():  # before ray.init: Ray's processes inherit them
+        os.environ.setdefault(name, value)
     # The dashboard (on 127.0.0.1 only) serves Ray's State API, which Ray Train's PlacementGroupCleaner
     # needs: without it the placement group of a Train run whose driver was killed (a trial stopped
     # by ASHA) is never removed, and its CPUs stay reserved until Ray stops.

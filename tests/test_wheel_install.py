@@ -83,4 +83,7 @@ def test_a_two_step_train_of_the_demo_from_an_empty_folder(installed, tmp_path):
     # a file a person can read: no colour codes, no cursor movements of progress bars, no overwritten lines
     assert "\x1b" not in output and "\r" not in output, [line for line in output.splitlines() if "\x1b" in line][:5]
     assert "Running Dataset" in output or "dataset" in output.lower()  # Ray Data's progress, as plain lines
+    # the local Ray the command starts has no node to be preempted: no watcher (and not its error-level
+    # "constructor arguments in the object store" line in every run's output)
+    assert "PreemptionWatcher" not in output
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "outputs" / "ray_results").is_dir()
