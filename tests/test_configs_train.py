@@ -4,7 +4,9 @@ that point it at a tiny synthetic dataset at 128x128 on the CPU, one epoch of tw
 The list is read from the directory, so a config added without passing this cannot land. What
 the overrides change is only what this machine cannot run (COCO, ImageNet weights, GPUs, the
 official batch sizes and epoch counts); the model, loss, targets, augmentation preset, optimizer
-and schedule are each config's own.
+and schedule are each config's own. Configs whose runs here would be the same job run once:
+coco_dla34_1x and coco_dla34_2x differ only in their epochs and LR step epochs, which a one-epoch
+run overrides and never reaches.
 """
 
 import json
@@ -27,13 +29,55 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "centernet_ray" / "confi
 HEAVY = ("dla34", "hourglass104")  # built and trained on the CPU: the heavy_model marker's models
 
 
-def _param(path: Path):
-    heavy = load_config(path).model.backbone in HEAVY
-    return pytest.param(path, id=path.stem, marks=[pytest.mark.heavy_model] if heavy else [])
+def _overrides(data_root: str, storage: str, run_name: str) -> list[str]:
+    return [
+        f"data.root={data_root}", "data.train_images=", "data.train_annotations=", "data.val_images=",
+        "data.val_annotations=", "data.parquet_dir=parquet", "data.input_size=[128,128]",
+        "data.preprocess_max_actors=1", "data.preprocess_batch_size=2",
+        "model.pretrained=null",  # ImageNet / DLA weights cannot be downloaded here; loading them is tested apart
+        "train.use_gpu=false", "train.num_workers=1", "train.batch_size=2", "train.epochs=1",
+        "train.eval_every=1", "train.checkpoint_every=1", f"train.storage_path={storage}",
+        f"train.run_name={run_name}",
+        "tracking.log_model=false",
+    ]
+
+
+def _job_under_test(path: Path) -> str:
+    """What the run of ``path`` here trains, as JSON: its config under this module's overrides, less
+    the LR step epochs that a one-epoch run never reaches."""
+    train = load_config(path, _overrides("shapes", "runs", "run")).to_dict()
+    train["train"]["lr_steps"] = [epoch for epoch in train["train"]["lr_steps"] if epoch < train["train"]["epochs"]]
+    return json.dumps(train, sort_keys=True)
+
+
+def _jobs() -> list[list[Path]]:
+    """The configs grouped by the job their run here would be, in directory order."""
+    groups: dict[str, list[Path]] = {}
+    for path in CONFIGS:
+        groups.setdefault(_job_under_test(path), []).append(path)
+    return list(groups.values())
+
+
+def _param(configs: list[Path]):
+    heavy = load_config(configs[0]).model.backbone in HEAVY
+    return pytest.param(configs, id="+".join(path.stem for path in configs),
+                        marks=[pytest.mark.heavy_model] if heavy else [])
 
 
 def test_the_config_directory_is_found():
     assert len(CONFIGS) >= 6, CONFIGS
+
+
+def test_configs_that_share_a_run_differ_only_in_the_schedule_length():
+    """The grouping saves a run only where the configs are one model and recipe on a longer schedule."""
+    shared = [configs for configs in _jobs() if len(configs) > 1]
+    assert [[path.stem for path in configs] for configs in shared] == [["coco_dla34_1x", "coco_dla34_2x"]]
+    for configs in shared:
+        first, *others = [load_config(path).to_dict() for path in configs]
+        for other in others:
+            differing = {(section, key) for section in first for key in first[section]
+                         if first[section][key] != other[section][key]}
+            assert differing - {("train", "run_name")} == {("train", "epochs"), ("train", "lr_steps")}, differing
 
 
 @pytest.fixture(scope="module")
@@ -44,23 +88,15 @@ def tiny_data(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)  # every config's MLflow artifacts: Hourglass-104's checkpoint alone is 2.3 GB
 
 
-@pytest.mark.parametrize("config", [_param(path) for path in CONFIGS])
-def test_config_trains_through_the_cli_and_reports_coco_stats(config, tiny_data, ray_session, tmp_path, monkeypatch):
+@pytest.mark.parametrize("configs", [_param(configs) for configs in _jobs()])
+def test_config_trains_through_the_cli_and_reports_coco_stats(configs, tiny_data, ray_session, tmp_path, monkeypatch):
     """...and its MLflow run is where the user looks: no tracking settings, so `./mlflow.db` of the
     directory the command ran in (the workers run in Ray's session folder)."""
+    config = configs[0]
     dataset, root = tiny_data
     monkeypatch.chdir(root)  # relative data paths, as a user types them: the workers run elsewhere
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    overrides = [
-        f"data.root={dataset.relative_to(root)}", "data.train_images=", "data.train_annotations=", "data.val_images=",
-        "data.val_annotations=", "data.parquet_dir=parquet", "data.input_size=[128,128]",
-        "data.preprocess_max_actors=1", "data.preprocess_batch_size=2",
-        "model.pretrained=null",  # ImageNet / DLA weights cannot be downloaded here; loading them is tested apart
-        "train.use_gpu=false", "train.num_workers=1", "train.batch_size=2", "train.epochs=1",
-        "train.eval_every=1", "train.checkpoint_every=1", f"train.storage_path={tmp_path / 'runs'}",
-        f"train.run_name={config.stem}",
-        "tracking.log_model=false",
-    ]
+    overrides = _overrides(str(dataset.relative_to(root)), str(tmp_path / "runs"), config.stem)
     summary_path = tmp_path / "summary.json"
     assert main(["train", str(config), *overrides, "--summary-json", str(summary_path)]) == 0
     run_id = json.loads(summary_path.read_text())["mlflow_run_id"]
