@@ -158,11 +158,15 @@ def test_torch_trainer_workers_stream_their_shards_with_collated_targets(ray_ses
 
 
 @pytest.mark.parametrize("augment", ["flip", "centernet"])
-def test_the_cached_pipeline_yields_the_uncached_pipeline_s_rows_every_epoch(ray_session, parquet, augment):
+def test_the_cached_pipeline_yields_the_uncached_pipeline_s_rows_every_epoch(ray_session, parquet, augment,
+                                                                             monkeypatch):
     """data.cache: decoded once into the object store, augmented per epoch: epoch by epoch the same
-    rows as the uncached stage (same seed), new augmentations each epoch, validation cached whole."""
+    rows as the uncached stage (same seed), new augmentations each epoch, validation cached whole;
+    the one augmentation task hands its 24 rows on in blocks of about AUGMENT_BLOCK_ROWS."""
+    from centernet_ray.ray_data import cache
     from centernet_ray.ray_data.pipeline import EpochClock, PipelineReport, preprocessed_dataset, training_datasets
 
+    monkeypatch.setattr(cache, "AUGMENT_BLOCK_ROWS", 8)
     config = load_config(None, [*SMALL, "data.preprocess_compute=tasks", f"data.augment={augment}", "data.cache=true"])
     clock, report = EpochClock.remote(), PipelineReport.remote()
     cached = training_datasets(str(parquet / "train"), str(parquet / "val"), config, report=report, clock=clock)
@@ -179,6 +183,7 @@ def test_the_cached_pipeline_yields_the_uncached_pipeline_s_rows_every_epoch(ray
         if epoch == 0:
             first = got
     assert sum(not np.array_equal(first[k][0], got[k][0]) for k in got) >= 4  # flip: half of them, by chance
+    assert cached["train"].materialize().num_blocks() == 3  # 8 or 9, 8 or 9, the rest
     val = epoch_images(preprocessed_dataset(str(parquet / "val"), config, train=False))
     cached_val = epoch_images(cached["val"])
     assert cached_val.keys() == val.keys() and all(np.array_equal(cached_val[k][0], val[k][0]) for k in val)

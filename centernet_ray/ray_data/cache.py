@@ -41,6 +41,18 @@ BOX_BYTES = 4 * 4 + 8  # a box and its label, as the cache holds them
 # 1.49 ms of machine CPU per row at 32, 0.80 at 128, 0.69 at 256, 0.70 at 512
 # (benchmarks/cache_augment.py). Augmentation seeds are per image: the grouping changes no row.
 AUGMENT_TASK_ROWS = 256
+# ...but its output goes to the trainers in blocks of about this many rows, not one block per task:
+# two workers splitting 2,000 rows equally (benchmarks/epoch_start.py, no training) wait 0.54 s for
+# an epoch's first batch with 256-row blocks, 0.33 s with 64 and 0.29 s with 32; smaller blocks cost
+# more to hand over (the whole epoch: 1.41 s, 2.02 s, 2.09 s), which training at ~160 img/s hides.
+AUGMENT_BLOCK_ROWS = 64
+
+
+def augmented_row_bytes(config: Config) -> int:
+    """Bytes of one row out of ``Preprocessor.augment`` (see ``Preprocessor._pack``): the uint8 image
+    at input size, the padded boxes (float32) and classes (int32), and the per-image scalars."""
+    height, width = config.data.input_size
+    return 3 * height * width + config.targets.max_objects * (4 * 4 + 4) + 4 + 8 + 2 * 3 * 4 + 2 * 4
 
 
 def estimate_bytes(parquet_dir: str, config: Config, train: bool) -> int:
@@ -102,4 +114,6 @@ def cached_datasets(train_dir: str, val_dir: str, config: Config, *, report: Any
                  cached[name].size_bytes() / 1e6)
     train = preprocess_stage(cached["train"], config, train=True, report=report, clock=clock, method="augment",
                              batch_size=max(AUGMENT_TASK_ROWS, config.data.preprocess_batch_size))
+    # Ray Data cuts a task's output into blocks of the target size (128 MiB by default)
+    train.context.target_max_block_size = AUGMENT_BLOCK_ROWS * augmented_row_bytes(config)
     return {"train": train, "val": cached["val"]}
