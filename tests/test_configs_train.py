@@ -45,9 +45,9 @@ def _overrides(data_root: str, storage: str, run_name: str) -> list[str]:
 def _job_under_test(path: Path) -> str:
     """What the run of ``path`` here trains, as JSON: its config under this module's overrides, less
     the LR step epochs that a one-epoch run never reaches."""
-    train = load_config(path, _overrides("shapes", "runs", "run")).to_dict()
-    train["train"]["lr_steps"] = [epoch for epoch in train["train"]["lr_steps"] if epoch < train["train"]["epochs"]]
-    return json.dumps(train, sort_keys=True)
+    job = load_config(path, _overrides("shapes", "runs", "run")).to_dict()
+    job["train"]["lr_steps"] = [epoch for epoch in job["train"]["lr_steps"] if epoch < job["train"]["epochs"]]
+    return json.dumps(job, sort_keys=True)
 
 
 def _jobs() -> list[list[Path]]:
