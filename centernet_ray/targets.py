@@ -178,19 +178,27 @@ def render_targets(boxes: torch.Tensor | np.ndarray, classes: torch.Tensor | np.
     Returns: heatmap [B, C, H, W] float32, index [B, max_objects] int64, mask [B, max_objects] uint8,
     size [B, max_objects, 2], offset [B, max_objects, 2] float32.
     """
-    boxes = torch.as_tensor(boxes)
-    device = torch.device(device) if device is not None else boxes.device
+    # numpy input stays numpy until needed: Ray Data hands over read-only arrays, which torch.as_tensor
+    # would share with a warning that writing to them is undefined
+    device = torch.device(device) if device is not None else (boxes.device if isinstance(boxes, torch.Tensor)
+                                                              else torch.device("cpu"))
     if method == "loop" or (method == "auto" and device.type == "cpu"):
-        boxes, classes, num_boxes = (np.asarray(torch.as_tensor(x).cpu()) for x in (boxes, classes, num_boxes))
+        boxes, classes, num_boxes = (x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+                                     for x in (boxes, classes, num_boxes))
         encoded = [encode_targets(boxes[b, : num_boxes[b]], classes[b, : num_boxes[b]], num_classes, output_size,
                                   max_objects, min_overlap, formula) for b in range(len(num_boxes))]
         return {key: torch.from_numpy(np.stack([e[key] for e in encoded])).to(device)
                 for key in ("heatmap", "index", "mask", "size", "offset")}
-    return _render_vectorised(boxes, classes, num_boxes, num_classes, output_size, max_objects, min_overlap,
-                              formula, device)
+    return _render_vectorised(*(_writable_tensor(x) for x in (boxes, classes, num_boxes)), num_classes, output_size,
+                              max_objects, min_overlap, formula, device)
 
 
-def _render_vectorised(boxes: torch.Tensor, classes: Any, num_boxes: Any, num_classes: int,
+def _writable_tensor(values: Any) -> torch.Tensor:
+    """``values`` as a tensor; arrays are copied (sparse targets: a few KB per batch)."""
+    return values if isinstance(values, torch.Tensor) else torch.from_numpy(np.array(values))
+
+
+def _render_vectorised(boxes: torch.Tensor, classes: torch.Tensor, num_boxes: torch.Tensor, num_classes: int,
                        output_size: tuple[int, int], max_objects: int, min_overlap: float, formula: str,
                        device: torch.device) -> dict[str, torch.Tensor]:
     """:func:`render_targets` for all images and objects at once. The geometry is
@@ -199,8 +207,8 @@ def _render_vectorised(boxes: torch.Tensor, classes: Any, num_boxes: Any, num_cl
     over windows of the largest radius the map allows (a static bound: no host read)."""
     height, width = output_size
     box = boxes.to(device=device, dtype=torch.float64)
-    classes = torch.as_tensor(classes).to(device=device, dtype=torch.int64)
-    num_boxes = torch.as_tensor(num_boxes).to(device=device, dtype=torch.int64)
+    classes = classes.to(device=device, dtype=torch.int64)
+    num_boxes = num_boxes.to(device=device, dtype=torch.int64)
     batch, slots = box.shape[:2]
     present = torch.arange(slots, device=device)[None, :] < num_boxes[:, None]
 
