@@ -120,17 +120,8 @@ class Preprocessor:
         return self._pack(rows)
 
     def _pack(self, rows: list[tuple]) -> dict[str, np.ndarray]:
-        height, width = self.input_size
-        m = self.max_objects
-        out = {
-            "image": np.zeros((len(rows), 3, height, width), dtype=np.uint8),
-            "boxes": np.zeros((len(rows), m, 4), dtype=np.float32),
-            "classes": np.zeros((len(rows), m), dtype=np.int32),
-            "num_boxes": np.zeros(len(rows), dtype=np.int32),
-            "image_id": np.zeros(len(rows), dtype=np.int64),
-            "input_to_original": np.zeros((len(rows), 2, 3), dtype=np.float32),
-            "original_size": np.zeros((len(rows), 2), dtype=np.int32),
-        }
+        out = {name: np.zeros((len(rows), *shape), dtype=dtype)
+               for name, (shape, dtype) in packed_columns(self.input_size, self.max_objects).items()}
         for j, (image, boxes, classes, image_id, matrix, size) in enumerate(rows):
             out["image"][j] = image
             out["boxes"][j, : len(boxes)] = boxes
@@ -180,6 +171,26 @@ class Preprocessor:
                 self.report("boxes_beyond_max_objects", f"image_id={image_id}: {len(out_boxes)} > {self.max_objects}")
             out_boxes, classes = out_boxes[: self.max_objects], classes[: self.max_objects]
         return result.image.numpy(), out_boxes, classes, image_id, result.input_to_original.numpy(), size
+
+
+def packed_columns(input_size: tuple[int, int], max_objects: int) -> dict[str, tuple[tuple[int, ...], type]]:
+    """The preprocessed batch's columns: name -> (shape of one row, dtype)."""
+    height, width = input_size
+    return {
+        "image": ((3, height, width), np.uint8),
+        "boxes": ((max_objects, 4), np.float32),  # padded; num_boxes of them are objects
+        "classes": ((max_objects,), np.int32),
+        "num_boxes": ((), np.int32),
+        "image_id": ((), np.int64),
+        "input_to_original": ((2, 3), np.float32),
+        "original_size": ((2,), np.int32),
+    }
+
+
+def packed_row_bytes(input_size: tuple[int, int], max_objects: int) -> int:
+    """Bytes of one preprocessed row (see :func:`packed_columns`)."""
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+               for shape, dtype in packed_columns(input_size, max_objects).values())
 
 
 def _objects(arrays: list[np.ndarray]) -> np.ndarray:

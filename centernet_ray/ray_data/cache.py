@@ -28,6 +28,7 @@ import ray
 
 from centernet_ray import storage
 from centernet_ray.config import LETTERBOX_PRESETS, Config
+from centernet_ray.data.preprocess import packed_row_bytes
 from centernet_ray.errors import UserInputError
 from centernet_ray.ray_data.ingest import read_manifest
 from centernet_ray.ray_data.pipeline import preprocess_stage, read_rows
@@ -46,13 +47,6 @@ AUGMENT_TASK_ROWS = 256
 # an epoch's first batch with 256-row blocks, 0.33 s with 64 and 0.29 s with 32; smaller blocks cost
 # more to hand over (the whole epoch: 1.41 s, 2.02 s, 2.09 s), which training at ~160 img/s hides.
 AUGMENT_BLOCK_ROWS = 64
-
-
-def augmented_row_bytes(config: Config) -> int:
-    """Bytes of one row out of ``Preprocessor.augment`` (see ``Preprocessor._pack``): the uint8 image
-    at input size, the padded boxes (float32) and classes (int32), and the per-image scalars."""
-    height, width = config.data.input_size
-    return 3 * height * width + config.targets.max_objects * (4 * 4 + 4) + 4 + 8 + 2 * 3 * 4 + 2 * 4
 
 
 def estimate_bytes(parquet_dir: str, config: Config, train: bool) -> int:
@@ -115,5 +109,6 @@ def cached_datasets(train_dir: str, val_dir: str, config: Config, *, report: Any
     train = preprocess_stage(cached["train"], config, train=True, report=report, clock=clock, method="augment",
                              batch_size=max(AUGMENT_TASK_ROWS, config.data.preprocess_batch_size))
     # Ray Data cuts a task's output into blocks of the target size (128 MiB by default)
-    train.context.target_max_block_size = AUGMENT_BLOCK_ROWS * augmented_row_bytes(config)
+    train.context.target_max_block_size = AUGMENT_BLOCK_ROWS * packed_row_bytes(config.data.input_size,
+                                                                                config.targets.max_objects)
     return {"train": train, "val": cached["val"]}
