@@ -32,8 +32,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         log.info("connected to Ray cluster: %s", ray.cluster_resources())
         return
     cpus = num_cpus or max(8, os.cpu_count() or 1)
-    for name, value in SINGLE_NODE_TRAIN_ENV.items():  # before ray.init: Ray's processes inherit them
-        os.environ.setdefault(name, value)
+    use_single_node_train_env()
     # The dashboard (on 127.0.0.1 only) serves Ray's State API, which Ray Train's PlacementGroupCleaner
     # needs: without it the placement group of a Train run whose driver was killed (a trial stopped
     # by ASHA) is never removed, and its CPUs stay reserved until Ray stops.
@@ -41,6 +40,13 @@ def init_ray(num_cpus: int | None = None) -> None:
     # second command), which ray.init() without an address would join instead.
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     log.info("started local Ray with %d logical CPUs on %d cores", cpus, os.cpu_count() or 1)
+
+
+def use_single_node_train_env() -> None:
+    """Ray Train's settings for a Ray of one machine (``ray_compat.SINGLE_NODE_TRAIN_ENV``), unless
+    set: call before starting that Ray, whose processes inherit them."""
+    for name, value in SINGLE_NODE_TRAIN_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 def _alive_nodes() -> int:

@@ -180,8 +180,9 @@ def render_targets(boxes: torch.Tensor | np.ndarray, classes: torch.Tensor | np.
     """
     # numpy input stays numpy until needed: Ray Data hands over read-only arrays, which torch.as_tensor
     # would share with a warning that writing to them is undefined
-    device = torch.device(device) if device is not None else (boxes.device if isinstance(boxes, torch.Tensor)
-                                                              else torch.device("cpu"))
+    if device is None:
+        device = boxes.device if isinstance(boxes, torch.Tensor) else "cpu"
+    device = torch.device(device)
     if method == "loop" or (method == "auto" and device.type == "cpu"):
         boxes, classes, num_boxes = (x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
                                      for x in (boxes, classes, num_boxes))

@@ -27,9 +27,9 @@ def ray_session():
     ray = pytest.importorskip("ray")
     from ray.data import DataContext
 
-    from centernet_ray.ray_compat import SINGLE_NODE_TRAIN_ENV
+    from centernet_ray.ray_runtime import use_single_node_train_env
 
-    os.environ.update(SINGLE_NODE_TRAIN_ENV)  # as `centernet-ray` sets it for the local Ray it starts
+    use_single_node_train_env()  # as `centernet-ray` does for the local Ray it starts
     # the dashboard serves the State API that Ray Train needs to free a stopped run's placement group
     ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              configure_logging=False)
