@@ -1,4 +1,5 @@
 import io
+import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -110,6 +111,24 @@ def test_the_cached_part_then_the_random_part_equal_the_whole_preprocessor(val_r
     fixed = preset in ("flip", "none")
     assert prepared["image"].dtype == (np.uint8 if fixed else object)
     assert (prepared["region"][:, 2] > 0).all() == fixed  # the letterbox is done once for flip/none only
+
+
+@pytest.mark.parametrize("preset", ["flip", "centernet"])
+def test_augment_takes_read_only_rows_as_the_object_store_hands_them(val_rows, preset):
+    """The cache's rows reach ``augment`` zero-copy from Ray's object store, read-only: no warning
+    (torch warns about every read-only array it is given; it was in every demo log), rows unchanged."""
+    settings = dict(input_size=(96, 128), max_objects=8, train=True, augment=preset, seed=3)
+    prepared = Preprocessor(**settings).prepare(val_rows)
+    arrays = [array for column in prepared.values()
+              for array in (column if column.dtype == object else [column])]
+    for array in arrays:
+        array.flags.writeable = False
+    before = [array.copy() for array in arrays]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Preprocessor(**settings, epoch=1).augment(prepared)
+    for array, copy in zip(arrays, before):
+        np.testing.assert_array_equal(array, copy)
 
 
 def test_prepare_drops_and_reports_bad_rows_as_the_whole_preprocessor_does(val_rows):

@@ -110,9 +110,10 @@ class Preprocessor:
         rows = []
         for i in range(len(batch["image_id"])):
             region = tuple(int(v) for v in batch["region"][i])
-            prepared = Prepared(torch.from_numpy(np.ascontiguousarray(batch["image"][i])),
-                                torch.from_numpy(np.asarray(batch["boxes"][i], dtype=np.float32)).reshape(-1, 4),
-                                torch.from_numpy(np.asarray(batch["labels"][i], dtype=np.int64)),
+            # copies: the cached rows come zero-copy, read-only, from Ray's object store
+            prepared = Prepared(torch.from_numpy(np.array(batch["image"][i])),
+                                torch.from_numpy(np.array(batch["boxes"][i], dtype=np.float32)).reshape(-1, 4),
+                                torch.from_numpy(np.array(batch["labels"][i], dtype=np.int64)),
                                 region if region[2] > 0 else None)
             image_id = int(batch["image_id"][i])
             result = self.transform.finish(prepared, seed=sample_seed(self.seed, self.epoch, image_id))
