@@ -5,11 +5,14 @@ per-dataset execution options inside a Train ``DataConfig``, Ray's label-selecto
 ASHA's rung records, and (in tests) the deployments bound into a Serve application and the
 autoscaler's config validation. Each helper checks the installed Ray against the version these
 were written for and fails with a message that says so, instead of misbehaving silently after an
-upgrade.
+upgrade. (One is cosmetic and does nothing on another Ray: filtering Ray Train's log line per
+report.)
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 RAY_VERSION = "2.60.0"  # the version whose internals this module was written against
@@ -49,11 +52,36 @@ SINGLE_NODE_TRAIN_ENV = {
 }
 
 
+def _warnings_and_above(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def quiet_train_reports() -> None:
+    """Inside a Ray Train worker: no INFO line per ``ray.train.report`` (warnings stay).
+
+    Ray Train 2.60's worker logs every report at INFO with the whole metrics dict, once per rank
+    (its only INFO message in that module); the training loop prints its own line per epoch. The
+    module's logger is named after its file path, so it is reached through the module. Cosmetic:
+    on another Ray version this does nothing rather than fail the run."""
+    import ray
+
+    if ray.__version__ != RAY_VERSION:
+        return
+    from ray.train.v2._internal.execution import context
+
+    if _warnings_and_above not in context.logger.filters:
+        context.logger.addFilter(_warnings_and_above)
+
+
 def execution_options(data_config: Any, dataset_name: str) -> Any:
     """The ``ExecutionOptions`` a Ray Train ``DataConfig`` gives dataset ``dataset_name`` (its
     resource limits and locality), for a subclass that adds to them in ``configure``."""
     require_ray_version("the Train data config")
-    return data_config._resolve_execution_options(dataset_name)
+    with warnings.catch_warnings():
+        # Ray 2.60's own defaults (DataConfig.default_ingest_options) pass the deprecated
+        # exclude_resources on, and every run's log showed a RayDeprecationWarning about it
+        warnings.filterwarnings("ignore", message=".*ExecutionOptions.exclude_resources. is deprecated")
+        return data_config._resolve_execution_options(dataset_name)
 
 
 def asha_recorded_results(scheduler: Any) -> int:

@@ -44,3 +44,26 @@ def test_another_ray_version_gets_a_clear_error(monkeypatch):
     monkeypatch.setattr(ray, "__version__", "2.61.0")
     with pytest.raises(ray_compat.RayVersionError, match=r"written for Ray 2\.60\.0, but Ray 2\.61\.0 is installed"):
         ray_compat.validate_label_selector({"a": "b"})
+
+
+def test_a_train_data_config_s_execution_options_come_without_ray_s_own_deprecation_warning():
+    """Ray 2.60's default ingest options pass the deprecated ``exclude_resources`` on: every run's
+    DatasetManager printed a RayDeprecationWarning for it."""
+    import warnings
+
+    import ray.data
+    from ray.train import DataConfig
+    from ray.util.annotations import RayDeprecationWarning
+
+    ray.data.DataContext.get_current()  # created outside the check: creating it warns of other things
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayDeprecationWarning)
+        options = ray_compat.execution_options(DataConfig(), "train")
+    assert options.resource_limits == ray.data.DataContext.get_current().execution_options.resource_limits
+
+
+def test_quieting_train_reports_does_nothing_on_another_ray(monkeypatch):
+    import ray
+
+    monkeypatch.setattr(ray, "__version__", "2.61.0")
+    ray_compat.quiet_train_reports()  # cosmetic: no error, the run goes on

@@ -28,6 +28,7 @@ from centernet_ray.config import Config
 from centernet_ray.drawing import draw_detections, save_png_grid
 from centernet_ray.evaluation import EvaluationResult, KeptImage, evaluate
 from centernet_ray.evaluation.figures import class_ap_figure, confusion_matrix_figure, heatmap_figure, pr_curves_figure
+from centernet_ray.ray_compat import quiet_train_reports
 from centernet_ray.ray_data.pipeline import shard_batches
 from centernet_ray.tracking import DatasetInput, RunTracker, epoch_metric_names
 from centernet_ray.training.budget import TimeBudget
@@ -148,6 +149,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
     config, facts, train = inputs.config, inputs.dataset, inputs.config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    quiet_train_reports()
     device = ray.train.torch.get_device()
     torch.manual_seed(train.seed + rank)
     if device.type == "cpu":
