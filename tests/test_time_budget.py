@@ -1,6 +1,7 @@
 """train.time_limit: the epochs that fit, the LR schedule fitted to them, the early stop (Ray-free, a
 fake clock: the figures below are worked by hand from the constants in ``training/budget.py``)."""
 
+import logging
 import math
 
 import pytest
@@ -90,6 +91,27 @@ def test_the_second_epoch_resizes_the_plan_and_a_slow_epoch_stops_the_run(clock)
     clock.now += 60.0  # then the machine slowed down: an epoch took 60 s
     assert budget.after_epoch(3, 60.0, next_evaluates=False) == 3  # 32.5 s left < 60 s + the reserve: stop
     assert budget.after_epoch(26, 1.0, next_evaluates=False) == 26  # the planned end: nothing to decide
+
+
+def test_every_rank_decides_alike_and_only_the_announcing_one_logs(clock, caplog):
+    """Each DDP process runs a budget (rank 0's decisions are broadcast); only rank 0 says so, instead
+    of one line per rank for the plan, the re-plan and the stop."""
+    caplog.set_level(logging.INFO, logger=budget_module.__name__)
+    decisions, logged = {}, {}
+    for announce in (True, False):
+        clock.now = 1000.0
+        caplog.clear()
+        budget = _budget(clock, 100.0, announce=announce)
+        planned = _run_steps(budget, clock, 50, 0.1).epochs
+        first = budget.after_epoch(1, 60.0, next_evaluates=False)
+        clock.now += 2.5
+        replanned = budget.after_epoch(2, 2.5, next_evaluates=False)
+        clock.now += 60.0
+        decisions[announce] = (planned, first, replanned, budget.after_epoch(3, 60.0, next_evaluates=False))
+        logged[announce] = caplog.text
+    assert decisions[True] == decisions[False] == (13, 13, 26, 3)  # as in the test above
+    assert all(what in logged[True] for what in ("-> 13 epoch(s)", "re-planned", "stopping after epoch 3"))
+    assert logged[False] == ""
 
 
 def test_fitted_schedule_moves_step_boundaries_and_ends_the_cosine_at_the_new_length():

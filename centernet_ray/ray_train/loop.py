@@ -224,7 +224,7 @@ class _Schedule:
         self.budget = None if inputs.deadline is None else TimeBudget(
             inputs.deadline, max_epochs=train.epochs, steps_per_epoch=inputs.dataset.steps_per_epoch,
             batch_size=train.batch_size, eval_images=-(-inputs.eval_images // world), eval_every=train.eval_every,
-            flip_test=train.eval_flip_test)
+            flip_test=train.eval_flip_test, announce=progress is not None)  # rank 0
 
     def step_hook(self, epoch: int):
         if self.budget is None or not self.budget.timing:

@@ -53,12 +53,14 @@ class TimeBudget:
     """Sizes and guards a run against ``deadline``.
 
     ``max_epochs``: the most epochs to plan (``train.epochs``); ``eval_images``: validation images
-    this process evaluates; ``eval_every`` and ``flip_test`` as in ``train``.
+    this process evaluates; ``eval_every`` and ``flip_test`` as in ``train``; ``announce``: whether
+    this process logs the plan and its changes (rank 0: all processes decide alike).
     """
 
     def __init__(self, deadline: float, *, max_epochs: int, steps_per_epoch: int, batch_size: int,
-                 eval_images: int, eval_every: int, flip_test: bool) -> None:
+                 eval_images: int, eval_every: int, flip_test: bool, announce: bool = True) -> None:
         self.deadline = deadline
+        self.announce = announce
         self.max_epochs, self.steps_per_epoch, self.batch_size = max_epochs, steps_per_epoch, batch_size
         self.eval_images, self.eval_every, self.flip_test = eval_images, eval_every, flip_test
         self.plan: BudgetPlan | None = None
@@ -81,9 +83,10 @@ class TimeBudget:
         if len(self._stamps) <= WARMUP_STEPS + TIMED_STEPS:
             return None
         self.plan = _agreed(self._size(self._step_seconds(), epoch, self.steps_per_epoch - taken))
-        log.info("time budget: %.0f s left, %.2f s/step -> %d epoch(s) of ~%.0f s, %.0f s kept for the final "
-                 "evaluation and checkpoint", self.deadline - time.time(), self.plan.step_seconds, self.plan.epochs,
-                 self.plan.epoch_seconds, self.plan.reserve_seconds)
+        if self.announce:
+            log.info("time budget: %.0f s left, %.2f s/step -> %d epoch(s) of ~%.0f s, %.0f s kept for the final "
+                     "evaluation and checkpoint", self.deadline - time.time(), self.plan.step_seconds,
+                     self.plan.epochs, self.plan.epoch_seconds, self.plan.reserve_seconds)
         return self.plan
 
     def _step_seconds(self) -> float:
@@ -103,7 +106,7 @@ class TimeBudget:
                 break
             available -= cost
             epochs += 1
-        if available < 0:
+        if available < 0 and self.announce:
             log.warning("time budget: the epoch under way alone needs ~%.0f s more than train.time_limit leaves",
                         -available)
         return BudgetPlan(epochs, step, epoch_seconds, eval_seconds, reserve)
@@ -120,7 +123,7 @@ class TimeBudget:
         if self._epochs_seen == 2 and self.plan is not None:
             before = self.plan.epochs
             self.plan = _agreed(self._size(epoch_seconds / self.steps_per_epoch, epochs_done - 1, 0))
-            if self.plan.epochs != before:
+            if self.plan.epochs != before and self.announce:
                 log.info("time budget: re-planned from epoch %d's %.0f s: %d epoch(s) instead of %d", epochs_done,
                          epoch_seconds, self.plan.epochs, before)
         if self._epochs_seen > 1:  # the run's first epoch also starts the pipeline and the workers
@@ -129,10 +132,11 @@ class TimeBudget:
         needed = (max(self._slowest_epoch, estimate.epoch_seconds) + estimate.reserve_seconds
                   + (estimate.eval_seconds if next_evaluates else 0.0))
         if _agreed_flag(time.time() + needed > self.deadline):
-            log.warning("time budget: stopping after epoch %d (%s): another epoch and the final evaluation need "
-                        "~%.0f s, %.0f s are left", epochs_done,
-                        f"of the {self.plan.epochs} planned" if self.plan else "before the plan was made",
-                        needed, self.deadline - time.time())
+            if self.announce:
+                log.warning("time budget: stopping after epoch %d (%s): another epoch and the final evaluation "
+                            "need ~%.0f s, %.0f s are left", epochs_done,
+                            f"of the {self.plan.epochs} planned" if self.plan else "before the plan was made",
+                            needed, self.deadline - time.time())
             return epochs_done
         return self.plan.epochs if self.plan is not None else self.max_epochs
 
