@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig as TrainDataConfig
 
 from centernet_ray import storage
 from centernet_ray.config import Config
+from centernet_ray.console import is_terminal
 from centernet_ray.ray_compat import execution_options
 from centernet_ray.ray_data.ingest import read_manifest
 
@@ -142,9 +144,15 @@ def training_datasets(train_dir: str, val_dir: str, config: Config, report: Any 
     if config.data.cache:
         from centernet_ray.ray_data.cache import cached_datasets
 
-        return cached_datasets(train_dir, val_dir, config, report=report, clock=clock)
-    return {"train": preprocessed_dataset(train_dir, config, train=True, report=report, clock=clock),
-            "val": preprocessed_dataset(val_dir, config, train=False, report=report)}
+        datasets = cached_datasets(train_dir, val_dir, config, report=report, clock=clock)
+    else:
+        datasets = {"train": preprocessed_dataset(train_dir, config, train=True, report=report, clock=clock),
+                    "val": preprocessed_dataset(val_dir, config, train=False, report=report)}
+    for dataset in datasets.values():
+        # Each epoch's execution would log Ray Data's progress, a block of lines every 10 s, when the
+        # output is not a terminal; the trainer's own progress line gives throughput and data wait.
+        dataset.context.enable_progress_bars = is_terminal()
+    return datasets
 
 
 def preprocess_stage(rows: ray.data.Dataset, config: Config, *, train: bool, report: Any = None, clock: Any = None,
@@ -193,6 +201,17 @@ class CenterNetDataConfig(TrainDataConfig):
         return output
 
 
+class NumpyCollate(NumpyBatchCollateFn):
+    """A collate callable (``TargetCollate``) as the class ``iter_torch_batches`` asks for since Ray
+    2.47 (a plain callable still works, with a deprecation warning in every run): numpy batches in."""
+
+    def __init__(self, collate: Callable[[dict[str, Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        return self.collate(batch)
+
+
 def shard_batches(name: str, config: Config, num_classes: int, batch_size: int):
     """Inside a Ray Train worker: this worker's split of dataset ``name`` as collated torch batches
     (see :class:`TargetCollate`: sparse for training on a GPU), prefetched ``data.prefetch_batches``
@@ -204,6 +223,6 @@ def shard_batches(name: str, config: Config, num_classes: int, batch_size: int):
     shard = ray.train.get_dataset_shard(name)
     # On a GPU the train batches stay sparse and pinned: the engine renders the targets on the device
     on_device = config.train.use_gpu and name == "train"
-    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=TargetCollate(config, num_classes, not on_device),
-                                    prefetch_batches=config.data.prefetch_batches, device="cpu",
-                                    pin_memory=config.train.use_gpu)
+    collate = NumpyCollate(TargetCollate(config, num_classes, not on_device))
+    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device="cpu",
+                                    prefetch_batches=config.data.prefetch_batches, pin_memory=config.train.use_gpu)
