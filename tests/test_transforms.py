@@ -46,6 +46,34 @@ def test_train_boxes_follow_the_image_through_crop_and_flip():
         torch.testing.assert_close(to_original(pre)[0], torch.tensor([20.0, 40.0, 50.0, 60.0]), atol=0.5, rtol=0)
 
 
+@pytest.mark.parametrize("preset", ["flip", "none"])
+def test_letterbox_presets_flip_boxes_as_torchvision_does_and_map_back_exactly(preset):
+    """``flip`` and ``none`` take ``finish``'s own flip (plain tensor ops, not torchvision's dispatch):
+    the same boxes as torchvision's horizontal_flip, the white pixels still framed, the original
+    box recovered; a box left under 1 px wide by the letterbox is dropped with its label."""
+    from torchvision import tv_tensors
+    from torchvision.transforms.v2 import functional as F
+
+    image = torch.zeros(3, 100, 60, dtype=torch.uint8)
+    image[:, 40:60, 10:40] = 255
+    boxes = torch.tensor([[10.0, 40.0, 40.0, 60.0], [5.0, 5.0, 5.5, 30.0]])
+    transform = TrainTransform((64, 64), preset, flip_prob=1.0 if preset == "flip" else 0.5)
+    prepared = transform.prepare(image, boxes, torch.tensor([2, 3]))
+    kept = prepared.boxes[:1]
+    pre = transform.finish(prepared, seed=0)
+    assert pre.labels.tolist() == [2]
+    if preset == "flip":
+        expected = F.horizontal_flip(tv_tensors.BoundingBoxes(kept, format="XYXY", canvas_size=(64, 64)))
+        assert torch.equal(pre.boxes, expected.as_subclass(torch.Tensor))
+        assert torch.equal(pre.image, prepared.image.flip(-1))
+    else:
+        assert torch.equal(pre.boxes, kept) and torch.equal(pre.image, prepared.image)
+    ys, xs = torch.nonzero(pre.image[0] > 127, as_tuple=True)
+    assert abs(xs.min().item() - pre.boxes[0, 0].item()) <= 1.0 and abs(xs.max().item() + 1 - pre.boxes[0, 2].item()) <= 1.0
+    torch.testing.assert_close(to_original(pre)[0], boxes[0], atol=1e-4, rtol=0)
+    assert torch.equal(prepared.boxes[0], kept[0])  # finish leaves what it was given (the cache's rows) alone
+
+
 def test_boxes_cropped_away_are_removed_with_their_labels():
     image = torch.zeros(3, 100, 100, dtype=torch.uint8)
     boxes = torch.tensor([[0.0, 0.0, 5.0, 5.0], [40.0, 40.0, 60.0, 60.0]])
