@@ -4,6 +4,7 @@ import warnings
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from centernet_ray.data.preprocess import Preprocessor, sample_seed
@@ -114,7 +115,7 @@ def test_the_cached_part_then_the_random_part_equal_the_whole_preprocessor(val_r
 
 
 @pytest.mark.parametrize("preset", ["flip", "centernet"])
-def test_augment_takes_read_only_rows_as_the_object_store_hands_them(val_rows, preset):
+def test_augment_takes_read_only_rows_as_the_object_store_hands_them(val_rows, preset, monkeypatch):
     """The cache's rows reach ``augment`` zero-copy from Ray's object store, read-only: no warning
     (torch warns about every read-only array it is given; it was in every demo log), rows unchanged."""
     settings = dict(input_size=(96, 128), max_objects=8, train=True, augment=preset, seed=3)
@@ -124,6 +125,13 @@ def test_augment_takes_read_only_rows_as_the_object_store_hands_them(val_rows, p
     for array in arrays:
         array.flags.writeable = False
     before = [array.copy() for array in arrays]
+    from_numpy = torch.from_numpy
+
+    def writable_only(array):  # torch warns once per process only: check every call, not the warning
+        assert array.flags.writeable, "a read-only array handed to torch"
+        return from_numpy(array)
+
+    monkeypatch.setattr(torch, "from_numpy", writable_only)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Preprocessor(**settings, epoch=1).augment(prepared)
