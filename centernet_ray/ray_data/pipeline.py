@@ -151,7 +151,7 @@ def training_datasets(train_dir: str, val_dir: str, config: Config, report: Any 
     for dataset in datasets.values():
         # Each epoch's execution would log Ray Data's progress, a block of lines every 10 s, when the
         # output is not a terminal; the trainer's own progress line gives throughput and data wait.
-        dataset.context.enable_progress_bars = is_terminal()
+        dataset.context.enable_progress_bars = dataset.context.enable_progress_bars and is_terminal()
     return datasets
 
 
