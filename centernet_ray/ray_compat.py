@@ -56,31 +56,39 @@ def _warnings_and_above(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING
 
 
-def quiet_train_reports() -> None:
-    """Inside a Ray Train worker: no INFO line per ``ray.train.report`` (warnings stay).
-
-    Ray Train 2.60's worker logs every report at INFO with the whole metrics dict, once per rank
-    (its only INFO message in that module); the training loop prints its own line per epoch. The
-    module's logger is named after its file path, so it is reached through the module. Cosmetic:
-    on another Ray version this does nothing rather than fail the run."""
+def train_report_logger() -> logging.Logger | None:
+    """The logger Ray Train's worker logs each ``ray.train.report`` on (at INFO, with the whole
+    metrics dict, once per rank: its only INFO message). Named after its module's file path, so
+    reached through the module. None on another Ray version."""
     import ray
 
     if ray.__version__ != RAY_VERSION:
-        return
+        return None
     from ray.train.v2._internal.execution import context
 
-    if _warnings_and_above not in context.logger.filters:
-        context.logger.addFilter(_warnings_and_above)
+    return context.logger
+
+
+def quiet_train_reports() -> None:
+    """Inside a Ray Train worker: no INFO line per ``ray.train.report`` (warnings stay); the training
+    loop prints its own line per epoch. Cosmetic: on another Ray version this does nothing rather
+    than fail the run."""
+    logger = train_report_logger()
+    if logger is not None and _warnings_and_above not in logger.filters:
+        logger.addFilter(_warnings_and_above)
 
 
 def execution_options(data_config: Any, dataset_name: str) -> Any:
     """The ``ExecutionOptions`` a Ray Train ``DataConfig`` gives dataset ``dataset_name`` (its
     resource limits and locality), for a subclass that adds to them in ``configure``."""
     require_ray_version("the Train data config")
+    from ray.util.annotations import RayDeprecationWarning
+
     with warnings.catch_warnings():
         # Ray 2.60's own defaults (DataConfig.default_ingest_options) pass the deprecated
         # exclude_resources on, and every run's log showed a RayDeprecationWarning about it
-        warnings.filterwarnings("ignore", message=".*ExecutionOptions.exclude_resources. is deprecated")
+        warnings.filterwarnings("ignore", message=".*ExecutionOptions.exclude_resources. is deprecated",
+                                category=RayDeprecationWarning)
         return data_config._resolve_execution_options(dataset_name)
 
 

@@ -62,8 +62,23 @@ def test_a_train_data_config_s_execution_options_come_without_ray_s_own_deprecat
     assert options.resource_limits == ray.data.DataContext.get_current().execution_options.resource_limits
 
 
-def test_quieting_train_reports_does_nothing_on_another_ray(monkeypatch):
+def test_train_report_lines_are_filtered_but_warnings_pass_and_another_ray_is_left_alone(monkeypatch):
+    import logging
+
     import ray
 
+    logger = ray_compat.train_report_logger()
+    assert logger is not None and logger.name.endswith("context.py")  # Ray names it after the file
+    record = lambda level: logging.LogRecord(logger.name, level, "context.py", 1, "Reporting", None, None)  # noqa: E731
+    before = list(logger.filters)
+    try:
+        ray_compat.quiet_train_reports()
+        ray_compat.quiet_train_reports()  # once is enough: no second filter
+        assert len(logger.filters) == len(before) + 1
+        assert not logger.filter(record(logging.INFO)) and logger.filter(record(logging.WARNING))
+    finally:
+        logger.filters[:] = before
     monkeypatch.setattr(ray, "__version__", "2.61.0")
+    assert ray_compat.train_report_logger() is None
     ray_compat.quiet_train_reports()  # cosmetic: no error, the run goes on
+    assert logger.filters == before
