@@ -464,8 +464,8 @@ def main() -> None:
                 if name != fixed_name:
                     print(f"  {'':<44} first batch of epoch 2 after {result['first_batch_s']:.2f} s, "
                           f"waiting for data {100 * result['data_wait']:.0f}% of the epoch")
-                    # each repeat's ratio to the fixed batches measured just before it: the machine's
-                    # drift between repeats cancels out of it, unlike from a ratio of two medians
+                    # each repeat's ratio to the fixed-batch run of the same repeat (minutes apart): the
+                    # machine's drift between repeats cancels out of it, unlike from a ratio of two medians
                     paired = [run["images_per_s"] / fixed_run["images_per_s"]
                               for run, fixed_run in zip(runs[name], runs[fixed_name])]
                     print(f"  {'':<44} per repeat vs its fixed run: {' '.join(f'{r:.2f}x' for r in paired)} "
