@@ -8,7 +8,8 @@ import pytest
 
 from centernet_ray.config import ConfigError, load_config
 from centernet_ray.training import budget as budget_module
-from centernet_ray.training.budget import EVAL_IMAGE_SHARE, EVAL_OVERHEAD_SECONDS, FINISH_SECONDS, TimeBudget
+from centernet_ray.training.budget import (EVAL_IMAGE_SHARE, EVAL_OVERHEAD_SECONDS, FINISH_SECONDS, TimeBudget,
+                                          eta_seconds)
 from centernet_ray.training.engine import TrainingEngine
 from centernet_ray.training.schedule import fitted_schedule, lr_factor
 
@@ -112,6 +113,15 @@ def test_every_rank_decides_alike_and_only_the_announcing_one_logs(clock, caplog
     assert decisions[True] == decisions[False] == (13, 13, 26, 3)  # as in the test above
     assert all(what in logged[True] for what in ("-> 13 epoch(s)", "re-planned", "stopping after epoch 3"))
     assert logged[False] == ""
+
+
+def test_the_progress_eta_is_the_pace_so_far_but_never_past_the_deadline():
+    # 1 s per step so far, 100 steps left: 100 s; a deadline 30 s away ends the run first
+    assert eta_seconds(10.0, 10, 100) == 100.0
+    assert eta_seconds(10.0, 10, 100, to_deadline=30.0) == 30.0
+    assert eta_seconds(10.0, 10, 100, to_deadline=500.0) == 100.0
+    assert eta_seconds(10.0, 10, 100, to_deadline=-5.0) == 0.0  # past it: finishing now
+    assert eta_seconds(3.0, 0, 5) == 15.0 and eta_seconds(3.0, 4, -2) == 0.0
 
 
 def test_fitted_schedule_moves_step_boundaries_and_ends_the_cosine_at_the_new_length():

@@ -31,7 +31,7 @@ from centernet_ray.evaluation.figures import class_ap_figure, confusion_matrix_f
 from centernet_ray.ray_compat import quiet_train_reports
 from centernet_ray.ray_data.pipeline import shard_batches
 from centernet_ray.tracking import DatasetInput, RunTracker, epoch_metric_names
-from centernet_ray.training.budget import TimeBudget
+from centernet_ray.training.budget import TimeBudget, eta_seconds
 from centernet_ray.training.engine import LOSS_TERMS, EpochResult, Progress, TrainingEngine
 
 log = logging.getLogger(__name__)
@@ -130,12 +130,14 @@ class _ProgressLog:
         self.train, self.steps_per_epoch = inputs.config.train, inputs.dataset.steps_per_epoch
         self.tracker, self.world, self.start_step = tracker, world, start_step
         self.epochs = self.train.epochs  # planned epochs: a time budget changes them
+        self.deadline = inputs.deadline
         self.started = time.perf_counter()
 
     def __call__(self, p: Progress) -> None:
         rate = p.images * self.world / max(p.seconds, 1e-9)
-        total_steps = self.epochs * self.steps_per_epoch
-        eta = (time.perf_counter() - self.started) / max(p.global_step - self.start_step, 1) * (total_steps - p.global_step)
+        eta = eta_seconds(time.perf_counter() - self.started, p.global_step - self.start_step,
+                          self.epochs * self.steps_per_epoch - p.global_step,
+                          None if self.deadline is None else self.deadline - time.time())
         terms = {k: v.item() for k, v in p.terms.items()}
         log.info("epoch %d/%d step %d/%d  loss %.3f (hm %.3f wh %.3f off %.3f)  lr %.2e  %.0f img/s  data %.0f%%  ETA %s",
                  p.epoch + 1, self.epochs, p.step, self.steps_per_epoch, terms["total"], terms["heatmap"],

@@ -141,6 +141,14 @@ class TimeBudget:
         return self.plan.epochs if self.plan is not None else self.max_epochs
 
 
+def eta_seconds(elapsed: float, steps_done: int, steps_left: int, to_deadline: float | None = None) -> float:
+    """Seconds left at the pace of the ``steps_done`` steps so far (``elapsed`` seconds), never past a
+    time budget's deadline (``to_deadline`` seconds away), by which the run ends: the first epoch's
+    pace includes the pipeline's start and, before the plan, the epochs are ``train.epochs``."""
+    eta = elapsed / max(steps_done, 1) * max(steps_left, 0)
+    return eta if to_deadline is None else min(eta, max(to_deadline, 0.0))
+
+
 def _agreed(plan: BudgetPlan) -> BudgetPlan:
     """Rank 0's plan on every process of a DDP group (the plan as it is without one)."""
     values = _from_rank0([plan.epochs, plan.step_seconds, plan.epoch_seconds, plan.eval_seconds, plan.reserve_seconds])
