@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from benchmarks.timing import cpu_kind
 
 
 def read_epochs(cfg: dict[str, Any]) -> None:
@@ -64,8 +65,7 @@ def main() -> None:
     from centernet_ray.ray_data.ingest import ingest_coco
     from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock
 
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print(f"CPU kind: {'AVX512-BF16' if 'avx512_bf16' in flags else 'AVX2 only (no avx512_bf16)'}")
+    print(f"CPU kind: {cpu_kind()}")
     ray.init(num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = load_config("demo")

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.timing import compare, report
+from benchmarks.timing import compare, cpu_kind, report
 
 
 def main() -> None:
@@ -37,8 +36,7 @@ def main() -> None:
     from centernet_ray.tracking import log_model
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)  # the defaults' serving-input warning, every call
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    print(f"CPU kind: {'AVX512-BF16' if 'avx512_bf16' in flags else 'AVX2 only (no avx512_bf16)'}")
+    print(f"CPU kind: {cpu_kind()}")
     cases = [("demo", 4)] + ([("coco_resnet18", 80)] if args.official else [])
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 from typing import Callable
 
@@ -26,3 +27,9 @@ def report(title: str, seconds: dict[str, float], baseline: str) -> None:
     for name, value in seconds.items():
         ratio = seconds[baseline] / value
         print(f"  {name:<34} {value * 1e3:10.2f} ms   {ratio:5.2f}x vs {baseline}")
+
+
+def cpu_kind() -> str:
+    """This machine's CPU kind as the figures are reported: ``lscpu`` lists ``avx512_bf16`` or not."""
+    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    return "AVX512-BF16" if "avx512_bf16" in flags else "AVX2 only (no avx512_bf16)"
