@@ -68,6 +68,10 @@ class TimeBudget:
         self._slowest_epoch = 0.0  # of the epochs after the first this process trained
         self._epochs_seen = 0
 
+    def _say(self, level: int, message: str, *args: object) -> None:
+        if self.announce:
+            log.log(level, message, *args)
+
     @property
     def timing(self) -> bool:
         """Whether steps are still being timed (no plan yet)."""
@@ -83,10 +87,9 @@ class TimeBudget:
         if len(self._stamps) <= WARMUP_STEPS + TIMED_STEPS:
             return None
         self.plan = _agreed(self._size(self._step_seconds(), epoch, self.steps_per_epoch - taken))
-        if self.announce:
-            log.info("time budget: %.0f s left, %.2f s/step -> %d epoch(s) of ~%.0f s, %.0f s kept for the final "
-                     "evaluation and checkpoint", self.deadline - time.time(), self.plan.step_seconds,
-                     self.plan.epochs, self.plan.epoch_seconds, self.plan.reserve_seconds)
+        self._say(logging.INFO, "time budget: %.0f s left, %.2f s/step -> %d epoch(s) of ~%.0f s, %.0f s kept for the "
+                  "final evaluation and checkpoint", self.deadline - time.time(), self.plan.step_seconds,
+                  self.plan.epochs, self.plan.epoch_seconds, self.plan.reserve_seconds)
         return self.plan
 
     def _step_seconds(self) -> float:
@@ -106,9 +109,9 @@ class TimeBudget:
                 break
             available -= cost
             epochs += 1
-        if available < 0 and self.announce:
-            log.warning("time budget: the epoch under way alone needs ~%.0f s more than train.time_limit leaves",
-                        -available)
+        if available < 0:
+            self._say(logging.WARNING, "time budget: the epoch under way alone needs ~%.0f s more than "
+                      "train.time_limit leaves", -available)
         return BudgetPlan(epochs, step, epoch_seconds, eval_seconds, reserve)
 
     def after_epoch(self, epochs_done: int, epoch_seconds: float, next_evaluates: bool) -> int:
@@ -123,20 +126,19 @@ class TimeBudget:
         if self._epochs_seen == 2 and self.plan is not None:
             before = self.plan.epochs
             self.plan = _agreed(self._size(epoch_seconds / self.steps_per_epoch, epochs_done - 1, 0))
-            if self.plan.epochs != before and self.announce:
-                log.info("time budget: re-planned from epoch %d's %.0f s: %d epoch(s) instead of %d", epochs_done,
-                         epoch_seconds, self.plan.epochs, before)
+            if self.plan.epochs != before:
+                self._say(logging.INFO, "time budget: re-planned from epoch %d's %.0f s: %d epoch(s) instead of %d",
+                          epochs_done, epoch_seconds, self.plan.epochs, before)
         if self._epochs_seen > 1:  # the run's first epoch also starts the pipeline and the workers
             self._slowest_epoch = max(self._slowest_epoch, epoch_seconds)
         estimate = self.plan or self._size(self._step_seconds(), epochs_done - 1, 0)
         needed = (max(self._slowest_epoch, estimate.epoch_seconds) + estimate.reserve_seconds
                   + (estimate.eval_seconds if next_evaluates else 0.0))
         if _agreed_flag(time.time() + needed > self.deadline):
-            if self.announce:
-                log.warning("time budget: stopping after epoch %d (%s): another epoch and the final evaluation "
-                            "need ~%.0f s, %.0f s are left", epochs_done,
-                            f"of the {self.plan.epochs} planned" if self.plan else "before the plan was made",
-                            needed, self.deadline - time.time())
+            self._say(logging.WARNING, "time budget: stopping after epoch %d (%s): another epoch and the final "
+                      "evaluation need ~%.0f s, %.0f s are left", epochs_done,
+                      f"of the {self.plan.epochs} planned" if self.plan else "before the plan was made",
+                      needed, self.deadline - time.time())
             return epochs_done
         return self.plan.epochs if self.plan is not None else self.max_epochs
 
