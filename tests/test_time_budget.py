@@ -81,7 +81,7 @@ def test_short_epochs_are_timed_together_and_a_budget_too_small_still_trains_the
     assert "alone needs" in caplog.text
 
 
-def test_the_second_epoch_resizes_the_plan_and_a_slow_epoch_stops_the_run(clock):
+def test_epochs_after_the_first_resize_the_plan_and_a_slow_epoch_stops_the_run(clock):
     budget = _budget(clock, 100.0)
     assert _run_steps(budget, clock, 50, 0.1).epochs == 13  # as above
     assert budget.after_epoch(1, 60.0, next_evaluates=False) == 13  # the first epoch's start-up does not count
@@ -92,6 +92,49 @@ def test_the_second_epoch_resizes_the_plan_and_a_slow_epoch_stops_the_run(clock)
     clock.now += 60.0  # then the machine slowed down: an epoch took 60 s
     assert budget.after_epoch(3, 60.0, next_evaluates=False) == 3  # 32.5 s left < 60 s + the reserve: stop
     assert budget.after_epoch(26, 1.0, next_evaluates=False) == 26  # the planned end: nothing to decide
+
+
+def test_short_epochs_whose_start_outweighs_their_steps_end_the_run_at_its_plan(clock):
+    """3 steps of 0.1 s but 1.2 s an epoch (each epoch starts the pipeline's iteration again: most of a
+    short epoch). The steps alone promise far more epochs than fit; the epochs' own durations correct
+    the plan, so the run ends at its plan, its LR schedule fitted to it, not at the guard halfway
+    through a schedule sized for twice as many epochs (as a step-timed plan did)."""
+    budget = _budget(clock, 120.0, steps_per_epoch=3)
+    epochs, plans, epoch = 100, [], 0
+    while epoch < epochs:
+        for taken in range(1, 4):
+            clock.now += 0.1
+            plan = budget.on_step(taken, epoch)
+            if plan is not None:
+                plans.append(epochs := plan.epochs)
+        clock.now += 0.9  # the epoch's start and end beyond its steps
+        epoch += 1
+        decided = budget.after_epoch(epoch, 1.2, next_evaluates=False)
+        if decided != epochs:
+            plans.append(epochs := decided)
+    # By hand: the plan comes with the 24th step, the last of epoch 8, 8.7 s in; the epochs 2-7 ran at
+    # 1.2 s (0.4 s a step), so the reserve is 25 + 5 + 200 x 0.4 / 16 x 0.35 x 2 = 33.5 s and
+    # 120 - 8.7 - 33.5 = 77.8 s hold 64 more epochs: 72 in all. (The steps alone, 0.1 s each, said
+    # 268 more, capped at the 100 allowed.)
+    assert plans[0] == 72 and epoch == plans[-1] == 72, plans
+    assert clock.now <= budget.deadline - budget.plan.reserve_seconds + 1e-9
+
+
+def test_an_epoch_lasts_from_the_last_one_to_this_one_less_its_evaluation(clock):
+    """The steps took 5 s, the report and checkpoint after them 1 s more, the evaluation 2 s: the plan is
+    sized with 6 s epochs (evaluations are sized apart), not the steps' 5 s nor the 8 s of wall."""
+    budget = _budget(clock, 100.0)
+    _run_steps(budget, clock, 50, 0.1)
+    budget.after_epoch(1, 5.0, next_evaluates=False)  # the first: only a mark
+    clock.now += 2.0
+    budget.set_aside(2.0)  # epoch 1's evaluation
+    clock.now += 6.0
+    planned = budget.after_epoch(2, 5.0, next_evaluates=False)
+    eval_seconds = EVAL_OVERHEAD_SECONDS + 200 * (6.0 / 50) / 16 * EVAL_IMAGE_SHARE * 2
+    available = budget.deadline - clock.now - eval_seconds - FINISH_SECONDS
+    assert budget.plan.epoch_seconds == pytest.approx(6.0)
+    # by hand: 13 s in, evaluations 5 + 200 x 0.12 / 16 x 0.35 x 2 = 6.05 s, 87 - 31.05 = 55.95 s: 9 more
+    assert planned == 2 + math.floor(available / 6.0) == 11
 
 
 def test_every_rank_decides_alike_and_only_the_announcing_one_logs(clock, caplog):

@@ -197,8 +197,10 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
         metrics["planned_epochs"] = schedule.epochs
         evaluation, class_ap = None, {}
         if (epoch + 1) % train.eval_every == 0 or last_epoch:
+            evaluation_started = time.perf_counter()
             evaluation = evaluate(engine.detector(), shard_batches("val", config, facts.num_classes, train.batch_size),
                                   facts.category_ids, ground_truth, keep_images=8 if last_epoch else 0)
+            schedule.set_aside(time.perf_counter() - evaluation_started)
             stats, class_ap = evaluation.stats, _class_ap_metrics(evaluation, facts.class_names)
             if rank == 0:
                 log.info("epoch %d evaluation: AP %.4f AP50 %.4f AP75 %.4f (%d images)", epoch + 1, stats["AP"],
@@ -247,6 +249,11 @@ class _Schedule:
             if planned != self.epochs:
                 self._set(planned, refit=planned > epoch + 1)
         return epoch + 1 >= self.epochs
+
+    def set_aside(self, seconds: float) -> None:
+        """Time that is not the epoch's (an evaluation): the budget sizes evaluations apart."""
+        if self.budget is not None:
+            self.budget.set_aside(seconds)
 
     def _set(self, epochs: int, refit: bool = True) -> None:
         self.epochs = epochs

@@ -4,10 +4,12 @@ The budget ends at a ``deadline`` (seconds since the epoch, ``time.time()``). Du
 epoch trained, :class:`TimeBudget` times the steps after a short warm-up and decides how many
 epochs fit before the deadline once the final evaluation, checkpoint and shutdown are set aside;
 the trainer then fits its LR schedule to that many epochs (``TrainingEngine.fit_schedule``), so a
-fast machine trains longer and a slow one still finishes its schedule. The second epoch re-sizes
-the plan once from its own duration (the first epoch's steps also wait for the pipeline to start).
-After every epoch it checks that the next one still fits, using the slowest epoch seen, and ends
-the run early if not.
+fast machine trains longer and a slow one still finishes its schedule. After every epoch the plan
+is re-sized from the median duration of the recent epochs: an epoch costs more than its steps
+(each one starts the data pipeline's iteration again), which for short epochs is most of it, and
+the first epoch is left out (its steps also wait for the workers and the pipeline to start). Each
+epoch also checks that the next one still fits, using the slowest recent epoch, and ends the run
+early if not.
 
 Under DDP every process must take the same decisions (they train in lockstep): rank 0's are
 broadcast to all.
@@ -29,6 +31,7 @@ log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 3  # not timed: the first steps include the pipeline's and the allocator's start-up
 TIMED_STEPS = 20
+RECENT_EPOCHS = 5  # the epochs whose durations size the plan (median) and the guard (slowest)
 # Set aside after the last epoch besides the evaluation itself: the checkpoint, the MLflow run's
 # figures and model, Ray Train's shutdown and the driver's summary. Measured on the demo: ~12 s on a
 # 2-core AVX512-BF16 machine (the model's MLflow logging is most of it); doubled as the margin.
@@ -65,8 +68,10 @@ class TimeBudget:
         self.eval_images, self.eval_every, self.flip_test = eval_images, eval_every, flip_test
         self.plan: BudgetPlan | None = None
         self._stamps: list[float] = []
-        self._slowest_epoch = 0.0  # of the epochs after the first this process trained
+        self._epoch_seconds: list[float] = []  # of the epochs after the first this process trained
         self._epochs_seen = 0
+        self._epoch_mark: float | None = None  # time.perf_counter() at the last after_epoch
+        self._set_aside = 0.0  # seconds since then spent on evaluations (sized apart, per evaluation)
 
     def _say(self, level: int, message: str, *args: object) -> None:
         if self.announce:
@@ -86,7 +91,7 @@ class TimeBudget:
         self._stamps.append(time.perf_counter())
         if len(self._stamps) <= WARMUP_STEPS + TIMED_STEPS:
             return None
-        self.plan = _agreed(self._size(self._step_seconds(), epoch, self.steps_per_epoch - taken))
+        self.plan = _agreed(self._size(self._pace(), epoch, self.steps_per_epoch - taken))
         self._say(logging.INFO, "time budget: %.0f s left, %.2f s/step -> %d epoch(s) of ~%.0f s, %.0f s kept for the "
                   "final evaluation and checkpoint", self.deadline - time.time(), self.plan.step_seconds,
                   self.plan.epochs, self.plan.epoch_seconds, self.plan.reserve_seconds)
@@ -95,6 +100,13 @@ class TimeBudget:
     def _step_seconds(self) -> float:
         intervals = [b - a for a, b in zip(self._stamps, self._stamps[1:])]
         return statistics.median(intervals[WARMUP_STEPS:] or intervals or [0.0])
+
+    def _pace(self) -> float:
+        """Seconds per step: from the recent epochs' median duration once one (after the first) is
+        known, which counts each epoch's start; else the timed steps' median."""
+        if self._epoch_seconds:
+            return statistics.median(self._epoch_seconds[-RECENT_EPOCHS:]) / self.steps_per_epoch
+        return self._step_seconds()
 
     def _size(self, step: float, epoch: int, steps_left_in_epoch: int) -> BudgetPlan:
         epoch_seconds = step * self.steps_per_epoch
@@ -114,25 +126,37 @@ class TimeBudget:
                       "train.time_limit leaves", -available)
         return BudgetPlan(epochs, step, epoch_seconds, eval_seconds, reserve)
 
+    def set_aside(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation) out of the epoch under way's duration."""
+        self._set_aside += seconds
+
     def after_epoch(self, epochs_done: int, epoch_seconds: float, next_evaluates: bool) -> int:
         """After an epoch whose training took ``epoch_seconds``: the epochs the run now trains in all
-        (``epochs_done``: stop now). The second epoch this process trains re-sizes the plan from its
-        own duration (the first one's steps also waited for the pipeline to start); every epoch
-        checks that the next one (with its evaluation when ``next_evaluates``) and the final
-        evaluation still end before the deadline. The same answer on every DDP process."""
+        (``epochs_done``: stop now). An epoch lasts from the previous call to this one, less what
+        :meth:`set_aside` was told (evaluations): the reports, metrics and checkpoints between the
+        epochs' steps are part of the cost of an epoch. Once there is a plan, every epoch re-sizes it from the median
+        of the recent epochs this process trained after its first (whose steps also waited for the
+        pipeline to start); every epoch checks that the next one (with its evaluation when
+        ``next_evaluates``) and the final evaluation still end before the deadline, at the pace of
+        the slowest recent epoch. The same answer on every DDP process."""
         if self.plan is not None and epochs_done >= self.plan.epochs:
             return epochs_done
+        now = time.perf_counter()
+        if self._epoch_mark is not None:
+            epoch_seconds = max(epoch_seconds, now - self._epoch_mark - self._set_aside)
+        self._epoch_mark, self._set_aside = now, 0.0
         self._epochs_seen += 1
-        if self._epochs_seen == 2 and self.plan is not None:
-            before = self.plan.epochs
-            self.plan = _agreed(self._size(epoch_seconds / self.steps_per_epoch, epochs_done - 1, 0))
-            if self.plan.epochs != before:
-                self._say(logging.INFO, "time budget: re-planned from epoch %d's %.0f s: %d epoch(s) instead of %d",
-                          epochs_done, epoch_seconds, self.plan.epochs, before)
         if self._epochs_seen > 1:  # the run's first epoch also starts the pipeline and the workers
-            self._slowest_epoch = max(self._slowest_epoch, epoch_seconds)
-        estimate = self.plan or self._size(self._step_seconds(), epochs_done - 1, 0)
-        needed = (max(self._slowest_epoch, estimate.epoch_seconds) + estimate.reserve_seconds
+            self._epoch_seconds.append(epoch_seconds)
+        if self.plan is not None and self._epoch_seconds:
+            before = self.plan.epochs
+            self.plan = _agreed(self._size(self._pace(), epochs_done - 1, 0))
+            if self.plan.epochs != before:
+                self._say(logging.INFO, "time budget: re-planned after epoch %d (epochs of ~%.1f s): %d epoch(s) "
+                          "instead of %d", epochs_done, self.plan.epoch_seconds, self.plan.epochs, before)
+        slowest = max(self._epoch_seconds[-RECENT_EPOCHS:], default=0.0)
+        estimate = self.plan or self._size(self._pace(), epochs_done - 1, 0)
+        needed = (max(slowest, estimate.epoch_seconds) + estimate.reserve_seconds
                   + (estimate.eval_seconds if next_evaluates else 0.0))
         if _agreed_flag(time.time() + needed > self.deadline):
             self._say(logging.WARNING, "time budget: stopping after epoch %d (%s): another epoch and the final "
