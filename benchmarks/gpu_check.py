@@ -247,7 +247,7 @@ def main() -> int:
     parser.add_argument("out", help="folder for the logs and the summary")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on any device (the CPU here)")
     parser.add_argument("--train-seconds", type=float, default=None,
-                        help="the job's time limit, its start-up and data generation included (default 180; dry 45)")
+                        help="the job's time limit, its start-up and data generation included (default 180; dry 25: one epoch, as little as the budget allows)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated, from " + ", ".join(MODELS))
     args = parser.parse_args()
     out = Path(args.out).resolve()
@@ -267,7 +267,7 @@ def main() -> int:
     kernels = kernel_rows(sizes, device)
     log(f"(a) kernels: {kernels}")
     log("(b) the real job")
-    job = run_job(out, sizes, gpu, args.train_seconds or (45 if args.dry_run else 180))
+    job = run_job(out, sizes, gpu, args.train_seconds or (25 if args.dry_run else 180))
     log(f"(b) {job}")
     served = {"error": "no checkpoint from (b)"}
     if job.get("checkpoint"):

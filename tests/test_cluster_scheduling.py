@@ -18,8 +18,10 @@ POOL_LABEL = "centernet-ray/pool"
 TINY_TRAIN = Path(__file__).parent / "tiny_train.yaml"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def node_pool_cluster(free_ports):
+    """One simulated cluster for the module (its start is ~6 s of the machine): each test's State API
+    assertions hold whatever the other one ran there, every data task of both being on the CPU node."""
     from ray.cluster_utils import Cluster
 
     dashboard_port, = free_ports(1)
