@@ -8,8 +8,8 @@ import pytest
 
 from centernet_ray.config import ConfigError, load_config
 from centernet_ray.training import budget as budget_module
-from centernet_ray.training.budget import (EVAL_IMAGE_SHARE, EVAL_OVERHEAD_SECONDS, FINISH_SECONDS, TimeBudget,
-                                          eta_seconds)
+from centernet_ray.training.budget import (EVAL_IMAGE_SHARE, EVAL_OVERHEAD_SECONDS, FINISH_SECONDS,
+                                          MIN_REPLAN_EPOCHS, TimeBudget, eta_seconds)
 from centernet_ray.training.engine import TrainingEngine
 from centernet_ray.training.schedule import fitted_schedule, lr_factor
 
@@ -135,6 +135,18 @@ def test_an_epoch_lasts_from_the_last_one_to_this_one_less_its_evaluation(clock)
     assert budget.plan.epoch_seconds == pytest.approx(6.0)
     # by hand: 13 s in, evaluations 5 + 200 x 0.12 / 16 x 0.35 x 2 = 6.05 s, 87 - 31.05 = 55.95 s: 9 more
     assert planned == 2 + math.floor(available / 6.0) == 11
+
+
+@pytest.mark.parametrize("epoch_seconds", [4.6, 4.0])
+def test_a_re_plan_by_one_epoch_is_noise_and_keeps_the_plan(clock, epoch_seconds):
+    budget = _budget(clock, 100.0)
+    assert _run_steps(budget, clock, 50, 0.1).epochs == 13  # 5 s an epoch, as above
+    budget.after_epoch(1, 5.0, next_evaluates=False)
+    clock.now += epoch_seconds
+    eval_seconds = EVAL_OVERHEAD_SECONDS + 200 * (epoch_seconds / 50) / 16 * EVAL_IMAGE_SHARE * 2
+    fits = 2 + math.floor((budget.deadline - clock.now - eval_seconds - FINISH_SECONDS) / epoch_seconds)
+    assert fits == {4.6: 14, 4.0: 17}[epoch_seconds]  # by hand as above
+    assert budget.after_epoch(2, epoch_seconds, next_evaluates=False) == (13 if fits - 13 < MIN_REPLAN_EPOCHS else fits)
 
 
 def test_every_rank_decides_alike_and_only_the_announcing_one_logs(clock, caplog):

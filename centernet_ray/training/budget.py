@@ -18,6 +18,7 @@ broadcast to all.
 from __future__ import annotations
 
 import logging
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 3  # not timed: the first steps include the pipeline's and the allocator's start-up
 TIMED_STEPS = 20
 RECENT_EPOCHS = 5  # the epochs whose durations size the plan (median) and the guard (slowest)
+# A re-plan moves the plan by at least this many epochs: one more or fewer is the noise of the
+# epochs' durations (the demo's plan went 36, 37, 36, 35, 36, 35, 36, 37), and every change refits
+# the LR schedule. The guard still stops a run whose last planned epoch no longer fits.
+MIN_REPLAN_EPOCHS = 2
 # Set aside after the last epoch besides the evaluation itself: the checkpoint, the MLflow run's
 # figures and model, Ray Train's shutdown and the driver's summary. Measured on the demo: ~12 s on a
 # 2-core AVX512-BF16 machine (the model's MLflow logging is most of it); doubled as the margin.
@@ -151,6 +156,8 @@ class TimeBudget:
         if self.plan is not None and self._epoch_seconds:
             before = self.plan.epochs
             self.plan = _agreed(self._size(self._pace(), epochs_done - 1, 0))
+            if abs(self.plan.epochs - before) < MIN_REPLAN_EPOCHS:
+                self.plan = dataclasses.replace(self.plan, epochs=before)
             if self.plan.epochs != before:
                 self._say(logging.INFO, "time budget: re-planned after epoch %d (epochs of ~%.1f s): %d epoch(s) "
                           "instead of %d", epochs_done, self.plan.epoch_seconds, self.plan.epochs, before)
