@@ -199,14 +199,23 @@ def _healthy(uri: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(background_services, free_ports, tmp_path_factory):
+@pytest.fixture(scope="session")
+def mlflow_server(free_ports, tmp_path_factory):
     """`mlflow server` on 127.0.0.1 and a free port, one worker, SQLite backend; artifacts go through
-    the server (mlflow-artifacts:/) into ``artifacts``. Terminated by ``background_services``."""
+    the server (mlflow-artifacts:/) into ``artifacts``. One for the session (its start and stop are
+    ~15 s of the machine): each test tracks into an experiment of its own."""
+    services = BackgroundServices()
+    try:
+        yield from _serve_mlflow(services, free_ports, tmp_path_factory)
+    finally:
+        services.stop_all()
+
+
+def _serve_mlflow(services: BackgroundServices, free_ports, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow_server")
     (port,) = free_ports(1)
     log = root / "server.log"
-    server = background_services.start([
+    server = services.start([
         Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}", "--artifacts-destination", root / "artifacts",
     ], log)

@@ -22,7 +22,8 @@ def test_a_sweep_nests_every_trial_under_its_run_on_the_server(ray_session, mlfl
     config = load_config(Path(__file__).with_name("tiny_tune.yaml"), [
         f"data.root={shapes_dataset}", f"data.parquet_dir={tmp_path / 'parquet'}",
         f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_server.uri}",
-        "tune.name=server-sweep", "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.scheduler=none", "train.epochs=1", "train.batch_size=4",
+        "tune.name=server-sweep", "tracking.experiment=server-sweep",  # the session's server: a job test's too
+        "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.scheduler=none", "train.epochs=1", "train.batch_size=4",
         "tracking.system_metrics=false"])
     space = load_search_space(Path(__file__).with_name("tiny_space.yaml"), config)
     summary = run_sweep(config, space, source="centernet-ray tune tests/tiny_tune.yaml")
