@@ -18,10 +18,9 @@ broadcast to all.
 from __future__ import annotations
 
 import logging
-import dataclasses
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -139,11 +138,12 @@ class TimeBudget:
         """After an epoch whose training took ``epoch_seconds``: the epochs the run now trains in all
         (``epochs_done``: stop now). An epoch lasts from the previous call to this one, less what
         :meth:`set_aside` was told (evaluations): the reports, metrics and checkpoints between the
-        epochs' steps are part of the cost of an epoch. Once there is a plan, every epoch re-sizes it from the median
-        of the recent epochs this process trained after its first (whose steps also waited for the
-        pipeline to start); every epoch checks that the next one (with its evaluation when
-        ``next_evaluates``) and the final evaluation still end before the deadline, at the pace of
-        the slowest recent epoch. The same answer on every DDP process."""
+        epochs' steps are part of its cost. Once there is a plan, every epoch re-sizes it from the
+        median of the recent epochs this process trained after its first (whose steps also waited
+        for the pipeline to start), unless it moves by less than ``MIN_REPLAN_EPOCHS``; every epoch
+        checks that the next one (with its evaluation when ``next_evaluates``) and the final
+        evaluation still end before the deadline, at the pace of the slowest recent epoch. The same
+        answer on every DDP process."""
         if self.plan is not None and epochs_done >= self.plan.epochs:
             return epochs_done
         now = time.perf_counter()
@@ -157,7 +157,7 @@ class TimeBudget:
             before = self.plan.epochs
             self.plan = _agreed(self._size(self._pace(), epochs_done - 1, 0))
             if abs(self.plan.epochs - before) < MIN_REPLAN_EPOCHS:
-                self.plan = dataclasses.replace(self.plan, epochs=before)
+                self.plan = replace(self.plan, epochs=before)
             if self.plan.epochs != before:
                 self._say(logging.INFO, "time budget: re-planned after epoch %d (epochs of ~%.1f s): %d epoch(s) "
                           "instead of %d", epochs_done, self.plan.epoch_seconds, self.plan.epochs, before)
