@@ -139,7 +139,7 @@ class TrainConfig:
     epochs: int = _ranged(140, ge=1)  # with time_limit: the most epochs trained
     # Wall-clock budget in seconds for the whole command (start-up, data, training, the final evaluation
     # and checkpoint), as Ultralytics' `time=`: the epochs that fit are trained, sized from the measured
-    # step time, with the LR schedule fitted to them. null = train `epochs` epochs.
+    # epochs (at first from the steps), with the LR schedule fitted to them. null = train `epochs` epochs.
     time_limit: float | None = None
     batch_size: int = _ranged(32, ge=1)  # per worker
     num_workers: int = _ranged(1, ge=1)
