@@ -73,7 +73,7 @@ def test_periodic_evaluations_count_and_max_epochs_caps_the_plan(clock):
 def test_short_epochs_are_timed_together_and_a_budget_too_small_still_trains_the_epoch_under_way(clock, caplog):
     budget = _budget(clock, 5.0, steps_per_epoch=4)
     assert _run_steps(budget, clock, 4, 0.5, epoch=0) is None  # 4 stamps: not enough yet
-    assert budget.after_epoch(1, 2.0, next_evaluates=False) == 1  # 3 s left: no room for another epoch + reserve
+    assert budget.after_epoch(1, next_evaluates=False) == 1  # 3 s left: no room for another epoch + reserve
     plan = None
     for epoch in range(1, 6):
         plan = _run_steps(budget, clock, 4, 0.5, epoch=epoch) or plan
@@ -84,14 +84,14 @@ def test_short_epochs_are_timed_together_and_a_budget_too_small_still_trains_the
 def test_epochs_after_the_first_resize_the_plan_and_a_slow_epoch_stops_the_run(clock):
     budget = _budget(clock, 100.0)
     assert _run_steps(budget, clock, 50, 0.1).epochs == 13  # as above
-    assert budget.after_epoch(1, 60.0, next_evaluates=False) == 13  # the first epoch's start-up does not count
+    assert budget.after_epoch(1, next_evaluates=False) == 13  # the first epoch's start-up does not count
     # The second epoch ran at 0.05 s/step (2.5 s) instead of 0.1: re-planned from it with 100 - 7.5 = 92.5 s
     # left: eval 5 + 200 x 0.05 / 16 x 0.35 x 2 = 5.4375 s, reserve 30.4375 s -> 62.0625 s / 2.5 s = 24 more
     clock.now += 2.5
-    assert budget.after_epoch(2, 2.5, next_evaluates=False) == 2 + 24
+    assert budget.after_epoch(2, next_evaluates=False) == 2 + 24
     clock.now += 60.0  # then the machine slowed down: an epoch took 60 s
-    assert budget.after_epoch(3, 60.0, next_evaluates=False) == 3  # 32.5 s left < 60 s + the reserve: stop
-    assert budget.after_epoch(26, 1.0, next_evaluates=False) == 26  # the planned end: nothing to decide
+    assert budget.after_epoch(3, next_evaluates=False) == 3  # 32.5 s left < 60 s + the reserve: stop
+    assert budget.after_epoch(26, next_evaluates=False) == 26  # the planned end: nothing to decide
 
 
 def test_short_epochs_whose_start_outweighs_their_steps_end_the_run_at_its_plan(clock):
@@ -109,7 +109,7 @@ def test_short_epochs_whose_start_outweighs_their_steps_end_the_run_at_its_plan(
                 plans.append(epochs := plan.epochs)
         clock.now += 0.9  # the epoch's start and end beyond its steps
         epoch += 1
-        decided = budget.after_epoch(epoch, 1.2, next_evaluates=False)
+        decided = budget.after_epoch(epoch, next_evaluates=False)
         if decided != epochs:
             plans.append(epochs := decided)
     # By hand: the plan comes with the 24th step, the last of epoch 8, 8.7 s in; the epochs 2-7 ran at
@@ -125,11 +125,11 @@ def test_an_epoch_lasts_from_the_last_one_to_this_one_less_its_evaluation(clock)
     sized with 6 s epochs (evaluations are sized apart), not the steps' 5 s nor the 8 s of wall."""
     budget = _budget(clock, 100.0)
     _run_steps(budget, clock, 50, 0.1)
-    budget.after_epoch(1, 5.0, next_evaluates=False)  # the first: only a mark
+    budget.after_epoch(1, next_evaluates=False)  # the first: only a mark
     clock.now += 2.0
     budget.set_aside(2.0)  # epoch 1's evaluation
     clock.now += 6.0
-    planned = budget.after_epoch(2, 5.0, next_evaluates=False)
+    planned = budget.after_epoch(2, next_evaluates=False)
     eval_seconds = EVAL_OVERHEAD_SECONDS + 200 * (6.0 / 50) / 16 * EVAL_IMAGE_SHARE * 2
     available = budget.deadline - clock.now - eval_seconds - FINISH_SECONDS
     assert budget.plan.epoch_seconds == pytest.approx(6.0)
@@ -141,12 +141,12 @@ def test_an_epoch_lasts_from_the_last_one_to_this_one_less_its_evaluation(clock)
 def test_a_re_plan_by_one_epoch_is_noise_and_keeps_the_plan(clock, epoch_seconds):
     budget = _budget(clock, 100.0)
     assert _run_steps(budget, clock, 50, 0.1).epochs == 13  # 5 s an epoch, as above
-    budget.after_epoch(1, 5.0, next_evaluates=False)
+    budget.after_epoch(1, next_evaluates=False)
     clock.now += epoch_seconds
     eval_seconds = EVAL_OVERHEAD_SECONDS + 200 * (epoch_seconds / 50) / 16 * EVAL_IMAGE_SHARE * 2
     fits = 2 + math.floor((budget.deadline - clock.now - eval_seconds - FINISH_SECONDS) / epoch_seconds)
     assert fits == {4.6: 14, 4.0: 17}[epoch_seconds]  # by hand as above
-    assert budget.after_epoch(2, epoch_seconds, next_evaluates=False) == (13 if fits - 13 < MIN_REPLAN_EPOCHS else fits)
+    assert budget.after_epoch(2, next_evaluates=False) == (13 if fits - 13 < MIN_REPLAN_EPOCHS else fits)
 
 
 def test_every_rank_decides_alike_and_only_the_announcing_one_logs(clock, caplog):
@@ -159,11 +159,11 @@ def test_every_rank_decides_alike_and_only_the_announcing_one_logs(clock, caplog
         caplog.clear()
         budget = _budget(clock, 100.0, announce=announce)
         planned = _run_steps(budget, clock, 50, 0.1).epochs
-        first = budget.after_epoch(1, 60.0, next_evaluates=False)
+        first = budget.after_epoch(1, next_evaluates=False)
         clock.now += 2.5
-        replanned = budget.after_epoch(2, 2.5, next_evaluates=False)
+        replanned = budget.after_epoch(2, next_evaluates=False)
         clock.now += 60.0
-        decisions[announce] = (planned, first, replanned, budget.after_epoch(3, 60.0, next_evaluates=False))
+        decisions[announce] = (planned, first, replanned, budget.after_epoch(3, next_evaluates=False))
         logged[announce] = caplog.text
     assert decisions[True] == decisions[False] == (13, 13, 26, 3)  # as in the test above
     assert all(what in logged[True] for what in ("-> 13 epoch(s)", "re-planned", "stopping after epoch 3"))

@@ -193,7 +193,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
                                     log_every=inputs.log_every, steps_per_epoch=facts.steps_per_epoch,
                                     on_progress=progress, on_step=schedule.step_hook(epoch))
         metrics = _epoch_metrics(result, epoch, world, engine.nonfinite_steps)
-        last_epoch = schedule.ends_after(epoch, result.seconds)
+        last_epoch = schedule.ends_after(epoch)
         metrics["planned_epochs"] = schedule.epochs
         evaluation, class_ap = None, {}
         if (epoch + 1) % train.eval_every == 0 or last_epoch:
@@ -240,12 +240,12 @@ class _Schedule:
                 self._set(plan.epochs)
         return on_step
 
-    def ends_after(self, epoch: int, seconds: float) -> bool:
+    def ends_after(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based, just trained in ``seconds``) is the run's last."""
         if epoch + 1 >= self.epochs:
             return True
         if self.budget is not None:
-            planned = self.budget.after_epoch(epoch + 1, seconds, (epoch + 2) % self.eval_every == 0)
+            planned = self.budget.after_epoch(epoch + 1, (epoch + 2) % self.eval_every == 0)
             if planned != self.epochs:
                 self._set(planned, refit=planned > epoch + 1)
         return epoch + 1 >= self.epochs

@@ -73,7 +73,6 @@ class TimeBudget:
         self.plan: BudgetPlan | None = None
         self._stamps: list[float] = []
         self._epoch_seconds: list[float] = []  # of the epochs after the first this process trained
-        self._epochs_seen = 0
         self._epoch_mark: float | None = None  # time.perf_counter() at the last after_epoch
         self._set_aside = 0.0  # seconds since then spent on evaluations (sized apart, per evaluation)
 
@@ -134,25 +133,21 @@ class TimeBudget:
         """Leave ``seconds`` (an evaluation) out of the epoch under way's duration."""
         self._set_aside += seconds
 
-    def after_epoch(self, epochs_done: int, epoch_seconds: float, next_evaluates: bool) -> int:
-        """After an epoch whose training took ``epoch_seconds``: the epochs the run now trains in all
-        (``epochs_done``: stop now). An epoch lasts from the previous call to this one, less what
-        :meth:`set_aside` was told (evaluations): the reports, metrics and checkpoints between the
-        epochs' steps are part of its cost. Once there is a plan, every epoch re-sizes it from the
-        median of the recent epochs this process trained after its first (whose steps also waited
-        for the pipeline to start), unless it moves by less than ``MIN_REPLAN_EPOCHS``; every epoch
-        checks that the next one (with its evaluation when ``next_evaluates``) and the final
-        evaluation still end before the deadline, at the pace of the slowest recent epoch. The same
-        answer on every DDP process."""
+    def after_epoch(self, epochs_done: int, next_evaluates: bool) -> int:
+        """After an epoch: the epochs the run now trains in all (``epochs_done``: stop now). An epoch
+        lasts from the previous call to this one, less what :meth:`set_aside` was told (evaluations):
+        the reports, metrics and checkpoints between the epochs' steps are part of its cost. Once
+        there is a plan, every epoch re-sizes it from the median of the recent epochs this process
+        trained after its first (whose steps also waited for the pipeline to start), unless it moves
+        by less than ``MIN_REPLAN_EPOCHS``; every epoch checks that the next one (with its evaluation
+        when ``next_evaluates``) and the final evaluation still end before the deadline, at the pace
+        of the slowest recent epoch. The same answer on every DDP process."""
         if self.plan is not None and epochs_done >= self.plan.epochs:
             return epochs_done
         now = time.perf_counter()
-        if self._epoch_mark is not None:
-            epoch_seconds = max(epoch_seconds, now - self._epoch_mark - self._set_aside)
+        if self._epoch_mark is not None:  # not after the first: it also started the pipeline and the workers
+            self._epoch_seconds.append(now - self._epoch_mark - self._set_aside)
         self._epoch_mark, self._set_aside = now, 0.0
-        self._epochs_seen += 1
-        if self._epochs_seen > 1:  # the run's first epoch also starts the pipeline and the workers
-            self._epoch_seconds.append(epoch_seconds)
         if self.plan is not None and self._epoch_seconds:
             before = self.plan.epochs
             self.plan = _agreed(self._size(self._pace(), epochs_done - 1, 0))
