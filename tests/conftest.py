@@ -205,13 +205,6 @@ def mlflow_server(free_ports, tmp_path_factory):
     the server (mlflow-artifacts:/) into ``artifacts``. One for the session (its start and stop are
     ~15 s of the machine): each test tracks into an experiment of its own."""
     services = BackgroundServices()
-    try:
-        yield from _serve_mlflow(services, free_ports, tmp_path_factory)
-    finally:
-        services.stop_all()
-
-
-def _serve_mlflow(services: BackgroundServices, free_ports, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow_server")
     (port,) = free_ports(1)
     log = root / "server.log"
@@ -220,9 +213,12 @@ def _serve_mlflow(services: BackgroundServices, free_ports, tmp_path_factory):
         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}", "--artifacts-destination", root / "artifacts",
     ], log)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not _healthy(uri):
-        assert server.poll() is None, f"`mlflow server` exited with {server.returncode}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"`mlflow server` not healthy in 120 s:\n{log.read_text()}"
-        time.sleep(0.5)
-    yield SimpleNamespace(uri=uri, artifacts=root / "artifacts", log=log)
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthy(uri):
+            assert server.poll() is None, f"`mlflow server` exited with {server.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"`mlflow server` not healthy in 120 s:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield SimpleNamespace(uri=uri, artifacts=root / "artifacts", log=log)
+    finally:
+        services.stop_all()
