@@ -195,13 +195,13 @@ def worker_loop(cfg: dict[str, Any]) -> None:
     if cfg["source"] == "pipeline":
         from centernet_ray.ray_data.pipeline import shard_batches
 
-        def epoch_batches():
-            return shard_batches("train", config, cfg["num_classes"], config.train.batch_size)
+        def epoch_batches(epoch: int):
+            return shard_batches("train", config, cfg["num_classes"], config.train.batch_size, epoch)
 
-        for batch in epoch_batches():  # epoch 1, untimed: the first execution starts the pipeline's processes
+        for batch in epoch_batches(0):  # epoch 1, untimed: the first execution starts the pipeline's processes
             engine.step(batch)
         ray.get(cfg["clock"].advance_to.remote(1))  # epoch 2 draws new augmentations, as in training
-        metrics = timed_steps(engine, epoch_batches(), 0, cfg["steps_per_epoch"], world)
+        metrics = timed_steps(engine, epoch_batches(1), 0, cfg["steps_per_epoch"], world)
     else:
         batches = itertools.cycle(materialize(ray.get(cfg["batches"][0]))[rank::world])
         metrics = timed_steps(engine, batches, cfg["warmup"], cfg["steps"], world)

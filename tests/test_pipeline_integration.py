@@ -39,8 +39,8 @@ def task_config():
     return load_config(None, [*SMALL, "data.preprocess_compute=tasks"])
 
 
-def epoch_images(dataset):
-    batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+def epoch_images(dataset, transform=lambda batch: batch):
+    batches = [transform(b) for b in dataset.iter_batches(batch_size=None, batch_format="numpy")]
     return {int(i): (img, box) for b in batches for i, img, box in zip(b["image_id"], b["image"], b["boxes"])}
 
 
@@ -161,21 +161,30 @@ def test_torch_trainer_workers_stream_their_shards_with_collated_targets(ray_ses
 def test_the_cached_pipeline_yields_the_uncached_pipeline_s_rows_every_epoch(ray_session, parquet, augment,
                                                                              monkeypatch):
     """data.cache: decoded once into the object store, augmented per epoch: epoch by epoch the same
-    rows as the uncached stage (same seed), new augmentations each epoch, validation cached whole;
-    the one augmentation task hands its 24 rows on in blocks of about AUGMENT_BLOCK_ROWS."""
+    rows as the uncached stage (same seed), new augmentations each epoch, validation cached whole.
+    flip: the cached rows go to the trainers as they are, and each flips its own (the collate of
+    ``shard_batches``); centernet: one augmentation task per epoch hands its 24 rows on in blocks of
+    about AUGMENT_BLOCK_ROWS."""
     from centernet_ray.ray_data import cache
-    from centernet_ray.ray_data.pipeline import EpochClock, PipelineReport, preprocessed_dataset, training_datasets
+    from centernet_ray.ray_data.pipeline import (AugmentThenCollate, EpochClock, PipelineReport, augments_on_the_trainer,
+                                                 preprocessed_dataset, training_datasets)
 
     monkeypatch.setattr(cache, "AUGMENT_BLOCK_ROWS", 8)
     config = load_config(None, [*SMALL, "data.preprocess_compute=tasks", f"data.augment={augment}", "data.cache=true"])
+    on_trainer = augments_on_the_trainer(config)
+    assert on_trainer == (augment == "flip")
     clock, report = EpochClock.remote(), PipelineReport.remote()
     cached = training_datasets(str(parquet / "train"), str(parquet / "val"), config, report=report, clock=clock)
     assert type(cached["val"]).__name__ == "MaterializedDataset"
+    assert (type(cached["train"]).__name__ == "MaterializedDataset") == on_trainer  # no Ray Data stage per epoch
     uncached_clock = EpochClock.remote()
     uncached = preprocessed_dataset(str(parquet / "train"), config, train=True, clock=uncached_clock)
     for epoch in (0, 1):
         ray_session.get([clock.advance_to.remote(epoch), uncached_clock.advance_to.remote(epoch)])
-        got, expected = epoch_images(cached["train"]), epoch_images(uncached)
+        # flip: what the trainer's collate makes of the rows, before the targets
+        got = epoch_images(cached["train"], AugmentThenCollate(config, epoch, collate=lambda batch: batch)
+                           if on_trainer else lambda batch: batch)
+        expected = epoch_images(uncached)
         assert got.keys() == expected.keys() and len(got) == 24
         for key in got:
             np.testing.assert_array_equal(got[key][0], expected[key][0])

@@ -5,7 +5,11 @@ Without the cache every epoch decodes every image again. With it, before trainin
 - train rows go through ``Preprocessor.prepare`` (decode, drop bad rows, and for the ``flip`` and
   ``none`` presets the letterbox) and the result is materialised in the object store; each epoch
   runs only ``Preprocessor.augment`` (the random crop, flip and colours, and the sparse targets) on
-  it, with that epoch's seed, so epochs still differ and equal the uncached pipeline's bit for bit;
+  it, with that epoch's seed, so epochs still differ and equal the uncached pipeline's bit for bit.
+  For the cropping presets that is a Ray Data stage on the CPU nodes every epoch; for the
+  letterboxing presets, whose random part is a coin toss and a flip per row, each trainer does it
+  in its collate (``pipeline.augments_on_the_trainer``): cheaper than the task that would carry
+  the row, and Ray Data only hands the cached blocks out;
 - validation rows are deterministic: they are preprocessed whole, once.
 
 The blocks live in the object store of the nodes that made them, owned by the job's driver, and
@@ -31,7 +35,7 @@ from centernet_ray.config import LETTERBOX_PRESETS, Config
 from centernet_ray.data.preprocess import packed_row_bytes
 from centernet_ray.errors import UserInputError
 from centernet_ray.ray_data.ingest import read_manifest
-from centernet_ray.ray_data.pipeline import preprocess_stage, read_rows
+from centernet_ray.ray_data.pipeline import augments_on_the_trainer, preprocess_stage, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +110,8 @@ def cached_datasets(train_dir: str, val_dir: str, config: Config, *, report: Any
         cached[name] = dataset.materialize()
         log.info("data.cache: %s split cached: %d rows, %.1f MB", name, cached[name].count(),
                  cached[name].size_bytes() / 1e6)
+    if augments_on_the_trainer(config):  # each trainer flips its rows (shard_batches): no stage per epoch
+        return cached
     train = preprocess_stage(cached["train"], config, train=True, report=report, clock=clock, method="augment",
                              batch_size=max(AUGMENT_TASK_ROWS, config.data.preprocess_batch_size))
     # Ray Data cuts a task's output into blocks of the target size (128 MiB by default)

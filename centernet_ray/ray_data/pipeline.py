@@ -17,7 +17,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig as TrainDataConfig
 
 from centernet_ray import storage
-from centernet_ray.config import Config
+from centernet_ray.config import LETTERBOX_PRESETS, Config
 from centernet_ray.console import is_terminal
 from centernet_ray.ray_compat import execution_options
 from centernet_ray.ray_data.ingest import read_manifest
@@ -155,6 +155,14 @@ def training_datasets(train_dir: str, val_dir: str, config: Config, report: Any 
     return datasets
 
 
+def preprocessor_arguments(config: Config, *, train: bool, max_objects: int | None = None) -> dict[str, Any]:
+    """The :class:`~centernet_ray.data.preprocess.Preprocessor` settings of ``config``."""
+    data = config.data
+    return dict(input_size=data.input_size, train=train, augment=data.augment, scale_range=data.scale_range,
+                flip_prob=data.flip_prob, color_jitter=data.color_jitter, seed=config.train.seed,
+                max_objects=config.targets.max_objects if max_objects is None else max_objects)
+
+
 def preprocess_stage(rows: ray.data.Dataset, config: Config, *, train: bool, report: Any = None, clock: Any = None,
                      batch_size: int | None = None, max_objects: int | None = None,
                      label_selector: dict[str, str] | None = None, method: str = "__call__") -> ray.data.Dataset:
@@ -165,9 +173,7 @@ def preprocess_stage(rows: ray.data.Dataset, config: Config, *, train: bool, rep
     ``method``: the ``Preprocessor``'s whole stage, or ``prepare``/``augment`` (``data.cache``)."""
     data = config.data
     batch_size = batch_size or data.preprocess_batch_size
-    arguments = dict(input_size=data.input_size, train=train, augment=data.augment, scale_range=data.scale_range,
-                     flip_prob=data.flip_prob, color_jitter=data.color_jitter, seed=config.train.seed, report=report,
-                     clock=clock, max_objects=config.targets.max_objects if max_objects is None else max_objects,
+    arguments = dict(preprocessor_arguments(config, train=train, max_objects=max_objects), report=report, clock=clock,
                      method=method)
     placement = {"num_cpus": data.preprocess_num_cpus, "label_selector": label_selector}  # None: anywhere
     if data.preprocess_compute == "tasks":
@@ -212,10 +218,33 @@ class NumpyCollate(NumpyBatchCollateFn):
         return self.collate(batch)
 
 
-def shard_batches(name: str, config: Config, num_classes: int, batch_size: int):
+def augments_on_the_trainer(config: Config) -> bool:
+    """Whether the train rows arrive un-augmented and each trainer flips them itself: with
+    ``data.cache`` and a letterboxing preset, where the per-epoch work is a coin toss and a flip per
+    row, less than what a Ray task costs to carry the row (BENCHMARKS.md). The cropping presets
+    resample whole images every epoch: that stays on the CPU nodes."""
+    return config.data.cache and config.data.augment in LETTERBOX_PRESETS
+
+
+class AugmentThenCollate:
+    """``Preprocessor.augment`` for ``epoch`` (the same rows as the augmentation tasks would give),
+    then the collate."""
+
+    def __init__(self, config: Config, epoch: int, collate: Callable[[dict[str, Any]], Any]) -> None:
+        from centernet_ray.data.preprocess import Preprocessor
+
+        self.augment = Preprocessor(**preprocessor_arguments(config, train=True), epoch=epoch).augment
+        self.collate = collate
+
+    def __call__(self, batch: dict[str, Any]) -> Any:
+        return self.collate(self.augment(batch))
+
+
+def shard_batches(name: str, config: Config, num_classes: int, batch_size: int, epoch: int = 0):
     """Inside a Ray Train worker: this worker's split of dataset ``name`` as collated torch batches
     (see :class:`TargetCollate`: sparse for training on a GPU), prefetched ``data.prefetch_batches``
-    ahead, in pinned memory on a GPU node."""
+    ahead, in pinned memory on a GPU node; ``epoch``: the training epoch they are for, which the
+    trainer's own augmentation draws from (:func:`augments_on_the_trainer`)."""
     import ray.train
 
     from centernet_ray.targets import TargetCollate
@@ -223,6 +252,8 @@ def shard_batches(name: str, config: Config, num_classes: int, batch_size: int):
     shard = ray.train.get_dataset_shard(name)
     # On a GPU the train batches stay sparse and pinned: the engine renders the targets on the device
     on_device = config.train.use_gpu and name == "train"
-    collate = NumpyCollate(TargetCollate(config, num_classes, not on_device))
-    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, device="cpu",
+    collate = TargetCollate(config, num_classes, not on_device)
+    if name == "train" and augments_on_the_trainer(config):
+        collate = AugmentThenCollate(config, epoch, collate)
+    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=NumpyCollate(collate), device="cpu",
                                     prefetch_batches=config.data.prefetch_batches, pin_memory=config.train.use_gpu)

@@ -189,7 +189,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
             ray.get(inputs.clock.advance_to.remote(epoch))
         for callback in inputs.callbacks:
             callback.on_epoch_start(epoch, rank, checkpoint is not None)
-        result = engine.train_epoch(shard_batches("train", config, facts.num_classes, train.batch_size), epoch,
+        result = engine.train_epoch(shard_batches("train", config, facts.num_classes, train.batch_size, epoch), epoch,
                                     log_every=inputs.log_every, steps_per_epoch=facts.steps_per_epoch,
                                     on_progress=progress, on_step=schedule.step_hook(epoch))
         metrics = _epoch_metrics(result, epoch, world, engine.nonfinite_steps)
