@@ -6,13 +6,17 @@ through these helpers, so a URI works wherever a local path does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 if TYPE_CHECKING:
@@ -52,12 +56,33 @@ def read_bytes(uri: str | Path) -> bytes:
 
 
 def write_bytes(uri: str | Path, data: bytes) -> None:
+    with open_output(uri) as stream:
+        stream.write(data)
+
+
+@contextlib.contextmanager
+def open_output(uri: str | Path) -> Iterator[pa.NativeFile]:
+    """A stream writing ``uri`` (its folders created), for writers that produce more than they
+    should hold in memory at once."""
     fs, path = resolve(uri)
     parent = posixpath.dirname(path)
     if parent:
         fs.create_dir(parent, recursive=True)
     with fs.open_output_stream(path) as stream:
-        stream.write(data)
+        yield stream
+
+
+@contextlib.contextmanager
+def open_random_access(uri: str | Path) -> Iterator[BinaryIO | pa.NativeFile]:
+    """``uri`` for reading with seeks (a zip archive, a ``torch.save`` file): the file itself where
+    it is local; else its bytes, read in one request, in memory (a seek on object storage is an
+    HTTP request)."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_input_file(path) as handle:
+            yield handle
+    else:
+        yield io.BytesIO(read_bytes(uri))
 
 
 def exists(uri: str | Path) -> bool:
