@@ -38,7 +38,7 @@ def read_epochs(cfg: dict[str, Any]) -> None:
     for epoch in range(cfg["epochs"]):
         ray.get(cfg["clock"].advance_to.remote(epoch))
         start, first = time.perf_counter(), None
-        for _ in shard_batches("train", config, cfg["num_classes"], config.train.batch_size):
+        for _ in shard_batches("train", config, cfg["num_classes"], config.train.batch_size, epoch):
             first = first or time.perf_counter() - start
         epochs.append((first, time.perf_counter() - start))
     rank = ray.train.get_context().get_world_rank()
