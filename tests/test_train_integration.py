@@ -58,6 +58,7 @@ def tiny_config(shapes_dataset, tmp_path):
         "train.epochs=2", "train.eval_every=1", "train.checkpoint_every=1", "train.lr=1e-3", "train.amp=bf16",
         f"train.storage_path={tmp_path / 'runs'}", "train.run_name=tiny", "train.max_failures=1",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.log_model=false",  # a torch.export per run that no test here reads: test_jobs_integration.py does
     ])
 
 
