@@ -241,7 +241,7 @@ class _Schedule:
         return on_step
 
     def ends_after(self, epoch: int) -> bool:
-        """Whether ``epoch`` (0-based, just trained in ``seconds``) is the run's last."""
+        """Whether ``epoch`` (0-based, just trained) is the run's last."""
         if epoch + 1 >= self.epochs:
             return True
         if self.budget is not None:

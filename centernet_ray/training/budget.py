@@ -101,7 +101,7 @@ class TimeBudget:
         self.plan = _agreed(self._size(self._pace(), epoch, self.steps_per_epoch - taken))
         self._span = self.deadline - time.time()
         self._say(logging.INFO, "time budget: %.0f s left, %.2f s/step -> %d epoch(s) of ~%.0f s, %.0f s kept for the "
-                  "final evaluation and checkpoint", self.deadline - time.time(), self.plan.step_seconds,
+                  "final evaluation and checkpoint", self._span, self.plan.step_seconds,
                   self.plan.epochs, self.plan.epoch_seconds, self.plan.reserve_seconds)
         return self.plan
 
@@ -143,10 +143,11 @@ class TimeBudget:
         lasts from the previous call to this one, less what :meth:`set_aside` was told (evaluations):
         the reports, metrics and checkpoints between the epochs' steps are part of its cost. Once
         there is a plan, every epoch re-sizes it from the median of the recent epochs this process
-        trained after its first (whose steps also waited for the pipeline to start), unless it moves
-        the end by less than ``MIN_REPLAN_SHARE`` of the budget; every epoch checks that the next one (with its evaluation
-        when ``next_evaluates``) and the final evaluation still end before the deadline, at the pace
-        of the slowest recent epoch. The same answer on every DDP process."""
+        trained after its first (whose steps also waited for the pipeline to start), unless that
+        moves the end by less than ``MIN_REPLAN_SHARE`` of the budget; every epoch checks that the
+        next one (with its evaluation when ``next_evaluates``) and the final evaluation still end
+        before the deadline, at the pace of the slowest recent epoch. The same answer on every DDP
+        process."""
         if self.plan is not None and epochs_done >= self.plan.epochs:
             return epochs_done
         now = time.perf_counter()
