@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -28,6 +29,7 @@ from centernet_ray.evaluation import STAT_NAMES
 
 log = logging.getLogger(__name__)
 
+DATASET_LOG_ATTEMPTS = 3  # RunTracker: a dataset input lost to a concurrent trial's insert is retried
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint
 
 # Epoch report key -> MLflow metric name (COCO stats go to val/<stat>).
@@ -199,6 +201,7 @@ class RunTracker:
     def _log_dataset(self, dataset: DatasetInput) -> None:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.exceptions import MlflowException
 
         try:
             with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local source types
@@ -207,8 +210,19 @@ class RunTracker:
         except Exception as exc:  # a scheme MLflow has no source type for: the tags still say it
             log.debug("no MLflow dataset source for %s: %s", dataset.source, exc)
             return
-        self.mlflow.log_input(MetaDataset(source, name=dataset.name, digest=dataset.fingerprint[:12]),
-                              context=dataset.context)
+        meta = MetaDataset(source, name=dataset.name, digest=dataset.fingerprint[:12])
+        for attempt in range(1, DATASET_LOG_ATTEMPTS + 1):
+            try:
+                self.mlflow.log_input(meta, context=dataset.context)
+                return
+            except MlflowException as exc:
+                # Trials of a sweep that start together log the same dataset, and MLflow's store
+                # looks a dataset up before inserting it: the loser of that race gets a unique-key
+                # error (a server sweep with two trials at once). On the retry the lookup finds it.
+                if attempt == DATASET_LOG_ATTEMPTS:
+                    raise
+                log.info("logging dataset %s failed (%s); retrying", dataset.name, str(exc).splitlines()[0][:200])
+                time.sleep(0.5 * attempt)
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         """Log ``values`` (already MLflow names) at ``step``."""

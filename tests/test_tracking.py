@@ -108,3 +108,40 @@ def test_the_experiment_keeps_its_artifacts_beside_a_sqlite_store(tmp_path, monk
     location = MlflowClient(f"sqlite:///{tmp_path}/store/m.db").get_experiment(experiment_id).artifact_location
     assert location == str(tmp_path / "store" / "mlruns" / "a_b")
     assert not (tmp_path / "elsewhere" / "mlruns").exists()
+
+
+def test_a_dataset_input_lost_to_a_concurrent_insert_is_logged_on_the_retry(tmp_path, monkeypatch):
+    """Trials of a sweep that start together log the same dataset, and MLflow's store looks a dataset
+    up before inserting it: one of them got a unique-key error and its trial failed (a sweep of two
+    concurrent trials on an `mlflow server`). The race is staged by failing the first `log_input`
+    as the store does; the retry logs the input and the run goes on."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from centernet_ray.tracking import DatasetInput, RunTracker
+
+    monkeypatch.chdir(tmp_path)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(None, [f"tracking.tracking_uri={store}", "tracking.system_metrics=false"])
+    annotations = tmp_path / "instances_train.json"
+    annotations.write_text("{}")
+    real_log_input, calls = mlflow.log_input, []
+
+    def racing_log_input(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                  "datasets.name, datasets.digest")
+        return real_log_input(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", racing_log_input)
+    monkeypatch.setattr("centernet_ray.tracking.time.sleep", lambda seconds: None)
+    try:
+        tracker = RunTracker(config, "race", datasets=[DatasetInput("train", str(annotations), "f" * 64, "training")])
+        tracker.close()
+    finally:
+        mlflow.set_tracking_uri(None)
+    run = MlflowClient(store).get_run(tracker.run_id)
+    assert len(calls) == 2 and run.info.status == "FINISHED"
+    assert [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] == [("train", "f" * 12)]
