@@ -14,6 +14,18 @@ import pytest
 from centernet_ray.data.synthetic import write_shapes_dataset
 
 
+def pytest_collection_modifyitems(items):
+    """The test modules that never use the session's local Ray (`ray_session`) run first, each
+    module whole and in its own order: the ones that start a Ray of their own (a simulated
+    cluster, `ray start --head`, the wheel's and the GPU check's commands) then do not share the
+    two cores with the idle daemons of the session's Ray, which starts with the first test that
+    needs it."""
+    uses_session_ray: dict = {}
+    for item in items:
+        uses_session_ray[item.module] = uses_session_ray.get(item.module, False) or "ray_session" in item.fixturenames
+    items.sort(key=lambda item: uses_session_ray[item.module])  # stable: collection order otherwise
+
+
 @pytest.fixture(scope="session")
 def shapes_dataset(tmp_path_factory):
     """A small synthetic shapes dataset in COCO layout, written once per test session."""
