@@ -3,7 +3,7 @@ that point it at a tiny synthetic dataset at 128x128 on the CPU, one epoch of tw
 
 The list is read from the directory, so a config added without passing this cannot land. What
 the overrides change is only what this machine cannot run (COCO, ImageNet weights, GPUs, the
-official batch sizes and epoch counts); the model, loss, targets, augmentation preset, optimizer
+official batch sizes and epoch counts) and how the preprocessing stage runs (tasks); the model, loss, targets, augmentation preset, optimizer
 and schedule are each config's own. Configs whose runs here would be the same job run once:
 coco_dla34_1x and coco_dla34_2x differ only in their epochs and LR step epochs, which a one-epoch
 run overrides and never reaches.
@@ -33,7 +33,10 @@ def _overrides(data_root: str, storage: str, run_name: str) -> list[str]:
     return [
         f"data.root={data_root}", "data.train_images=", "data.train_annotations=", "data.val_images=",
         "data.val_annotations=", "data.parquet_dir=parquet", "data.input_size=[128,128]",
-        "data.preprocess_max_actors=1", "data.preprocess_batch_size=2",
+        # tasks: the session's warm worker processes preprocess, where an actor pool would start two
+        # new processes per run, each importing torch and torchvision (~4 s of CPU); the actor pool is
+        # test_cluster_scheduling.py's and test_pipeline_integration.py's
+        "data.preprocess_compute=tasks", "data.preprocess_max_actors=1", "data.preprocess_batch_size=2",
         "model.pretrained=null",  # ImageNet / DLA weights cannot be downloaded here; loading them is tested apart
         "train.use_gpu=false", "train.num_workers=1", "train.batch_size=2", "train.epochs=1",
         "train.eval_every=1", "train.checkpoint_every=1", f"train.storage_path={storage}",
