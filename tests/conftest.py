@@ -51,6 +51,18 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def serve_port(ray_session, free_ports):
+    """The HTTP port of Ray Serve on the session's Ray. The first test that deploys starts Serve on
+    it (`start_app`); tests delete their application, not Serve, whose controller and proxy would
+    otherwise start again for each (seconds of CPU each time); it is shut down once, at the end."""
+    port = free_ports(1)[0]
+    yield port
+    from ray import serve
+
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
 def untrained_checkpoint(tmp_path_factory):
     """A small, untrained 4-class checkpoint (random detections, valid format)."""
     import torch

@@ -18,21 +18,19 @@ MAX_BODY = 2_000_000
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_session, trained_checkpoint, free_ports):
+def endpoint(ray_session, trained_checkpoint, serve_port):
     import requests
     from ray import serve
 
     from centernet_ray.ray_serve.launch import APP_NAME, start_app
 
     checkpoint, _ = trained_checkpoint
-    port = free_ports(1)[0]
-    config = load_config(None, [f"serve.port={port}", f"serve.max_body_bytes={MAX_BODY}", "serve.max_batch_size=8",
+    config = load_config(None, [f"serve.port={serve_port}", f"serve.max_body_bytes={MAX_BODY}", "serve.max_batch_size=8",
                                 "serve.batch_wait_timeout_s=0.02", "serve.score_threshold=0.3"])
     url = start_app(config, str(checkpoint))
     assert requests.get(f"{url}/healthz", timeout=60).status_code == 200
     yield url
     serve.delete(APP_NAME)
-    serve.shutdown()
 
 
 def train_images(trained_checkpoint):

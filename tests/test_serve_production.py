@@ -175,7 +175,7 @@ def registry(trained_checkpoint, tmp_path):
 
 
 def test_moving_the_alias_swaps_the_model_under_load_without_a_failed_request(ray_session, registry,
-                                                                             trained_checkpoint, free_ports):
+                                                                             trained_checkpoint, serve_port):
     import requests
     from ray import serve
 
@@ -183,8 +183,7 @@ def test_moving_the_alias_swaps_the_model_under_load_without_a_failed_request(ra
     from centernet_ray.ray_serve.launch import APP_NAME, start_app
 
     store, client = registry
-    port = free_ports(1)[0]
-    config = load_config(None, [f"serve.port={port}", "serve.model_poll_s=1", "serve.max_batch_size=8",
+    config = load_config(None, [f"serve.port={serve_port}", "serve.model_poll_s=1", "serve.max_batch_size=8",
                                 f"tracking.tracking_uri={store}"])
     url = start_app(config, "models:/shapes@champion")
     image = next((trained_checkpoint[1] / "images" / "train").iterdir()).read_bytes()
@@ -201,26 +200,25 @@ def test_moving_the_alias_swaps_the_model_under_load_without_a_failed_request(ra
 
         with ThreadPoolExecutor(16) as pool:
             running = [pool.submit(client_loop, i) for i in range(16)]
-            time.sleep(5)
+            time.sleep(2)  # every client has had answers from version 1
             client.set_registered_model_alias("shapes", "champion", "2")
             deadline = time.time() + 60
             while requests.get(f"{url}/metadata", timeout=30).json()["model_version"] != "shapes/2":
                 assert time.time() < deadline, "the replica did not pick up the moved alias"
                 time.sleep(0.5)
-            stop_at[0] = time.time() + 5  # keep the load on a while after the swap
+            stop_at[0] = time.time() + 2  # keep the load on a while after the swap
             per_client = [future.result() for future in running]
         answers = [a for mine in per_client for a in mine]
         failures = [a for a in answers if a[0] != 200]
         assert not failures, failures[:5]
         versions = [model for _, model in answers]
         assert versions.count("shapes/1") > 0 and versions.count("shapes/2") > 0, len(answers)
-        assert all(mine[-1][1] == "shapes/2" for mine in per_client)  # 5 s after the swap every client has the new one
+        assert all(mine[-1][1] == "shapes/2" for mine in per_client)  # 2 s after the swap every client has the new one
     finally:
         serve.delete(APP_NAME)
-        serve.shutdown()
 
 
-def test_redeploying_with_another_checkpoint_loses_no_request(ray_session, trained_checkpoint, free_ports, tmp_path):
+def test_redeploying_with_another_checkpoint_loses_no_request(ray_session, trained_checkpoint, serve_port, tmp_path):
     """The app deployed again with another `checkpoint` (through `serve.run`, whose code version is
     new each time, so Serve replaces the replica: the new one starts before the old one stops) while
     8 clients keep sending: every request answered 200, then the new checkpoint served by a new replica."""
@@ -236,8 +234,7 @@ def test_redeploying_with_another_checkpoint_loses_no_request(ray_session, train
 
     second = tmp_path / "second" / "checkpoint.pt"
     save_checkpoint(second, {**load_checkpoint(trained_checkpoint[0]), "epoch": 302})
-    port = free_ports(1)[0]
-    config = load_config(None, [f"serve.port={port}"])
+    config = load_config(None, [f"serve.port={serve_port}"])
     url = start_app(config, str(trained_checkpoint[0]))
     image = next((trained_checkpoint[1] / "images" / "train").iterdir()).read_bytes()
     try:
@@ -258,4 +255,3 @@ def test_redeploying_with_another_checkpoint_loses_no_request(ray_session, train
         assert requests.get(f"{url}/metadata", timeout=30).json()["replica"] != before["replica"]
     finally:
         serve.delete(APP_NAME)
-        serve.shutdown()
