@@ -4,10 +4,10 @@
 
 A local Ray (8 logical CPUs), the demo config with ``data.augment=centernet`` (with a letterboxing
 preset, as the demo's ``flip``, the trainers augment the cached rows and there is no such stage),
-``--images`` synthetic 128x128 images ingested and cached; each setting builds the cache, then streams epochs 1 and 2 of the augmented train split
-into this process in batches of 16 (epoch 0 is untimed) and measures the CPU time of every
-process on the machine per row. Settings alternate, twice over; medians are printed with the
-ratio to the first setting. Only ``AUGMENT_TASK_ROWS`` changes: the rows are the same (seeds are
+``--images`` synthetic 128x128 images ingested and cached; each setting builds the cache, then
+streams epochs 1 and 2 of the augmented train split into this process in batches of 16 (epoch 0
+is untimed) and measures the CPU time of every process on the machine per row. Settings
+alternate, twice over; medians are printed with the ratio to the first setting. Only ``AUGMENT_TASK_ROWS`` changes: the rows are the same (seeds are
 per image).
 """
 

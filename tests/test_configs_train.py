@@ -3,8 +3,8 @@ that point it at a tiny synthetic dataset at 128x128 on the CPU, one epoch of tw
 
 The list is read from the directory, so a config added without passing this cannot land. What
 the overrides change is only what this machine cannot run (COCO, ImageNet weights, GPUs, the
-official batch sizes and epoch counts) and how the preprocessing stage runs (tasks); the model, loss, targets, augmentation preset, optimizer
-and schedule are each config's own. Configs whose runs here would be the same job run once:
+official batch sizes and epoch counts) and how the preprocessing stage runs (tasks); the model,
+loss, targets, augmentation preset, optimizer and schedule are each config's own. Configs whose runs here would be the same job run once:
 coco_dla34_1x and coco_dla34_2x differ only in their epochs and LR step epochs, which a one-epoch
 run overrides and never reaches.
 """

@@ -25,8 +25,8 @@ def endpoint(ray_session, trained_checkpoint, serve_port):
     from centernet_ray.ray_serve.launch import APP_NAME, start_app
 
     checkpoint, _ = trained_checkpoint
-    config = load_config(None, [f"serve.port={serve_port}", f"serve.max_body_bytes={MAX_BODY}", "serve.max_batch_size=8",
-                                "serve.batch_wait_timeout_s=0.02", "serve.score_threshold=0.3"])
+    config = load_config(None, [f"serve.port={serve_port}", f"serve.max_body_bytes={MAX_BODY}",
+                                "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.02", "serve.score_threshold=0.3"])
     url = start_app(config, str(checkpoint))
     assert requests.get(f"{url}/healthz", timeout=60).status_code == 200
     yield url
