@@ -31,6 +31,10 @@ def test_serve_yaml_matches_serves_schema_and_builds_the_application(untrained_c
     # a stopping endpoint fits Kubernetes' 30 s between SIGTERM and SIGKILL: the two deployments
     # stop one after the other, each waiting at most this long for its requests in flight
     assert sum(deployment_config(d).graceful_shutdown_timeout_s for d in (ingress, model)) <= 20
+    # a redeploy starts each replacement before its old replica stops (Serve's default, 0, stops first)
+    assert [deployment_config(d).max_surge_percent for d in (ingress, model)] == [100, 100]
+    no_surge = bound_deployment(builder({**app.args, "checkpoint": str(untrained_checkpoint), "max_surge_percent": 0}))
+    assert deployment_config(no_surge).max_surge_percent == 0
 
 
 def test_build_app_rejects_a_missing_checkpoint_and_unknown_keys(untrained_checkpoint):

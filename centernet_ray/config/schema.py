@@ -225,6 +225,11 @@ class ServeConfig:
     # a models:/NAME@ALIAS checkpoint is re-resolved this often (seconds); a moved alias swaps the
     # replicas' weights in place, without a failed request. 0 = never
     model_poll_s: float = _ranged(30.0, ge=0.0)
+    # extra replicas a redeploy may start, in % of each deployment's replicas: at 100 every old
+    # replica answers until its replacement is ready (Serve's default, 0, stops it first: requests
+    # wait for a replica that is not there, and fail when the old ingress stops). 0 for a cluster
+    # with no room for a second model replica (one GPU): a redeploy then pauses the model
+    max_surge_percent: int = _ranged(100, ge=0, le=100)
 
 
 @dataclass

@@ -274,8 +274,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     tracking_uri = args.pop("tracking_uri", None)
     keys_required = bool(args.pop("api_keys_required", False))
     settings = config_from_dict({"serve": {**dataclasses.asdict(base), **args}}).serve
+    rollout = {**SHUTDOWN_OPTIONS, "max_surge_percent": settings.max_surge_percent}
     model_options: dict[str, Any] = {
-        **SHUTDOWN_OPTIONS,
+        **rollout,
         "ray_actor_options": {"num_gpus": settings.num_gpus, "num_cpus": 1},
         # Eight batches deep: requests wait in the replica's batch queue, not in the router, whose
         # back-off cut 64 clients to 12 req/s at a depth of 16 (66 req/s at 64; BENCHMARKS.md)
@@ -291,5 +292,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     model = DetectionModel.options(**model_options).bind(flip_test, settings.max_batch_size,
                                                           settings.batch_wait_timeout_s, tracking_uri,
                                                           settings.model_poll_s)
-    return DetectionAPI.options(max_ongoing_requests=settings.ingress_max_ongoing_requests, **SHUTDOWN_OPTIONS).bind(
+    return DetectionAPI.options(max_ongoing_requests=settings.ingress_max_ongoing_requests, **rollout).bind(
         model, settings, keys_required)
