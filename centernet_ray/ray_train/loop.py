@@ -26,7 +26,7 @@ from centernet_ray import storage
 from centernet_ray.checkpoint import CHECKPOINT_FILE, checkpoint_state, load_checkpoint, save_checkpoint
 from centernet_ray.config import Config
 from centernet_ray.drawing import draw_detections, save_png_grid
-from centernet_ray.evaluation import EvaluationResult, KeptImage, evaluate
+from centernet_ray.evaluation.evaluate import EvaluationResult, KeptImage, evaluate
 from centernet_ray.evaluation.figures import class_ap_figure, confusion_matrix_figure, heatmap_figure, pr_curves_figure
 from centernet_ray.ray_compat import quiet_train_reports
 from centernet_ray.ray_data.pipeline import shard_batches
