@@ -2,6 +2,7 @@
 run from an empty folder. Configs and sweep files must come from inside the wheel (a non-editable
 install used to train the built-in defaults, 140 epochs at 512 px, instead of the demo)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -94,3 +95,28 @@ def test_a_two_step_train_of_the_demo_from_an_empty_folder(installed, tmp_path):
     # "constructor arguments in the object store" line in every run's output)
     assert "PreemptionWatcher" not in output
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "outputs" / "ray_results").is_dir()
+    _assert_the_run_and_checkpoint_are_the_demo_s(tmp_path, json.loads((tmp_path / "summary.json").read_text()))
+
+
+def _assert_the_run_and_checkpoint_are_the_demo_s(folder: Path, summary: dict) -> None:
+    """The demo's run where `mlflow ui` started in ``folder`` looks (its `./mlflow.db`, artifacts
+    under the folder), with its evaluation; its checkpoint holds the demo's model and restores."""
+    from mlflow import MlflowClient
+
+    from centernet_ray.checkpoint import load_checkpoint, model_from_state
+    from centernet_ray.config import load_config
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith(str(folder.resolve()))
+    tags = run.data.tags
+    assert tags["mlflow.source.name"].startswith("centernet-ray train demo train.epochs=1 "), tags["mlflow.source.name"]
+    assert tags["centernet_ray.dataset.train_images"] == "64" and "| AP |" in tags["mlflow.note.content"]
+    assert {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs} == {("train", "training"),
+                                                                                    ("val", "validation")}
+    assert run.data.metrics["train/epoch"] == 1 and 0.0 <= run.data.metrics["val/AP50"] <= 1.0
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
+        "evaluation/per_class_ap.json", "evaluation/precision_recall.png", "evaluation/heatmaps_target_vs_predicted.png"}
+    state = load_checkpoint(summary["checkpoint"])  # torch.load(weights_only=True) inside
+    assert state["epoch"] == 1 and state["config"]["model"] == load_config("demo").to_dict()["model"]
+    assert type(model_from_state(state).model).__name__ == "CenterNet"
