@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from user_store import assert_run_is_in_the_user_s_store
+
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,24 +101,17 @@ def test_a_two_step_train_of_the_demo_from_an_empty_folder(installed, tmp_path):
 
 
 def _assert_the_run_and_checkpoint_are_the_demo_s(folder: Path, summary: dict) -> None:
-    """The demo's run where `mlflow ui` started in ``folder`` looks (its `./mlflow.db`, artifacts
-    under the folder), with its evaluation; its checkpoint holds the demo's model and restores."""
-    from mlflow import MlflowClient
-
+    """The demo's run where `mlflow ui` started in ``folder`` looks; its checkpoint holds the demo's
+    model and restores."""
     from centernet_ray.checkpoint import load_checkpoint, model_from_state
     from centernet_ray.config import load_config
 
-    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
-    run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith(str(folder.resolve()))
-    tags = run.data.tags
-    assert tags["mlflow.source.name"].startswith("centernet-ray train demo train.epochs=1 "), tags["mlflow.source.name"]
-    assert tags["centernet_ray.dataset.train_images"] == "64" and "| AP |" in tags["mlflow.note.content"]
-    assert {(d.dataset.name, d.tags[0].value) for d in run.inputs.dataset_inputs} == {("train", "training"),
-                                                                                    ("val", "validation")}
-    assert run.data.metrics["train/epoch"] == 1 and 0.0 <= run.data.metrics["val/AP50"] <= 1.0
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
-        "evaluation/per_class_ap.json", "evaluation/precision_recall.png", "evaluation/heatmaps_target_vs_predicted.png"}
+    demo = load_config("demo")
+    assert_run_is_in_the_user_s_store(folder, summary["mlflow_run_id"], run_name=f"centernet-{demo.model.backbone}",
+                                      command="centernet-ray train demo train.epochs=1 ",
+                                      shown_as="centernet-ray train demo train.epochs=1 ",
+                                      backbone=demo.model.backbone, train_images=64, expected_epochs=1)
     state = load_checkpoint(summary["checkpoint"])  # torch.load(weights_only=True) inside
-    assert state["epoch"] == 1 and state["config"]["model"] == load_config("demo").to_dict()["model"]
+    assert state["epoch"] == 1 and state["config"]["model"] == demo.to_dict()["model"]
+    assert state["config"]["data"]["augment"] == demo.data.augment
     assert type(model_from_state(state).model).__name__ == "CenterNet"
