@@ -85,6 +85,7 @@ def test_a_two_step_train_of_the_demo_from_an_empty_folder(installed, tmp_path):
     assert "step 2/2" in output  # 64 images / (2 workers x 16)
     # a file a person can read: no colour codes, no cursor movements of progress bars, no overwritten lines
     assert "\x1b" not in output and "\r" not in output, [line for line in output.splitlines() if "\x1b" in line][:5]
+    assert "%|" not in output, [line for line in output.splitlines() if "%|" in line][:5]  # no tqdm bar
     # Ray Data's progress as plain lines where the driver caches the data, not repeated by the
     # trainers' datasets every epoch: their progress is the training loop's own line
     assert "Running Dataset" in output

@@ -120,11 +120,14 @@ def read_rows(parquet_dir: str, rows_per_block: int) -> ray.data.Dataset:
     files = [storage.join(parquet_dir, name) for name in manifest["shards"]]
     blocks = max(len(files), -(-manifest["rows"] // rows_per_block))
     context = ray.data.DataContext.get_current()
-    previous, context.use_datasource_v2 = context.use_datasource_v2, False
+    previous = context.use_datasource_v2, context.enable_progress_bars
+    context.use_datasource_v2 = False
+    # the read samples the files behind a progress bar of its own: in a log file, a stray bar line
+    context.enable_progress_bars = context.enable_progress_bars and is_terminal()
     try:
         return ray.data.read_parquet(files, override_num_blocks=blocks)
     finally:
-        context.use_datasource_v2 = previous
+        context.use_datasource_v2, context.enable_progress_bars = previous
 
 
 def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: Any = None,
