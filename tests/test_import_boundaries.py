@@ -6,6 +6,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import centernet_ray
 
 # The layout is the boundary: the Ray stages (Data, Train, Tune, Serve, and the helpers that start
@@ -23,9 +25,9 @@ RAY_STAGES = [m for m in MODULES if is_ray_stage(m)]
 CORE = [m for m in MODULES if not is_ray_stage(m)]
 
 
-def _imports(modules: list[str], prefix: str) -> dict[str, list[str]]:
-    """For each of ``modules`` imported in turn in a fresh interpreter: the modules starting with
-    ``prefix`` that its import brought in first."""
+def _start_probe(modules: list[str], prefix: str) -> subprocess.Popen:
+    """A fresh interpreter that imports ``modules`` in turn and prints, as JSON, for each of them the
+    modules starting with ``prefix`` that its import brought in first (read with :func:`_pulled`)."""
     code = f"""
 import importlib, json, sys
 pulled = {{}}
@@ -37,8 +39,31 @@ for name in {modules!r}:
         pulled[name] = new[:3]
 print(json.dumps(pulled))
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _pulled(probe: subprocess.Popen) -> dict[str, list[str]]:
+    out, err = probe.communicate(timeout=300)
+    assert probe.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _imports(modules: list[str], prefix: str) -> dict[str, list[str]]:
+    return _pulled(_start_probe(modules, prefix))
+
+
+@pytest.fixture(scope="module")
+def heavy_probes():
+    """The two probes that import torch (5-7 s each on these 2-core VMs), started together so that
+    they run side by side on the two cores while the tests wait."""
+    probes = {"core without ray": _start_probe(CORE, "ray"),
+              "data without model": _start_probe([m for m in MODULES if m.startswith("centernet_ray.data")],
+                                                 "centernet_ray.model")}
+    yield probes
+    for probe in probes.values():
+        if probe.poll() is None:
+            probe.kill()
+            probe.communicate()
 
 
 def test_the_layout_names_the_ray_stages():
@@ -50,8 +75,8 @@ def test_the_layout_names_the_ray_stages():
         assert f"centernet_ray.{stage}" in RAY_STAGES
 
 
-def test_core_modules_import_without_ray():
-    assert _imports(CORE, "ray") == {}
+def test_core_modules_import_without_ray(heavy_probes):
+    assert _pulled(heavy_probes["core without ray"]) == {}
 
 
 def test_each_ray_stage_package_imports_ray():  # a ``ray_*`` package holds Ray code, not core code in disguise
@@ -69,9 +94,8 @@ def test_each_ray_stage_package_imports_ray():  # a ``ray_*`` package holds Ray 
         assert any(name == "ray" or name.startswith("ray.") for name in names), package
 
 
-def test_the_data_layer_imports_no_model():
-    data = [m for m in MODULES if m.startswith("centernet_ray.data")]
-    assert _imports(data, "centernet_ray.model") == {}
+def test_the_data_layer_imports_no_model(heavy_probes):
+    assert _pulled(heavy_probes["data without model"]) == {}
 
 
 def test_the_cli_and_the_light_helpers_import_no_torch():
