@@ -35,7 +35,7 @@ RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for t
 # Epoch report key -> MLflow metric name (COCO stats go to val/<stat>).
 _EPOCH_NAMES = {"epoch": "train/epoch", "images_per_s": "train/epoch_images_per_s",
                 "nonfinite_steps": "train/nonfinite_steps", "best_AP": "val/best_AP", "eval_images": "val/images",
-                "planned_epochs": "train/planned_epochs"}
+                "planned_epochs": "train/planned_epochs", "planned_last_epoch_steps": "train/planned_last_epoch_steps"}
 
 
 def tracking_uri(config: Config) -> str:

@@ -9,7 +9,7 @@ import pytest
 from centernet_ray.config import ConfigError, load_config
 from centernet_ray.training import budget as budget_module
 from centernet_ray.training.budget import (EVAL_IMAGE_SHARE, EVAL_OVERHEAD_SECONDS, FINISH_SECONDS,
-                                          MIN_REPLAN_SHARE, TimeBudget, eta_seconds)
+                                          MIN_LAST_EPOCH_SHARE, MIN_REPLAN_SHARE, TimeBudget, eta_seconds)
 from centernet_ray.training.engine import TrainingEngine
 from centernet_ray.training.schedule import fitted_schedule, lr_factor
 
@@ -44,19 +44,43 @@ def _run_steps(budget, clock, count, seconds_per_step, epoch=0):
     return plan
 
 
-def test_the_plan_fits_whole_epochs_after_the_final_evaluation_and_finish(clock):
+def test_the_plan_fits_whole_epochs_then_part_of_one_after_the_final_evaluation_and_finish(clock):
     budget = _budget(clock, 100.0)
     assert _run_steps(budget, clock, 23, 0.1) is None  # 3 warm-up + 20 timed steps need 24 stamps
-    plan = _run_steps(budget, clock, 1, 0.1)
+    clock.now += 0.1
+    plan = budget.on_step(24, 0)
     assert plan is not None and not budget.timing
     # By hand: 0.1 s/step; an epoch 50 x 0.1 = 5 s; an evaluation 5 + 200 x 0.1 / 16 x 0.35 x 2 = 5.875 s;
     # left at the plan 100 - 2.4 = 97.6 s, minus the reserve (5.875 + 25) and the 26 steps left of this
-    # epoch (2.6 s) = 64.125 s -> 12 more whole epochs of 5 s: 13 in all.
+    # epoch (2.6 s) = 64.125 s -> 12 more whole epochs of 5 s, 13 in all, and 4.125 s left: 41 steps of
+    # a 14th epoch (at least a quarter of its 50: it is planned), whose evaluation is the final one.
     eval_seconds = EVAL_OVERHEAD_SECONDS + 200 * 0.1 / 16 * EVAL_IMAGE_SHARE * 2
     available = 100.0 - 24 * 0.1 - (eval_seconds + FINISH_SECONDS) - 26 * 0.1
-    assert plan.epochs == 1 + math.floor(available / 5.0) == 13
+    assert 1 + math.floor(available / 5.0) == 13 and math.floor(available % 5.0 / 0.1) == 41
+    assert (plan.epochs, plan.last_epoch_steps) == (14, 41) and plan.length == pytest.approx(13 + 41 / 50)
     assert plan.step_seconds == pytest.approx(0.1) and plan.epoch_seconds == pytest.approx(5.0)
     assert plan.reserve_seconds == pytest.approx(eval_seconds + FINISH_SECONDS)
+
+
+def test_a_last_epoch_under_a_quarter_is_left_out_and_a_short_one_pays_the_epoch_s_fixed_cost(clock):
+    """As above with 91 s: 64.125 - 9 = 55.125 s at the plan, 11 whole epochs and 0.125 s, 1 step,
+    under a quarter of 50: 12 epochs, the last whole. With 92.6 s: 56.725 s, 11 whole epochs and
+    1.725 s, 17 steps: 13 epochs, the last 17 steps. The epochs' own durations then show a fixed
+    cost per epoch beyond its steps, which a short last epoch pays too."""
+    short = _run_steps(_budget(clock, 91.0), clock, 24, 0.1)
+    assert MIN_LAST_EPOCH_SHARE * 50 > 1 and (short.epochs, short.last_epoch_steps) == (12, 50)
+    clock.now = 1000.0
+    budget = _budget(clock, 92.6)
+    plan = _run_steps(budget, clock, 24, 0.1)
+    assert MIN_LAST_EPOCH_SHARE * 50 <= 17 and (plan.epochs, plan.last_epoch_steps) == (13, 17)
+    clock.now += 26 * 0.1
+    budget.after_epoch(1, next_evaluates=False)
+    clock.now += 6.0  # epoch 2: its 50 steps at 0.1 s and 1 s more
+    planned = budget.after_epoch(2, next_evaluates=False)
+    # By hand: 92.6 - 11 = 81.6 s left; evaluation 5 + 200 x 0.12 / 16 x 0.35 x 2 = 6.05 s, reserve
+    # 31.05 s: 50.55 s -> 8 more epochs of 6 s (48 s), 10 in all, and 2.55 s left: an 11th epoch's fixed
+    # 1 s and (2.55 - 1) / 0.1 = 15 of its steps (at 0.12 s, the epoch's pace, 21 would not fit)
+    assert (planned, budget.plan.last_epoch_steps) == (11, 15)
 
 
 def test_periodic_evaluations_count_and_max_epochs_caps_the_plan(clock):
@@ -83,15 +107,16 @@ def test_short_epochs_are_timed_together_and_a_budget_too_small_still_trains_the
 
 def test_epochs_after_the_first_resize_the_plan_and_a_slow_epoch_stops_the_run(clock):
     budget = _budget(clock, 100.0)
-    assert _run_steps(budget, clock, 50, 0.1).epochs == 13  # as above
-    assert budget.after_epoch(1, next_evaluates=False) == 13  # the first epoch's start-up does not count
+    assert _run_steps(budget, clock, 50, 0.1).epochs == 14  # as above
+    assert budget.after_epoch(1, next_evaluates=False) == 14  # the first epoch's start-up does not count
     # The second epoch ran at 0.05 s/step (2.5 s) instead of 0.1: re-planned from it with 100 - 7.5 = 92.5 s
     # left: eval 5 + 200 x 0.05 / 16 x 0.35 x 2 = 5.4375 s, reserve 30.4375 s -> 62.0625 s / 2.5 s = 24 more
+    # and 2.0625 s for 41 steps of one more
     clock.now += 2.5
-    assert budget.after_epoch(2, next_evaluates=False) == 2 + 24
+    assert budget.after_epoch(2, next_evaluates=False) == 2 + 24 + 1 and budget.plan.last_epoch_steps == 41
     clock.now += 60.0  # then the machine slowed down: an epoch took 60 s
     assert budget.after_epoch(3, next_evaluates=False) == 3  # 32.5 s left < 60 s + the reserve: stop
-    assert budget.after_epoch(26, next_evaluates=False) == 26  # the planned end: nothing to decide
+    assert budget.after_epoch(27, next_evaluates=False) == 27  # the planned end: nothing to decide
 
 
 def test_short_epochs_whose_start_outweighs_their_steps_end_the_run_at_its_plan(clock):
@@ -137,19 +162,27 @@ def test_an_epoch_lasts_from_the_last_one_to_this_one_less_its_evaluation(clock)
     assert planned == 2 + math.floor(available / 6.0) == 11
 
 
-@pytest.mark.parametrize("epoch_seconds", [4.6, 4.0])
-def test_a_re_plan_by_one_epoch_is_noise_and_keeps_the_plan(clock, epoch_seconds):
+@pytest.mark.parametrize("epoch_seconds, kept", [(4.8, True), (4.0, False)])
+def test_a_re_plan_by_a_fraction_of_an_epoch_is_noise_and_keeps_the_plan(clock, epoch_seconds, kept):
     budget = _budget(clock, 100.0)
-    assert _run_steps(budget, clock, 50, 0.1).epochs == 13  # 5 s an epoch, as above
+    plan = _run_steps(budget, clock, 50, 0.1)
+    assert (plan.epochs, plan.last_epoch_steps) == (14, 41)  # 5 s an epoch, 13.82 epochs long, as above
     budget.after_epoch(1, next_evaluates=False)
     clock.now += epoch_seconds
+    # By hand, as above, at epoch_seconds / 50 s a step (the steps' 0.1 s, less: no fixed cost):
+    # 4.8 s: 90.2 s left, evaluation 5.84 s, 59.36 s -> 12 more epochs and 1.76 s, 18 steps: 14.36 long;
+    # 4.0 s: 91 s left, evaluation 5.7 s, 60.3 s -> 15 more epochs and 0.3 s, 3 steps (too few): 17.
     eval_seconds = EVAL_OVERHEAD_SECONDS + 200 * (epoch_seconds / 50) / 16 * EVAL_IMAGE_SHARE * 2
-    fits = 2 + math.floor((budget.deadline - clock.now - eval_seconds - FINISH_SECONDS) / epoch_seconds)
-    assert fits == {4.6: 14, 4.0: 17}[epoch_seconds]  # by hand as above
-    # the budget from the plan on: 100 - 2.4 = 97.6 s, 5% of it 4.88 s; one epoch of 4.6 s moves the
-    # end by less, four of 4.0 s by more
-    moved = (fits - 13) * epoch_seconds
-    assert budget.after_epoch(2, next_evaluates=False) == (13 if moved < MIN_REPLAN_SHARE * 97.6 else fits)
+    available = budget.deadline - clock.now - eval_seconds - FINISH_SECONDS
+    whole, steps = math.floor(available / epoch_seconds), math.floor(available % epoch_seconds / (epoch_seconds / 50))
+    assert (whole, steps) == {4.8: (12, 18), 4.0: (15, 3)}[epoch_seconds]
+    fits = (2 + whole + 1, steps) if steps >= MIN_LAST_EPOCH_SHARE * 50 else (2 + whole, 50)
+    # the budget from the plan on: 100 - 2.4 = 97.6 s, 5% of it 4.88 s; 0.54 epoch of 4.8 s (2.6 s)
+    # moves the end by less, 3.18 epochs of 4.0 s (12.7 s) by more
+    length = fits[0] - 1 + fits[1] / 50
+    assert (abs(length - 13.82) * epoch_seconds < MIN_REPLAN_SHARE * 97.6) == kept
+    planned = budget.after_epoch(2, next_evaluates=False)
+    assert (planned, budget.plan.last_epoch_steps) == ((14, 41) if kept else fits)
 
 
 def test_a_re_plan_by_one_long_epoch_is_kept(clock):
@@ -158,14 +191,16 @@ def test_a_re_plan_by_one_long_epoch_is_kept(clock):
     budget = _budget(clock, 600.0, steps_per_epoch=500)
     # By hand: 0.1 s/step, 50 s an epoch, an evaluation 5.875 s as above; at the plan 600 - 2.4 =
     # 597.6 s are left, minus the reserve (30.875 s) and the 476 steps left of this epoch (47.6 s):
-    # 519.125 s -> 10 more epochs, 11 in all
-    assert _run_steps(budget, clock, 24, 0.1).epochs == 11
+    # 519.125 s -> 10 more epochs and 19.125 s for 191 steps of one more: 12 epochs, 11.382 long
+    plan = _run_steps(budget, clock, 24, 0.1)
+    assert (plan.epochs, plan.last_epoch_steps) == (12, 191)
     clock.now += 476 * 0.1
-    assert budget.after_epoch(1, next_evaluates=False) == 11
+    assert budget.after_epoch(1, next_evaluates=False) == 12
     clock.now += 45.0  # epoch 2 in 45 s: an evaluation is 5 + 200 x 0.09 / 16 x 0.35 x 2 = 5.7875 s;
-    # left 600 - 95 - 30.7875 = 474.2125 s -> 10 more epochs of 45 s after epoch 2: 12, one more
-    # epoch of 45 s, more than 5% of the 597.6 s budget (29.88 s)
-    assert budget.after_epoch(2, next_evaluates=False) == 12
+    # left 600 - 95 - 30.7875 = 474.2125 s -> 10 more epochs of 45 s after epoch 2 and 24.2125 s for
+    # 269 steps of 0.09 s: 13 epochs, 12.538 long, 1.156 epochs of 45 s (52 s) more than 5% of the
+    # 597.6 s budget (29.88 s)
+    assert budget.after_epoch(2, next_evaluates=False) == 13 and budget.plan.last_epoch_steps == 269
 
 
 def test_every_rank_decides_alike_and_only_the_announcing_one_logs(clock, caplog):
@@ -184,8 +219,9 @@ def test_every_rank_decides_alike_and_only_the_announcing_one_logs(clock, caplog
         clock.now += 60.0
         decisions[announce] = (planned, first, replanned, budget.after_epoch(3, next_evaluates=False))
         logged[announce] = caplog.text
-    assert decisions[True] == decisions[False] == (13, 13, 26, 3)  # as in the test above
-    assert all(what in logged[True] for what in ("-> 13 epoch(s)", "re-planned", "stopping after epoch 3"))
+    assert decisions[True] == decisions[False] == (14, 14, 27, 3)  # as in the test above
+    assert all(what in logged[True] for what in ("-> 14 epoch(s), the last one 41 of 50 steps", "re-planned",
+                                                 "stopping after epoch 3"))
     assert logged[False] == ""
 
 

@@ -104,6 +104,11 @@ def test_a_time_limit_trains_the_epochs_that_fit_with_the_schedule_fitted_to_the
     assert 1 <= summary.epochs < 500 and planned[-1].value == summary.epochs, (summary.epochs, planned)
     state = load_checkpoint(summary.checkpoint)
     assert state["epoch"] == summary.epochs and state["metrics"]["planned_epochs"] == summary.epochs
+    # the last epoch trained the steps planned for it, maybe fewer than an epoch's (the scheduler
+    # steps once per optimizer step): 24 images over 2 workers, batch 4
+    steps_per_epoch, last_steps = 3, state["metrics"]["planned_last_epoch_steps"]
+    assert 1 <= last_steps <= steps_per_epoch
+    assert state["scheduler"]["last_epoch"] == (summary.epochs - 1) * steps_per_epoch + last_steps, state["scheduler"]
     lr = client.get_metric_history(summary.mlflow_run_id, "train/lr")
     if len(planned) >= 2 and planned[-1].value == planned[-2].value:  # the plan held: the cosine reached its end
         assert lr[-1].value < 0.05 * config.train.lr, (lr[-1], planned)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -129,19 +130,21 @@ class _ProgressLog:
     def __init__(self, inputs: LoopInputs, tracker: Any, world: int, start_step: int) -> None:
         self.train, self.steps_per_epoch = inputs.config.train, inputs.dataset.steps_per_epoch
         self.tracker, self.world, self.start_step = tracker, world, start_step
-        self.epochs = self.train.epochs  # planned epochs: a time budget changes them
+        self.epochs = self.train.epochs  # planned epochs: a time budget changes them...
+        self.last_epoch_steps = self.steps_per_epoch  # ...and may make the last one short
         self.deadline = inputs.deadline
         self.started = time.perf_counter()
 
     def __call__(self, p: Progress) -> None:
         rate = p.images * self.world / max(p.seconds, 1e-9)
         eta = eta_seconds(time.perf_counter() - self.started, p.global_step - self.start_step,
-                          self.epochs * self.steps_per_epoch - p.global_step,
+                          (self.epochs - 1) * self.steps_per_epoch + self.last_epoch_steps - p.global_step,
                           None if self.deadline is None else self.deadline - time.time())
         terms = {k: v.item() for k, v in p.terms.items()}
+        epoch_steps = self.last_epoch_steps if p.epoch == self.epochs - 1 else self.steps_per_epoch
         log.info("epoch %d/%d step %d/%d  loss %.3f (hm %.3f wh %.3f off %.3f)  lr %.2e  %.0f img/s  data %.0f%%  ETA %s",
-                 p.epoch + 1, self.epochs, p.step, self.steps_per_epoch, terms["total"], terms["heatmap"],
-                 terms["size"], terms["offset"], p.lr, rate, 100 * p.data_wait / max(p.seconds, 1e-9),
+                 p.epoch + 1, self.epochs, p.step, epoch_steps, terms["total"], terms["heatmap"], terms["size"],
+                 terms["offset"], p.lr, rate, 100 * p.data_wait / max(p.seconds, 1e-9),
                  datetime.timedelta(seconds=round(eta)))
         self.tracker.metrics({f"train/loss_{k}": terms[k] for k in LOSS_TERMS} | {
             "train/lr": p.lr, "train/images_per_s": rate, "train/data_wait_s": p.data_wait}, step=p.global_step)
@@ -189,12 +192,17 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
             ray.get(inputs.clock.advance_to.remote(epoch))
         for callback in inputs.callbacks:
             callback.on_epoch_start(epoch, rank, checkpoint is not None)
-        result = engine.train_epoch(shard_batches("train", config, facts.num_classes, train.batch_size, epoch), epoch,
-                                    log_every=inputs.log_every, steps_per_epoch=facts.steps_per_epoch,
+        batches = shard_batches("train", config, facts.num_classes, train.batch_size, epoch)
+        steps = schedule.steps_in(epoch)
+        if steps < facts.steps_per_epoch:  # a time budget's short last epoch: every rank stops at its steps
+            batches = itertools.islice(batches, steps)
+        result = engine.train_epoch(batches, epoch, log_every=inputs.log_every, steps_per_epoch=steps,
                                     on_progress=progress, on_step=schedule.step_hook(epoch))
         metrics = _epoch_metrics(result, epoch, world, engine.nonfinite_steps)
         last_epoch = schedule.ends_after(epoch)
         metrics["planned_epochs"] = schedule.epochs
+        if schedule.budget is not None:
+            metrics["planned_last_epoch_steps"] = schedule.last_epoch_steps
         evaluation, class_ap = None, {}
         if (epoch + 1) % train.eval_every == 0 or last_epoch:
             evaluation_started = time.perf_counter()
@@ -219,12 +227,15 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
 
 class _Schedule:
     """How many epochs this run trains: ``train.epochs``, or under ``train.time_limit`` as many as the
-    :class:`~centernet_ray.training.budget.TimeBudget` fits (the LR schedule refitted to them)."""
+    :class:`~centernet_ray.training.budget.TimeBudget` fits, the last maybe short (the LR schedule
+    refitted to them)."""
 
     def __init__(self, inputs: LoopInputs, engine: TrainingEngine, world: int, progress: _ProgressLog | None) -> None:
         train = inputs.config.train
         self.engine, self.progress, self.eval_every = engine, progress, train.eval_every
         self.epochs = train.epochs
+        self.steps_per_epoch = inputs.dataset.steps_per_epoch
+        self.last_epoch_steps = self.steps_per_epoch
         self.budget = None if inputs.deadline is None else TimeBudget(
             inputs.deadline, max_epochs=train.epochs, steps_per_epoch=inputs.dataset.steps_per_epoch,
             batch_size=train.batch_size, eval_images=-(-inputs.eval_images // world), eval_every=train.eval_every,
@@ -237,8 +248,12 @@ class _Schedule:
         def on_step(taken: int) -> None:
             plan = self.budget.on_step(taken, epoch)
             if plan is not None:
-                self._set(plan.epochs)
+                self._set(plan.epochs, plan.last_epoch_steps)
         return on_step
+
+    def steps_in(self, epoch: int) -> int:
+        """The steps epoch ``epoch`` (0-based) trains: all its batches but in a short last epoch."""
+        return self.last_epoch_steps if epoch == self.epochs - 1 else self.steps_per_epoch
 
     def ends_after(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based, just trained) is the run's last."""
@@ -246,8 +261,13 @@ class _Schedule:
             return True
         if self.budget is not None:
             planned = self.budget.after_epoch(epoch + 1, (epoch + 2) % self.eval_every == 0)
-            if planned != self.epochs:
-                self._set(planned, refit=planned > epoch + 1)
+            if planned <= epoch + 1:  # stopped early: this epoch, trained whole, is the last
+                self._set(planned, self.steps_per_epoch, refit=False)
+            else:
+                plan = self.budget.plan  # None while the steps are still timed
+                last = plan.last_epoch_steps if plan is not None else self.steps_per_epoch
+                if (planned, last) != (self.epochs, self.last_epoch_steps):
+                    self._set(planned, last)
         return epoch + 1 >= self.epochs
 
     def set_aside(self, seconds: float) -> None:
@@ -255,12 +275,12 @@ class _Schedule:
         if self.budget is not None:
             self.budget.set_aside(seconds)
 
-    def _set(self, epochs: int, refit: bool = True) -> None:
-        self.epochs = epochs
+    def _set(self, epochs: int, last_epoch_steps: int, refit: bool = True) -> None:
+        self.epochs, self.last_epoch_steps = epochs, last_epoch_steps
         if refit:  # a run stopped early keeps its schedule: it ends with this epoch anyway
-            self.engine.fit_schedule(epochs)
+            self.engine.fit_schedule(epochs - 1 + last_epoch_steps / self.steps_per_epoch)
         if self.progress is not None:
-            self.progress.epochs = epochs
+            self.progress.epochs, self.progress.last_epoch_steps = epochs, last_epoch_steps
 
 
 def _epoch_metrics(result: EpochResult, epoch: int, world: int, nonfinite: int) -> dict[str, Any]:

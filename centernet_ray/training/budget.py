@@ -2,9 +2,11 @@
 
 The budget ends at a ``deadline`` (seconds since the epoch, ``time.time()``). During the first
 epoch trained, :class:`TimeBudget` times the steps after a short warm-up and decides how many
-epochs fit before the deadline once the final evaluation, checkpoint and shutdown are set aside;
-the trainer then fits its LR schedule to that many epochs (``TrainingEngine.fit_schedule``), so a
-fast machine trains longer and a slow one still finishes its schedule. After every epoch the plan
+epochs fit before the deadline once the final evaluation, checkpoint and shutdown are set aside:
+the whole epochs that fit, then the steps of one more, shorter epoch in what is left (when that is
+at least ``MIN_LAST_EPOCH_SHARE`` of an epoch); the trainer fits its LR schedule to exactly those
+steps (``TrainingEngine.fit_schedule``), so a fast machine trains longer, a slow one still finishes
+its schedule, and neither leaves most of an epoch's time unused. After every epoch the plan
 is re-sized from the median duration of the recent epochs: an epoch costs more than its steps
 (each one starts the data pipeline's iteration again), which for short epochs is most of it, and
 the first epoch is left out (its steps also wait for the workers and the pipeline to start). Each
@@ -18,6 +20,7 @@ broadcast to all.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -48,15 +51,28 @@ FINISH_SECONDS = 25.0
 # start and COCOeval.
 EVAL_IMAGE_SHARE = 0.35
 EVAL_OVERHEAD_SECONDS = 5.0
+# The shortest last epoch planned, as a share of an epoch: a shorter one would add little training,
+# and an epoch's fixed cost (its pipeline iteration starting) is a larger part of it than the pace
+# (the median epoch over its steps) charges. The slower demo VM left 82 s of its 10 minutes unused,
+# most of a 77 s epoch, when only whole epochs were planned.
+MIN_LAST_EPOCH_SHARE = 0.25
 
 
 @dataclass
 class BudgetPlan:
-    epochs: int  # epochs in all, counted from the run's first (earlier attempts included)
+    epochs: int  # epochs in all, counted from the run's first (earlier attempts included), the last maybe short
     step_seconds: float  # median wall time of a step, waiting for data included
     epoch_seconds: float
     eval_seconds: float  # one evaluation pass
     reserve_seconds: float  # kept for the final evaluation and the finish
+    last_epoch_steps: int  # steps of the last epoch: an epoch's steps, or fewer when only part of one fits
+    steps_per_epoch: int
+
+    @property
+    def length(self) -> float:
+        """The run's length in epochs, the last one counted by its share of an epoch (5.6: five
+        whole epochs and 60% of a sixth): what the LR schedule is fitted to."""
+        return self.epochs - 1 + self.last_epoch_steps / self.steps_per_epoch
 
 
 class TimeBudget:
@@ -98,11 +114,11 @@ class TimeBudget:
         self._stamps.append(time.perf_counter())
         if len(self._stamps) <= WARMUP_STEPS + TIMED_STEPS:
             return None
-        self.plan = _agreed(self._size(self._pace(), epoch, self.steps_per_epoch - taken))
+        self.plan = _agreed(self._size(self._pace(), epoch, in_epoch_steps_left=self.steps_per_epoch - taken))
         self._span = self.deadline - time.time()
-        self._say(logging.INFO, "time budget: %.0f s left, %.2f s/step -> %d epoch(s) of ~%.0f s, %.0f s kept for the "
-                  "final evaluation and checkpoint", self._span, self.plan.step_seconds,
-                  self.plan.epochs, self.plan.epoch_seconds, self.plan.reserve_seconds)
+        self._say(logging.INFO, "time budget: %.0f s left, %.2f s/step, epochs of ~%.0f s -> %s; %.0f s kept for the "
+                  "final evaluation and checkpoint", self._span, self.plan.step_seconds, self.plan.epoch_seconds,
+                  describe(self.plan), self.plan.reserve_seconds)
         return self.plan
 
     def _step_seconds(self) -> float:
@@ -116,13 +132,26 @@ class TimeBudget:
             return statistics.median(self._epoch_seconds[-RECENT_EPOCHS:]) / self.steps_per_epoch
         return self._step_seconds()
 
-    def _size(self, step: float, epoch: int, steps_left_in_epoch: int) -> BudgetPlan:
+    def _split(self, step: float) -> tuple[float, float]:
+        """(seconds of a step, fixed seconds of an epoch) in an epoch of ``step`` seconds per step:
+        what the timed steps took, and the rest of the epoch's duration (its pipeline iteration
+        starting, the report), which a short epoch also pays."""
+        step_alone = min(self._step_seconds() or step, step)
+        return step_alone, (step - step_alone) * self.steps_per_epoch
+
+    def _size(self, step: float, epoch: int, in_epoch_steps_left: int | None = None) -> BudgetPlan:
+        """The plan at ``step`` seconds per step after epoch ``epoch`` (0-based), which is finished in
+        any case: ``in_epoch_steps_left`` of its steps and its fixed cost are still to come when
+        sized during it, nothing when sized after it."""
         epoch_seconds = step * self.steps_per_epoch
         eval_seconds = (EVAL_OVERHEAD_SECONDS + self.eval_images * step / self.batch_size * EVAL_IMAGE_SHARE
                         * (2 if self.flip_test else 1))
         reserve = eval_seconds + FINISH_SECONDS
-        available = self.deadline - time.time() - reserve - steps_left_in_epoch * step
+        step_alone, fixed = self._split(step)
+        epoch_rest = 0.0 if in_epoch_steps_left is None else in_epoch_steps_left * step_alone + fixed
+        available = self.deadline - time.time() - reserve - epoch_rest
         epochs = epoch + 1  # the current one is finished in any case
+        last_steps = self.steps_per_epoch
         while epochs < self.max_epochs:  # add epoch number epochs + 1 (1-based) while it fits
             cost = epoch_seconds + (eval_seconds if (epochs + 1) % self.eval_every == 0 else 0.0)
             if cost > available:
@@ -132,7 +161,12 @@ class TimeBudget:
         if available < 0:
             self._say(logging.WARNING, "time budget: the epoch under way alone needs ~%.0f s more than "
                       "train.time_limit leaves", -available)
-        return BudgetPlan(epochs, step, epoch_seconds, eval_seconds, reserve)
+        elif epochs < self.max_epochs and step > 0:
+            # part of one more epoch: its evaluation is the final one, already in the reserve
+            steps = min(int((available - fixed) / step_alone), self.steps_per_epoch)
+            if steps >= max(1, math.ceil(MIN_LAST_EPOCH_SHARE * self.steps_per_epoch)):
+                epochs, last_steps = epochs + 1, steps
+        return BudgetPlan(epochs, step, epoch_seconds, eval_seconds, reserve, last_steps, self.steps_per_epoch)
 
     def set_aside(self, seconds: float) -> None:
         """Leave ``seconds`` (an evaluation) out of the epoch under way's duration."""
@@ -145,9 +179,10 @@ class TimeBudget:
         there is a plan, every epoch re-sizes it from the median of the recent epochs this process
         trained after its first (whose steps also waited for the pipeline to start), unless that
         moves the end by less than ``MIN_REPLAN_SHARE`` of the budget; every epoch checks that the
-        next one (with its evaluation when ``next_evaluates``) and the final evaluation still end
-        before the deadline, at the pace of the slowest recent epoch. The same answer on every DDP
-        process."""
+        next one (with its evaluation when ``next_evaluates``; only its steps when it is the planned
+        last, whose evaluation is the final one) and the final evaluation still end before the
+        deadline, at the pace of the slowest recent epoch. The same answer on every DDP process;
+        the steps of the last epoch are ``plan.last_epoch_steps``."""
         if self.plan is not None and epochs_done >= self.plan.epochs:
             return epochs_done
         now = time.perf_counter()
@@ -155,18 +190,22 @@ class TimeBudget:
             self._epoch_seconds.append(now - self._epoch_mark - self._set_aside)
         self._epoch_mark, self._set_aside = now, 0.0
         if self.plan is not None and self._epoch_seconds:
-            before = self.plan.epochs
-            plan = self._size(self._pace(), epochs_done - 1, 0)
-            if abs(plan.epochs - before) * plan.epoch_seconds < MIN_REPLAN_SHARE * self._span:
-                plan = replace(plan, epochs=before)
+            before = self.plan
+            plan = self._size(self._pace(), epochs_done - 1)
+            if abs(plan.length - before.length) * plan.epoch_seconds < MIN_REPLAN_SHARE * self._span:
+                plan = replace(plan, epochs=before.epochs, last_epoch_steps=before.last_epoch_steps)
             self.plan = _agreed(plan)  # rank 0's decision: the spans of the processes differ by their start
-            if self.plan.epochs != before:
-                self._say(logging.INFO, "time budget: re-planned after epoch %d (epochs of ~%.1f s): %d epoch(s) "
-                          "instead of %d", epochs_done, self.plan.epoch_seconds, self.plan.epochs, before)
+            if (self.plan.epochs, self.plan.last_epoch_steps) != (before.epochs, before.last_epoch_steps):
+                self._say(logging.INFO, "time budget: re-planned after epoch %d (epochs of ~%.1f s): %s "
+                          "instead of %s", epochs_done, self.plan.epoch_seconds, describe(self.plan), describe(before))
         slowest = max(self._epoch_seconds[-RECENT_EPOCHS:], default=0.0)
-        estimate = self.plan or self._size(self._pace(), epochs_done - 1, 0)
-        needed = (max(slowest, estimate.epoch_seconds) + estimate.reserve_seconds
-                  + (estimate.eval_seconds if next_evaluates else 0.0))
+        estimate = self.plan or self._size(self._pace(), epochs_done - 1)
+        next_steps, next_evaluation = self.steps_per_epoch, estimate.eval_seconds if next_evaluates else 0.0
+        if self.plan is not None and epochs_done + 1 == self.plan.epochs:  # the next is the last: its
+            next_steps, next_evaluation = self.plan.last_epoch_steps, 0.0  # evaluation is the reserved one
+        step_alone, fixed = self._split(estimate.step_seconds)
+        slowdown = max(slowest / estimate.epoch_seconds, 1.0) if estimate.epoch_seconds > 0 else 1.0
+        needed = (fixed + next_steps * step_alone) * slowdown + estimate.reserve_seconds + next_evaluation
         if _agreed_flag(time.time() + needed > self.deadline):
             self._say(logging.WARNING, "time budget: stopping after epoch %d (%s): another epoch and the final "
                       "evaluation need ~%.0f s, %.0f s are left", epochs_done,
@@ -174,6 +213,13 @@ class TimeBudget:
                       needed, self.deadline - time.time())
             return epochs_done
         return self.plan.epochs if self.plan is not None else self.max_epochs
+
+
+def describe(plan: BudgetPlan) -> str:
+    """``"6 epoch(s)"``, or ``"6 epoch(s), the last one 14 of 20 steps"`` when the last one is short."""
+    if plan.last_epoch_steps >= plan.steps_per_epoch:
+        return f"{plan.epochs} epoch(s)"
+    return f"{plan.epochs} epoch(s), the last one {plan.last_epoch_steps} of {plan.steps_per_epoch} steps"
 
 
 def eta_seconds(elapsed: float, steps_done: int, steps_left: int, to_deadline: float | None = None) -> float:
@@ -186,8 +232,9 @@ def eta_seconds(elapsed: float, steps_done: int, steps_left: int, to_deadline: f
 
 def _agreed(plan: BudgetPlan) -> BudgetPlan:
     """Rank 0's plan on every process of a DDP group (the plan as it is without one)."""
-    values = _from_rank0([plan.epochs, plan.step_seconds, plan.epoch_seconds, plan.eval_seconds, plan.reserve_seconds])
-    return BudgetPlan(int(round(values[0])), *values[1:])
+    values = _from_rank0([plan.epochs, plan.step_seconds, plan.epoch_seconds, plan.eval_seconds, plan.reserve_seconds,
+                          plan.last_epoch_steps])
+    return BudgetPlan(int(round(values[0])), *values[1:5], int(round(values[5])), plan.steps_per_epoch)
 
 
 def _agreed_flag(flag: bool) -> bool:

@@ -153,9 +153,9 @@ class TrainingEngine:
         evaluation and export use the plain module)."""
         return torch.compile(model) if self.config.train.compile else None
 
-    def fit_schedule(self, epochs: int) -> None:
-        """Make the LR schedule end after ``epochs`` epochs (``schedule.fitted_schedule``) from the
-        next step on; the steps taken so far keep their learning rates."""
+    def fit_schedule(self, epochs: float) -> None:
+        """Make the LR schedule end after ``epochs`` epochs (``schedule.fitted_schedule``; 5.6: a time
+        budget's short last epoch) from the next step on; the steps taken so far keep their learning rates."""
         self.schedule = fitted_schedule(self.config.train, epochs)
 
     def load_state(self, state: dict[str, Any], steps_per_epoch: int) -> None:

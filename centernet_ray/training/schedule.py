@@ -47,8 +47,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: Callable[[], Train
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, config()))
 
 
-def fitted_schedule(config: TrainConfig, epochs: int) -> TrainConfig:
-    """``config``'s schedule stretched or shrunk to ``epochs``: a cosine decays to 0 at the new end;
-    step boundaries (``lr_steps``) move in proportion, so 90 and 120 of 140 epochs become 45 and 60 of 70."""
+def fitted_schedule(config: TrainConfig, epochs: float) -> TrainConfig:
+    """``config``'s schedule stretched or shrunk to ``epochs``, which may end part-way through an
+    epoch (5.6): a cosine decays to 0 at the new end; step boundaries (``lr_steps``) move in
+    proportion, so 90 and 120 of 140 epochs become 45 and 60 of 70."""
     ratio = epochs / config.epochs
     return replace(config, epochs=epochs, lr_steps=tuple(max(1, round(b * ratio)) for b in config.lr_steps))
