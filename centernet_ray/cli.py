@@ -191,12 +191,16 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
     from centernet_ray.ray_runtime import init_ray
-    from centernet_ray.ray_train.job import format_summary, run_training, write_summary_json
+    from centernet_ray.ray_train.job import TrainingInterrupted, format_summary, run_training, write_summary_json
 
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_CONFIG, overrides)
     init_ray()
-    summary = run_training(config, source=args.source, started_at=args.started_at)
+    try:
+        summary = run_training(config, source=args.source, started_at=args.started_at)
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     print(format_summary(summary))
     if args.summary_json:
         write_summary_json(summary, args.summary_json)

@@ -2,7 +2,7 @@
 
 Ray is pinned exactly (``constraints.txt``) because a few things have no public API: Ray Data's
 per-dataset execution options inside a Train ``DataConfig``, Ray's label-selector syntax check,
-ASHA's rung records, and (in tests) the deployments bound into a Serve application and the
+ASHA's rung records, which checkpoints a Ray Train run resumes from, and (in tests) the deployments bound into a Serve application and the
 autoscaler's config validation. Each helper checks the installed Ray against the version these
 were written for and fails with a message that says so, instead of misbehaving silently after an
 upgrade. (One is cosmetic and does nothing on another Ray: filtering Ray Train's log line per
@@ -108,6 +108,25 @@ def asha_uncount_stop(scheduler: Any) -> None:
     """Take back one stop from the scheduler's count (a STOP decision the caller overrides)."""
     require_ray_version("ASHA's stop count")
     scheduler._num_stopped -= 1
+
+
+TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # in a Ray Train run's folder
+
+
+def train_resume_checkpoints(run_dir: str) -> list[str]:
+    """The checkpoint folders (``epoch_0001``, ...) a Ray Train run with this folder resumes from,
+    oldest first, read from the run's checkpoint-manager snapshot: a checkpoint written but not yet
+    recorded there when the run stopped is not resumed from. [] when there is no snapshot."""
+    import json
+
+    from centernet_ray import storage
+
+    require_ray_version("Ray Train's checkpoint-manager snapshot")
+    path = storage.join(run_dir, TRAIN_SNAPSHOT_FILE)
+    if not storage.exists(path):
+        return []
+    snapshot = json.loads(storage.read_bytes(path))
+    return [result["checkpoint_dir_name"] for result in snapshot.get("checkpoint_results", [])]
 
 
 def bound_deployment(application: Any) -> Any:

@@ -85,3 +85,20 @@ def test_user_errors_are_one_line_and_program_faults_keep_their_traceback(tmp_pa
     monkeypatch.setattr(cli, "_cmd_config", broken)
     with pytest.raises(ValueError, match="internal invariant"):  # not swallowed into "error: ..."
         main(["config"])
+
+
+def test_an_interrupted_training_run_says_how_to_resume_and_exits_130(capsys, monkeypatch):
+    """Ctrl+C during `centernet-ray train` (the run itself: test_train_integration.py): the job's
+    message on stderr, exit status 130 as a shell gives a command stopped by SIGINT."""
+    from centernet_ray.ray_train.job import TrainingInterrupted
+
+    def interrupted(config, **kwargs):
+        raise TrainingInterrupted("training run demo interrupted: its latest checkpoint is epoch 5 in /runs/epoch_0005: "
+                                  "rerun the same command to resume from it")
+
+    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: None)
+    monkeypatch.setattr("centernet_ray.ray_train.job.run_training", interrupted)
+    assert main(["train", "demo"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: training run demo interrupted: its latest checkpoint is epoch 5") and \
+        err.rstrip().endswith("rerun the same command to resume from it")

@@ -1,7 +1,10 @@
-"""The training job on a real local Ray: 2-worker CPU DDP, failure + resume, rerun, checkpoints."""
+"""The training job on a real local Ray: 2-worker CPU DDP, failure + resume, rerun, Ctrl+C, checkpoints."""
 
 import math
+import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +37,25 @@ class FailOnce(WorkerCallback):
     def on_epoch_start(self, epoch: int, rank: int, resumed: bool) -> None:
         if epoch == self.epoch and rank == 0 and not resumed:
             raise RuntimeError(f"injected failure at epoch {epoch}")
+
+
+class CtrlC(WorkerCallback):
+    """Rank 0 sends SIGINT to the driver (``pid``) at the start of ``epoch`` unless resumed, as Ctrl+C
+    in the terminal does, once Ray Train has recorded the previous epoch's checkpoint in the run's
+    snapshot (``snapshot``; it does so after the report, while the next epoch starts), then waits
+    to be stopped."""
+
+    def __init__(self, pid: int, epoch: int, snapshot: Path) -> None:
+        self.pid, self.epoch, self.snapshot = pid, epoch, str(snapshot)
+
+    def on_epoch_start(self, epoch: int, rank: int, resumed: bool) -> None:
+        if epoch == self.epoch and rank == 0 and not resumed:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not (os.path.exists(self.snapshot) and f"epoch_{epoch:04d}"
+                                                       in open(self.snapshot).read()):
+                time.sleep(0.2)
+            os.kill(self.pid, signal.SIGINT)
+            time.sleep(60)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -80,6 +102,34 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     again = run_training(tiny_config, [EpochLog(epoch_log)])
     assert epoch_log.read_text() == ""  # a finished run is resumed, not retrained
     assert again.mlflow_run_id == summary.mlflow_run_id and again.stats["AP"] == pytest.approx(summary.stats["AP"])
+
+
+def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_resumes_it(ray_session, tiny_config, tmp_path):
+    """Ctrl+C in the second epoch: Ray Train aborts the run (and exits from inside ``fit``); the job
+    says where its latest checkpoint is and marks its MLflow run KILLED; the same command again
+    trains the second epoch only, into the same MLflow run, which ends FINISHED."""
+    from mlflow import MlflowClient
+
+    from centernet_ray.config import with_overrides
+    from centernet_ray.ray_train.job import TrainingInterrupted, run_training
+
+    config = with_overrides(tiny_config.to_dict(), ["train.num_workers=1", "train.run_name=ctrl-c"])
+    epoch_log = tmp_path / "epochs.txt"
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        run_training(config, [EpochLog(epoch_log), CtrlC(os.getpid(), 1, tmp_path / "runs" / "ctrl-c" /
+                                                         "checkpoint_manager_snapshot.json")])
+    assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's handler does not outlive the run
+    checkpoint = tmp_path / "runs" / "ctrl-c" / "epoch_0001"
+    assert f"its latest checkpoint is epoch 1 in {checkpoint}: rerun the same command to resume" in str(interrupted.value)
+    client = MlflowClient(config.tracking.tracking_uri)
+    run_id = str(interrupted.value).rsplit("MLflow run ", 1)[1].split()[0]
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    epoch_log.write_text("")
+    summary = run_training(config, [EpochLog(epoch_log)])
+    assert epoch_log.read_text() == "0 1\n" and summary.epochs == 2  # epoch 1 (0-based) only, from the checkpoint
+    assert summary.mlflow_run_id == run_id and client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_a_time_limit_trains_the_epochs_that_fit_with_the_schedule_fitted_to_them(ray_session, tiny_config, tmp_path):

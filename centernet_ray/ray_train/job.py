@@ -7,6 +7,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
-from centernet_ray import storage
+from centernet_ray import ray_compat, storage
 from centernet_ray.config import Config
 from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
@@ -26,9 +28,15 @@ from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, training_datasets
 from centernet_ray.ray_runtime import warn_if_node_local, warn_if_node_local_tracking
 from centernet_ray.ray_train.loop import DatasetFacts, LoopInputs, WorkerCallback, train_loop_per_worker
-from centernet_ray.tracking import DatasetInput, command_line, describe_run, ensure_experiment, run_tags
+from centernet_ray.tracking import (DatasetInput, command_line, describe_run, ensure_experiment, run_tags,
+                                   tracking_uri)
 
 log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training stopped before its last epoch (Ctrl+C): rerunning the same command resumes the run
+    from its latest checkpoint."""
 
 
 @dataclass
@@ -119,7 +127,14 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     ``started_at``: when ``train.time_limit`` started counting (the CLI: when the command started)."""
     started = time.perf_counter()
     trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source, started_at=started_at)
-    result = trainer.fit()
+    previous_handler = signal.getsignal(signal.SIGINT)  # fit() installs Ray Train's Ctrl+C handler for good
+    try:
+        result = trainer.fit()
+    except SystemExit as exc:  # that handler aborts the run, then exits from inside fit()
+        raise interrupted(config) from exc
+    finally:
+        if previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_handler)
     if result.error is not None:
         raise result.error
     metrics = result.metrics or {}
@@ -140,6 +155,48 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     if summary.mlflow_run_id:
         describe_run(config, summary.mlflow_run_id, summary_markdown(summary, config, source or command_line()))
     return summary
+
+
+def interrupted(config: Config) -> TrainingInterrupted:
+    """What an interrupted run left, said to the user: its latest checkpoint, from which rerunning the
+    command resumes; its MLflow run is marked KILLED rather than left running in the UI."""
+    run_dir = storage.join(storage.default_storage_path(config), default_run_name(config))
+    try:
+        checkpoints = ray_compat.train_resume_checkpoints(run_dir)
+    except OSError as exc:  # object storage unreachable: say so rather than guess
+        log.warning("could not read the run's checkpoint records in %s: %s", run_dir, exc)
+        checkpoints = []
+    run_id = _close_running_mlflow_run(config)
+    latest = checkpoints[-1] if checkpoints else None
+    where = (f"its latest checkpoint is epoch {int(latest.rsplit('_', 1)[1])} in {storage.join(run_dir, latest)}: "
+             "rerun the same command to resume from it" if latest else
+             f"it stopped before its first checkpoint was recorded in {run_dir}: rerunning the same command "
+             "starts it again")
+    mlflow = f"; MLflow run {run_id} marked KILLED" if run_id else ""
+    return TrainingInterrupted(f"training run {default_run_name(config)} interrupted: {where}{mlflow}")
+
+
+def _close_running_mlflow_run(config: Config) -> str | None:
+    """Mark KILLED the latest MLflow run of this run name that is still RUNNING (its worker was
+    stopped before it could close it); None when there is none or the store cannot be reached."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri(config))
+        experiment = client.get_experiment_by_name(config.tracking.experiment)
+        if experiment is None:
+            return None
+        name = default_run_name(config).replace("'", "\\'")
+        runs = client.search_runs([experiment.experiment_id], f"attributes.status = 'RUNNING' and "
+                                  f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time DESC"],
+                                  max_results=1)
+        if not runs:
+            return None
+        client.set_terminated(runs[0].info.run_id, "KILLED")
+        return runs[0].info.run_id
+    except Exception as exc:  # bookkeeping only: the interruption is what the user must hear about
+        log.warning("could not mark the interrupted run's MLflow run KILLED: %s", exc)
+        return None
 
 
 def format_summary(summary: TrainSummary) -> str:
