@@ -3,9 +3,9 @@
 Ray is pinned exactly (``constraints.txt``) because a few things have no public API: Ray Data's
 per-dataset execution options inside a Train ``DataConfig``, Ray's label-selector syntax check,
 ASHA's rung records, which checkpoints a Ray Train run resumes from, and (in tests) the
-deployments bound into a Serve application and the autoscaler's config validation. Each helper checks the installed Ray against the version these
-were written for and fails with a message that says so, instead of misbehaving silently after an
-upgrade. (One is cosmetic and does nothing on another Ray: filtering Ray Train's log line per
+deployments bound into a Serve application and the autoscaler's config validation. Each helper
+checks the installed Ray against the version these were written for and fails with a message that
+says so, instead of misbehaving silently after an upgrade. (One is cosmetic and does nothing on another Ray: filtering Ray Train's log line per
 report.)
 """
 

@@ -131,7 +131,7 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     try:
         result = trainer.fit()
     except SystemExit as exc:  # that handler aborts the run, then exits from inside fit()
-        raise interrupted(config) from exc
+        raise _interrupted(config) from exc
     finally:
         if previous_handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
@@ -157,7 +157,7 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     return summary
 
 
-def interrupted(config: Config) -> TrainingInterrupted:
+def _interrupted(config: Config) -> TrainingInterrupted:
     """What an interrupted run left, said to the user: its latest checkpoint, from which rerunning the
     command resumes; its MLflow run is marked KILLED rather than left running in the UI."""
     run_dir = storage.join(storage.default_storage_path(config), default_run_name(config))

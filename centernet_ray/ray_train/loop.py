@@ -127,23 +127,20 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
 class _ProgressLog:
     """Rank 0's progress line and MLflow step metrics."""
 
-    def __init__(self, inputs: LoopInputs, tracker: Any, world: int, start_step: int) -> None:
-        self.train, self.steps_per_epoch = inputs.config.train, inputs.dataset.steps_per_epoch
+    def __init__(self, inputs: LoopInputs, tracker: Any, world: int, start_step: int, schedule: _Schedule) -> None:
         self.tracker, self.world, self.start_step = tracker, world, start_step
-        self.epochs = self.train.epochs  # planned epochs: a time budget changes them...
-        self.last_epoch_steps = self.steps_per_epoch  # ...and may make the last one short
+        self.schedule = schedule  # the planned epochs and steps: a time budget changes them
         self.deadline = inputs.deadline
         self.started = time.perf_counter()
 
     def __call__(self, p: Progress) -> None:
         rate = p.images * self.world / max(p.seconds, 1e-9)
         eta = eta_seconds(time.perf_counter() - self.started, p.global_step - self.start_step,
-                          (self.epochs - 1) * self.steps_per_epoch + self.last_epoch_steps - p.global_step,
+                          self.schedule.total_steps - p.global_step,
                           None if self.deadline is None else self.deadline - time.time())
         terms = {k: v.item() for k, v in p.terms.items()}
-        epoch_steps = self.last_epoch_steps if p.epoch == self.epochs - 1 else self.steps_per_epoch
         log.info("epoch %d/%d step %d/%d  loss %.3f (hm %.3f wh %.3f off %.3f)  lr %.2e  %.0f img/s  data %.0f%%  ETA %s",
-                 p.epoch + 1, self.epochs, p.step, epoch_steps, terms["total"], terms["heatmap"], terms["size"],
+                 p.epoch + 1, self.schedule.epochs, p.step, self.schedule.steps_in(p.epoch), terms["total"], terms["heatmap"], terms["size"],
                  terms["offset"], p.lr, rate, 100 * p.data_wait / max(p.seconds, 1e-9),
                  datetime.timedelta(seconds=round(eta)))
         self.tracker.metrics({f"train/loss_{k}": terms[k] for k in LOSS_TERMS} | {
@@ -178,14 +175,14 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
         return
     engine.wrap(ray.train.torch.prepare_model)  # DDP (gloo on CPU, NCCL on GPU)
 
+    schedule = _Schedule(inputs, engine, world, announce=rank == 0)  # rank 0 speaks for all
     tracker = progress = ground_truth = None
     if rank == 0:
         tracker = RunTracker(config, inputs.run_name, mlflow_run_id, inputs.mlflow_parent_run_id, inputs.mlflow_tags,
                              inputs.mlflow_datasets)
         ground_truth = json.loads(storage.read_bytes(facts.val_annotations))
-        progress = _ProgressLog(inputs, tracker, world, engine.global_step)
+        progress = _ProgressLog(inputs, tracker, world, engine.global_step, schedule)
 
-    schedule = _Schedule(inputs, engine, world, progress)
     epoch = start_epoch
     while epoch < schedule.epochs:
         if inputs.clock is not None:
@@ -230,16 +227,16 @@ class _Schedule:
     :class:`~centernet_ray.training.budget.TimeBudget` fits, the last maybe short (the LR schedule
     refitted to them)."""
 
-    def __init__(self, inputs: LoopInputs, engine: TrainingEngine, world: int, progress: _ProgressLog | None) -> None:
+    def __init__(self, inputs: LoopInputs, engine: TrainingEngine, world: int, announce: bool) -> None:
         train = inputs.config.train
-        self.engine, self.progress, self.eval_every = engine, progress, train.eval_every
+        self.engine, self.eval_every = engine, train.eval_every
         self.epochs = train.epochs
         self.steps_per_epoch = inputs.dataset.steps_per_epoch
         self.last_epoch_steps = self.steps_per_epoch
         self.budget = None if inputs.deadline is None else TimeBudget(
             inputs.deadline, max_epochs=train.epochs, steps_per_epoch=inputs.dataset.steps_per_epoch,
             batch_size=train.batch_size, eval_images=-(-inputs.eval_images // world), eval_every=train.eval_every,
-            flip_test=train.eval_flip_test, announce=progress is not None)  # rank 0
+            flip_test=train.eval_flip_test, announce=announce)
 
     def step_hook(self, epoch: int):
         if self.budget is None or not self.budget.timing:
@@ -255,19 +252,22 @@ class _Schedule:
         """The steps epoch ``epoch`` (0-based) trains: all its batches but in a short last epoch."""
         return self.last_epoch_steps if epoch == self.epochs - 1 else self.steps_per_epoch
 
+    @property
+    def total_steps(self) -> int:
+        """The steps of the whole run as planned."""
+        return (self.epochs - 1) * self.steps_per_epoch + self.last_epoch_steps
+
     def ends_after(self, epoch: int) -> bool:
         """Whether ``epoch`` (0-based, just trained) is the run's last."""
         if epoch + 1 >= self.epochs:
             return True
         if self.budget is not None:
             planned = self.budget.after_epoch(epoch + 1, (epoch + 2) % self.eval_every == 0)
-            if planned <= epoch + 1:  # stopped early: this epoch, trained whole, is the last
-                self._set(planned, self.steps_per_epoch, refit=False)
-            else:
-                plan = self.budget.plan  # None while the steps are still timed
-                last = plan.last_epoch_steps if plan is not None else self.steps_per_epoch
-                if (planned, last) != (self.epochs, self.last_epoch_steps):
-                    self._set(planned, last)
+            plan = self.budget.plan  # None while the steps are still timed
+            on_plan = plan is not None and planned == plan.epochs  # else stopped early: this epoch, whole, is the last
+            last = plan.last_epoch_steps if on_plan else self.steps_per_epoch
+            if (planned, last) != (self.epochs, self.last_epoch_steps):
+                self._set(planned, last, refit=planned > epoch + 1)
         return epoch + 1 >= self.epochs
 
     def set_aside(self, seconds: float) -> None:
@@ -278,9 +278,7 @@ class _Schedule:
     def _set(self, epochs: int, last_epoch_steps: int, refit: bool = True) -> None:
         self.epochs, self.last_epoch_steps = epochs, last_epoch_steps
         if refit:  # a run stopped early keeps its schedule: it ends with this epoch anyway
-            self.engine.fit_schedule(epochs - 1 + last_epoch_steps / self.steps_per_epoch)
-        if self.progress is not None:
-            self.progress.epochs, self.progress.last_epoch_steps = epochs, last_epoch_steps
+            self.engine.fit_schedule(self.total_steps / self.steps_per_epoch)
 
 
 def _epoch_metrics(result: EpochResult, epoch: int, world: int, nonfinite: int) -> dict[str, Any]:
