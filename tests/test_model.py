@@ -93,6 +93,28 @@ def test_backbone_width_scales_channels_and_parameters():
         build_model(ModelConfig(width=0.5, pretrained="IMAGENET1K_V1"), 2)
 
 
+def test_resdcn_up_convs_start_as_the_official_fill_up_weights_leaves_them():
+    """resnet_dcn.py's fill_up_weights on a full (not grouped) deconv: w[c, 0] = bilinear for every
+    input c, the rest PyTorch's draw. On all-ones input of C channels, output channel 0 is then the
+    sum of C bilinear up-samplings of ones: C away from the border (hand value), the others not."""
+    from centernet_ray.model.resnet import UpConvNeck
+
+    torch.manual_seed(0)
+    neck = UpConvNeck((8, 16, 24, 32), (16, 12, 8), deformable=True)
+    deconv = neck.stages[0][3]  # DCN, BN, ReLU, then the up-conv [32 -> 16]
+    assert isinstance(deconv, torch.nn.ConvTranspose2d) and deconv.weight.shape == (16, 16, 4, 4)
+    # f = ceil(4 / 2) = 2, c = 3 / 4: the profile 1 - |i / 2 - 3 / 4| = 0.25, 0.75, 0.75, 0.25
+    profile = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    assert torch.equal(deconv.weight[:, 0], (profile[:, None] * profile[None, :]).expand(16, 4, 4))
+    assert deconv.weight[:, 1:].abs().sum() > 0  # PyTorch's draw, not zeros
+    with torch.no_grad():
+        out = deconv(torch.ones(1, 16, 6, 6))  # [1, 16, 12, 12]
+    assert torch.allclose(out[0, 0, 1:-1, 1:-1], torch.full((10, 10), 16.0))
+    assert not torch.allclose(out[0, 1, 1:-1, 1:-1], torch.full((10, 10), 1.0), atol=0.1)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) and m.weight[:, 0].eq(profile[0] ** 2).all()
+                   for m in UpConvNeck((8, 16, 24, 32), (16, 12, 8)).modules())  # the plain neck: PyTorch's draw
+
+
 def test_lateral_neck_uses_every_backbone_stage():
     from centernet_ray.model.resnet import UpConvNeck
 

@@ -1,4 +1,5 @@
-"""The residual block DLA-34 and Hourglass-104 share: two 3x3 conv-BN layers plus a residual."""
+"""Pieces the backbones and necks share: the residual block of DLA-34 and Hourglass-104, and the
+bilinear kernel the up-sampling transposed convs start from."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ class BasicBlock(nn.Module):
         residual = x if residual is None else residual
         out = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(self.bn2(self.conv2(out)) + residual)
+
+
+def bilinear_kernel(factor: int) -> torch.Tensor:
+    """The [2 * factor, 2 * factor] kernel with which a stride-``factor`` transposed conv (padding
+    ``factor // 2``) up-samples bilinearly, as the official ``fill_up_weights`` computes it."""
+    center = (2 * factor - 1 - factor % 2) / (2.0 * factor)
+    profile = 1 - torch.abs(torch.arange(2 * factor, dtype=torch.float32) / factor - center)
+    return profile[:, None] * profile[None, :]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from centernet_ray.errors import UserInputError
-from centernet_ray.model.blocks import BasicBlock
+from centernet_ray.model.blocks import BasicBlock, bilinear_kernel
 from centernet_ray.model.deform import ModulatedDeformConv
 
 log = logging.getLogger(__name__)
@@ -167,11 +167,8 @@ def _bilinear_upsampler(channels: int, factor: int) -> nn.ConvTranspose2d:
     [B, C, h, w] -> [B, C, factor*h, factor*w]."""
     up = nn.ConvTranspose2d(channels, channels, 2 * factor, stride=factor, padding=factor // 2,
                             groups=channels, bias=False)
-    kernel_size = 2 * factor
-    center = (2 * factor - 1 - factor % 2) / (2.0 * factor)
-    profile = 1 - torch.abs(torch.arange(kernel_size, dtype=torch.float32) / factor - center)
     with torch.no_grad():
-        up.weight.copy_((profile[:, None] * profile[None, :]).expand_as(up.weight))  # [C, 1, k, k]
+        up.weight.copy_(bilinear_kernel(factor).expand_as(up.weight))  # [C, 1, k, k]
     return up
 
 

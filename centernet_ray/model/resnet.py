@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torchvision
 from torch import nn
 
+from centernet_ray.model.blocks import bilinear_kernel
 from centernet_ray.model.deform import ModulatedDeformConv
 
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
@@ -61,18 +60,18 @@ def resnet_trunk(name: str, width: float = 1.0) -> ResNetTrunk:
     return ResNetTrunk(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
 
 
-def _bilinear_init(deconv: nn.ConvTranspose2d) -> None:
-    """Initialise a stride-2 transposed conv as bilinear up-sampling (as the official code does)."""
-    weight = deconv.weight.data  # [in, out, k, k]
-    k = weight.shape[-1]
-    factor = math.ceil(k / 2)
-    center = (2 * factor - 1 - factor % 2) / (2.0 * factor)
-    coords = torch.arange(k, dtype=torch.float32)
-    profile = 1 - torch.abs(coords / factor - center)
-    kernel = profile[:, None] * profile[None, :]
-    weight.zero_()
-    for c in range(min(weight.shape[0], weight.shape[1])):
-        weight[c, c] = kernel
+def _official_resdcn_up_init(deconv: nn.ConvTranspose2d) -> None:
+    """Start a ResDCN neck's up-conv as the official code does (``fill_up_weights`` in
+    ``resnet_dcn.py``): PyTorch's default draw, then the bilinear kernel in every [input c, output 0]
+    slice. The function was written for DLA's per-channel (grouped) deconvs, where it makes each
+    channel a bilinear up-sampler (``model/dla.py``); on this full deconv it makes output channel 0
+    the sum of every input channel up-sampled and leaves the other outputs random. Kept as it runs
+    there, because the published ResDCN numbers come from that start.
+
+    ``deconv.weight`` is [in, out, 4, 4] (stride 2).
+    """
+    with torch.no_grad():
+        deconv.weight[:, 0] = bilinear_kernel(2)
 
 
 class UpConvNeck(nn.Module):
@@ -99,7 +98,7 @@ class UpConvNeck(nn.Module):
                 previous = out
             deconv = nn.ConvTranspose2d(previous, out, kernel_size=4, stride=2, padding=1, bias=False)
             if deformable:
-                _bilinear_init(deconv)
+                _official_resdcn_up_init(deconv)
             layers += [deconv, nn.BatchNorm2d(out)]
             self.stages.append(nn.Sequential(*layers))
             if self.laterals is not None:
