@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from centernet_ray.errors import UserInputError
+
 log = logging.getLogger("centernet_ray")
 
 # The embedded defaults, shipped inside the package (centernet_ray/configs/): the demo and its sweep.
@@ -16,9 +18,20 @@ DEFAULT_CONFIG = "demo"
 DEFAULT_SWEEP_CONFIG = "tune/demo"
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def _positive_int(text: str) -> int:
+    """An argparse type: a count of at least 1 (argparse names the flag and exits with status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("config", nargs="?", help="YAML config file, or a shipped name: demo, coco_resdcn18, ... "
-                        "(`centernet-ray config --list`; default: demo)")
+                        f"(`centernet-ray config --list`; default: {default})")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. loss.alpha=2.5 data.input_size=[256,256]")
 
@@ -36,15 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     config = commands.add_parser("config", help="print the resolved config as YAML (the defaults without CONFIG)")
-    _add_config_args(config)
+    _add_config_args(config, "none, every key at its default")
     config.add_argument("--list", action="store_true", help="list the configs shipped with the package")
 
     train = commands.add_parser("train", help="train a CenterNet with Ray Train (DDP) on Ray Data")
-    _add_config_args(train)
+    _add_config_args(train, DEFAULT_CONFIG)
     train.add_argument("--summary-json", help="write the final COCO stats, checkpoint and MLflow run id here")
 
     sweep = commands.add_parser("tune", help="sweep loss/target hyperparameters with Ray Tune (each trial a DDP run)")
-    _add_config_args(sweep)
+    _add_config_args(sweep, DEFAULT_SWEEP_CONFIG)
     sweep.add_argument("--search-space", help="search-space YAML (default: the config's tune.search_space)")
     sweep.add_argument("--summary-json", help="write every trial, the best trial and its stats here")
 
@@ -55,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoint file/directory/URI, or an MLflow model URI (models:/name@alias)")
     serve.add_argument("--host", help="bind address (default serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP port (default serve.port, 8000)")
-    serve.add_argument("--replicas", type=int, help="model replicas (default serve.num_replicas)")
-    serve.add_argument("--max-batch-size", type=int, help="requests per model batch (default serve.max_batch_size)")
+    serve.add_argument("--replicas", type=_positive_int, help="model replicas (default serve.num_replicas)")
+    serve.add_argument("--max-batch-size", type=_positive_int, help="requests per model batch (default serve.max_batch_size)")
     serve.add_argument("--batch-wait-timeout", type=float, help="seconds a batch waits to fill (default serve.batch_wait_timeout_s)")
     serve.add_argument("--num-gpus", type=float, help="GPUs per model replica (default serve.num_gpus)")
     serve.add_argument("--flip-test", action="store_true", help="average each image's outputs with its mirror's")
@@ -67,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     synth = data_commands.add_parser("synth", help="write the synthetic shapes dataset in COCO layout")
     synth.add_argument("--out", required=True, help="output directory")
-    synth.add_argument("--train-images", type=int, default=1000)
-    synth.add_argument("--val-images", type=int, default=200)
-    synth.add_argument("--image-size", type=int, default=128)
+    synth.add_argument("--train-images", type=_positive_int, default=1000)
+    synth.add_argument("--val-images", type=_positive_int, default=200)
+    synth.add_argument("--image-size", type=_positive_int, default=128)
     synth.add_argument("--seed", type=int, default=0)
     check = data_commands.add_parser("check", help="validate a COCO instances json and report what would be dropped")
     check.add_argument("--annotations", required=True, help="instances json")
@@ -78,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--images", required=True, help="images directory or URI (s3://, gs://, file://)")
     ingest.add_argument("--annotations", required=True, help="instances json path or URI")
     ingest.add_argument("--out", required=True, help="output directory or URI for the Parquet shards")
-    ingest.add_argument("--shard-size", type=int, default=1000, help="rows (images) per shard")
-    ingest.add_argument("--threads", type=int, default=16, help="parallel image reads")
+    ingest.add_argument("--shard-size", type=_positive_int, default=1000, help="rows (images) per shard")
+    ingest.add_argument("--threads", type=_positive_int, default=16, help="parallel image reads")
     ingest.add_argument("--force", action="store_true", help="rewrite even if the same input was ingested")
     ingest.add_argument("--node-pools", action="store_true",
                         help="read the images on the CPU pool's nodes only (as cluster.node_pools=true)")
@@ -87,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--annotations", required=True)
     show.add_argument("--images", required=True)
     show.add_argument("--out", required=True, help="PNG file to write")
-    show.add_argument("--count", type=int, default=16)
+    show.add_argument("--count", type=_positive_int, default=16)
 
     predict = commands.add_parser("predict", help="batch inference with Ray Data: detections.json (+ metrics)")
     predict.add_argument("--checkpoint", required=True,
@@ -99,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--parquet", help="ingested Parquet directory (from `data ingest`)")
     predict.add_argument("--output", required=True, help="output directory or URI")
     predict.add_argument("--annotations", help="instances json: also score with COCOeval")
-    predict.add_argument("--batch-size", type=int, default=16)
-    predict.add_argument("--actors", type=int, default=1, help="model replicas (one GPU each when the cluster has GPUs)")
-    predict.add_argument("--max-detections", type=int, default=100)
+    predict.add_argument("--batch-size", type=_positive_int, default=16)
+    predict.add_argument("--actors", type=_positive_int, default=1, help="model replicas (one GPU each when the cluster has GPUs)")
+    predict.add_argument("--max-detections", type=_positive_int, default=100)
     predict.add_argument("--score-threshold", type=float, default=0.0,
                          help="keep detections scoring above this (default 0: all top-K, the COCO protocol)")
     predict.add_argument("--flip-test", action="store_true", help="average with the mirrored image")
@@ -114,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="checkpoint file/directory/URI, or an MLflow model URI (models:/name@alias, runs:/ID/model)")
     export.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
     export.add_argument("--output", required=True, help="output directory (model.onnx, export.json)")
-    export.add_argument("--max-detections", type=int, default=100, help="top-K detections per image in the graph")
+    export.add_argument("--max-detections", type=_positive_int, default=100, help="top-K detections per image in the graph")
     export.add_argument("--no-check", action="store_true", help="skip the parity and AP check on the validation set")
-    export.add_argument("--max-images", type=int, help="check on the first N validation images only")
+    export.add_argument("--max-images", type=_positive_int, help="check on the first N validation images only")
     export.add_argument("--images", help="validation images directory (default: the checkpoint's config)")
     export.add_argument("--annotations", help="validation instances json (default: the checkpoint's config)")
     export.add_argument("--tracking-uri", help="MLflow store to log to (default: the one the checkpoint was trained with)")
@@ -131,10 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
-    from centernet_ray.config.files import packaged_names
+    from centernet_ray.config.files import packaged_names, read_yaml
 
     if args.list:
-        print("\n".join(packaged_names()))
+        names = packaged_names()
+        spaces = [n for n in names if all("." in key for key in read_yaml(n) or {})]  # dotted keys only
+        print("\n".join(n for n in names if n not in spaces))
+        print(f"search spaces (centernet-ray tune --search-space NAME): {', '.join(spaces)}")
         return 0
     path, overrides = _split_config_and_overrides(args)
     print(load_config(path, overrides).to_yaml(), end="")
@@ -181,7 +197,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
         image = decode_image(Path(args.images) / record.file_name)
         pictures.append(draw_detections(image, torch.as_tensor(record.boxes), record.labels, dataset.class_names))
     if not pictures:
-        raise SystemExit("no images to draw")
+        raise UserInputError(f"no images to draw: --count {args.count}, {len(dataset.images)} image(s) in {args.annotations}")
     width, height = max(p.shape[-1] for p in pictures), max(p.shape[-2] for p in pictures)
     padded = [torch.nn.functional.pad(p, (0, width - p.shape[-1], 0, height - p.shape[-2])) for p in pictures]
     print(f"wrote {save_png_grid(padded, args.out)}")
@@ -269,12 +285,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from centernet_ray.export.job import format_export, run_export
 
-    if args.max_detections < 1:
-        raise SystemExit("--max-detections must be at least 1")
-    if args.max_images is not None and args.max_images < 1:
-        raise SystemExit("--max-images must be at least 1")
     if bool(args.images) != bool(args.annotations):
-        raise SystemExit("--images and --annotations go together: the validation images and their instances json")
+        raise UserInputError("--images and --annotations go together: the validation images and their instances json")
     result = run_export(args.checkpoint, args.output, k=args.max_detections, check=not args.no_check,
                         max_images=args.max_images, images=args.images, annotations=args.annotations,
                         tracking_uri=args.tracking_uri, log_to_mlflow=not args.no_mlflow)
@@ -289,9 +301,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         detections = json.loads(Path(args.detections).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"cannot read detections {args.detections}: {exc}") from exc
+        raise UserInputError(f"cannot read detections {args.detections}: {exc}") from exc
     if not isinstance(detections, list):
-        raise SystemExit(f"{args.detections} must hold a JSON list of COCO detections")
+        raise UserInputError(f"{args.detections} must hold a JSON list of COCO detections")
+    if not Path(args.annotations).is_file():
+        raise UserInputError(f"annotation file not found: {args.annotations}")
     stats = coco_evaluate(args.annotations, detections)
     print(format_stats(stats))
     if args.summary_json:
@@ -320,8 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from centernet_ray.errors import UserInputError
-
     handlers = {"config": _cmd_config, "data": _cmd_data, "eval": _cmd_eval, "predict": _cmd_predict,
                 "export": _cmd_export, "serve": _cmd_serve, "train": _cmd_train, "tune": _cmd_tune}
     try:

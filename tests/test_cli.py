@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -87,6 +88,31 @@ def test_user_errors_are_one_line_and_program_faults_keep_their_traceback(tmp_pa
         main(["config"])
 
 
+def test_bad_arguments_exit_2_with_a_message_that_names_them(tmp_path, capsys, monkeypatch):
+    """Every command: status 2 and one line for what the user gave wrong, before anything starts
+    (export's status 1 stays "the check failed")."""
+    import pytest
+
+    monkeypatch.chdir(tmp_path)
+    for argv, flag in ((["predict", "--checkpoint", "c.pt", "--images", ".", "--output", "o", "--actors", "0"],
+                        "argument --actors: must be at least 1, got 0"),
+                       (["export", "--checkpoint", "c.pt", "--output", "o", "--max-detections", "0"],
+                        "argument --max-detections: must be at least 1"),
+                       (["data", "show", "--annotations", "a.json", "--images", ".", "--out", "g.png", "--count", "-1"],
+                        "argument --count: must be at least 1")):
+        with pytest.raises(SystemExit) as exited:  # argparse's own exit
+            main(argv)
+        assert exited.value.code == 2 and flag in capsys.readouterr().err
+    assert main(["export", "--checkpoint", "c.pt", "--output", "o", "--images", "."]) == 2
+    assert capsys.readouterr().err == ("error: --images and --annotations go together: the validation images and "
+                                       "their instances json\n")
+    (tmp_path / "detections.json").write_text("[]")
+    assert main(["eval", "--annotations", "missing.json", "--detections", "detections.json"]) == 2
+    assert capsys.readouterr().err == "error: annotation file not found: missing.json\n"
+    assert main(["eval", "--annotations", "missing.json", "--detections", "nothing.json"]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot read detections nothing.json: ")
+
+
 def test_an_interrupted_training_run_says_how_to_resume_and_exits_130(capsys, monkeypatch):
     """Ctrl+C during `centernet-ray train` (the run itself: test_train_integration.py): the job's
     message on stderr, exit status 130 as a shell gives a command stopped by SIGINT."""
@@ -102,3 +128,29 @@ def test_an_interrupted_training_run_says_how_to_resume_and_exits_130(capsys, mo
     err = capsys.readouterr().err
     assert err.startswith("interrupted: training run demo interrupted: its latest checkpoint is epoch 5") and \
         err.rstrip().endswith("rerun the same command to resume from it")
+
+
+def test_the_ray_job_entry_points_print_plain_text_when_stdout_is_not_a_terminal():
+    """`python -m tune.sweep` / `pipelines.ingest` / `pipelines.predict` (what `ray job submit` runs)
+    make their output plain as `centernet-ray` does: their logs are read with `ray job logs`."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for module in ("tune.sweep", "pipelines.ingest", "pipelines.predict"):
+        probe = (f"import os, runpy, sys\nsys.argv = [{module!r}, '--help']\n"
+                 f"try:\n    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                 "print('probe:', type(sys.stdout).__name__, os.environ.get('RAY_COLOR_PREFIX'))")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_COLOR_PREFIX"}
+        out = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True,
+                             check=True).stdout
+        assert out.splitlines()[-1] == "probe: PlainTextStream 0", (module, out[-500:])
+
+
+def test_config_list_sets_the_search_spaces_apart_and_one_given_as_a_config_says_what_it_is(capsys):
+    assert main(["config", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "demo" in lines and "tune/demo" in lines and "tune/search_space" not in lines
+    assert lines[-1] == "search spaces (centernet-ray tune --search-space NAME): tune/search_space"
+    assert main(["config", "tune/search_space"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'loss.alpha' in config" in err and "dotted keys are a search space's" in err

@@ -84,7 +84,11 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; valid keys: {', '.join(fields)}")
+        hint = ""
+        if not prefix and "." in unknown[0]:  # a search-space file given as a config
+            hint = (" (a config nests its keys, `loss: {alpha: 2.5}`; dotted keys are a search space's: "
+                    "`centernet-ray tune --search-space FILE`)")
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' in {where}; valid keys: {', '.join(fields)}{hint}")
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
