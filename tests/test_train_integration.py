@@ -12,7 +12,7 @@ import torch
 
 from centernet_ray.checkpoint import load_checkpoint, model_from_checkpoint
 from centernet_ray.config import load_config
-from centernet_ray.ray_train.loop import WorkerCallback
+from centernet_ray.ray_train.loop import CHECKPOINT_SCORE, WorkerCallback, checkpoint_score
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +95,7 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
 
     state = load_checkpoint(summary.checkpoint)  # weights_only=True inside
     assert state["epoch"] in (1, 2) and state["class_names"] == ["circle", "rectangle", "triangle", "cross"]
+    assert state["metrics"][CHECKPOINT_SCORE] == state["metrics"]["AP"]  # ranked by its own weights' AP
     restored = model_from_checkpoint(summary.checkpoint)
     assert isinstance(restored.model, torch.nn.Module)
 
@@ -102,6 +103,42 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     again = run_training(tiny_config, [EpochLog(epoch_log)])
     assert epoch_log.read_text() == ""  # a finished run is resumed, not retrained
     assert again.mlflow_run_id == summary.mlflow_run_id and again.stats["AP"] == pytest.approx(summary.stats["AP"])
+
+
+def _report_epochs_of_ap(aps: list[float | None]) -> None:
+    """A train function that reports one checkpointed epoch per AP (None: not evaluated), scored as
+    the training loop scores its checkpoints."""
+    import tempfile
+
+    import ray.train
+
+    for epoch, ap in enumerate(aps, start=1):
+        with tempfile.TemporaryDirectory() as directory:
+            Path(directory, "weights.txt").write_text(str(epoch))
+            metrics = {"epoch": epoch} | ({} if ap is None else {"AP": ap})
+            metrics[CHECKPOINT_SCORE] = checkpoint_score(metrics)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+
+def test_the_best_checkpoint_by_its_own_ap_is_kept_beside_the_latest(ray_session, tmp_path):
+    """APs 0.5, 0.3, then an epoch not evaluated, then 0.2: the job's checkpoint config keeps the two
+    best (epochs 1 and 2) and the latest (4), and names epoch 1 the best. Ranked by the running best
+    AP (0.5 from epoch 1 on), Ray kept the newest of the tie, epochs 3 and 4, and the best was lost."""
+    import functools
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from centernet_ray.ray_train.job import _best_checkpoint, checkpoint_config
+
+    trainer = TorchTrainer(functools.partial(_report_epochs_of_ap, [0.5, 0.3, None, 0.2]),
+                           scaling_config=ScalingConfig(num_workers=1),
+                           run_config=RunConfig(name="kept", storage_path=str(tmp_path),
+                                                checkpoint_config=checkpoint_config()))
+    result = trainer.fit()
+    assert sorted(path.name for path in (tmp_path / "kept").glob("epoch_*")) == ["epoch_0001", "epoch_0002", "epoch_0004"]
+    assert Path(_best_checkpoint(result).path).name == "epoch_0001"  # what the run's summary names
 
 
 def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_resumes_it(ray_session, tiny_config, tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
@@ -27,7 +27,8 @@ from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, training_datasets
 from centernet_ray.ray_runtime import warn_if_node_local, warn_if_node_local_tracking
-from centernet_ray.ray_train.loop import DatasetFacts, LoopInputs, WorkerCallback, train_loop_per_worker
+from centernet_ray.ray_train.loop import (CHECKPOINT_SCORE, DatasetFacts, LoopInputs, WorkerCallback,
+                                         train_loop_per_worker)
 from centernet_ray.tracking import (DatasetInput, command_line, describe_run, ensure_experiment, run_tags,
                                    tracking_uri)
 
@@ -57,6 +58,12 @@ class TrainSummary:
 
 def default_run_name(config: Config) -> str:
     return config.train.run_name or f"centernet-{config.model.backbone}"
+
+
+def checkpoint_config() -> CheckpointConfig:
+    """The checkpoints kept on disk: the two best by the AP of their own weights, and the latest
+    (Ray Train keeps the latest whatever its score; a resume starts from it)."""
+    return CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=CHECKPOINT_SCORE, checkpoint_score_order="max")
 
 
 def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None, worker_callbacks: list[WorkerCallback] | None = None,
@@ -109,8 +116,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                             label_selector=config.cluster.train_selector())
     run = RunConfig(
         name=default_run_name(config), storage_path=storage.default_storage_path(config),
-        checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="best_AP",
-                                           checkpoint_score_order="max"),
+        checkpoint_config=checkpoint_config(),
         failure_config=FailureConfig(max_failures=config.train.max_failures),
         callbacks=callbacks or None,
     )
@@ -118,6 +124,14 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                            datasets=datasets, dataset_config=CenterNetDataConfig(config.cluster.data_selector()),
                            run_config=run)
     return trainer, report
+
+
+def _best_checkpoint(result: Result) -> Checkpoint | None:
+    """The kept checkpoint with the best :data:`CHECKPOINT_SCORE`, else the latest (checkpoints of a
+    run written before the score existed have none)."""
+    scored = [(metrics[CHECKPOINT_SCORE], checkpoint) for checkpoint, metrics in result.best_checkpoints or []
+              if CHECKPOINT_SCORE in metrics]
+    return max(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
 
 
 def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None = None,
@@ -138,7 +152,7 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     if result.error is not None:
         raise result.error
     metrics = result.metrics or {}
-    checkpoint = result.get_best_checkpoint("best_AP", "max") or result.checkpoint
+    checkpoint = _best_checkpoint(result)
     stats = {name: float(metrics.get(name, math.nan)) for name in STAT_NAMES}
     dropped = ray.get(report.get.remote())["counts"]
     summary = TrainSummary(stats, checkpoint.path if checkpoint else None, metrics.get("mlflow_run_id"),

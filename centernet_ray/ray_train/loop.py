@@ -37,6 +37,16 @@ from centernet_ray.training.engine import LOSS_TERMS, EpochResult, Progress, Tra
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_SCORE = "checkpoint_AP"  # the report metric Ray Train ranks checkpoints by (job.checkpoint_config)
+
+
+def checkpoint_score(metrics: dict[str, Any]) -> float:
+    """The score of an epoch's checkpoint from the epoch's report: the AP of its own weights, -1 when
+    the epoch was not evaluated (or on ranks > 0, which hold no COCO stats; Ray Train scores rank 0's
+    report). Not ``best_AP``: the running best ties every epoch after the best one with it, and Ray
+    Train keeps the newest of a tie, so it would delete the best checkpoint."""
+    return float(metrics.get("AP", -1.0))
+
 
 @dataclass
 class DatasetFacts:
@@ -213,6 +223,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
                 best_ap = max(best_ap, stats["AP"])
             metrics.update(stats)  # only evaluation epochs carry COCO stats (Tune schedules on these reports)
         metrics["best_AP"] = best_ap
+        metrics[CHECKPOINT_SCORE] = checkpoint_score(metrics)
         if tracker is not None:
             metrics["mlflow_run_id"] = tracker.run_id
             tracker.metrics(epoch_metric_names(metrics) | class_ap, step=engine.global_step)
