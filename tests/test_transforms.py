@@ -103,8 +103,13 @@ def test_decode_image_converts_any_mode_to_rgb(mode, tmp_path):
 def test_decode_image_rejects_garbage_truncation_and_bombs(tmp_path):
     from PIL import Image
 
-    with pytest.raises(ImageDecodeError):
+    with pytest.raises(ImageDecodeError) as caught:
         decode_image(b"definitely not an image")
+    # what the endpoint's 400 and the ingest report say: the bytes, not PIL's name of its stream object
+    assert str(caught.value) == "not a readable image: 23 bytes in no format PIL reads (JPEG, PNG, WebP, BMP, TIFF, ...)"
+    (tmp_path / "notes.jpg").write_text("a text file named .jpg")
+    with pytest.raises(ImageDecodeError, match=f"{tmp_path / 'notes.jpg'} in no format PIL reads"):
+        decode_image(tmp_path / "notes.jpg")
     path = tmp_path / "img.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
     with pytest.raises(ImageDecodeError):

@@ -38,6 +38,10 @@ def decode_image(data: bytes | str | Path, max_pixels: int | None = None) -> tor
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             if isinstance(exc, ImageDecodeError):
                 raise
+            if isinstance(exc, UnidentifiedImageError):  # PIL's message names the stream object
+                what = f"{len(data)} bytes" if isinstance(source, io.BytesIO) else str(data)
+                raise ImageDecodeError(f"not a readable image: {what} in no format PIL reads "
+                                       "(JPEG, PNG, WebP, BMP, TIFF, ...)") from exc
             raise ImageDecodeError(f"not a readable image: {exc}") from exc
     # A channels-last view of the HWC pixels: torch resizes uint8 channels-last images fastest.
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
