@@ -220,8 +220,11 @@ def test_every_rank_decides_alike_and_only_the_announcing_one_logs(clock, caplog
         decisions[announce] = (planned, first, replanned, budget.after_epoch(3, next_evaluates=False))
         logged[announce] = caplog.text
     assert decisions[True] == decisions[False] == (14, 14, 27, 3)  # as in the test above
-    assert all(what in logged[True] for what in ("-> 14 epoch(s), the last one 41 of 50 steps", "re-planned",
-                                                 "stopping after epoch 3"))
+    assert all(what in logged[True] for what in ("-> 14 epoch(s), the last one 41 of 50 steps", "stopping after epoch 3",
+                                                 # the plan it had, then the new one (read as "14 -> 27"; it said
+                                                 # "27 ... instead of 14, the last one 41", as if the 41 were new)
+                                                 "re-planned after epoch 2 (epochs of ~2.5 s): 14 epoch(s), the last "
+                                                 "one 41 of 50 steps -> 27 epoch(s)"))
     assert logged[False] == ""
 
 

@@ -196,8 +196,8 @@ class TimeBudget:
                 plan = replace(plan, epochs=before.epochs, last_epoch_steps=before.last_epoch_steps)
             self.plan = _agreed(plan)  # rank 0's decision: the spans of the processes differ by their start
             if (self.plan.epochs, self.plan.last_epoch_steps) != (before.epochs, before.last_epoch_steps):
-                self._say(logging.INFO, "time budget: re-planned after epoch %d (epochs of ~%.1f s): %s "
-                          "instead of %s", epochs_done, self.plan.epoch_seconds, describe(self.plan), describe(before))
+                self._say(logging.INFO, "time budget: re-planned after epoch %d (epochs of ~%.1f s): %s -> %s",
+                          epochs_done, self.plan.epoch_seconds, describe(before), describe(self.plan))
         slowest = max(self._epoch_seconds[-RECENT_EPOCHS:], default=0.0)
         estimate = self.plan or self._size(self._pace(), epochs_done - 1)
         next_steps, next_evaluation = self.steps_per_epoch, estimate.eval_seconds if next_evaluates else 0.0
