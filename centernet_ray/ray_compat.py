@@ -5,8 +5,8 @@ per-dataset execution options inside a Train ``DataConfig``, Ray's label-selecto
 ASHA's rung records, which checkpoints a Ray Train run resumes from, and (in tests) the
 deployments bound into a Serve application and the autoscaler's config validation. Each helper
 checks the installed Ray against the version these were written for and fails with a message that
-says so, instead of misbehaving silently after an upgrade. (One is cosmetic and does nothing on another Ray: filtering Ray Train's log line per
-report.)
+says so, instead of misbehaving silently after an upgrade. (One is cosmetic and does nothing on
+another Ray: filtering Ray Train's log line per report.)
 """
 
 from __future__ import annotations
@@ -113,10 +113,11 @@ def asha_uncount_stop(scheduler: Any) -> None:
 TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # in a Ray Train run's folder
 
 
-def train_resume_checkpoints(run_dir: str) -> list[str]:
-    """The checkpoint folders (``epoch_0001``, ...) a Ray Train run with this folder resumes from,
-    oldest first, read from the run's checkpoint-manager snapshot: a checkpoint written but not yet
-    recorded there when the run stopped is not resumed from. [] when there is no snapshot."""
+def train_resume_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint folder (``epoch_0003``) a Ray Train run with this folder resumes from: the
+    latest one its checkpoint-manager snapshot records (a checkpoint written but not yet recorded
+    when the run stopped is not resumed from). None when there is no snapshot or no checkpoint. The
+    snapshot's ``checkpoint_results`` are in score order, not time order: not those."""
     import json
 
     from centernet_ray import storage
@@ -124,9 +125,9 @@ def train_resume_checkpoints(run_dir: str) -> list[str]:
     require_ray_version("Ray Train's checkpoint-manager snapshot")
     path = storage.join(run_dir, TRAIN_SNAPSHOT_FILE)
     if not storage.exists(path):
-        return []
-    snapshot = json.loads(storage.read_bytes(path))
-    return [result["checkpoint_dir_name"] for result in snapshot.get("checkpoint_results", [])]
+        return None
+    latest = json.loads(storage.read_bytes(path)).get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
 
 
 def bound_deployment(application: Any) -> Any:

@@ -130,6 +130,7 @@ def test_the_best_checkpoint_by_its_own_ap_is_kept_beside_the_latest(ray_session
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from centernet_ray import ray_compat
     from centernet_ray.ray_train.job import _best_checkpoint, checkpoint_config
 
     trainer = TorchTrainer(functools.partial(_report_epochs_of_ap, [0.5, 0.3, None, 0.2]),
@@ -139,6 +140,8 @@ def test_the_best_checkpoint_by_its_own_ap_is_kept_beside_the_latest(ray_session
     result = trainer.fit()
     assert sorted(path.name for path in (tmp_path / "kept").glob("epoch_*")) == ["epoch_0001", "epoch_0002", "epoch_0004"]
     assert Path(_best_checkpoint(result).path).name == "epoch_0001"  # what the run's summary names
+    # ...while a rerun resumes from the latest, which an interrupted run's message names
+    assert ray_compat.train_resume_checkpoint(str(tmp_path / "kept")) == "epoch_0004"
 
 
 def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_resumes_it(ray_session, tiny_config, tmp_path):
@@ -148,6 +151,7 @@ def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_resumes_it(ray_se
     from mlflow import MlflowClient
 
     from centernet_ray.config import with_overrides
+    from centernet_ray import ray_compat
     from centernet_ray.ray_train.job import TrainingInterrupted, run_training
 
     config = with_overrides(tiny_config.to_dict(), ["train.num_workers=1", "train.run_name=ctrl-c"])
@@ -155,7 +159,7 @@ def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_resumes_it(ray_se
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as interrupted:
         run_training(config, [EpochLog(epoch_log), CtrlC(os.getpid(), 1, tmp_path / "runs" / "ctrl-c" /
-                                                         "checkpoint_manager_snapshot.json")])
+                                                         ray_compat.TRAIN_SNAPSHOT_FILE)])
     assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's handler does not outlive the run
     checkpoint = tmp_path / "runs" / "ctrl-c" / "epoch_0001"
     assert f"its latest checkpoint is epoch 1 in {checkpoint}: rerun the same command to resume" in str(interrupted.value)

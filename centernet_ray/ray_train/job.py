@@ -176,12 +176,11 @@ def _interrupted(config: Config) -> TrainingInterrupted:
     command resumes; its MLflow run is marked KILLED rather than left running in the UI."""
     run_dir = storage.join(storage.default_storage_path(config), default_run_name(config))
     try:
-        checkpoints = ray_compat.train_resume_checkpoints(run_dir)
+        latest = ray_compat.train_resume_checkpoint(run_dir)
     except OSError as exc:  # object storage unreachable: say so rather than guess
         log.warning("could not read the run's checkpoint records in %s: %s", run_dir, exc)
-        checkpoints = []
+        latest = None
     run_id = _close_running_mlflow_run(config)
-    latest = checkpoints[-1] if checkpoints else None
     where = (f"its latest checkpoint is epoch {int(latest.rsplit('_', 1)[1])} in {storage.join(run_dir, latest)}: "
              "rerun the same command to resume from it" if latest else
              f"it stopped before its first checkpoint was recorded in {run_dir}: rerunning the same command "
