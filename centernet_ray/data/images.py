@@ -35,13 +35,13 @@ def decode_image(data: bytes | str | Path, max_pixels: int | None = None) -> tor
                     raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels}")
                 image.load()
                 rgb = image.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            if isinstance(exc, ImageDecodeError):
-                raise
-            if isinstance(exc, UnidentifiedImageError):  # PIL's message names the stream object
-                what = f"{len(data)} bytes" if isinstance(source, io.BytesIO) else str(data)
-                raise ImageDecodeError(f"not a readable image: {what} in no format PIL reads "
-                                       "(JPEG, PNG, WebP, BMP, TIFF, ...)") from exc
+        except ImageDecodeError:
+            raise
+        except UnidentifiedImageError as exc:  # its message names PIL's stream object, not the input
+            what = f"{len(data)} bytes" if isinstance(source, io.BytesIO) else str(data)
+            raise ImageDecodeError(f"not a readable image: {what} in no format PIL reads "
+                                   "(JPEG, PNG, WebP, BMP, TIFF, ...)") from exc
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise ImageDecodeError(f"not a readable image: {exc}") from exc
     # A channels-last view of the HWC pixels: torch resizes uint8 channels-last images fastest.
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
