@@ -118,6 +118,42 @@ def test_decode_image_rejects_garbage_truncation_and_bombs(tmp_path):
         decode_image(path, max_pixels=100)
 
 
+def test_decode_image_turns_a_plugin_s_own_exception_into_a_decode_error():
+    """Pillow's format plugins raise what they like: a DDS with unknown pixel-format flags raises
+    NotImplementedError, which the endpoint answered with a 500."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="DDS")
+    data = bytearray(buffer.getvalue())
+    data[80:84] = bytes(4)  # the pixel format's flags
+    with pytest.raises(ImageDecodeError, match="not a readable image: NotImplementedError: Unknown pixel format"):
+        decode_image(bytes(data))
+
+
+def test_decode_image_scales_16_bit_grey_and_applies_the_exif_orientation():
+    import io
+
+    from PIL import Image
+
+    ramp = np.arange(0, 65536, 16, dtype=np.uint16).reshape(64, 64)  # 0 .. 65520
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")
+    assert Image.open(io.BytesIO(buffer.getvalue())).mode == "I;16"
+    decoded = decode_image(buffer.getvalue())
+    # convert("RGB") alone clips at 255: 99.6% of this ramp came out white
+    torch.testing.assert_close(decoded[0], torch.from_numpy((ramp // 257).astype(np.uint8)), atol=0, rtol=0)
+    assert torch.equal(decoded[0], decoded[2])
+    photo = Image.new("RGB", (40, 20), (200, 30, 30))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # Orientation: the camera was turned 90 degrees; viewers show it 20 wide, 40 high
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", exif=exif)
+    assert decode_image(buffer.getvalue()).shape == (3, 40, 20)
+
+
 def test_fused_color_jitter_matches_torchvision_adjust_functions():
     from torchvision.transforms.v2 import functional as F
 
