@@ -10,7 +10,7 @@ import torch
 from centernet_ray.detector import letterbox_batch
 from centernet_ray.errors import UserInputError
 from centernet_ray.ray_serve.auth import API_KEYS_ENV, ApiKeys
-from centernet_ray.ray_serve.requests import RequestError, letterbox_request_image, read_body
+from centernet_ray.ray_serve.requests import RequestError, image_bytes, letterbox_request_image, read_body
 
 
 def test_keys_from_a_file_skip_comments_and_need_a_bearer_token(tmp_path):
@@ -39,7 +39,7 @@ def test_a_keys_file_that_is_missing_or_empty_is_a_user_error(tmp_path):
         ApiKeys.load(str(tmp_path / "empty"))
 
 
-def _request(chunks, declared=None):
+def _request(chunks, declared=None, content_type=None):
     """A real Starlette request whose body arrives as ``chunks`` (the ASGI messages uvicorn sends);
     after the last chunk with ``more_body`` set, the client stops sending. Returns (request, bytes read)."""
     from starlette.requests import Request
@@ -57,6 +57,8 @@ def _request(chunks, declared=None):
         await asyncio.sleep(3600)  # a client that stopped sending mid-body
 
     headers = [(b"content-length", str(declared).encode())] if declared is not None else []
+    if content_type:
+        headers.append((b"content-type", content_type.encode()))
     scope = {"type": "http", "method": "POST", "path": "/detect", "query_string": b"", "headers": headers}
     return Request(scope, receive), read
 
@@ -86,6 +88,29 @@ def test_a_body_beyond_the_drain_bound_is_not_read_further():
     with pytest.raises(RequestError):
         asyncio.run(read_body(streamed, max_bytes=10_000, drain_bytes=100_000))
     assert 100_000 <= read["bytes"] <= 101_000
+
+
+def _multipart(payload: bytes, boundary: str = "b0undary") -> tuple[bytes, str]:
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.jpg\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode() + payload + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_a_multipart_upload_gives_its_file_field():
+    body, content_type = _multipart(b"\xff\xd8 image bytes")
+    request, _ = _request([body[:10], body[10:]], content_type=content_type)
+    assert asyncio.run(image_bytes(request, max_bytes=10_000)) == b"\xff\xd8 image bytes"
+
+
+def test_a_chunked_multipart_upload_is_bounded_like_a_raw_body():
+    """No Content-Length: Starlette's parser would spool the file part to disk whatever its size."""
+    body, content_type = _multipart(b"x" * 500_000)
+    chunks = [body[i:i + 1000] for i in range(0, len(body), 1000)]
+    request, read = _request(chunks, content_type=content_type)
+    with pytest.raises(RequestError) as caught:
+        asyncio.run(image_bytes(request, max_bytes=10_000, drain_bytes=100_000))
+    assert caught.value.status == 413 and caught.value.close
+    assert read["bytes"] <= 101_000  # read up to the drain bound, not to the end
 
 
 def test_a_client_that_stops_sending_gets_its_413_after_the_drain_timeout(monkeypatch):

@@ -132,22 +132,33 @@ async def image_bytes(request: Any, max_bytes: int, drain_bytes: int = 0) -> byt
 
 
 async def _multipart_image(request: Any, max_bytes: int, drain_bytes: int = 0) -> bytes:
+    """The file field of a multipart upload. The body is read (bounded, as a raw one) before it is
+    parsed: Starlette's parser caps form fields but spools file parts to disk without a limit, so a
+    chunked upload with no Content-Length could fill the disk."""
     from starlette.datastructures import UploadFile
+    from starlette.requests import Request
 
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        await read_body(request, max_bytes, drain_bytes)  # drains (bounded), then raises the 413
+    body = await read_body(request, max_bytes, drain_bytes)
+    delivered = False
+
+    async def replay() -> dict[str, Any]:  # the ASGI receive of a request whose body is ``body``
+        nonlocal delivered
+        if delivered:
+            return {"type": "http.disconnect"}
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        form = await request.form(max_files=1, max_fields=10, max_part_size=max_bytes)
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=10, max_part_size=max_bytes)
     except Exception as exc:  # starlette raises MultiPartException / HTTPException for malformed bodies
         raise RequestError(400, f"malformed multipart body: {getattr(exc, 'detail', None) or exc}") from None
-    upload = next((form.get(name) for name in MULTIPART_FIELDS if isinstance(form.get(name), UploadFile)), None)
-    if upload is None:
-        raise RequestError(400, "the multipart upload has no file field named 'image' (or 'file')")
-    data = await upload.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise RequestError(413, f"uploaded image exceeds the limit of {max_bytes} bytes")
-    return data
+    try:
+        upload = next((form.get(name) for name in MULTIPART_FIELDS if isinstance(form.get(name), UploadFile)), None)
+        if upload is None:
+            raise RequestError(400, "the multipart upload has no file field named 'image' (or 'file')")
+        return await upload.read()
+    finally:
+        await form.close()
 
 
 def letterbox_request_image(image: torch.Tensor, input_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
