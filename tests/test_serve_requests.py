@@ -167,3 +167,37 @@ def test_serve_forever_shuts_serve_down_on_sigint_and_sigterm(monkeypatch, signu
     threading.Timer(0.5, os.kill, (os.getpid(), getattr(signal, signum))).start()
     assert launch.serve_forever(load_config(None), "ckpt") == signum
     assert calls == ["start", "shutdown"] and signal.getsignal(getattr(signal, signum)) is before
+
+
+def test_a_fault_behind_a_valid_request_is_a_counted_json_500_not_a_bare_one():
+    """The model replica failing (here: its handle raises) is the endpoint's fault: the client gets
+    JSON as for every other error, and the errors metric counts it as internal_error."""
+    import io
+
+    from PIL import Image
+
+    from centernet_ray.config import ServeConfig
+    from centernet_ray.ray_serve.app import DetectionAPI
+    from centernet_ray.ray_serve.auth import ApiKeys
+
+    class FailingModel:
+        class metadata:  # noqa: N801 - mirrors DeploymentHandle.metadata.remote()
+            @staticmethod
+            async def remote():
+                return {"model_version": "v1", "input_size": {"height": 64, "width": 64}}
+
+        @staticmethod
+        async def remote(*_):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    answered = []
+    ingress = object.__new__(DetectionAPI.func_or_class)  # the handler's class without Serve's ASGI wrapper
+    ingress.model, ingress.settings, ingress.keys, ingress._input = FailingModel(), ServeConfig(), ApiKeys([]), None
+    ingress.metrics = type("Recorder", (), {"answered": lambda self, *args: answered.append(args)})()
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 60), (10, 200, 30)).save(buffer, format="JPEG")
+    request, _ = _request([buffer.getvalue()], declared=len(buffer.getvalue()), content_type="image/jpeg")
+    response = asyncio.run(ingress.detect(request))
+    assert response.status_code == 500 and response.media_type == "application/json"
+    assert b'"status":500' in response.body and b"CUDA" not in response.body  # the traceback is in the log only
+    assert answered == [("/detect", 500, "internal_error")]

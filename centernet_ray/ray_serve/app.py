@@ -216,25 +216,36 @@ class DetectionAPI:
         except RequestError as exc:
             self.metrics.answered("/detect", exc.status, exc.kind)
             return _error(exc)
+        try:
+            response = await self._answer(image, params)
+        except Exception:  # a fault of the endpoint, not of the request: counted, logged, a JSON 500
+            log.exception("POST /detect failed")
+            self.metrics.answered("/detect", 500, "internal_error")
+            return JSONResponse({"error": "internal error: the endpoint's log has the traceback", "status": 500},
+                                status_code=500)
+        self.metrics.answered("/detect", 200)
+        self.metrics.latency_ms.observe(1e3 * (time.perf_counter() - started))
+        return response
+
+    async def _answer(self, image: torch.Tensor, params: Any) -> Response:
+        """The detections of a decoded image (uint8 [3, H, W]) as JSON, or drawn on it as a PNG."""
+        width, height = int(image.shape[2]), int(image.shape[1])
         prepared = await asyncio.to_thread(letterbox_request_image, image, await self._input_size())
+        if params.format != "png":
+            image = None  # only the drawing needs the full-size pixels: not held while the model answers
         answer = await self.model.remote(prepared, params.max_detections, params.score_threshold)
         if self._input is not None and answer["model"] != self._input[0]:
             self._input = None  # the model was swapped: read its input size again
         detections = answer["detections"]
-        if params.format == "png":
-            from centernet_ray.drawing import detections_png
+        if image is None:
+            return JSONResponse({"detections": detections, "model": answer["model"], "image_size": [width, height]})
+        from centernet_ray.drawing import detections_png
 
-            labels = answer["labels"]  # the answering model's classes (another replica may hold another version)
-            boxes = torch.tensor([d["bbox"] for d in detections], dtype=torch.float32).reshape(-1, 4)
-            classes = [labels.index(d["label"]) for d in detections]
-            png = await asyncio.to_thread(detections_png, image, boxes, classes, labels, [d["score"] for d in detections])
-            response: Response = Response(png, media_type="image/png")
-        else:
-            response = JSONResponse({"detections": detections, "model": answer["model"],
-                                     "image_size": [int(image.shape[2]), int(image.shape[1])]})
-        self.metrics.answered("/detect", 200)
-        self.metrics.latency_ms.observe(1e3 * (time.perf_counter() - started))
-        return response
+        labels = answer["labels"]  # the answering model's classes (another replica may hold another version)
+        boxes = torch.tensor([d["bbox"] for d in detections], dtype=torch.float32).reshape(-1, 4)
+        classes = [labels.index(d["label"]) for d in detections]
+        png = await asyncio.to_thread(detections_png, image, boxes, classes, labels, [d["score"] for d in detections])
+        return Response(png, media_type="image/png")
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:

@@ -1,9 +1,9 @@
 """The endpoint's application metrics, through Ray Serve's metrics API (``ray.serve.metrics``).
 
 Ray exports them with its own on each node's Prometheus endpoint (``ray_`` prefixed), beside Serve's
-per-deployment request counts and latencies: requests by route and status, client errors by kind,
-request latency at the ingress; batch sizes, model latency, detections per image and model swaps
-at the replicas.
+per-deployment request counts and latencies: requests by route and status, errors by kind (the
+client's 4xx kinds, and ``internal_error`` for a 500), request latency at the ingress; batch sizes,
+model latency, detections per image and model swaps at the replicas.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ class IngressMetrics:
     def __init__(self) -> None:
         self.requests = metrics.Counter("centernet_requests", description="HTTP requests by route and status",
                                         tag_keys=("route", "status"))
-        self.errors = metrics.Counter("centernet_request_errors", description="client errors (4xx) by kind",
+        self.errors = metrics.Counter("centernet_request_errors", description="errors by kind: 4xx kinds, internal_error",
                                       tag_keys=("kind",))
         self.latency_ms = metrics.Histogram("centernet_request_latency_ms", description="/detect latency at the ingress",
                                             boundaries=LATENCY_MS_BOUNDARIES)
