@@ -65,9 +65,9 @@ class DetectionModel:
     """One model replica: batches of letterboxed images in, detections (original pixels) out."""
 
     def __init__(self, flip_test: bool = False, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
-                 tracking_uri: str | None = None, poll_s: float = 0.0) -> None:
+                 tracking_uri: str | None = None, poll_s: float = 0.0, amp: str = "none") -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.flip_test, self.tracking_uri, self.poll_s = flip_test, tracking_uri, poll_s
+        self.flip_test, self.tracking_uri, self.poll_s, self.amp = flip_test, tracking_uri, poll_s, amp
         self.max_batch_size = max_batch_size
         self.detect_batch.set_max_batch_size(max_batch_size)
         self.detect_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -81,8 +81,9 @@ class DetectionModel:
 
         served = load_served_model(source, self.device, self.tracking_uri)
         detector = Detector(served.loaded.model, served.loaded.config.data.input_size, self.device, self.flip_test,
-                            amp="bf16" if self.device.type == "cuda" else "none")
-        log.info("DetectionModel %s on %s, batches of up to %d", served.version, self.device, self.max_batch_size)
+                            amp=self.amp)
+        log.info("DetectionModel %s on %s (amp %s), batches of up to %d", served.version, self.device, self.amp,
+                 self.max_batch_size)
         return ServedState(detector, served.loaded, served.version, source)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -302,6 +303,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         model_options["num_replicas"] = settings.num_replicas
     model = DetectionModel.options(**model_options).bind(flip_test, settings.max_batch_size,
                                                           settings.batch_wait_timeout_s, tracking_uri,
-                                                          settings.model_poll_s)
+                                                          settings.model_poll_s, settings.amp)
     return DetectionAPI.options(max_ongoing_requests=settings.ingress_max_ongoing_requests, **rollout).bind(
         model, settings, keys_required)
