@@ -103,9 +103,11 @@ class DetectionModel:
         self.state = state  # one assignment: a batch uses the state it started with
 
     async def _follow_alias(self) -> None:
-        """Re-resolve the alias every ``poll_s``; load a moved one beside the current model, then swap."""
+        """Re-resolve the alias every ``poll_s``; load a moved one beside the current model, then swap.
+        A version that fails to load is not tried again until the alias moves on."""
         from centernet_ray.checkpoint import resolve_model_uri
 
+        failed: tuple[str, str] | None = None  # (source, version) that did not load
         while True:
             await asyncio.sleep(self.poll_s)
             state = self.state
@@ -113,10 +115,15 @@ class DetectionModel:
                 return  # reconfigured to a fixed checkpoint: nothing to follow
             try:
                 _, version = await asyncio.to_thread(resolve_model_uri, state.source, self.tracking_uri)
-                if version != state.version:
+                if version == state.version or failed == (state.source, version):
+                    continue
+                try:
                     loaded = await asyncio.to_thread(self._load, state.source)
-                    if self.state is state:  # a reconfigure meanwhile wins over the alias
-                        self._swap(loaded)
+                except Exception:
+                    failed = (state.source, version)
+                    raise
+                if self.state is state:  # a reconfigure meanwhile wins over the alias
+                    self._swap(loaded)
             except Exception as exc:  # the registry unreachable or a bad new version: keep serving the current one
                 log.warning("could not follow %s (still serving %s): %s", state.source, state.version, exc)
 
