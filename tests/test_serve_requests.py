@@ -201,3 +201,40 @@ def test_a_fault_behind_a_valid_request_is_a_counted_json_500_not_a_bare_one():
     assert response.status_code == 500 and response.media_type == "application/json"
     assert b'"status":500' in response.body and b"CUDA" not in response.body  # the traceback is in the log only
     assert answered == [("/detect", 500, "internal_error")]
+
+
+def test_a_moved_alias_whose_version_fails_to_load_is_not_loaded_again_at_every_poll(monkeypatch):
+    from centernet_ray import checkpoint
+    from centernet_ray.ray_serve.app import DetectionModel, ServedState
+
+    class RegistryExhausted(BaseException):  # ends the poll loop (which keeps serving on an Exception)
+        pass
+
+    answers = iter(["shapes/2"] * 6 + ["shapes/3"] * 3)  # the alias moves to 2 (broken), then to 3
+
+    def resolve(source, _uri):
+        try:
+            return source, next(answers)
+        except StopIteration:
+            raise RegistryExhausted from None
+
+    loads = []
+
+    def load(source):
+        loads.append(version := f"shapes/{len(loads) + 2}")
+        if version == "shapes/2":
+            raise RuntimeError("unpickling error: the checkpoint of version 2 is corrupt")
+        return ServedState(None, None, version, source)
+
+    async def in_this_thread(fn, *args):
+        return fn(*args)
+
+    monkeypatch.setattr(checkpoint, "resolve_model_uri", resolve)
+    monkeypatch.setattr("asyncio.to_thread", in_this_thread)
+    replica = object.__new__(DetectionModel.func_or_class)  # the replica's class without Serve around it
+    replica.poll_s, replica.tracking_uri, replica._load = 0.001, None, load
+    replica.state = ServedState(None, None, "shapes/1", "models:/shapes@champion")
+    replica.metrics = type("Recorder", (), {"swaps": type("Counter", (), {"inc": lambda self: None})()})()
+    with pytest.raises(RegistryExhausted):
+        asyncio.run(asyncio.wait_for(replica._follow_alias(), 10))
+    assert loads == ["shapes/2", "shapes/3"] and replica.state.version == "shapes/3"
