@@ -248,7 +248,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
-    from centernet_ray.ray_runtime import init_ray
+    from centernet_ray.ray_runtime import init_ray, joins_a_cluster
     from centernet_ray.ray_serve.launch import serve_forever
 
     path, overrides = _split_config_and_overrides(args)
@@ -259,7 +259,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(path, overrides)
     init_ray()
     received = serve_forever(config, args.checkpoint, flip_test=args.flip_test)
-    print(f"stopped on {received}: Serve shut down cleanly")
+    print(f"stopped on {received}: " + ("application deleted, Serve left running on the cluster" if joins_a_cluster()
+                                         else "Serve shut down cleanly"))
     return 0
 
 

@@ -27,7 +27,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         # Ray Data's workers then log their progress as lines (LoggingExecutionProgressManager)
         # instead of sending tqdm bars that the driver redraws with cursor movements.
         ray.data.DataContext.get_current().use_ray_tqdm = False
-    if os.environ.get("RAY_ADDRESS") or running_as_ray_job():
+    if joins_a_cluster():
         ray.init(log_to_driver=True)
         log.info("connected to Ray cluster: %s", ray.cluster_resources())
         return
@@ -40,6 +40,12 @@ def init_ray(num_cpus: int | None = None) -> None:
     # second command), which ray.init() without an address would join instead.
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     log.info("started local Ray with %d logical CPUs on %d cores", cpus, os.cpu_count() or 1)
+
+
+def joins_a_cluster() -> bool:
+    """Whether :func:`init_ray` joins a running cluster (``RAY_ADDRESS``, or a Ray job's driver),
+    which other users' work may share, rather than starting a Ray of this process's own."""
+    return bool(os.environ.get("RAY_ADDRESS")) or running_as_ray_job()
 
 
 def use_single_node_train_env() -> None:

@@ -146,10 +146,10 @@ def test_a_replica_with_another_input_size_letterboxes_again_and_composes_the_ma
     torch.testing.assert_close(corners @ matrices[0].T, corners @ direct.T, atol=8.0, rtol=0)
 
 
-@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
-def test_serve_forever_shuts_serve_down_on_sigint_and_sigterm(monkeypatch, signum):
+@pytest.mark.parametrize("signum,on_a_cluster", [("SIGINT", False), ("SIGTERM", False), ("SIGTERM", True)])
+def test_serve_forever_shuts_serve_down_on_sigint_and_sigterm(monkeypatch, signum, on_a_cluster):
     """The signal handling of `centernet-ray serve` (the real process: test_serve_production.py);
-    Serve itself is replaced by recorders here."""
+    Serve itself is replaced by recorders here. On a cluster it joined, only its application goes."""
     import os
     import signal
     import threading
@@ -163,10 +163,17 @@ def test_serve_forever_shuts_serve_down_on_sigint_and_sigterm(monkeypatch, signu
     monkeypatch.setattr(launch, "start_app", lambda *args, **kwargs: calls.append("start") or "http://127.0.0.1:1")
     monkeypatch.setattr(launch, "metrics_url", lambda: None)
     monkeypatch.setattr(serve, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(serve, "delete", lambda name: calls.append(f"delete {name}"))
+    if on_a_cluster:
+        monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
     before = signal.getsignal(getattr(signal, signum))
     threading.Timer(0.5, os.kill, (os.getpid(), getattr(signal, signum))).start()
     assert launch.serve_forever(load_config(None), "ckpt") == signum
-    assert calls == ["start", "shutdown"] and signal.getsignal(getattr(signal, signum)) is before
+    assert calls == ["start", "delete centernet" if on_a_cluster else "shutdown"]
+    assert signal.getsignal(getattr(signal, signum)) is before
 
 
 def test_a_fault_behind_a_valid_request_is_a_counted_json_500_not_a_bare_one():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from centernet_ray.checkpoint import is_mlflow_uri
 from centernet_ray.config import Config
-from centernet_ray.ray_runtime import warn_if_node_local_tracking
+from centernet_ray.ray_runtime import joins_a_cluster, warn_if_node_local_tracking
 from centernet_ray.ray_serve.auth import ApiKeys
 from centernet_ray.tracking import tracking_uri
 
@@ -51,7 +51,9 @@ def metrics_url() -> str | None:
 
 
 def serve_forever(config: Config, checkpoint: str, flip_test: bool = False) -> str:
-    """Serve until SIGTERM or SIGINT, then shut Serve down; returns the signal's name."""
+    """Serve until SIGTERM or SIGINT, then stop; returns the signal's name. On a Ray of its own the
+    whole of Serve is shut down; on a cluster it joined only this application is deleted (other
+    applications, and Serve's controller and proxies, stay)."""
     from ray import serve
 
     received: list[str] = []
@@ -68,8 +70,13 @@ def serve_forever(config: Config, checkpoint: str, flip_test: bool = False) -> s
         log.info("metrics (Prometheus): %s", metrics_url() or "not exported by this Ray")
         while not stop.wait(1.0):  # a timed wait: signal handlers run between waits
             pass
-        log.info("received %s: shutting down Serve", received[0])
-        serve.shutdown()
+        if joins_a_cluster():
+            log.info("received %s: deleting the application %r (Serve keeps running on the cluster)", received[0],
+                     APP_NAME)
+            serve.delete(APP_NAME)
+        else:
+            log.info("received %s: shutting down Serve", received[0])
+            serve.shutdown()
         log.info("Serve stopped")
         return received[0]
     finally:
