@@ -96,10 +96,21 @@ def _jpeg(size=(64, 64)):
     return buffer.getvalue()
 
 
+def _dds_of_unknown_pixel_format() -> bytes:
+    """Bytes Pillow identifies as DDS and then fails on with NotImplementedError (not an OSError)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buffer, format="DDS")
+    data = bytearray(buffer.getvalue())
+    data[80:84] = bytes(4)  # the pixel format's flags
+    return bytes(data)
+
+
 BAD_REQUESTS = {
     "empty body": (lambda: (b"", "image/jpeg", {}), 400, "empty request body"),
     "not an image": (lambda: (b"hello, this is text" * 10, "image/jpeg", {}), 400, "not a readable image"),
     "truncated jpeg": (lambda: (_jpeg()[:300], "image/jpeg", {}), 400, "cannot use the image"),
+    "image a plugin cannot parse": (lambda: (_dds_of_unknown_pixel_format(), "image/jpeg", {}), 400,
+                                    "NotImplementedError: Unknown pixel format"),
     "decompression bomb": (lambda: (_png(8000, 8000), "image/png", {}), 413, "exceeds the limit"),
     "body over the limit": (lambda: (b"\xff" * (MAX_BODY + 1), "image/jpeg", {}), 413, "exceeds the limit"),
     "wrong content type": (lambda: (_jpeg(), "text/plain", {}), 415, "unsupported content type"),
