@@ -211,12 +211,14 @@ def test_moving_the_alias_swaps_the_model_under_load_without_a_failed_request(ra
         with ThreadPoolExecutor(16) as pool:
             running = [pool.submit(client_loop, i) for i in range(16)]
             time.sleep(2)  # every client has had answers from version 1
-            client.set_registered_model_alias("shapes", "champion", "2")
-            deadline = time.time() + 60
-            while requests.get(f"{url}/metadata", timeout=30).json()["model_version"] != "shapes/2":
-                assert time.time() < deadline, "the replica did not pick up the moved alias"
-                time.sleep(0.5)
-            stop_at[0] = time.time() + 2  # keep the load on a while after the swap
+            try:
+                client.set_registered_model_alias("shapes", "champion", "2")
+                deadline = time.time() + 60
+                while requests.get(f"{url}/metadata", timeout=30).json()["model_version"] != "shapes/2":
+                    assert time.time() < deadline, "the replica did not pick up the moved alias"
+                    time.sleep(0.5)
+            finally:
+                stop_at[0] = time.time() + 2  # keep the load on a while after the swap
             per_client = [future.result() for future in running]
         answers = [a for mine in per_client for a in mine]
         failures = [a for a in answers if a[0] != 200]
@@ -231,7 +233,8 @@ def test_moving_the_alias_swaps_the_model_under_load_without_a_failed_request(ra
 def test_redeploying_with_another_checkpoint_loses_no_request(ray_session, trained_checkpoint, serve_port, tmp_path):
     """The app deployed again with another `checkpoint` (through `serve.run`, whose code version is
     new each time, so Serve replaces the replica: the new one starts before the old one stops) while
-    8 clients keep sending: every request answered 200, then the new checkpoint served by a new replica."""
+    8 clients keep sending from before the redeploy until 2 s after the new replica answers: every
+    request answered 200, by the old model and then by the new one, on a new replica."""
     import dataclasses
 
     import requests
@@ -250,18 +253,34 @@ def test_redeploying_with_another_checkpoint_loses_no_request(ray_session, train
     try:
         before = requests.get(f"{url}/metadata", timeout=60).json()
         assert before["epoch"] == 300
+        stop_at = [time.time() + 1e9]
+
+        def client_loop():  # sends until 2 s after the new replica answers: the whole rollout is under load
+            mine = []
+            while time.time() < stop_at[0]:
+                response = _post(url, image, key=None)
+                mine.append((response.status_code, response.json().get("model") if response.ok else response.text))
+            return mine
+
         with ThreadPoolExecutor(8) as pool:
-            sending = [pool.submit(lambda: [_post(url, image, key=None).status_code for _ in range(30)])
-                       for _ in range(8)]
+            sending = [pool.submit(client_loop) for _ in range(8)]
             time.sleep(2)
             args = {**dataclasses.asdict(config.serve), "checkpoint": str(second)}
-            serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)  # as `serve deploy` does
-            statuses = [code for future in sending for code in future.result()]
-        assert statuses and set(statuses) == {200}, statuses
-        deadline = time.time() + 60
-        while requests.get(f"{url}/metadata", timeout=30).json()["epoch"] != 302:
-            assert time.time() < deadline, "the new checkpoint was not swapped in"
-            time.sleep(0.5)
+            try:
+                serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)  # as `serve deploy` does
+                deadline = time.time() + 60
+                while requests.get(f"{url}/metadata", timeout=30).json()["epoch"] != 302:
+                    assert time.time() < deadline, "the new checkpoint was not swapped in"
+                    time.sleep(0.5)
+            finally:
+                stop_at[0] = time.time() + 2
+            per_client = [future.result() for future in sending]
+        answers = [a for mine in per_client for a in mine]
+        failures = [a for a in answers if a[0] != 200]
+        assert not failures, failures[:5]
+        after = requests.get(f"{url}/metadata", timeout=30).json()["model_version"]
+        assert after != before["model_version"] and {model for _, model in answers} == {before["model_version"], after}
+        assert all(mine[-1][1] == after for mine in per_client)  # 2 s after the swap every client has the new one
         assert requests.get(f"{url}/metadata", timeout=30).json()["replica"] != before["replica"]
     finally:
         serve.delete(APP_NAME)
