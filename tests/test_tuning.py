@@ -71,6 +71,9 @@ train.epochs: 3
     ("targets.formula: {choice: [cornernet, exakt]}", "must be one of"),
     ("loss.alpha: {choice: []}", "non-empty list"),
     ("- loss.alpha", "must map config keys"),
+    ("train.batch_size: {uniform: [8, 32]}", "samples fractional values, which this key does not take"),
+    ("targets.min_overlap: {quniform: [0.3, 0.9, 0.25]}", "not divisible by quantization factor"),
+    ("targets.min_overlap: {quniform: [0.3, 0.9, 0]}", "step must be > 0"),
 ])
 def test_a_bad_search_space_fails_before_any_trial_with_a_message_naming_the_key(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):

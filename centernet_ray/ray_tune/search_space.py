@@ -63,9 +63,15 @@ class SearchSpace:
         return {d.key: d.to_tune() for d in self.dimensions}
 
     def defaults(self, config: Config) -> dict[str, Any]:
-        """The base config's own value of every key (the "default config" trial)."""
+        """The "default config" trial: the base config's own value of every searched key, and the
+        fixed value of every fixed one (Tune would let a preset override a fixed value)."""
         flat = config.flatten()
-        return {d.key: flat[d.key] for d in self.dimensions}
+        return {d.key: d.args[0] if d.kind == "fixed" else flat[d.key] for d in self.dimensions}
+
+    def with_fixed(self, config: Config) -> Config:
+        """``config`` with the space's fixed values applied: what every trial trains, so what the
+        scheduler and the trials' statuses count epochs against."""
+        return apply_params(config, {d.key: d.args[0] for d in self.dimensions if d.kind == "fixed"})
 
     def has_grid(self) -> bool:
         return any(d.kind == "grid" for d in self.dimensions)
@@ -103,9 +109,22 @@ def parse_dimension(key: str, spec: Any, base: Config, source: str | Path = "sea
                 raise ConfigError(f"{where}: randint takes integers [low, high) ; got {args!r}")
             if kind == "randint":
                 args = [int(v) for v in args]
+            if kind == "quniform" and args[2] <= 0:
+                raise ConfigError(f"{where}: quniform's step must be > 0; got {args!r}")
         dimension = Dimension(key, kind, tuple(args))
+        try:
+            dimension.to_tune()
+        except ValueError as exc:  # Ray's own rules, e.g. quniform bounds that are not multiples of the step
+            raise ConfigError(f"{where}: {exc}") from None
     for value in _probe_values(dimension):
         _check_value(key, value, base, where)
+    if dimension.kind in ("uniform", "loguniform", "quniform"):  # they sample floats, e.g. 13.7
+        low, high = dimension.args[0], dimension.args[1]
+        try:
+            _check_value(key, low + 0.37 * (high - low), base, where)
+        except ConfigError:
+            raise ConfigError(f"{where}: {dimension.kind} samples fractional values, which this key does not take; "
+                              f"search integers with randint: [low, high)") from None
     return dimension
 
 
