@@ -135,6 +135,40 @@ def test_searchers_put_the_default_config_first_and_cap_concurrency(tmp_path):
     assert build_scheduler(load_config(None, ["tune.scheduler=none"]), "unused") is None
 
 
+def test_fixed_values_are_the_default_trial_s_and_the_epochs_the_scheduler_counts(tmp_path):
+    """README's example: `train.epochs: 4  # fixed for every trial` over a base of 2 epochs. Tune lets a
+    preset override a fixed value: the default trial trained 2 epochs, and ASHA (max_t 2) stopped the
+    others at epoch 2 of their 4."""
+    base = load_config(None, ["train.epochs=2"])
+    space = load_search_space(write(tmp_path, "loss.alpha: {uniform: [1.0, 3.0]}\ntrain.epochs: 4"), base)
+    assert space.defaults(base) == {"loss.alpha": 2.0, "train.epochs": 4}
+    config = space.with_fixed(base)
+    assert config.train.epochs == 4 and build_scheduler(config, str(tmp_path / "asha.pkl"))._max_t == 4
+
+
+@pytest.mark.parametrize("overrides, space_text, message", [
+    (["tune.metric=ap"], "loss.alpha: {uniform: [1.0, 3.0]}", "not a COCO statistic"),
+    (["tune.grace_period=5", "train.epochs=2"], "loss.alpha: {uniform: [1.0, 3.0]}", "ASHA would have no rung"),
+    ([], "train.epochs: {choice: [2, 4]}", "ASHA compares trials at the same epochs"),
+])
+def test_a_sweep_that_could_not_rank_or_stop_its_trials_is_refused_before_it_starts(tmp_path, overrides, space_text,
+                                                                                     message):
+    from centernet_ray.ray_tune.sweep import check_sweep
+
+    config = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_sweep(config, load_search_space(write(tmp_path, space_text), config))
+    check_sweep(load_config(None), load_search_space(write(tmp_path, "loss.alpha: {uniform: [1.0, 3.0]}"), config))
+
+
+def test_a_trial_that_trained_its_time_budget_s_plan_finished_it_was_not_stopped_early():
+    from centernet_ray.ray_tune.report import trained_its_plan
+
+    assert trained_its_plan({"epoch": 7, "planned_epochs": 7}, epochs=100)  # train.time_limit planned 7 of 100
+    assert not trained_its_plan({"epoch": 1, "planned_epochs": 7}, epochs=100)  # ASHA stopped it after epoch 1
+    assert trained_its_plan({"epoch": 4}, epochs=4) and not trained_its_plan({"epoch": 2}, epochs=4)
+
+
 def record(trial_id, status, ap, *, alpha=2.0, default=False, epochs=4):
     metrics = {} if ap is None else {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.1}
     return TrialRecord(trial_id, {"loss.alpha": alpha}, status, epochs, metrics, f"/ckpt/{trial_id}", f"run-{trial_id}",

@@ -35,7 +35,7 @@ def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_pa
     params = {d.key: _plain(trial.config.get(d.key)) for d in space.dimensions}
     epochs = int(last.get("epoch", 0))
     status = {"TERMINATED": "finished", "ERROR": "error"}.get(trial.status, trial.status.lower())
-    if status == "finished" and epochs < config.train.epochs:
+    if status == "finished" and not trained_its_plan(last, config.train.epochs):
         status = "stopped early"
     error = None
     if trial.status == "ERROR":
@@ -45,6 +45,12 @@ def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_pa
         metrics={k: float(last[k]) for k in STAT_NAMES if k in last},
         checkpoint=last.get("checkpoint_path"), mlflow_run_id=last.get("mlflow_run_id"),
         is_default=default_params is not None and params == default_params, error=error)
+
+
+def trained_its_plan(last_result: dict[str, Any], epochs: int) -> bool:
+    """Whether a trial that ended trained every epoch of its plan: ``planned_epochs`` of its last
+    report (under ``train.time_limit`` the budget plans fewer than ``epochs``), else ``epochs``."""
+    return int(last_result.get("epoch", 0)) >= int(last_result.get("planned_epochs", epochs))
 
 
 def records_from_results(results: Any, space: SearchSpace, config: Config, include_default: bool) -> list[TrialRecord]:

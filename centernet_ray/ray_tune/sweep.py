@@ -13,6 +13,7 @@ from ray import tune
 
 from centernet_ray import storage
 from centernet_ray.config import Config, ConfigError
+from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_runtime import warn_if_node_local_tracking
 from centernet_ray.ray_tune.report import SweepSummary, TrialRecord, best_config, records_from_results
@@ -75,6 +76,23 @@ def build_searcher(config: Config, space: SearchSpace, include_default: bool, ma
                                  random_state=config.tune.seed)
 
 
+def check_sweep(config: Config, space: SearchSpace) -> None:
+    """Settings a sweep would otherwise run to the end with and then have nothing to show for: an
+    objective no evaluation reports, and what would make ASHA's rungs (epochs of one schedule)
+    meaningless."""
+    if config.tune.metric not in STAT_NAMES:
+        raise ConfigError(f"tune.metric {config.tune.metric!r} is not a COCO statistic that trials report; "
+                          f"one of {', '.join(STAT_NAMES)}")
+    if config.tune.scheduler == "none":
+        return
+    if any(d.key == "train.epochs" and d.kind != "fixed" for d in space.dimensions):
+        raise ConfigError("train.epochs is searched, but ASHA compares trials at the same epochs of one schedule: "
+                          "fix it in the search space, or set tune.scheduler=none")
+    if config.tune.grace_period > config.train.epochs:
+        raise ConfigError(f"tune.grace_period ({config.tune.grace_period}) is more than train.epochs "
+                          f"({config.train.epochs}): ASHA would have no rung and never stop a trial")
+
+
 def build_scheduler(config: Config, state_uri: str, baseline: dict[str, Any] | None = None) -> Any:
     """ASHA over evaluation reports; ``baseline`` (the default-config trial's params) is never stopped."""
     if config.tune.scheduler == "none":
@@ -91,8 +109,10 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     ``source``: the command, shown as the MLflow source of the sweep's run and its trials' runs."""
     started = time.perf_counter()
     # Paths and the MLflow store resolved in the user's directory: trials run in Ray's session folder,
-    # and every trial's run must land in the sweep's store, nested under its run.
-    config = storage.with_absolute_paths(config)
+    # and every trial's run must land in the sweep's store, nested under its run. The space's fixed
+    # values are every trial's: the epochs the scheduler and the statuses count are theirs.
+    config = space.with_fixed(storage.with_absolute_paths(config))
+    check_sweep(config, space)
     source = source or command_line()
     name, root = sweep_name(config), storage.default_storage_path(config)
     experiment = storage.join(root, name)
@@ -106,36 +126,42 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     state_uri = storage.join(experiment, SWEEP_STATE_FILE)
     restoring = tune.Tuner.can_restore(experiment)
     state = json.loads(storage.read_bytes(state_uri)) if restoring and storage.exists(state_uri) else {}
+    max_concurrent = derive_max_concurrent(config, ray.cluster_resources())
+    if not restoring:  # built before the sweep's MLflow run, so that a bad setting leaves no run behind
+        searcher = build_searcher(config, space, include_default, max_concurrent)
+        scheduler = build_scheduler(config, storage.join(experiment, ASHA_STATE_FILE),
+                                    space.defaults(config) if include_default else None)
     tags = run_tags(config, source, {"fingerprint": ingested["train"].fingerprint, "train_images": ingested["train"].rows,
                                      "val_images": ingested["val"].rows})
     tracker = SweepTracker(config, name, space, run_id=state.get("mlflow_run_id"), tags=tags)
     storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": tracker.run_id}).encode())
 
-    max_concurrent = derive_max_concurrent(config, ray.cluster_resources())
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), storage_root=root, sweep_name=name,
                              metric=config.tune.metric, parent_run_id=tracker.run_id,
                              concurrent_trials=max_concurrent, source=source),
         {"CPU": TRIAL_DRIVER_CPUS})
-    if restoring:  # Tune restores the run config (our callbacks included) from the sweep's start
-        log.info("resuming sweep %s from %s (finished trials are kept, unfinished ones continue)", name, experiment)
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        log.info("sweep %s: %d trial(s), up to %d at a time, objective %s (%s), %s search, scheduler %s -> %s",
-                 name, config.tune.num_samples, max_concurrent, config.tune.metric, config.tune.mode,
-                 config.tune.search_alg, config.tune.scheduler, experiment)
-        tuner = tune.Tuner(
-            trainable, param_space=space.to_tune(),
-            tune_config=tune.TuneConfig(metric=config.tune.metric, mode=config.tune.mode,
-                                        num_samples=config.tune.num_samples,
-                                        search_alg=build_searcher(config, space, include_default, max_concurrent),
-                                        scheduler=build_scheduler(config, storage.join(experiment, ASHA_STATE_FILE),
-                                                                  space.defaults(config) if include_default else None)),
-            run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
-                                      callbacks=[TrialRunCloser(config, config.train.epochs)]),
-        )
-    results = tuner.fit()
-    records = records_from_results(results, space, config, include_default)
+    try:
+        if restoring:  # Tune restores the run config (our callbacks included) from the sweep's start
+            log.info("resuming sweep %s from %s (finished trials are kept, unfinished ones continue)", name, experiment)
+            tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        else:
+            log.info("sweep %s: %d trial(s), up to %d at a time, objective %s (%s), %s search, scheduler %s -> %s",
+                     name, config.tune.num_samples, max_concurrent, config.tune.metric, config.tune.mode,
+                     config.tune.search_alg, config.tune.scheduler, experiment)
+            tuner = tune.Tuner(
+                trainable, param_space=space.to_tune(),
+                tune_config=tune.TuneConfig(metric=config.tune.metric, mode=config.tune.mode,
+                                            num_samples=config.tune.num_samples, search_alg=searcher,
+                                            scheduler=scheduler),
+                run_config=tune.RunConfig(name=name, storage_path=root, verbose=0,
+                                          callbacks=[TrialRunCloser(config, config.train.epochs)]),
+            )
+        results = tuner.fit()
+        records = records_from_results(results, space, config, include_default)
+    except Exception:
+        tracker.failed()  # not left RUNNING in MLflow
+        raise
     unfinished = [r for r in records if r.status not in ("finished", "stopped early", "error")]
     if unfinished or len(records) < config.tune.num_samples and not space.has_grid():
         tracker.interrupted()

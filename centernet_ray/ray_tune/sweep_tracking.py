@@ -17,7 +17,7 @@ from ray.tune import Callback
 
 from centernet_ray.config import files as config_files
 from centernet_ray.config import Config
-from centernet_ray.ray_tune.report import SweepSummary, format_table, short
+from centernet_ray.ray_tune.report import SweepSummary, format_table, short, trained_its_plan
 from centernet_ray.ray_tune.search_space import SearchSpace
 from centernet_ray.tracking import ensure_experiment, tracking_uri
 
@@ -86,6 +86,9 @@ class SweepTracker:
     def interrupted(self) -> None:
         self.client.set_terminated(self.run_id, "KILLED")
 
+    def failed(self) -> None:
+        self.client.set_terminated(self.run_id, "FAILED")
+
 
 class TrialRunCloser(Callback):
     """Tune callback on the sweep's driver: a progress line per trial start/end, and the MLflow run of
@@ -103,12 +106,12 @@ class TrialRunCloser(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
         epoch = int(last.get("epoch", 0))
-        status = "finished" if epoch >= self.epochs else "stopped early"
+        status = "finished" if trained_its_plan(last, self.epochs) else "stopped early"
         metric = self.config.tune.metric
         value = last.get(metric)
         done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
         log.info("trial %s %s after epoch %d/%d: %s %s  (%d of %d trials done)", trial.trial_id, status, epoch,
-                 self.epochs, metric, "n/a" if value is None else f"{value:.4f}", done, self.config.tune.num_samples)
+                 int(last.get("planned_epochs", self.epochs)), metric, "n/a" if value is None else f"{value:.4f}", done, self.config.tune.num_samples)
         self._close(last.get("mlflow_run_id"), "FINISHED", status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
