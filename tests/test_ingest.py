@@ -2,6 +2,7 @@ import json
 import shutil
 
 import pyarrow.parquet as pq
+import pytest
 
 from centernet_ray.ray_data.ingest import ingest_coco, read_manifest
 
@@ -40,20 +41,24 @@ def test_ingest_is_idempotent_and_reads_file_uris(shapes_dataset, tmp_path):
     args = (str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"))
     first = ingest_coco(*args, str(tmp_path / "pq"))
     stamp = (tmp_path / "pq" / "part-00000.parquet").stat().st_mtime_ns
-    second = ingest_coco(f"file://{args[0]}", f"file://{args[1]}", f"file://{tmp_path / 'pq'}")
-    assert second.rows == first.rows
+    again = ingest_coco(f"file://{args[0]}", f"file://{args[1]}", f"file://{tmp_path / 'pq'}")
+    assert again.reused and again.rows == first.rows  # the same input spelled as URIs: not read again
     third = ingest_coco(*args, str(tmp_path / "pq"))
     assert third.reused and (tmp_path / "pq" / "part-00000.parquet").stat().st_mtime_ns == stamp
+    by_uri = ingest_coco(f"file://{args[0]}", f"file://{args[1]}", f"file://{tmp_path / 'fresh'}")  # read through URIs
+    assert not by_uri.reused and pq.read_table(tmp_path / "fresh").equals(pq.read_table(tmp_path / "pq"))
 
 
-def test_ingest_reports_every_kind_of_bad_input(shapes_dataset, tmp_path):
-    root, instances = broken_copy(shapes_dataset, tmp_path)
-    result = ingest_coco(str(root / "images"), str(root / "instances.json"), str(tmp_path / "pq"))
-    report = result.report
-    assert result.rows == 12 - 2
-    assert report["unreadable_images"] == 1 and report["missing_images"] == 1
-    assert report["dropped_invalid"] == 2 and report["unknown_category"] == 1 and report["crowd_skipped"] == 1
-    kept = sum(len(r["labels"]) for r in pq.read_table(tmp_path / "pq").to_pylist())
-    assert report["annotations"] == kept
-    manifest = read_manifest(str(tmp_path / "pq"))
-    assert instances["images"][0]["file_name"] in manifest["examples"]["unreadable_images"][0]
+def test_an_image_that_cannot_be_read_stops_the_ingest_rather_than_being_dropped_for_good(shapes_dataset, tmp_path):
+    """Only a missing file is dropped; another read failure (here: a directory where the image should
+    be; on object storage, throttling or a timeout) would otherwise be frozen into the manifest."""
+    root = tmp_path / "data"
+    shutil.copytree(shapes_dataset / "images" / "val", root / "images")
+    instances = json.loads((shapes_dataset / "annotations" / "instances_val.json").read_text())
+    name = instances["images"][3]["file_name"]
+    (root / "images" / name).unlink()
+    (root / "images" / name).mkdir()
+    with pytest.raises(Exception, match=f"cannot read .*{name}.*Not a missing file"):
+        ingest_coco(str(root / "images"), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
+    assert read_manifest(str(tmp_path / "pq")) is None
+

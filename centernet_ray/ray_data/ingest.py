@@ -80,11 +80,17 @@ def read_manifest(output: str) -> dict | None:
 
 
 def _load_image(images: str, file_name: str) -> tuple[bytes | None, str | None]:
+    """(bytes, None), or (None, the problem) for a missing or unreadable image. Any other failure to
+    read (object storage throttling or timing out, a permission) stops the ingest: a dropped image
+    would be frozen into the manifest, which later runs reuse without reading again."""
     uri = storage.join(images, file_name)
     try:
         data = storage.read_bytes(uri)
-    except OSError as exc:
+    except FileNotFoundError as exc:
         return None, f"missing: {exc}"
+    except OSError as exc:
+        raise OSError(f"cannot read {uri}: {exc}. Not a missing file: the ingest stops instead of dropping "
+                      "it (nothing was recorded as ingested); rerun once the storage answers") from exc
     problem = check_image(data)
     return (None, problem) if problem else (data, None)
 
