@@ -62,3 +62,26 @@ def test_an_image_that_cannot_be_read_stops_the_ingest_rather_than_being_dropped
         ingest_coco(str(root / "images"), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
     assert read_manifest(str(tmp_path / "pq")) is None
 
+
+def test_duplicate_image_ids_are_a_format_error_naming_both_files(tmp_path):
+    from centernet_ray.data.coco import CocoFormatError, parse_coco
+
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 10, "height": 10},
+                       {"id": 1, "file_name": "b.jpg", "width": 10, "height": 10}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    with pytest.raises(CocoFormatError, match=r"images\[1\] \(b.jpg\) has the id 1 of a.jpg"):
+        parse_coco(data, "instances.json")
+
+
+def test_ingest_reports_every_kind_of_bad_input(shapes_dataset, tmp_path):
+    root, instances = broken_copy(shapes_dataset, tmp_path)
+    result = ingest_coco(str(root / "images"), str(root / "instances.json"), str(tmp_path / "pq"))
+    report = result.report
+    assert result.rows == 12 - 2
+    assert report["unreadable_images"] == 1 and report["missing_images"] == 1
+    assert report["dropped_invalid"] == 2 and report["unknown_category"] == 1 and report["crowd_skipped"] == 1
+    kept = sum(len(r["labels"]) for r in pq.read_table(tmp_path / "pq").to_pylist())
+    assert report["annotations"] == kept
+    manifest = read_manifest(str(tmp_path / "pq"))
+    assert instances["images"][0]["file_name"] in manifest["examples"]["unreadable_images"][0]

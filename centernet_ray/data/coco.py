@@ -104,7 +104,10 @@ def parse_coco(data: dict[str, Any], source: str = "<dict>") -> CocoDataset:
     images: dict[int, dict[str, Any]] = {}
     for i, img in enumerate(data["images"]):
         _require(img, ("id", "file_name", "width", "height"), f"{source}: images[{i}]")
-        images[int(img["id"])] = img
+        first = images.setdefault(int(img["id"]), img)
+        if first is not img:  # the annotations of that id could belong to either file
+            raise CocoFormatError(f"{source}: images[{i}] ({img['file_name']}) has the id {img['id']} of "
+                                  f"{first['file_name']}: image ids must be unique")
     boxes: dict[int, list[list[float]]] = {image_id: [] for image_id in images}
     labels: dict[int, list[int]] = {image_id: [] for image_id in images}
 
