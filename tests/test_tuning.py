@@ -251,3 +251,15 @@ def test_asha_never_stops_the_default_config_trial_but_measures_the_others_again
     assert scheduler.on_trial_result(None, good, {"epoch": 1, "AP": 0.5}) == "CONTINUE"
     assert scheduler.on_trial_result(None, default, {"epoch": 1, "AP": 0.2}) == "CONTINUE"  # would be STOP
     assert scheduler.on_trial_result(None, weak, {"epoch": 1, "AP": 0.1}) == "STOP"
+
+
+def test_trials_are_listed_in_the_order_tune_created_them_whatever_their_ids():
+    """Optuna's trials get random ids: sorting by id put the default-config trial anywhere."""
+    from types import SimpleNamespace
+
+    from centernet_ray.ray_tune.report import creation_order
+
+    trials = [SimpleNamespace(trial_id="f3a1b2c4", experiment_tag="10_loss.alpha=1.2"),
+              SimpleNamespace(trial_id="0e9d8c7b", experiment_tag="2_loss.alpha=2.9"),
+              SimpleNamespace(trial_id="9b8a7f6e", experiment_tag="1_loss.alpha=2.0")]
+    assert [t.experiment_tag.partition("_")[0] for t in sorted(trials, key=creation_order)] == ["1", "2", "10"]

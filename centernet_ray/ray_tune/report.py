@@ -59,14 +59,22 @@ def records_from_results(results: Any, space: SearchSpace, config: Config, inclu
 
     defaults = space.defaults(config) if include_default else None
     # statuses: the ResultGrid does not expose them. The analysis lists trials in no fixed order
-    # (after a restore it differs); trial ids end in a zero-padded creation counter.
-    trials = sorted(ExperimentAnalysis(results.experiment_path).trials, key=lambda t: t.trial_id)
+    # (after a restore it differs).
+    trials = sorted(ExperimentAnalysis(results.experiment_path).trials, key=creation_order)
     records = [record_from_trial(t, space, config, defaults) for t in trials]
     seen_default = False
     for record in records:  # only the first trial with the default values is "the default trial"
         record.is_default = record.is_default and not seen_default
         seen_default = seen_default or record.is_default
     return records
+
+
+def creation_order(trial: Any) -> tuple[int, str]:
+    """A sort key in the order Tune created the trials: its searchers (random, and Optuna through
+    ``SearchGenerator``) start each ``experiment_tag`` with their counter; trial ids are random
+    for Optuna's trials."""
+    counter = str(getattr(trial, "experiment_tag", "")).partition("_")[0]
+    return (int(counter) if counter.isdigit() else 1 << 62, trial.trial_id)
 
 
 def _plain(value: Any) -> Any:
