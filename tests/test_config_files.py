@@ -66,3 +66,28 @@ def test_base_cycles_and_bad_bases_are_errors(tmp_path):
 def test_merge_replaces_lists_and_values():
     assert merge({"a": {"x": [1, 2], "y": 1}, "b": 1}, {"a": {"x": [3]}, "c": 2}) == {"a": {"x": [3], "y": 1}, "b": 1, "c": 2}
     assert read_config(SHIPPED / "demo.yaml")["model"]["backbone"] == "resnet18"
+
+
+def test_a_config_on_object_storage_loads_by_its_uri(tmp_path, monkeypatch):
+    """What a sweep with CENTERNET_RAY_STORAGE=s3://... prints: `centernet-ray train s3://.../best_config.yaml`.
+    The bucket is a local folder here (pyarrow's S3 needs a server): only the URI's route is faked."""
+    import pyarrow.fs
+
+    from centernet_ray import storage
+
+    best = load_config(None, ["train.run_name=sweep-best", "loss.alpha=2.5"])
+    (tmp_path / "bucket" / "sweep").mkdir(parents=True)
+    (tmp_path / "bucket" / "sweep" / "best_config.yaml").write_text(best.to_yaml())
+    real_resolve = storage.resolve
+
+    def resolve(uri):
+        if str(uri).startswith("s3://"):
+            return pyarrow.fs.LocalFileSystem(), str(tmp_path / str(uri).removeprefix("s3://"))
+        return real_resolve(uri)
+
+    monkeypatch.setattr(storage, "resolve", resolve)
+    loaded = load_config("s3://bucket/sweep/best_config.yaml")
+    assert loaded.train.run_name == "sweep-best" and loaded.loss.alpha == 2.5
+    assert load_config(f"file://{tmp_path}/bucket/sweep/best_config.yaml").loss.alpha == 2.5
+    with pytest.raises(ConfigError, match="cannot read s3://bucket/sweep/missing.yaml"):
+        load_config("s3://bucket/sweep/missing.yaml")

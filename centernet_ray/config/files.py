@@ -43,8 +43,29 @@ def packaged_names() -> list[str]:
     return sorted(names)
 
 
-def find(name_or_path: str | Path, what: str = "config file") -> Path | Traversable:
-    """The file ``name_or_path`` names: an existing path, else a shipped file (see module docstring)."""
+class StoredFile:
+    """A config on object storage (``s3://...``, ``gs://...``), as a sweep writes its
+    ``best_config.yaml`` beside its runs; read through pyarrow's filesystems."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = self.name = uri
+
+    def read_text(self) -> str:
+        from centernet_ray import storage
+
+        try:
+            return storage.read_bytes(self.uri).decode()
+        except OSError as exc:
+            raise UserInputError(f"cannot read {self.uri}: {exc}") from exc
+
+
+def find(name_or_path: str | Path, what: str = "config file") -> Path | Traversable | StoredFile:
+    """The file ``name_or_path`` names: a URI of object storage, an existing path, else a shipped
+    file (see module docstring)."""
+    if "://" in str(name_or_path) and not str(name_or_path).startswith("file://"):
+        return StoredFile(str(name_or_path))
+    if str(name_or_path).startswith("file://"):
+        name_or_path = str(name_or_path).removeprefix("file://")
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
