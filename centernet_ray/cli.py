@@ -246,17 +246,23 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_flag_overrides(args: argparse.Namespace) -> list[str]:
+    """``serve`` flags as config overrides; text values quoted, so that YAML reads ``::`` or a path
+    with ``#`` in it as the string typed."""
+    flags = {"host": args.host, "port": args.port, "num_replicas": args.replicas, "max_batch_size": args.max_batch_size,
+             "batch_wait_timeout_s": args.batch_wait_timeout, "num_gpus": args.num_gpus,
+             "api_keys_file": args.api_keys_file}
+    return [f"serve.{key}={json.dumps(value) if isinstance(value, str) else value}"
+            for key, value in flags.items() if value is not None]
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
     from centernet_ray.ray_runtime import init_ray, joins_a_cluster
     from centernet_ray.ray_serve.launch import serve_forever
 
     path, overrides = _split_config_and_overrides(args)
-    flags = {"host": args.host, "port": args.port, "num_replicas": args.replicas, "max_batch_size": args.max_batch_size,
-             "batch_wait_timeout_s": args.batch_wait_timeout, "num_gpus": args.num_gpus,
-             "api_keys_file": args.api_keys_file}
-    overrides += [f"serve.{key}={value}" for key, value in flags.items() if value is not None]
-    config = load_config(path, overrides)
+    config = load_config(path, overrides + _serve_flag_overrides(args))
     init_ray()
     received = serve_forever(config, args.checkpoint, flip_test=args.flip_test)
     print(f"stopped on {received}: " + ("application deleted, Serve left running on the cluster" if joins_a_cluster()

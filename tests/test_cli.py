@@ -154,3 +154,15 @@ def test_config_list_sets_the_search_spaces_apart_and_one_given_as_a_config_says
     assert main(["config", "tune/search_space"]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'loss.alpha' in config" in err and "dotted keys are a search space's" in err
+
+
+def test_serve_flags_reach_the_config_as_typed():
+    """`--host ::` (every IPv6 address) was read by YAML as a mapping; a keys file with `#` in its
+    name was cut at the `#` as a comment."""
+    from centernet_ray.cli import _serve_flag_overrides, build_parser
+    from centernet_ray.config import load_config
+
+    args = build_parser().parse_args(["serve", "--checkpoint", "c.pt", "--host", "::", "--port", "8100",
+                                      "--api-keys-file", "/keys #prod", "--max-batch-size", "4"])
+    serve = load_config(None, _serve_flag_overrides(args)).serve
+    assert (serve.host, serve.port, serve.api_keys_file, serve.max_batch_size) == ("::", 8100, "/keys #prod", 4)
