@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import os
 import posixpath
@@ -23,12 +24,25 @@ if TYPE_CHECKING:
     from centernet_ray.config import Config
 
 
+BUCKET_SCHEMES = ("s3", "gs", "gcs")  # pyarrow's paths on these are "bucket/key"
+
+
 def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI."""
+    """(filesystem, path inside it) for a local path or a URI. A bucket's filesystem is made once
+    per process: pyarrow's ``from_uri`` looks up credentials and the bucket's region (a request)
+    each time, which an ingest reading one image per call would pay per image."""
     text = str(uri)
     if "://" not in text:
         return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+    scheme, _, rest = text.partition("://")
+    if scheme in BUCKET_SCHEMES and rest.partition("/")[0] and "?" not in rest:
+        return _bucket_filesystem(scheme, rest.partition("/")[0]), rest.rstrip("/")
     return pafs.FileSystem.from_uri(text)
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}/")[0]
 
 
 def absolute(uri: str) -> str:

@@ -1,0 +1,35 @@
+"""Paths and URIs: one filesystem per bucket, paths inside it as pyarrow's own."""
+
+from types import SimpleNamespace
+
+import pyarrow.fs as pafs
+
+from centernet_ray import storage
+
+
+def test_a_bucket_s_filesystem_is_made_once_and_its_paths_are_pyarrow_s(monkeypatch):
+    """pyarrow's from_uri looks up credentials and the bucket's region (a request) on every call;
+    an ingest resolves one URI per image. The region is given here so that nothing goes online."""
+    made = []
+    real = pafs.FileSystem.from_uri
+
+    def from_uri(uri):
+        made.append(uri)
+        return real(uri + "?region=us-east-1")
+
+    monkeypatch.setattr(storage, "pafs", SimpleNamespace(FileSystem=SimpleNamespace(from_uri=from_uri),
+                                                         LocalFileSystem=pafs.LocalFileSystem))
+    storage._bucket_filesystem.cache_clear()
+    first, path = storage.resolve("s3://photos/val2017/000000000139.jpg")
+    second, other = storage.resolve("s3://photos/val2017/")
+    assert first is second and made == ["s3://photos/"]
+    assert path == real("s3://photos/val2017/000000000139.jpg?region=us-east-1")[1] == "photos/val2017/000000000139.jpg"
+    assert other == real("s3://photos/val2017/?region=us-east-1")[1]
+    storage._bucket_filesystem.cache_clear()
+
+
+def test_local_paths_and_file_uris_resolve_to_the_local_filesystem(tmp_path):
+    fs, path = storage.resolve(tmp_path / "x.jpg")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "x.jpg")
+    fs, path = storage.resolve(f"file://{tmp_path}/x.jpg")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/x.jpg"
