@@ -228,12 +228,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from centernet_ray.ray_runtime import init_ray
     from centernet_ray.ray_tune.report import format_summary
     from centernet_ray.ray_tune.search_space import load_search_space
-    from centernet_ray.ray_tune.sweep import SweepInterrupted, run_sweep
+    from centernet_ray.ray_tune.sweep import SweepInterrupted, check_sweep, run_sweep
 
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_SWEEP_CONFIG, overrides)
     config.tune.search_space = args.search_space or config.tune.search_space
     space = load_search_space(config.tune.search_space, config)
+    check_sweep(space.with_fixed(config), space)  # before Ray starts: a bad setting answers at once
     init_ray()
     try:
         summary = run_sweep(config, space, source=args.source)
