@@ -4,7 +4,12 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from centernet_ray.ray_data.ingest import ingest_coco, read_manifest
+from centernet_ray.ray_data.ingest import ingest_coco as ingest_with_or_without_ray, read_manifest
+
+
+def ingest_coco(*args, **kwargs):
+    """Here, without Ray, whatever ran before in the session (the Ray path is test_cluster_scheduling.py's)."""
+    return ingest_with_or_without_ray(*args, use_ray=False, **kwargs)
 
 
 def broken_copy(shapes_dataset, tmp_path):
