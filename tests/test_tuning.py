@@ -1,5 +1,6 @@
 """Sweep building blocks without Ray running: search-space files, trial configs, concurrency, reports."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,22 @@ def test_trials_are_listed_in_the_order_tune_created_them_whatever_their_ids():
               SimpleNamespace(trial_id="0e9d8c7b", experiment_tag="2_loss.alpha=2.9"),
               SimpleNamespace(trial_id="9b8a7f6e", experiment_tag="1_loss.alpha=2.0")]
     assert [t.experiment_tag.partition("_")[0] for t in sorted(trials, key=creation_order)] == ["1", "2", "10"]
+
+
+def test_a_sweep_resumes_only_with_the_settings_it_started_with(tmp_path):
+    """Tune restores the space and the searcher it started with: a rerun with tune.num_samples raised
+    reported "interrupted" every time (fewer records than samples), a new key read as None."""
+    from centernet_ray.ray_tune.sweep import check_resume, sweep_settings
+
+    config = load_config(None, ["tune.num_samples=4"])
+    space = load_search_space(write(tmp_path, "loss.alpha: {uniform: [1.0, 3.0]}"), config)
+    saved = json.loads(json.dumps({"mlflow_run_id": "r", "settings": sweep_settings(config, space)}))  # as stored
+    check_resume(saved, sweep_settings(config, space), "s")
+    check_resume({"mlflow_run_id": "r"}, sweep_settings(config, space), "s")  # a state file from before: no check
+    more = load_config(None, ["tune.num_samples=8", "tune.max_concurrent_trials=1"])  # concurrency may change
+    wider = load_search_space(write(tmp_path, "loss.alpha: {uniform: [1.0, 3.0]}\nloss.beta: {uniform: [2.0, 6.0]}"),
+                              config)
+    with pytest.raises(ConfigError, match=r"\(loss.beta, tune.num_samples differ\)"):
+        check_resume(saved, sweep_settings(more, wider), "s")
+    check_resume(saved, sweep_settings(load_config(None, ["tune.num_samples=4", "tune.max_concurrent_trials=1"]),
+                                       space), "s")

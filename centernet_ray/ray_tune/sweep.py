@@ -76,6 +76,27 @@ def build_searcher(config: Config, space: SearchSpace, include_default: bool, ma
                                  random_state=config.tune.seed)
 
 
+def sweep_settings(config: Config, space: SearchSpace) -> dict[str, Any]:
+    """What a resumed sweep must share with the sweep it resumes: Tune keeps the space, the search
+    and the trials it started with, so a changed one would be read against trials it never made."""
+    return {"space": {d.key: d.describe() for d in space.dimensions},
+            "tune": {k: v for k, v in config.to_dict()["tune"].items() if k not in ("name", "max_concurrent_trials")}}
+
+
+def check_resume(saved: dict[str, Any], settings: dict[str, Any], name: str) -> None:
+    """Refuse to resume sweep ``name`` with settings other than ``saved`` (its state file's), naming
+    what changed. A state file from before the settings were saved has none: nothing to compare."""
+    before = saved.get("settings")
+    if before is None or before == settings:
+        return
+    changed = sorted(f"{section}.{key}" if section == "tune" else key
+                     for section in ("space", "tune")
+                     for key in set(before.get(section, {})) | set(settings[section])
+                     if before.get(section, {}).get(key) != settings[section].get(key))
+    raise ConfigError(f"sweep {name} was started with other settings ({', '.join(changed)} differ): resume it with "
+                      "the same search space and tune settings, or start a new sweep under another tune.name")
+
+
 def check_sweep(config: Config, space: SearchSpace) -> None:
     """Settings a sweep would otherwise run to the end with and then have nothing to show for: an
     objective no evaluation reports, and what would make ASHA's rungs (epochs of one schedule)
@@ -126,6 +147,8 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     state_uri = storage.join(experiment, SWEEP_STATE_FILE)
     restoring = tune.Tuner.can_restore(experiment)
     state = json.loads(storage.read_bytes(state_uri)) if restoring and storage.exists(state_uri) else {}
+    settings = sweep_settings(config, space)
+    check_resume(state, settings, name)
     max_concurrent = derive_max_concurrent(config, ray.cluster_resources())
     if not restoring:  # built before the sweep's MLflow run, so that a bad setting leaves no run behind
         searcher = build_searcher(config, space, include_default, max_concurrent)
@@ -134,7 +157,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     tags = run_tags(config, source, {"fingerprint": ingested["train"].fingerprint, "train_images": ingested["train"].rows,
                                      "val_images": ingested["val"].rows})
     tracker = SweepTracker(config, name, space, run_id=state.get("mlflow_run_id"), tags=tags)
-    storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": tracker.run_id}).encode())
+    storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": tracker.run_id, "settings": settings}).encode())
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), storage_root=root, sweep_name=name,
