@@ -107,7 +107,8 @@ def _metric_lines(text: str, name: str) -> list[str]:
 
 
 def test_application_metrics_are_scraped_from_rays_prometheus_endpoint(served):
-    """The URL `centernet-ray serve` logs; counts by status and kind, batch sizes, model latency."""
+    """The URL `centernet-ray serve` logs; counts by status and kind, batch sizes (16 concurrent
+    requests: batches of more than one image form), model latency."""
     # the command logs the URL once `serve.run` returns, which can be after /healthz first answers
     deadline, found = time.time() + 60, None
     while found is None and time.time() < deadline:
@@ -117,8 +118,9 @@ def test_application_metrics_are_scraped_from_rays_prometheus_endpoint(served):
     url = found.group(1)
     assert _post(served["url"], served["image"], key=None).status_code == 401
     assert _post(served["url"], b"not an image").status_code == 400
-    for _ in range(3):
-        assert _post(served["url"], served["image"]).status_code == 200
+    with ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(lambda _: _post(served["url"], served["image"]).status_code, range(16)))
+    assert statuses == [200] * 16
     # earlier tests of the module already exported 200s and 401s: wait for everything this test sent,
     # not for the metric names, or a scrape from before this test's 400 reached Ray passes the wait
     deadline, text = time.time() + 90, ""
@@ -144,6 +146,11 @@ def _scraped(text: str) -> dict[str, bool]:
     seen["a 400"] = any('status="400"' in line for line in requests)
     seen['kind="unauthorized"'] = any('kind="unauthorized"' in line for line in errors)
     seen['kind="bad_request"'] = any('kind="bad_request"' in line for line in errors)
+    # batches of one image fall in the bucket le=1: a batch of more is counted only above it
+    single = [float(line.split()[-1]) for line in _metric_lines(text, "ray_centernet_batch_size_bucket")
+              if float(re.search(r'le="([^"]+)"', line).group(1)) == 1.0]
+    batches = sum(float(line.split()[-1]) for line in _metric_lines(text, "ray_centernet_batch_size_count"))
+    seen["a batch of more than one image"] = bool(single) and batches > sum(single)
     return seen
 
 
