@@ -47,10 +47,15 @@ def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_pa
         is_default=default_params is not None and params == default_params, error=error)
 
 
+def planned_epochs(last_result: dict[str, Any], epochs: int) -> int:
+    """The epochs a trial planned: ``planned_epochs`` of its last report (under ``train.time_limit``
+    the budget plans fewer than ``epochs``), else ``epochs``."""
+    return int(last_result.get("planned_epochs", epochs))
+
+
 def trained_its_plan(last_result: dict[str, Any], epochs: int) -> bool:
-    """Whether a trial that ended trained every epoch of its plan: ``planned_epochs`` of its last
-    report (under ``train.time_limit`` the budget plans fewer than ``epochs``), else ``epochs``."""
-    return int(last_result.get("epoch", 0)) >= int(last_result.get("planned_epochs", epochs))
+    """Whether a trial that ended trained every epoch of its plan (:func:`planned_epochs`)."""
+    return int(last_result.get("epoch", 0)) >= planned_epochs(last_result, epochs)
 
 
 def records_from_results(results: Any, space: SearchSpace, config: Config, include_default: bool) -> list[TrialRecord]:

@@ -17,7 +17,7 @@ from ray.tune import Callback
 
 from centernet_ray.config import files as config_files
 from centernet_ray.config import Config
-from centernet_ray.ray_tune.report import SweepSummary, format_table, short, trained_its_plan
+from centernet_ray.ray_tune.report import SweepSummary, format_table, planned_epochs, short, trained_its_plan
 from centernet_ray.ray_tune.search_space import SearchSpace
 from centernet_ray.tracking import ensure_experiment, tracking_uri
 
@@ -111,7 +111,8 @@ class TrialRunCloser(Callback):
         value = last.get(metric)
         done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
         log.info("trial %s %s after epoch %d/%d: %s %s  (%d of %d trials done)", trial.trial_id, status, epoch,
-                 int(last.get("planned_epochs", self.epochs)), metric, "n/a" if value is None else f"{value:.4f}", done, self.config.tune.num_samples)
+                 planned_epochs(last, self.epochs), metric, "n/a" if value is None else f"{value:.4f}", done,
+                 self.config.tune.num_samples)
         self._close(last.get("mlflow_run_id"), "FINISHED", status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
