@@ -29,7 +29,7 @@ from centernet_ray.config import ServeConfig, config_from_dict
 from centernet_ray.errors import UserInputError
 from centernet_ray.ray_serve.auth import ApiKeys
 from centernet_ray.ray_serve.metrics import IngressMetrics, ModelMetrics
-from centernet_ray.ray_serve.requests import (RequestError, decode_request_image, image_bytes,
+from centernet_ray.ray_serve.requests import (DetectParams, RequestError, decode_request_image, image_bytes,
                                               letterbox_request_image, parse_params)
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class DetectionModel:
         A version that fails to load is not tried again until the alias moves on."""
         from centernet_ray.checkpoint import resolve_model_uri
 
-        failed: tuple[str, str] | None = None  # (source, version) that did not load
+        tried: tuple[str, str] | None = None  # (source, version) last loaded, or tried and failed
         while True:
             await asyncio.sleep(self.poll_s)
             state = self.state
@@ -115,13 +115,10 @@ class DetectionModel:
                 return  # reconfigured to a fixed checkpoint: nothing to follow
             try:
                 _, version = await asyncio.to_thread(resolve_model_uri, state.source, self.tracking_uri)
-                if version == state.version or failed == (state.source, version):
+                if version == state.version or (state.source, version) == tried:
                     continue
-                try:
-                    loaded = await asyncio.to_thread(self._load, state.source)
-                except Exception:
-                    failed = (state.source, version)
-                    raise
+                tried = (state.source, version)
+                loaded = await asyncio.to_thread(self._load, state.source)
                 if self.state is state:  # a reconfigure meanwhile wins over the alias
                     self._swap(loaded)
             except Exception as exc:  # the registry unreachable or a bad new version: keep serving the current one
@@ -235,7 +232,7 @@ class DetectionAPI:
         self.metrics.latency_ms.observe(1e3 * (time.perf_counter() - started))
         return response
 
-    async def _answer(self, image: torch.Tensor, params: Any) -> Response:
+    async def _answer(self, image: torch.Tensor, params: DetectParams) -> Response:
         """The detections of a decoded image (uint8 [3, H, W]) as JSON, or drawn on it as a PNG."""
         width, height = int(image.shape[2]), int(image.shape[1])
         prepared = await asyncio.to_thread(letterbox_request_image, image, await self._input_size())
