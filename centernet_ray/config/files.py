@@ -44,8 +44,8 @@ def packaged_names() -> list[str]:
 
 
 class StoredFile:
-    """A config on object storage (``s3://...``, ``gs://...``), as a sweep writes its
-    ``best_config.yaml`` beside its runs; read through pyarrow's filesystems."""
+    """A config named by a URI (``s3://...``, ``gs://...``, ``file://...``), as a sweep on a bucket
+    writes its ``best_config.yaml`` beside its runs; read through pyarrow's filesystems."""
 
     def __init__(self, uri: str) -> None:
         self.uri = self.name = uri
@@ -60,12 +60,10 @@ class StoredFile:
 
 
 def find(name_or_path: str | Path, what: str = "config file") -> Path | Traversable | StoredFile:
-    """The file ``name_or_path`` names: a URI of object storage, an existing path, else a shipped
-    file (see module docstring)."""
-    if "://" in str(name_or_path) and not str(name_or_path).startswith("file://"):
+    """The file ``name_or_path`` names: a URI, an existing path, else a shipped file (see module
+    docstring)."""
+    if "://" in str(name_or_path):
         return StoredFile(str(name_or_path))
-    if str(name_or_path).startswith("file://"):
-        name_or_path = str(name_or_path).removeprefix("file://")
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
