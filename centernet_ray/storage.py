@@ -35,8 +35,9 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     if "://" not in text:
         return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
     scheme, _, rest = text.partition("://")
-    if scheme in BUCKET_SCHEMES and rest.partition("/")[0] and "?" not in rest:
-        return _bucket_filesystem(scheme, rest.partition("/")[0]), rest.rstrip("/")
+    bucket = rest.partition("/")[0]
+    if scheme in BUCKET_SCHEMES and bucket and "?" not in rest:
+        return _bucket_filesystem(scheme, bucket), rest.rstrip("/")
     return pafs.FileSystem.from_uri(text)
 
 

@@ -17,8 +17,8 @@ class IngressMetrics:
     def __init__(self) -> None:
         self.requests = metrics.Counter("centernet_requests", description="HTTP requests by route and status",
                                         tag_keys=("route", "status"))
-        self.errors = metrics.Counter("centernet_request_errors", description="errors by kind: 4xx kinds, internal_error",
-                                      tag_keys=("kind",))
+        self.errors = metrics.Counter("centernet_request_errors",
+                                      description="errors by kind: 4xx kinds, internal_error", tag_keys=("kind",))
         self.latency_ms = metrics.Histogram("centernet_request_latency_ms", description="/detect latency at the ingress",
                                             boundaries=LATENCY_MS_BOUNDARIES)
 
