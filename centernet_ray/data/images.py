@@ -38,7 +38,8 @@ def decode_image(data: bytes | str | Path, max_pixels: int | None = None) -> tor
                 width, height = image.size
                 if max_pixels is not None and width * height > max_pixels:
                     raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels}")
-                rgb = _to_rgb(ImageOps.exif_transpose(image))
+                ImageOps.exif_transpose(image, in_place=True)  # not in place, it copies every image
+                rgb = _to_rgb(image)
         except ImageDecodeError:
             raise
         except UnidentifiedImageError as exc:  # its message names PIL's stream object, not the input
