@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -34,7 +35,10 @@ from centernet_ray.ray_serve.requests import (DetectParams, RequestError, decode
 
 log = logging.getLogger(__name__)
 
-api = FastAPI(title="centernet-ray", description="CenterNet object detection")
+# FastAPI's own /docs and /openapi.json would answer without the API key: the ingress serves them
+# itself, behind the same check as /detect.
+api = FastAPI(title="centernet-ray", description="CenterNet object detection",
+              openapi_url=None, docs_url=None, redoc_url=None)
 
 
 @dataclass(frozen=True)
@@ -270,6 +274,25 @@ class DetectionAPI:
                              "default_score_threshold": self.settings.score_threshold,
                              "max_detections": self.settings.max_detections,
                              "api_key_required": self.keys.required})
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(self, request: Request) -> Response:
+        """The API's OpenAPI schema; behind the API key when keys are required."""
+        try:
+            self._authorize(request)
+        except RequestError as exc:
+            return _error(exc)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> Response:
+        """Swagger UI over ``/openapi.json``; with API keys required, only for a request that sends one
+        (a browser cannot: use the schema with ``curl -H 'Authorization: Bearer ...'``)."""
+        try:
+            self._authorize(request)
+        except RequestError as exc:
+            return _error(exc)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} - docs")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
