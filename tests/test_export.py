@@ -13,7 +13,7 @@ from centernet_ray.checkpoint import LoadedModel, model_from_checkpoint
 from centernet_ray.config import load_config
 from centernet_ray.detector import Detections, Detector, letterbox_batch
 from centernet_ray.export import OnnxDetector, export_onnx
-from centernet_ray.export.check import BOX_ATOL, SCORE_ATOL, check_export, match_detections
+from centernet_ray.export.check import BOX_ATOL, SCORE_ATOL, check_export, failure_reason, match_detections
 from centernet_ray.model import build_model
 
 pytest.importorskip("onnxruntime")
@@ -49,6 +49,18 @@ def test_matcher_counts_a_detection_without_twin(change):
         other.insert(1, (0.7, 3, 4, 4, 8, 8))
     _, _, _, unmatched = match_detections(_detections(rows), _detections(other))
     assert unmatched >= 1
+
+
+def test_a_check_that_compared_nothing_or_read_no_image_fails():
+    flat = _detections([(0.1, 0, 1, 1, 5, 5)] * 5)  # every score tied at the K-th: none above the boundary
+    moved = _detections([(0.1, 2, 500, 500, 505, 505)] * 5)
+    pairs, _, _, unmatched = match_detections(flat, moved)
+    assert (pairs, unmatched) == (0, 0)
+    assert "nothing was compared" in failure_reason(12, 0, pairs, unmatched, 0.0, 0.0)
+    assert failure_reason(0, 3, 0, 0, 0.0, 0.0) == "no readable validation image (3 skipped)"
+    assert failure_reason(12, 0, 40, 0, 0.5, 0.503) == ""
+    assert "no ONNX twin" in failure_reason(12, 0, 40, 1, 0.5, 0.5)
+    assert "differs from PyTorch" in failure_reason(12, 0, 40, 0, 0.5, 0.51)
 
 
 def _spread(model):
@@ -101,13 +113,22 @@ def test_exported_graph_is_the_detector_for_any_batch_size_and_carries_its_metad
 
 
 @pytest.mark.integration  # the exporter takes 5-10 s a model
-def test_a_changed_graph_fails_the_check_with_the_reason(tmp_path, shapes_dataset):
+def test_the_check_skips_unreadable_images_and_fails_a_changed_graph_with_the_reason(tmp_path, shapes_dataset):
+    import shutil
+
     loaded = _loaded(["model.neck_channels=[32,32,32]", "model.head_conv=16"])
     path = export_onnx(loaded, tmp_path / "model.onnx", k=100)
+    images = tmp_path / "val"
+    shutil.copytree(shapes_dataset / "images" / "val", images)
+    annotations = str(shapes_dataset / "annotations" / "instances_val.json")
+    first, second = sorted(images.iterdir())[:2]
+    first.write_bytes(first.read_bytes()[:40])  # truncated
+    second.unlink()  # missing
+    check = check_export(loaded, path, images=str(images), annotations=annotations)
+    assert check.passed and (check.images, check.skipped_images) == (10, 2) and check.matched_detections > 0
     with torch.no_grad():  # the PyTorch side now differs from what was exported
         loaded.model.size[-1].bias += 1.0
-    check = check_export(loaded, path, images=str(shapes_dataset / "images" / "val"),
-                         annotations=str(shapes_dataset / "annotations" / "instances_val.json"))
+    check = check_export(loaded, path, images=str(shapes_dataset / "images" / "val"), annotations=annotations)
     assert not check.passed and "no ONNX twin" in check.reason and check.unmatched > 0 and check.images == 12
 
 

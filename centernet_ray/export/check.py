@@ -8,7 +8,11 @@ order, measured at ~1e-6 in scores): a detection's score within ``SCORE_ATOL`` a
 others in the two runtimes (top-K breaks ties by position in its own order), so only those
 scoring above the K-th plus the tolerance are matched. Rounding can also flip a 3x3 peak whose
 neighbour scores within ~1e-7 of it, so up to ``MAX_UNMATCHED_FRACTION`` of the compared detections
-may lack a twin (the demo model: 0 of 19,558).
+may lack a twin (the demo model: 0 of 19,558). A check that compared no detection at all (every
+score tied, as a collapsed model's are) fails: it would show nothing.
+
+Validation images that are missing or unreadable are skipped and counted, as training's evaluation
+skips what ingest dropped; other read failures (object storage timing out) stop the check.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from centernet_ray import storage
 from centernet_ray.checkpoint import LoadedModel
 from centernet_ray.data.coco import load_coco
-from centernet_ray.data.images import decode_image
+from centernet_ray.data.images import ImageDecodeError, decode_image
 from centernet_ray.data.sources import split_sources
 from centernet_ray.detector import Detections, Detector, letterbox_batch
 from centernet_ray.evaluation.evaluate import EVAL_TOP_K, evaluate
@@ -58,6 +62,7 @@ class ExportCheck:
     onnx_ms_per_image: float
     passed: bool
     reason: str  # why it failed, or "" when it passed
+    skipped_images: int = 0  # missing or unreadable validation images, left out of both sides
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "tolerances": {"score": SCORE_ATOL, "box_px": BOX_ATOL, "ap": AP_ATOL,
@@ -96,9 +101,11 @@ def match_detections(reference: Detections, candidate: Detections) -> tuple[int,
 
 
 def validation_batches(loaded: LoadedModel, batch_size: int = 16, max_images: int | None = None,
-                       images: str | None = None, annotations: str | None = None) -> tuple[Iterator[dict], dict]:
+                       images: str | None = None, annotations: str | None = None,
+                       skipped: list[str] | None = None) -> tuple[Iterator[dict], dict]:
     """The validation set of the checkpoint's config (or ``images``/``annotations``), letterboxed in
-    this process: (batches as the pipeline's collate yields them, the instances dict)."""
+    this process: (batches as the pipeline's collate yields them, the instances dict). Missing or
+    unreadable images are left out with a warning and appended to ``skipped`` as they are met."""
     if not (images and annotations):
         source = split_sources(loaded.config.data)["val"]
         images, annotations = source.images, source.annotations
@@ -112,13 +119,39 @@ def validation_batches(loaded: LoadedModel, batch_size: int = 16, max_images: in
 
     def batches() -> Iterator[dict]:
         for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            pictures = [decode_image(storage.read_bytes(storage.join(images, r.file_name))) for r in chunk]
+            pictures, image_ids = [], []
+            for record in records[start:start + batch_size]:
+                try:
+                    pictures.append(decode_image(storage.read_bytes(storage.join(images, record.file_name))))
+                except (FileNotFoundError, ImageDecodeError) as exc:
+                    log.warning("validation image %s skipped: %s", record.file_name, exc)
+                    if skipped is not None:
+                        skipped.append(record.file_name)
+                    continue
+                image_ids.append(record.image_id)
+            if not pictures:
+                continue
             batch = letterbox_batch(pictures, loaded.config.data.input_size)
             yield {"image": batch.images, "input_to_original": batch.input_to_original,
-                   "original_size": batch.original_size, "image_id": torch.tensor([r.image_id for r in chunk])}
+                   "original_size": batch.original_size, "image_id": torch.tensor(image_ids)}
 
     return batches(), instances
+
+
+def failure_reason(images: int, skipped: int, pairs: int, unmatched: int, torch_ap: float, onnx_ap: float) -> str:
+    """Why the check fails ("" when it passes): no image read, nothing compared, detections without
+    a twin beyond ``MAX_UNMATCHED_FRACTION``, or APs further apart than ``AP_ATOL``."""
+    if images == 0:
+        return f"no readable validation image ({skipped} skipped)"
+    if pairs + unmatched == 0:
+        return ("no detection scored above the tie at the K-th score: nothing was compared "
+                "(a model whose scores are all equal)")
+    if unmatched > MAX_UNMATCHED_FRACTION * (pairs + unmatched):
+        return (f"{unmatched} of {pairs + unmatched} detections have no ONNX twin within score {SCORE_ATOL} "
+                f"and {BOX_ATOL} px (at most {MAX_UNMATCHED_FRACTION:.1%} may)")
+    if abs(torch_ap - onnx_ap) > AP_ATOL:
+        return f"ONNX AP {onnx_ap:.4f} differs from PyTorch's {torch_ap:.4f} by more than {AP_ATOL}"
+    return ""
 
 
 class _Timed:
@@ -143,9 +176,10 @@ def check_export(loaded: LoadedModel, onnx_path: str | Path, batch_size: int = 1
     exported = OnnxDetector(onnx_path)
     torch_side = _Timed(Detector(loaded.model.float(), loaded.config.data.input_size, "cpu"), exported.max_detections)
     onnx_side = _Timed(exported, exported.max_detections)
-    results = {}
+    results, skipped = {}, []
     for name, side in (("torch", torch_side), ("onnx", onnx_side)):
-        batches, instances = validation_batches(loaded, batch_size, max_images, images, annotations)
+        batches, instances = validation_batches(loaded, batch_size, max_images, images, annotations,
+                                                skipped if name == "torch" else None)
         results[name] = evaluate(side, batches, loaded.category_ids, instances).stats
         log.info("%s: AP %.4f on %d images (%.1f ms/image)", name, results[name]["AP"], side.images,
                  1e3 * side.seconds / max(side.images, 1))
@@ -154,14 +188,9 @@ def check_export(loaded: LoadedModel, onnx_path: str | Path, batch_size: int = 1
         p, s, b, u = match_detections(ours, theirs)
         pairs, unmatched = pairs + p, unmatched + u
         score_diff, box_diff = max(score_diff, s), max(box_diff, b)
-    ap_gap = abs(results["torch"]["AP"] - results["onnx"]["AP"])
-    reason = ""
-    if unmatched > MAX_UNMATCHED_FRACTION * (pairs + unmatched):
-        reason = (f"{unmatched} of {pairs + unmatched} detections have no ONNX twin within score {SCORE_ATOL} "
-                  f"and {BOX_ATOL} px (at most {MAX_UNMATCHED_FRACTION:.1%} may)")
-    elif ap_gap > AP_ATOL:
-        reason = f"ONNX AP {results['onnx']['AP']:.4f} differs from PyTorch's {results['torch']['AP']:.4f} by more than {AP_ATOL}"
+    reason = failure_reason(torch_side.images, len(skipped), pairs, unmatched, results["torch"]["AP"],
+                            results["onnx"]["AP"])
     return ExportCheck(torch_side.images, pairs, score_diff, box_diff, unmatched, results["torch"]["AP"],
                        results["onnx"]["AP"], results["torch"]["AP50"], results["onnx"]["AP50"],
                        1e3 * torch_side.seconds / max(torch_side.images, 1),
-                       1e3 * onnx_side.seconds / max(onnx_side.images, 1), not reason, reason)
+                       1e3 * onnx_side.seconds / max(onnx_side.images, 1), not reason, reason, len(skipped))

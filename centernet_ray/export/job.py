@@ -45,6 +45,7 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
         state = load_checkpoint(path)  # read once: the model and the run it was trained in
         run_id = run_id or state.get("mlflow_run_id")
         loaded = model_from_state(state)
+    (output / REPORT_FILE).unlink(missing_ok=True)  # an earlier export's report must not outlive its model
     onnx_path = export_onnx(loaded, output / ONNX_FILE, k, f"{version}@epoch{loaded.epoch}")
     result = check_export(loaded, onnx_path, max_images=max_images, images=images, annotations=annotations) if check else None
     report = {"source": source, "onnx": str(onnx_path), "epoch": loaded.epoch, "max_detections": k,
@@ -87,7 +88,8 @@ def format_export(result: ExportResult) -> str:
     lines = [f"wrote {result.onnx_path} ({result.onnx_path.stat().st_size / 1e6:.1f} MB)"]
     check = result.check
     if check is not None:
-        lines += [f"checked on {check.images} validation images: {check.matched_detections} detections matched, "
+        skipped = f" ({check.skipped_images} missing or unreadable, skipped)" if check.skipped_images else ""
+        lines += [f"checked on {check.images} validation images{skipped}: {check.matched_detections} detections matched, "
                   f"max |score diff| {check.max_score_diff:.2e}, max |box diff| {check.max_box_diff:.2e} px",
                   f"  AP    PyTorch {check.torch_ap:.4f}  ONNX {check.onnx_ap:.4f}",
                   f"  AP50  PyTorch {check.torch_ap50:.4f}  ONNX {check.onnx_ap50:.4f}",
