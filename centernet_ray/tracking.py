@@ -246,8 +246,9 @@ class RunTracker:
         """Log the model to this run (see :func:`log_model`)."""
         log_model(model, input_size, registered_name)
 
-    def close(self) -> None:
-        self.mlflow.end_run()
+    def close(self, status: str = "FINISHED") -> None:
+        """End the run: ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        self.mlflow.end_run(status)
 
 
 def log_model(model: Any, input_size: tuple[int, int], registered_name: str = "") -> None:

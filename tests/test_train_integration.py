@@ -39,6 +39,15 @@ class FailOnce(WorkerCallback):
             raise RuntimeError(f"injected failure at epoch {epoch}")
 
 
+class Die(WorkerCallback):
+    """Rank 0 ends its process at the start of epoch 0, as the kernel's OOM killer would: no Python
+    code of the worker runs after it."""
+
+    def on_epoch_start(self, epoch: int, rank: int, resumed: bool) -> None:
+        if rank == 0:
+            os._exit(1)
+
+
 class CtrlC(WorkerCallback):
     """Rank 0 sends SIGINT to the driver (``pid``) at the start of ``epoch`` unless resumed, as Ctrl+C
     in the terminal does, once Ray Train has recorded the previous epoch's checkpoint in the run's
@@ -103,6 +112,29 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     again = run_training(tiny_config, [EpochLog(epoch_log)])
     assert epoch_log.read_text() == ""  # a finished run is resumed, not retrained
     assert again.mlflow_run_id == summary.mlflow_run_id and again.stats["AP"] == pytest.approx(summary.stats["AP"])
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tiny_config.tracking.tracking_uri)  # the failed attempt's run, resumed, ended well
+    runs = client.search_runs([client.get_experiment_by_name(tiny_config.tracking.experiment).experiment_id])
+    assert [(run.info.run_id, run.info.status) for run in runs] == [(summary.mlflow_run_id, "FINISHED")]
+
+
+@pytest.mark.parametrize("failure", [FailOnce(0), Die()], ids=["raises", "process_dies"])
+def test_a_failed_run_ends_failed_in_mlflow_not_running(ray_session, tiny_config, tmp_path, failure):
+    """No retries left: the run's MLflow run is marked FAILED, by rank 0 when the loop raises and by
+    the driver when the worker's process is gone."""
+    from mlflow import MlflowClient
+
+    from centernet_ray.config import with_overrides
+    from centernet_ray.ray_train.job import run_training
+
+    config = with_overrides(tiny_config.to_dict(), ["train.num_workers=1", "train.max_failures=0",
+                                                    "train.run_name=fails"])
+    with pytest.raises(Exception):
+        run_training(config, [failure])
+    client = MlflowClient(config.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
+    assert [(run.info.run_name, run.info.status) for run in runs] == [("fails", "FAILED")]
 
 
 def _report_epochs_of_ap(aps: list[float | None]) -> None:

@@ -146,10 +146,14 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
         result = trainer.fit()
     except SystemExit as exc:  # that handler aborts the run, then exits from inside fit()
         raise _interrupted(config) from exc
+    except Exception:  # a worker that died (killed, out of memory) could not end its MLflow run
+        _close_running_mlflow_run(config, "FAILED")
+        raise
     finally:
         if previous_handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
     if result.error is not None:
+        _close_running_mlflow_run(config, "FAILED")
         raise result.error
     metrics = result.metrics or {}
     checkpoint = _best_checkpoint(result)
@@ -180,7 +184,7 @@ def _interrupted(config: Config) -> TrainingInterrupted:
     except OSError as exc:  # object storage unreachable: say so rather than guess
         log.warning("could not read the run's checkpoint records in %s: %s", run_dir, exc)
         latest = None
-    run_id = _close_running_mlflow_run(config)
+    run_id = _close_running_mlflow_run(config, "KILLED")
     where = (f"its latest checkpoint is epoch {int(latest.rsplit('_', 1)[1])} in {storage.join(run_dir, latest)}: "
              "rerun the same command to resume from it" if latest else
              f"it stopped before its first checkpoint was recorded in {run_dir}: rerunning the same command "
@@ -189,9 +193,10 @@ def _interrupted(config: Config) -> TrainingInterrupted:
     return TrainingInterrupted(f"training run {default_run_name(config)} interrupted: {where}{mlflow}")
 
 
-def _close_running_mlflow_run(config: Config) -> str | None:
-    """Mark KILLED the latest MLflow run of this run name that is still RUNNING (its worker was
-    stopped before it could close it); None when there is none or the store cannot be reached."""
+def _close_running_mlflow_run(config: Config, status: str) -> str | None:
+    """Mark ``status`` (KILLED, FAILED) the latest MLflow run of this run name that is still RUNNING
+    (its worker was stopped before it could end it); None when there is none or the store cannot be
+    reached."""
     from mlflow import MlflowClient
 
     try:
@@ -205,10 +210,10 @@ def _close_running_mlflow_run(config: Config) -> str | None:
                                   max_results=1)
         if not runs:
             return None
-        client.set_terminated(runs[0].info.run_id, "KILLED")
+        client.set_terminated(runs[0].info.run_id, status)
         return runs[0].info.run_id
-    except Exception as exc:  # bookkeeping only: the interruption is what the user must hear about
-        log.warning("could not mark the interrupted run's MLflow run KILLED: %s", exc)
+    except Exception as exc:  # bookkeeping only: the interruption or failure is what the user must hear about
+        log.warning("could not mark the run's MLflow run %s: %s", status, exc)
         return None
 
 

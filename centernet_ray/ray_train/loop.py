@@ -194,41 +194,47 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
         progress = _ProgressLog(inputs, tracker, world, engine.global_step, schedule)
 
     epoch = start_epoch
-    while epoch < schedule.epochs:
-        if inputs.clock is not None:
-            ray.get(inputs.clock.advance_to.remote(epoch))
-        for callback in inputs.callbacks:
-            callback.on_epoch_start(epoch, rank, checkpoint is not None)
-        batches = shard_batches("train", config, facts.num_classes, train.batch_size, epoch)
-        steps = schedule.steps_in(epoch)
-        if steps < facts.steps_per_epoch:  # a time budget's short last epoch: every rank stops at its steps
-            batches = itertools.islice(batches, steps)
-        result = engine.train_epoch(batches, epoch, log_every=inputs.log_every, steps_per_epoch=steps,
-                                    on_progress=progress, on_step=schedule.step_hook(epoch))
-        metrics = _epoch_metrics(result, epoch, world, engine.nonfinite_steps)
-        last_epoch = schedule.ends_after(epoch)
-        metrics["planned_epochs"] = schedule.epochs
-        if schedule.budget is not None:
-            metrics["planned_last_epoch_steps"] = schedule.last_epoch_steps
-        evaluation, class_ap = None, {}
-        if (epoch + 1) % train.eval_every == 0 or last_epoch:
-            evaluation_started = time.perf_counter()
-            evaluation = evaluate(engine.detector(), shard_batches("val", config, facts.num_classes, train.batch_size),
-                                  facts.category_ids, ground_truth, keep_images=8 if last_epoch else 0)
-            schedule.set_aside(time.perf_counter() - evaluation_started)
-            stats, class_ap = evaluation.stats, _class_ap_metrics(evaluation, facts.class_names)
-            if rank == 0:
-                log.info("epoch %d evaluation: AP %.4f AP50 %.4f AP75 %.4f (%d images)", epoch + 1, stats["AP"],
-                         stats["AP50"], stats["AP75"], stats["eval_images"])
-                best_ap = max(best_ap, stats["AP"])
-            metrics.update(stats)  # only evaluation epochs carry COCO stats (Tune schedules on these reports)
-        metrics["best_AP"] = best_ap
-        metrics[CHECKPOINT_SCORE] = checkpoint_score(metrics)
+    try:
+        while epoch < schedule.epochs:
+            if inputs.clock is not None:
+                ray.get(inputs.clock.advance_to.remote(epoch))
+            for callback in inputs.callbacks:
+                callback.on_epoch_start(epoch, rank, checkpoint is not None)
+            batches = shard_batches("train", config, facts.num_classes, train.batch_size, epoch)
+            steps = schedule.steps_in(epoch)
+            if steps < facts.steps_per_epoch:  # a time budget's short last epoch: every rank stops at its steps
+                batches = itertools.islice(batches, steps)
+            result = engine.train_epoch(batches, epoch, log_every=inputs.log_every, steps_per_epoch=steps,
+                                        on_progress=progress, on_step=schedule.step_hook(epoch))
+            metrics = _epoch_metrics(result, epoch, world, engine.nonfinite_steps)
+            last_epoch = schedule.ends_after(epoch)
+            metrics["planned_epochs"] = schedule.epochs
+            if schedule.budget is not None:
+                metrics["planned_last_epoch_steps"] = schedule.last_epoch_steps
+            evaluation, class_ap = None, {}
+            if (epoch + 1) % train.eval_every == 0 or last_epoch:
+                evaluation_started = time.perf_counter()
+                val_batches = shard_batches("val", config, facts.num_classes, train.batch_size)
+                evaluation = evaluate(engine.detector(), val_batches, facts.category_ids, ground_truth,
+                                      keep_images=8 if last_epoch else 0)
+                schedule.set_aside(time.perf_counter() - evaluation_started)
+                stats, class_ap = evaluation.stats, _class_ap_metrics(evaluation, facts.class_names)
+                if rank == 0:
+                    log.info("epoch %d evaluation: AP %.4f AP50 %.4f AP75 %.4f (%d images)", epoch + 1, stats["AP"],
+                             stats["AP50"], stats["AP75"], stats["eval_images"])
+                    best_ap = max(best_ap, stats["AP"])
+                metrics.update(stats)  # only evaluation epochs carry COCO stats (Tune schedules on these reports)
+            metrics["best_AP"] = best_ap
+            metrics[CHECKPOINT_SCORE] = checkpoint_score(metrics)
+            if tracker is not None:
+                metrics["mlflow_run_id"] = tracker.run_id
+                tracker.metrics(epoch_metric_names(metrics) | class_ap, step=engine.global_step)
+            _report(engine, inputs, tracker, metrics, epoch, last_epoch, evaluation, rank)
+            epoch += 1
+    except BaseException as exc:  # the run ends FAILED (KILLED when stopped), not RUNNING forever
         if tracker is not None:
-            metrics["mlflow_run_id"] = tracker.run_id
-            tracker.metrics(epoch_metric_names(metrics) | class_ap, step=engine.global_step)
-        _report(engine, inputs, tracker, metrics, epoch, last_epoch, evaluation, rank)
-        epoch += 1
+            tracker.close("FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
     if tracker is not None:
         tracker.close()
 
