@@ -35,6 +35,14 @@ def test_overrides_are_parsed_and_typed():
     ("model.deformable=maybe", "true or false"),
     ("alpha=2", "section.key=value"),
     ("train.lr_steps=[120,90]", "increasing"),
+    ("train.grad_clip=-5", r"train.grad_clip must be > 0.0; got -5.0"),  # a negative norm reverses the gradients
+    ("train.lr=0", r"train.lr must be > 0.0"),
+    ("train.time_limit=-1", r"train.time_limit must be > 0.0"),
+    ("train.lr=nan", r"train.lr must be a finite number; got nan"),
+    ("train.time_limit=inf", "must be a finite number"),
+    ("serve.num_gpus=.inf", "must be a finite number"),
+    ("train.seed=-1", r"train.seed must be >= 0"),  # numpy's SeedSequence refuses it, inside every task
+    ("tune.seed=-3", r"tune.seed must be >= 0"),
 ])
 def test_bad_overrides_name_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -146,6 +147,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number; got {value!r}")
+        if not math.isfinite(value):  # "nan" and "inf" parse as floats and pass every bound check
+            raise ConfigError(f"{key} must be a finite number; got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

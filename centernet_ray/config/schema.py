@@ -140,13 +140,13 @@ class TrainConfig:
     # Wall-clock budget in seconds for the whole command (start-up, data, training, the final evaluation
     # and checkpoint), as Ultralytics' `time=`: the epochs that fit are trained, sized from the measured
     # epochs (at first from the steps), with the LR schedule fitted to them. null = train `epochs` epochs.
-    time_limit: float | None = None
+    time_limit: float | None = _ranged(None, gt=0.0)
     batch_size: int = _ranged(32, ge=1)  # per worker
     num_workers: int = _ranged(1, ge=1)
     use_gpu: bool = False
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     # lr = base_lr * global_batch / base_batch unless lr is given (official: 5e-4 at batch 128)
-    lr: float | None = None
+    lr: float | None = _ranged(None, gt=0.0)
     base_lr: float = _ranged(5e-4, gt=0.0)
     base_batch: int = _ranged(128, ge=1)
     weight_decay: float = _ranged(0.0, ge=0.0)
@@ -154,7 +154,7 @@ class TrainConfig:
     lr_steps: tuple[int, ...] = (90, 120)
     lr_gamma: float = _ranged(0.1, gt=0.0, le=1.0)
     warmup_epochs: float = _ranged(0.0, ge=0.0)
-    grad_clip: float | None = None  # max global gradient norm; None = no clipping (the official recipe)
+    grad_clip: float | None = _ranged(None, gt=0.0)  # max global gradient norm; None = no clipping (official)
     # An exponential moving average of the weights, evaluated, checkpointed and exported in their
     # place (not in the official recipe). Decay ramps up as decay * (1 - exp(-updates / ema_tau)).
     ema: bool = False
@@ -167,16 +167,12 @@ class TrainConfig:
     eval_every: int = _ranged(10, ge=1)
     eval_flip_test: bool = False  # evaluation averages each image's outputs with its mirror's
     checkpoint_every: int = _ranged(10, ge=1)
-    seed: int = 0
+    seed: int = _ranged(0, ge=0)  # augmentation draws are numpy SeedSequence([seed, epoch, image id])
     max_failures: int = _ranged(1, ge=-1)  # worker failures survived by restarting from the last checkpoint
     storage_path: str = ""  # checkpoints and Tune results (path or URI); empty = $CENTERNET_RAY_STORAGE or ./outputs
     run_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.time_limit is not None and self.time_limit <= 0:
-            raise ConfigError(f"train.time_limit must be > 0 seconds (or null for no limit); got {self.time_limit}")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0 (or null for the linear scaling rule); got {self.lr}")
         if list(self.lr_steps) != sorted(self.lr_steps):
             raise ConfigError(f"train.lr_steps must be increasing epochs; got {list(self.lr_steps)}")
 
@@ -194,7 +190,7 @@ class TuneConfig:
     grace_period: int = _ranged(1, ge=1)  # epochs before ASHA may stop a trial
     reduction_factor: float = _ranged(3.0, gt=1.0)
     max_concurrent_trials: int | None = None  # default: as many as the cluster's CPUs/GPUs hold
-    seed: int | None = None
+    seed: int | None = _ranged(None, ge=0)
 
     def __post_init__(self) -> None:
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
