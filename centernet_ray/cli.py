@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from centernet_ray.errors import UserInputError
@@ -18,15 +19,35 @@ DEFAULT_CONFIG = "demo"
 DEFAULT_SWEEP_CONFIG = "tune/demo"
 
 
-def _positive_int(text: str) -> int:
-    """An argparse type: a count of at least 1 (argparse names the flag and exits with status 2)."""
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum`` (argparse names the flag and exits with status 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+
+
+def _summary_path(path: str | None) -> Path | None:
+    """``--summary-json``'s file, its folder created now: found unwritable before the work, not after."""
+    if not path:
+        return None
+    target = Path(path)
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"--summary-json {path}: cannot create its folder: {exc.strerror}") from None
+    if target.is_dir():
+        raise UserInputError(f"--summary-json {path} is a folder; give a file name")
+    return target
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str) -> None:
@@ -82,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--train-images", type=_positive_int, default=1000)
     synth.add_argument("--val-images", type=_positive_int, default=200)
-    synth.add_argument("--image-size", type=_positive_int, default=128)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=_int_at_least(32), default=128, help="pixels a side (at least 32)")
+    synth.add_argument("--seed", type=_int_at_least(0), default=0)
     check = data_commands.add_parser("check", help="validate a COCO instances json and report what would be dropped")
     check.add_argument("--annotations", required=True, help="instances json")
     check.add_argument("--images", help="images directory (also checks that every image file exists)")
@@ -211,6 +232,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_CONFIG, overrides)
+    summary_path = _summary_path(args.summary_json)
     init_ray()
     try:
         summary = run_training(config, source=args.source, started_at=args.started_at)
@@ -218,8 +240,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
     print(format_summary(summary))
-    if args.summary_json:
-        write_summary_json(summary, args.summary_json)
+    if summary_path:
+        write_summary_json(summary, str(summary_path))
     return 0
 
 
@@ -235,6 +257,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     config.tune.search_space = args.search_space or config.tune.search_space
     space = load_search_space(config.tune.search_space, config)
     check_sweep(space.with_fixed(config), space)  # before Ray starts: a bad setting answers at once
+    summary_path = _summary_path(args.summary_json)
     init_ray()
     try:
         summary = run_sweep(config, space, source=args.source)
@@ -242,8 +265,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
     print(format_summary(summary))
-    if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary.to_json(), indent=2, default=str))
+    if summary_path:
+        summary_path.write_text(json.dumps(summary.to_json(), indent=2, default=str))
     return 0
 
 
@@ -303,9 +326,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from centernet_ray.evaluation import coco_evaluate, format_stats
+    from centernet_ray.data.coco import load_coco
+    from centernet_ray.evaluation import check_detections, coco_evaluate, format_stats
 
     started = time.perf_counter()
+    summary_path = _summary_path(args.summary_json)
     try:
         detections = json.loads(Path(args.detections).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -314,11 +339,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserInputError(f"{args.detections} must hold a JSON list of COCO detections")
     if not Path(args.annotations).is_file():
         raise UserInputError(f"annotation file not found: {args.annotations}")
+    ground_truth = load_coco(args.annotations)  # a malformed file: a CocoFormatError naming what is wrong
+    check_detections(detections, {r.image_id for r in ground_truth.images}, set(ground_truth.category_ids),
+                     args.detections)
     stats = coco_evaluate(args.annotations, detections)
     print(format_stats(stats))
-    if args.summary_json:
+    if summary_path:
         summary = {**stats, "wall_seconds": round(time.perf_counter() - started, 3)}
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2))
+        summary_path.write_text(json.dumps(summary, indent=2))
     return 0
 
 

@@ -31,6 +31,25 @@ def test_eval_scores_ground_truth_as_perfect(shapes_dataset, tmp_path):
     assert main(["eval", "--annotations", str(ann), "--detections", str(tmp_path / "det.json"), "--summary-json", str(summary)]) == 0
     stats = json.loads(summary.read_text())
     assert stats["AP"] == 1.0 and "wall_seconds" in stats
+    nested = tmp_path / "new" / "folder" / "summary.json"  # created, not found missing after the work
+    assert main(["eval", "--annotations", str(ann), "--detections", str(tmp_path / "det.json"),
+                 "--summary-json", str(nested)]) == 0
+    assert json.loads(nested.read_text())["AP"] == 1.0
+
+
+def test_eval_refuses_detections_it_cannot_score_in_one_line(shapes_dataset, tmp_path, capsys):
+    ann = shapes_dataset / "annotations" / "instances_val.json"
+    good = {"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}
+    for detections, message in (([{**good, "image_id": 99}], "detection 0 names image_id 99, which the ground truth lacks"),
+                                ([good, {**good, "category_id": 7}], "detection 1 names category_id 7"),
+                                ([{"image_id": 1, "score": 0.5}], "detection 0 needs image_id, category_id, bbox"),
+                                ([{**good, "bbox": [1, 2, 3]}], "bbox must be [x, y, width, height]")):
+        (tmp_path / "det.json").write_text(json.dumps(detections))
+        assert main(["eval", "--annotations", str(ann), "--detections", str(tmp_path / "det.json")]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "gt.json").write_text(json.dumps({"images": 3, "annotations": [], "categories": [{"id": 1, "name": "a"}]}))
+    assert main(["eval", "--annotations", str(tmp_path / "gt.json"), "--detections", str(tmp_path / "det.json")]) == 2
+    assert "'images' must be a list, got int" in capsys.readouterr().err
 
 
 def test_config_command_prints_yaml_with_overrides(capsys):
@@ -105,7 +124,9 @@ def test_bad_arguments_exit_2_with_a_message_that_names_them(tmp_path, capsys, m
                        (["export", "--checkpoint", "c.pt", "--output", "o", "--max-detections", "0"],
                         "argument --max-detections: must be at least 1"),
                        (["data", "show", "--annotations", "a.json", "--images", ".", "--out", "g.png", "--count", "-1"],
-                        "argument --count: must be at least 1")):
+                        "argument --count: must be at least 1"),
+                       (["data", "synth", "--out", "d", "--seed", "-1"], "argument --seed: must be at least 0"),
+                       (["data", "synth", "--out", "d", "--image-size", "8"], "argument --image-size: must be at least 32")):
         with pytest.raises(SystemExit) as exited:  # argparse's own exit
             main(argv)
         assert exited.value.code == 2 and flag in capsys.readouterr().err
@@ -117,6 +138,9 @@ def test_bad_arguments_exit_2_with_a_message_that_names_them(tmp_path, capsys, m
     assert capsys.readouterr().err == "error: annotation file not found: missing.json\n"
     assert main(["eval", "--annotations", "missing.json", "--detections", "nothing.json"]) == 2
     assert capsys.readouterr().err.startswith("error: cannot read detections nothing.json: ")
+    (tmp_path / "file").write_text("")
+    assert main(["train", "--summary-json", "file/s.json"]) == 2  # before Ray starts, not after the run
+    assert capsys.readouterr().err.startswith("error: --summary-json file/s.json: cannot create its folder")
 
 
 def test_an_interrupted_training_run_says_how_to_resume_and_exits_130(capsys, monkeypatch):

@@ -88,6 +88,9 @@ def _require(mapping: Any, keys: tuple[str, ...], where: str) -> None:
 def parse_coco(data: dict[str, Any], source: str = "<dict>") -> CocoDataset:
     """Validate an already-parsed instances json and turn it into a :class:`CocoDataset`."""
     _require(data, ("images", "annotations", "categories"), f"{source}")
+    for key in ("images", "annotations"):
+        if not isinstance(data[key], list):
+            raise CocoFormatError(f"{source}: '{key}' must be a list, got {type(data[key]).__name__}")
     report = CocoReport()
 
     categories = data["categories"]

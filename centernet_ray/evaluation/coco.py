@@ -16,6 +16,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from centernet_ray.errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -102,6 +104,26 @@ class CocoEvaluation:
         if not len(matches):
             raise ValueError(f"IoU {iou} is not one of COCOeval's thresholds {self.iou_thresholds.tolist()}")
         return int(matches[0])
+
+
+def check_detections(detections: list[Any], image_ids: set[int], category_ids: set[int], source: str) -> None:
+    """Refuse, naming the first offender, a detection list COCOeval would choke on or score against
+    nothing: entries without ``image_id``, ``category_id``, a 4-number ``bbox`` and a ``score``, or
+    with an image or category id the ground truth lacks (``predict`` without ``--annotations`` numbers
+    the images 1..N: such output cannot be scored against another file's ids)."""
+    for i, detection in enumerate(detections):
+        where = f"{source}: detection {i}"
+        if not isinstance(detection, dict) or not {"image_id", "category_id", "bbox", "score"} <= detection.keys():
+            raise UserInputError(f"{where} needs image_id, category_id, bbox and score; got {detection!r:.120}")
+        box = detection["bbox"]
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            raise UserInputError(f"{where}: bbox must be [x, y, width, height]; got {box!r:.80}")
+        if detection["image_id"] not in image_ids:
+            raise UserInputError(f"{where} names image_id {detection['image_id']!r}, which the ground truth lacks "
+                                 "(were they predicted with --annotations of this file?)")
+        if detection["category_id"] not in category_ids:
+            raise UserInputError(f"{where} names category_id {detection['category_id']!r}, which the ground truth "
+                                 f"lacks (it has {sorted(category_ids)})")
 
 
 def coco_evaluation(ground_truth: COCO | str, detections: list[dict[str, Any]],
