@@ -65,7 +65,7 @@ def main() -> None:
             train = cache.cached_datasets(str(Path(tmp) / "parquet" / "train"), str(Path(tmp) / "parquet" / "val"),
                                           config, clock=clock)["train"]
             for epoch in range(3):
-                ray.get(clock.advance_to.remote(epoch))
+                ray.get(clock.set_epoch.remote(epoch))
                 cpu, start = machine_cpu_seconds(), time.perf_counter()
                 count = sum(len(batch["image_id"]) for batch in train.iter_batches(batch_size=16, batch_format="numpy"))
                 cpu, seconds = machine_cpu_seconds() - cpu, time.perf_counter() - start

@@ -36,7 +36,7 @@ def read_epochs(cfg: dict[str, Any]) -> None:
     config = config_from_dict(cfg["config"])
     epochs = []
     for epoch in range(cfg["epochs"]):
-        ray.get(cfg["clock"].advance_to.remote(epoch))
+        ray.get(cfg["clock"].set_epoch.remote(epoch))
         start, first = time.perf_counter(), None
         for _ in shard_batches("train", config, cfg["num_classes"], config.train.batch_size, epoch):
             first = first or time.perf_counter() - start

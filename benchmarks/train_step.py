@@ -200,7 +200,7 @@ def worker_loop(cfg: dict[str, Any]) -> None:
 
         for batch in epoch_batches(0):  # epoch 1, untimed: the first execution starts the pipeline's processes
             engine.step(batch)
-        ray.get(cfg["clock"].advance_to.remote(1))  # epoch 2 draws new augmentations, as in training
+        ray.get(cfg["clock"].set_epoch.remote(1))  # epoch 2 draws new augmentations, as in training
         metrics = timed_steps(engine, epoch_batches(1), 0, cfg["steps_per_epoch"], world)
     else:
         batches = itertools.cycle(materialize(ray.get(cfg["batches"][0]))[rank::world])

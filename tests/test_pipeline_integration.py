@@ -67,12 +67,15 @@ def test_each_epoch_draws_new_augmentations_and_a_seed_repeats_them(ray_session,
     clock = EpochClock.remote()
     dataset = preprocessed_dataset(str(parquet / "train"), config, train=True, clock=clock)
     epoch0 = epoch_images(dataset)
-    ray_session.get(clock.advance_to.remote(1))
+    ray_session.get(clock.set_epoch.remote(1))
     epoch1 = epoch_images(dataset)
     assert len(epoch0) == 24 and epoch0.keys() == epoch1.keys()
     assert sum(not np.array_equal(epoch0[k][0], epoch1[k][0]) for k in epoch0) >= 20
     replay = epoch_images(preprocessed_dataset(str(parquet / "train"), config, train=True, clock=EpochClock.remote()))
     assert all(np.array_equal(epoch0[k][0], replay[k][0]) and np.array_equal(epoch0[k][1], replay[k][1]) for k in epoch0)
+    ray_session.get(clock.set_epoch.remote(0))  # a restart that resumes from an earlier epoch: as the first time
+    again = epoch_images(dataset)
+    assert all(np.array_equal(epoch0[k][0], again[k][0]) and np.array_equal(epoch0[k][1], again[k][1]) for k in epoch0)
 
 
 def test_bad_rows_are_dropped_and_reported(ray_session, parquet, task_config, tmp_path):
@@ -135,12 +138,14 @@ def test_torch_trainer_workers_stream_their_shards_with_collated_targets(ray_ses
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
-        seen = {"train": [], "val": []}
-        for name in ("train", "val"):
-            for batch in shard_batches(name, loop_config["config"], num_classes=4, batch_size=4):
+        seen = {"train": [[], []], "val": []}
+        for epoch in (0, 1):  # 12 rows a rank: two batches of 5, the short third dropped
+            for batch in shard_batches("train", loop_config["config"], num_classes=4, batch_size=5, epoch=epoch):
                 assert batch["image"].dtype == torch.uint8 and batch["targets"]["heatmap"].shape[1:] == (4, 16, 16)
-                assert batch["targets"]["index"].dtype == torch.int64
-                seen[name] += batch["image_id"].tolist()
+                assert batch["targets"]["index"].dtype == torch.int64 and len(batch["image_id"]) == 5
+                seen["train"][epoch] += batch["image_id"].tolist()
+        for batch in shard_batches("val", loop_config["config"], num_classes=4, batch_size=5):
+            seen["val"] += batch["image_id"].tolist()
         (loop_config["out"] / f"rank{rank}.json").write_text(json.dumps(seen))
 
     trainer = TorchTrainer(
@@ -153,13 +158,37 @@ def test_torch_trainer_workers_stream_their_shards_with_collated_targets(ray_ses
     )
     trainer.fit()
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == list(range(1, 13))
-    assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == 12
+    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == list(range(1, 13))  # every image once, short batches kept
+    for rank in ranks:
+        assert [len(epoch) for epoch in rank["train"]] == [10, 10]
+        assert rank["train"][0] != rank["train"][1]  # a new order every epoch (shards, then the shuffle buffer)
+    assert len(set(ranks[0]["train"][0] + ranks[1]["train"][0])) == 20  # one epoch: no image on both ranks
+
+
+def test_training_shards_are_read_in_a_new_order_every_execution_from_the_seed(ray_session, parquet):
+    from ray.data import DataContext
+
+    from centernet_ray.ray_data.pipeline import read_rows
+
+    context = DataContext.get_current()
+    kept = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # the output in the read order, for the test to see it
+    try:
+        def first_ids(shuffle_seed):  # the first image of each shard (8 rows a shard, 3 shards), 3 executions
+            rows = read_rows(str(parquet / "train"), 8, shuffle_seed)
+            return [tuple(int(b["image_id"][0]) for b in rows.iter_batches(batch_size=8)) for _ in range(3)]
+
+        shuffled = first_ids(0)
+        assert len(set(shuffled)) > 1 and all(sorted(order) == [1, 9, 17] for order in shuffled)
+        assert first_ids(0) == shuffled  # the seed repeats the orders
+        assert first_ids(None) == [(1, 9, 17)] * 3  # validation: as ingested
+    finally:
+        context.execution_options.preserve_order = kept
 
 
 @pytest.mark.parametrize("augment", ["flip", "centernet"])
 def test_the_cached_pipeline_yields_the_uncached_pipeline_s_rows_every_epoch(ray_session, parquet, augment,
-                                                                             monkeypatch):
+                                                                             monkeypatch, capsys):
     """data.cache: decoded once into the object store, augmented per epoch: epoch by epoch the same
     rows as the uncached stage (same seed), new augmentations each epoch, validation cached whole.
     flip: the cached rows go to the trainers as they are, and each flips its own (the collate of
@@ -176,11 +205,14 @@ def test_the_cached_pipeline_yields_the_uncached_pipeline_s_rows_every_epoch(ray
     clock, report = EpochClock.remote(), PipelineReport.remote()
     cached = training_datasets(str(parquet / "train"), str(parquet / "val"), config, report=report, clock=clock)
     assert type(cached["val"]).__name__ == "MaterializedDataset"
-    assert (type(cached["train"]).__name__ == "MaterializedDataset") == on_trainer  # no Ray Data stage per epoch
+    capsys.readouterr()
+    cached["train"].explain()  # flip: the cached blocks, reordered each epoch; no Ray Data stage per epoch
+    plan = capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+    assert "RandomizeBlockOrder" in plan and ("MapOperator" in plan) != on_trainer, plan
     uncached_clock = EpochClock.remote()
     uncached = preprocessed_dataset(str(parquet / "train"), config, train=True, clock=uncached_clock)
     for epoch in (0, 1):
-        ray_session.get([clock.advance_to.remote(epoch), uncached_clock.advance_to.remote(epoch)])
+        ray_session.get([clock.set_epoch.remote(epoch), uncached_clock.set_epoch.remote(epoch)])
         # flip: what the trainer's collate makes of the rows, before the targets
         got = epoch_images(cached["train"], AugmentThenCollate(config, epoch, collate=lambda batch: batch)
                            if on_trainer else lambda batch: batch)

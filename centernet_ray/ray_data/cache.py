@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from ray.data import RandomSeedConfig
 
 from centernet_ray import storage
 from centernet_ray.config import LETTERBOX_PRESETS, Config
@@ -110,9 +111,12 @@ def cached_datasets(train_dir: str, val_dir: str, config: Config, *, report: Any
         cached[name] = dataset.materialize()
         log.info("data.cache: %s split cached: %d rows, %.1f MB", name, cached[name].count(),
                  cached[name].size_bytes() / 1e6)
+    # a new block order every epoch (block references permuted: the rows stay where they are)
+    shuffled = cached["train"].randomize_block_order(seed=RandomSeedConfig(config.train.seed,
+                                                                           reseed_after_execution=True))
     if augments_on_the_trainer(config):  # each trainer flips its rows (shard_batches): no stage per epoch
-        return cached
-    train = preprocess_stage(cached["train"], config, train=True, report=report, clock=clock, method="augment",
+        return {"train": shuffled, "val": cached["val"]}
+    train = preprocess_stage(shuffled, config, train=True, report=report, clock=clock, method="augment",
                              batch_size=max(AUGMENT_TASK_ROWS, config.data.preprocess_batch_size))
     # Ray Data cuts a task's output into blocks of the target size (128 MiB by default)
     train.context.target_max_block_size = AUGMENT_BLOCK_ROWS * packed_row_bytes(config.data.input_size,

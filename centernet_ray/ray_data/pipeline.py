@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Any, Callable
 
 import ray
+from ray.data import FileShuffleConfig
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig as TrainDataConfig
 
@@ -45,13 +46,16 @@ class PipelineReport:
 
 @ray.remote(num_cpus=0)
 class EpochClock:
-    """The epoch the next pipeline execution augments for; train workers advance it."""
+    """The epoch the next pipeline execution augments for; train workers set it before each epoch's
+    first batch (every rank the same epoch). It lives in the driver and outlives a worker failure:
+    an attempt that resumes from an earlier epoch sets it back, so the epochs trained again are
+    augmented as they were the first time."""
 
     def __init__(self) -> None:
         self.epoch = 0
 
-    def advance_to(self, epoch: int) -> None:
-        self.epoch = max(self.epoch, epoch)
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def get(self) -> int:
         return self.epoch
@@ -106,9 +110,10 @@ def preprocess_in_task(batch: dict[str, Any], *, report: Any = None, clock: Any 
     return preprocessor(batch)
 
 
-def read_rows(parquet_dir: str, rows_per_block: int) -> ray.data.Dataset:
+def read_rows(parquet_dir: str, rows_per_block: int, shuffle_seed: int | None = None) -> ray.data.Dataset:
     """The ingested rows in blocks of about ``rows_per_block`` rows (one block = one preprocessing
-    task, so blocks must be many and small for the pool to work in parallel).
+    task, so blocks must be many and small for the pool to work in parallel). With ``shuffle_seed``
+    the shards are read in another order at every execution (= epoch), drawn from the seed.
 
     Read with Ray Data's V1 Parquet datasource: in Ray 2.60 the V2 path adds a ListFiles task that
     delayed the first batch of every execution (= every epoch) by ~8 s here, and merged small shards
@@ -125,7 +130,8 @@ def read_rows(parquet_dir: str, rows_per_block: int) -> ray.data.Dataset:
     # the read samples the files behind a progress bar of its own: in a log file, a stray bar line
     context.enable_progress_bars = context.enable_progress_bars and is_terminal()
     try:
-        return ray.data.read_parquet(files, override_num_blocks=blocks)
+        shuffle = None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+        return ray.data.read_parquet(files, override_num_blocks=blocks, shuffle=shuffle)
     finally:
         context.use_datasource_v2, context.enable_progress_bars = previous
 
@@ -136,7 +142,7 @@ def preprocessed_dataset(parquet_dir: str, config: Config, train: bool, report: 
 
     Which nodes run it (``cluster.node_pools``) is set for the whole dataset, reads included, by
     :class:`CenterNetDataConfig`'s execution options, not per stage."""
-    rows = read_rows(parquet_dir, config.data.preprocess_batch_size)
+    rows = read_rows(parquet_dir, config.data.preprocess_batch_size, config.train.seed if train else None)
     return preprocess_stage(rows, config, train=train, report=report, clock=clock if train else None)
 
 
@@ -258,5 +264,12 @@ def shard_batches(name: str, config: Config, num_classes: int, batch_size: int, 
     collate = TargetCollate(config, num_classes, not on_device)
     if name == "train" and augments_on_the_trainer(config):
         collate = AugmentThenCollate(config, epoch, collate)
+    shuffle = {}
+    if name == "train" and config.data.shuffle_buffer_batches:  # a different draw every epoch, from the seed
+        shuffle = {"local_shuffle_buffer_size": config.data.shuffle_buffer_batches * batch_size,
+                   "local_shuffle_seed": config.train.seed * 100_003 + epoch}
+    # drop_last for training: every epoch is the steps the schedule counts (rows // workers // batch),
+    # never a short batch at the end (the official loader's drop_last=True)
     return shard.iter_torch_batches(batch_size=batch_size, collate_fn=NumpyCollate(collate), device="cpu",
-                                    prefetch_batches=config.data.prefetch_batches, pin_memory=config.train.use_gpu)
+                                    prefetch_batches=config.data.prefetch_batches, pin_memory=config.train.use_gpu,
+                                    drop_last=name == "train", **shuffle)

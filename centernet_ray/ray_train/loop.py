@@ -197,7 +197,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
     try:
         while epoch < schedule.epochs:
             if inputs.clock is not None:
-                ray.get(inputs.clock.advance_to.remote(epoch))
+                ray.get(inputs.clock.set_epoch.remote(epoch))
             for callback in inputs.callbacks:
                 callback.on_epoch_start(epoch, rank, checkpoint is not None)
             batches = shard_batches("train", config, facts.num_classes, train.batch_size, epoch)
