@@ -94,6 +94,42 @@ def test_periodic_evaluations_count_and_max_epochs_caps_the_plan(clock):
     assert _run_steps(_budget(clock, 10_000.0, max_epochs=7), clock, 24, 0.1).epochs == 7
 
 
+def _train_as_the_loop_does(budget, clock, seconds_per_step, eval_seconds):
+    """Epochs in ``ray_train.loop``'s order: the steps (the plan made during them), the decision
+    whether the epoch just trained is the last (``_Schedule.ends_after``), then its evaluation
+    (periodic, or the final one), set aside; at the end the finish. Returns (epochs, end time)."""
+    epochs, last_steps, epoch = budget.max_epochs, budget.steps_per_epoch, 0
+    while epoch < epochs:
+        steps = last_steps if epoch == epochs - 1 else budget.steps_per_epoch
+        for taken in range(1, steps + 1):
+            clock.now += seconds_per_step
+            plan = budget.on_step(taken, epoch) if budget.timing else None
+            if plan is not None:
+                epochs, last_steps = plan.epochs, plan.last_epoch_steps
+        if epoch + 1 < epochs:
+            decided = budget.after_epoch(epoch + 1, (epoch + 2) % budget.eval_every == 0)
+            if decided != epochs:
+                epochs = decided
+                last_steps = budget.plan.last_epoch_steps if budget.plan and decided == budget.plan.epochs else steps
+        if (epoch + 1) % budget.eval_every == 0 or epoch + 1 >= epochs:
+            clock.now += eval_seconds
+            budget.set_aside(eval_seconds)
+        epoch += 1
+    return epochs, clock.now + FINISH_SECONDS
+
+
+@pytest.mark.parametrize("eval_every, seconds", [(1, 79.8), (2, 79.8), (2, 120.0), (5, 342.0)])
+def test_periodic_evaluations_after_the_decision_still_end_the_run_before_the_deadline(clock, eval_every, seconds):
+    """The loop decides whether an epoch is the last before it runs that epoch's periodic evaluation:
+    going on must count it. Each evaluation here takes exactly the budget's estimate (5.875 s) and
+    the finish ``FINISH_SECONDS``: the run ends by the deadline (it ended up to 5.9 s past it when
+    the evaluation of the epoch just trained was left out)."""
+    budget = _budget(clock, seconds, eval_every=eval_every)
+    eval_seconds = EVAL_OVERHEAD_SECONDS + 200 * 0.1 / 16 * EVAL_IMAGE_SHARE * 2
+    epochs, end = _train_as_the_loop_does(budget, clock, 0.1, eval_seconds)
+    assert epochs >= 4 and end <= budget.deadline + 1e-9, (epochs, end - budget.deadline)
+
+
 def test_short_epochs_are_timed_together_and_a_budget_too_small_still_trains_the_epoch_under_way(clock, caplog):
     budget = _budget(clock, 5.0, steps_per_epoch=4)
     assert _run_steps(budget, clock, 4, 0.5, epoch=0) is None  # 4 stamps: not enough yet

@@ -142,13 +142,16 @@ class TimeBudget:
     def _size(self, step: float, epoch: int, in_epoch_steps_left: int | None = None) -> BudgetPlan:
         """The plan at ``step`` seconds per step after epoch ``epoch`` (0-based), which is finished in
         any case: ``in_epoch_steps_left`` of its steps and its fixed cost are still to come when
-        sized during it, nothing when sized after it."""
+        sized during it, nothing when sized after it; and its periodic evaluation, when it has one
+        (the trainer runs it after this decision), unless the plan stops with it (then it is the
+        final one, in the reserve)."""
         epoch_seconds = step * self.steps_per_epoch
         eval_seconds = (EVAL_OVERHEAD_SECONDS + self.eval_images * step / self.batch_size * EVAL_IMAGE_SHARE
                         * (2 if self.flip_test else 1))
         reserve = eval_seconds + FINISH_SECONDS
         step_alone, fixed = self._split(step)
         epoch_rest = 0.0 if in_epoch_steps_left is None else in_epoch_steps_left * step_alone + fixed
+        epoch_rest += eval_seconds if (epoch + 1) % self.eval_every == 0 else 0.0
         available = self.deadline - time.time() - reserve - epoch_rest
         epochs = epoch + 1  # the current one is finished in any case
         last_steps = self.steps_per_epoch
@@ -200,12 +203,16 @@ class TimeBudget:
                           epochs_done, self.plan.epoch_seconds, describe(before), describe(self.plan))
         slowest = max(self._epoch_seconds[-RECENT_EPOCHS:], default=0.0)
         estimate = self.plan or self._size(self._pace(), epochs_done - 1)
+        # going on means the evaluation of the epoch just trained, when it has one (it runs after
+        # this decision; were the run to stop, it would be the final one, in the reserve)
+        this_evaluation = estimate.eval_seconds if epochs_done % self.eval_every == 0 else 0.0
         next_steps, next_evaluation = self.steps_per_epoch, estimate.eval_seconds if next_evaluates else 0.0
         if self.plan is not None and epochs_done + 1 == self.plan.epochs:  # the next is the last: its
             next_steps, next_evaluation = self.plan.last_epoch_steps, 0.0  # evaluation is the reserved one
         step_alone, fixed = self._split(estimate.step_seconds)
         slowdown = max(slowest / estimate.epoch_seconds, 1.0) if estimate.epoch_seconds > 0 else 1.0
-        needed = (fixed + next_steps * step_alone) * slowdown + estimate.reserve_seconds + next_evaluation
+        needed = ((fixed + next_steps * step_alone) * slowdown + estimate.reserve_seconds + this_evaluation
+                  + next_evaluation)
         if _agreed_flag(time.time() + needed > self.deadline):
             self._say(logging.WARNING, "time budget: stopping after epoch %d (%s): another epoch and the final "
                       "evaluation need ~%.0f s, %.0f s are left", epochs_done,
