@@ -148,3 +148,40 @@ def test_train_compile_puts_the_training_forward_through_torch_compile_only():
     assert type(engine.compiled).__name__ == "OptimizedModule" and engine.compiled._orig_mod is engine.model
     assert type(engine.evaluated_module).__name__ == "CenterNet"
     assert TrainingEngine(load_config(None, OVERRIDES), num_classes=2, steps_per_epoch=10).compiled is None
+
+
+def _checkpointed(engine, config, epoch, tmp_path, metrics=None):
+    from centernet_ray.checkpoint import checkpoint_state, load_checkpoint, save_checkpoint
+
+    state = checkpoint_state(engine.model, config, ["a", "b"], [1, 2], epoch, engine.optimizer, engine.scheduler,
+                             engine.scaler, metrics)
+    save_checkpoint(tmp_path / "checkpoint.pt", state)
+    return load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_a_resumed_engine_takes_the_next_step_exactly_as_the_uninterrupted_one(tmp_path):
+    """Weights, Adam's moments, the schedule's position and its time-budget fit (the plan recorded in
+    the checkpoint's metrics, read back by ``budget.resumed_plan``) all come back: the next step's
+    learning rate and update are the same, bit for bit. A cosine over 100 epochs fitted to 10.6."""
+    from centernet_ray.training.budget import resumed_plan
+
+    config = load_config(None, [*OVERRIDES, "train.schedule=cosine", "train.epochs=100"])
+    torch.manual_seed(0)
+    engine = TrainingEngine(config, num_classes=2, steps_per_epoch=3)
+    engine.fit_schedule(10.6)
+    for seed in range(6):  # two epochs of 3 steps
+        engine.step(tiny_batch(seed))
+    state = _checkpointed(engine, config, 2, tmp_path, {"planned_epochs": 11, "planned_last_epoch_steps": 2})
+    resumed = TrainingEngine(config, num_classes=2, steps_per_epoch=3)
+    resumed.load_state(state, steps_per_epoch=3)
+    assert resumed_plan(state["metrics"], 3) == (11, 2) and resumed_plan({"planned_epochs": 100.0}, 3) is None
+    resumed.fit_schedule(10 + 2 / 3)  # what the loop's _Schedule.resume sets: 10 whole epochs and 2 of 3 steps
+    engine.fit_schedule(10 + 2 / 3)
+    assert resumed.global_step == engine.global_step == resumed.scheduler.last_epoch == 6
+    for ours in (engine, resumed):
+        ours.step(tiny_batch(6))
+    assert resumed.optimizer.param_groups[0]["lr"] == engine.optimizer.param_groups[0]["lr"]
+    assert resumed.optimizer.param_groups[0]["lr"] < 0.99 * 1e-3  # on the fitted cosine, not the 100-epoch one
+    for a, b in zip(engine.module.parameters(), resumed.module.parameters()):
+        assert torch.equal(a, b)
+

@@ -32,7 +32,7 @@ from centernet_ray.evaluation.figures import class_ap_figure, confusion_matrix_f
 from centernet_ray.ray_compat import quiet_train_reports
 from centernet_ray.ray_data.pipeline import shard_batches
 from centernet_ray.tracking import DatasetInput, RunTracker, epoch_metric_names
-from centernet_ray.training.budget import TimeBudget, eta_seconds
+from centernet_ray.training.budget import TimeBudget, eta_seconds, resumed_plan
 from centernet_ray.training.engine import LOSS_TERMS, EpochResult, Progress, TrainingEngine
 
 log = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
     engine.wrap(ray.train.torch.prepare_model)  # DDP (gloo on CPU, NCCL on GPU)
 
     schedule = _Schedule(inputs, engine, world, announce=rank == 0)  # rank 0 speaks for all
+    schedule.resume(restored_metrics)
     tracker = progress = ground_truth = None
     if rank == 0:
         tracker = RunTracker(config, inputs.run_name, mlflow_run_id, inputs.mlflow_parent_run_id, inputs.mlflow_tags,
@@ -254,6 +255,14 @@ class _Schedule:
             inputs.deadline, max_epochs=train.epochs, steps_per_epoch=inputs.dataset.steps_per_epoch,
             batch_size=train.batch_size, eval_images=-(-inputs.eval_images // world), eval_every=train.eval_every,
             flip_test=train.eval_flip_test, announce=announce)
+
+    def resume(self, metrics: dict[str, Any]) -> None:
+        """After a restart under a time budget: the plan of the attempt that wrote the checkpoint, the
+        LR schedule fitted to it from the first step (else the unfitted ``train`` schedule would run
+        until this attempt's steps are timed)."""
+        planned = resumed_plan(metrics, self.steps_per_epoch) if self.budget is not None else None
+        if planned is not None:
+            self._set(*planned)
 
     def step_hook(self, epoch: int):
         if self.budget is None or not self.budget.timing:

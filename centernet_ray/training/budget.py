@@ -222,6 +222,15 @@ class TimeBudget:
         return self.plan.epochs if self.plan is not None else self.max_epochs
 
 
+def resumed_plan(metrics: dict[str, float], steps_per_epoch: int) -> tuple[int, int] | None:
+    """(epochs, steps of the last one) that the attempt which wrote a checkpoint's ``metrics`` had
+    planned, or None without a plan: a restarted attempt trains to it, its LR schedule fitted to it
+    from the first step, until its own timing re-plans."""
+    if "planned_last_epoch_steps" not in metrics:  # written only under a time budget
+        return None
+    return int(metrics["planned_epochs"]), int(metrics.get("planned_last_epoch_steps", steps_per_epoch))
+
+
 def describe(plan: BudgetPlan) -> str:
     """``"6 epoch(s)"``, or ``"6 epoch(s), the last one 14 of 20 steps"`` when the last one is short."""
     if plan.last_epoch_steps >= plan.steps_per_epoch:
