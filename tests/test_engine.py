@@ -185,3 +185,13 @@ def test_a_resumed_engine_takes_the_next_step_exactly_as_the_uninterrupted_one(t
     for a, b in zip(engine.module.parameters(), resumed.module.parameters()):
         assert torch.equal(a, b)
 
+
+def test_resuming_with_fp16_from_a_checkpoint_without_a_loss_scale_starts_it_afresh(tmp_path):
+    config = load_config(None, OVERRIDES)
+    engine = TrainingEngine(config, num_classes=2, steps_per_epoch=3)  # amp none: the scaler saves {}
+    state = _checkpointed(engine, config, 1, tmp_path)
+    assert state["scaler"] == {}
+    resumed = TrainingEngine(config, num_classes=2, steps_per_epoch=3)
+    resumed.scaler = torch.amp.GradScaler("cpu", enabled=True)  # train.amp=fp16 on a GPU, rerun
+    resumed.load_state(state, steps_per_epoch=3)  # raised "The source state dict is empty"
+    assert resumed.scaler.get_scale() == 65536.0

@@ -163,7 +163,10 @@ class TrainingEngine:
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        elif self.scaler.is_enabled():  # saved by a run without fp16 (bf16, fp32, a CPU): nothing to restore
+            log.info("the checkpoint has no fp16 loss scale: it starts afresh")
         if self.ema is not None:
             if state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
