@@ -15,11 +15,14 @@ import logging
 import warnings
 from typing import Any
 
+from centernet_ray.errors import UserInputError
+
 RAY_VERSION = "2.60.0"  # the version whose internals this module was written against
 
 
-class RayVersionError(RuntimeError):
-    """The installed Ray is not the one this module's internals were written for."""
+class RayVersionError(UserInputError):
+    """The installed Ray is not the one this module's internals were written for (the CLI says so in
+    one line: the fix is the install)."""
 
 
 def require_ray_version(feature: str) -> None:

@@ -82,3 +82,15 @@ def test_train_report_lines_are_filtered_but_warnings_pass_and_another_ray_is_le
     assert ray_compat.train_report_logger() is None
     ray_compat.quiet_train_reports()  # cosmetic: no error, the run goes on
     assert logger.filters == before
+
+
+def test_the_package_requires_the_ray_its_internals_were_written_for():
+    """pip without the constraints file must not install a Ray that every training run would refuse."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    ray = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "ray")
+    assert ray.specifier.contains(ray_compat.RAY_VERSION) and not ray.specifier.contains("2.61.0")
+    assert f"ray=={ray_compat.RAY_VERSION}" in (Path(__file__).resolve().parents[1] / "constraints.txt").read_text()
