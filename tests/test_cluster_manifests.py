@@ -187,6 +187,8 @@ def test_rayjob_entrypoint_is_a_centernet_ray_command_with_a_valid_config(name, 
     assert not config.train.storage_path  # CENTERNET_RAY_STORAGE supplies it
     if command == "tune":
         assert config_files.find(config.tune.search_space).is_file()
+    if config.tracking.registered_model:  # the promotion's export check runs in the driver, on the head
+        assert 0 < config.tracking.export_check_images <= 1000
 
 
 @pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-tune.yaml"])
