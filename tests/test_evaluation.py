@@ -29,9 +29,18 @@ def test_perfect_detections_score_ap_one(ground_truth):
     assert stats["AP"] == pytest.approx(1.0) and stats["AP50"] == pytest.approx(1.0) and stats["AR100"] == pytest.approx(1.0)
 
 
-def test_empty_detections_score_zero(ground_truth):
-    stats = coco_evaluate(coco_from_dict(ground_truth), [])
-    assert all(value == 0.0 for value in stats.values())
+def test_empty_detections_score_as_coco_eval_scores_a_detection_that_finds_nothing(ground_truth):
+    """0 where there are objects; COCOeval's -1 for an area range without any, NaN per class (the
+    per-class AP metrics and figure leave such classes out)."""
+    from centernet_ray.evaluation import coco_evaluation
+
+    empty = coco_evaluation(coco_from_dict(ground_truth), [])
+    useless = coco_evaluation(coco_from_dict(ground_truth), [dict(perfect(ground_truth)[0], bbox=[0, 0, 0.5, 0.5])])
+    assert empty.stats == useless.stats and empty.stats["AP"] == 0.0 and empty.stats["AR100"] == 0.0
+    assert -1.0 in empty.stats.values()  # an area range this ground truth has no object in
+    extra = {**ground_truth, "categories": [*ground_truth["categories"], {"id": 77, "name": "never"}]}
+    per_class = coco_evaluation(coco_from_dict(extra), []).class_ap()
+    assert np.isnan(per_class[-1]) and np.all(per_class[:-1] == 0.0)  # was 0 for the class without objects
 
 
 def test_wrong_class_scores_zero_and_half_found_scores_between(ground_truth):

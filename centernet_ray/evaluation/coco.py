@@ -132,12 +132,19 @@ def coco_evaluation(ground_truth: COCO | str, detections: list[dict[str, Any]],
     with _pycocotools_output(io.StringIO()):
         gt = COCO(ground_truth) if isinstance(ground_truth, str) else ground_truth
     category_ids = sorted(gt.getCatIds())
-    iou_thresholds = np.linspace(0.5, 0.95, 10)
-    recall_points = np.linspace(0.0, 1.0, 101)
-    if not detections:
-        log.warning("no detections to evaluate: every COCO stat is 0")
-        precision = np.zeros((len(iou_thresholds), len(recall_points), len(category_ids)))
-        return CocoEvaluation({name: 0.0 for name in STAT_NAMES}, precision, recall_points, iou_thresholds, category_ids)
+    evaluated = list(gt.getImgIds() if image_ids is None else image_ids)
+    if not detections and evaluated and category_ids:
+        # pycocotools cannot load an empty result list. One detection that overlaps nothing (far outside
+        # every image) scores exactly as none: no true positive, so precision and recall are 0 where
+        # there are objects, and COCOeval's -1 (NaN per class) where there are none
+        log.warning("no detections to evaluate: the stats are 0 where there are objects")
+        detections = [{"image_id": evaluated[0], "category_id": category_ids[0], "bbox": [-1e6, -1e6, 1.0, 1.0],
+                       "score": 1e-9}]
+    elif not detections:
+        iou_thresholds, recall_points = np.linspace(0.5, 0.95, 10), np.linspace(0.0, 1.0, 101)
+        precision = -np.ones((len(iou_thresholds), len(recall_points), len(category_ids)))
+        return CocoEvaluation({name: -1.0 for name in STAT_NAMES}, precision, recall_points, iou_thresholds,
+                              category_ids)
     known = set(gt.getImgIds())
     unknown = {d["image_id"] for d in detections} - known
     if unknown:
