@@ -71,7 +71,9 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         first = engine.step(tiny_batch(rank, nan_size=rank == 1))  # only rank 1's loss is NaN
         second = engine.step(tiny_batch(rank + 2))
         flat = torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()])
-        torch.save((bool(first.finite), bool(second.finite), engine.nonfinite_steps, flat), f"{out_dir}/rank{rank}.pt")
+        epoch = engine.train_epoch([tiny_batch(rank + 4), tiny_batch(rank + 6)], epoch=0)  # each rank its own batches
+        torch.save((bool(first.finite), bool(second.finite), engine.nonfinite_steps, flat, epoch.mean_terms["total"]),
+                   f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -85,6 +87,7 @@ def test_under_ddp_every_rank_skips_a_step_that_is_non_finite_on_one(free_ports,
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
     assert results[0][:3] == results[1][:3] == (False, True, 1)
     torch.testing.assert_close(results[0][3], results[1][3], rtol=0, atol=0)  # replicas stayed in step
+    assert results[0][4] == results[1][4]  # the epoch's loss is every rank's mean, not each rank's own
 
 
 HOST_READS = ("item", "__float__", "__bool__", "__int__", "cpu", "tolist", "numpy")

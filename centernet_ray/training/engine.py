@@ -234,7 +234,7 @@ class TrainingEngine:
         steps and at step ``steps_per_epoch`` (the epoch's last), where the non-finite rule is also
         checked; ``on_step`` after every step with the number of steps taken in this epoch. Loss
         terms are summed on the device (over the steps whose loss and gradient were finite) and
-        read only there and at the end."""
+        read only there and at the end, averaged over every DDP rank's batches."""
         self.model.train()
         sums = torch.zeros(len(LOSS_TERMS), device=self.device)
         finite_steps = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -257,7 +257,12 @@ class TrainingEngine:
                                      self.scheduler.get_last_lr()[0]))
         self.check_finite()
         steps = int(finite_steps)
-        means = (sums / max(steps, 1)).tolist()
+        counted = finite_steps.to(sums.dtype).reshape(1)
+        if distributed():  # every rank's batches, not rank 0's share alone: one all-reduce an epoch
+            totals = torch.cat([sums, counted])
+            dist.all_reduce(totals)
+            sums, counted = totals[:-1], totals[-1:]
+        means = (sums / counted.clamp(min=1)).tolist()
         return EpochResult(steps, images, time.perf_counter() - start, data_wait, dict(zip(LOSS_TERMS, means)))
 
     def detector(self) -> Detector:
