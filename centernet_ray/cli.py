@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from centernet_ray.errors import UserInputError
 
@@ -57,17 +59,35 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str) -> None:
                         help="dotted overrides, e.g. loss.alpha=2.5 data.input_size=[256,256]")
 
 
+OVERRIDE = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_]\w*=")
+
+
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    """argparse puts a leading ``key=value`` into ``config``; move it back to the overrides."""
-    if args.config is not None and "=" in args.config:
+    """argparse puts a leading ``section.key=value`` into ``config``; move it back to the overrides
+    (a config path may hold a ``=`` too: a Tune trial's folder, ``s3://b/run=3/best.yaml``)."""
+    if args.config is not None and OVERRIDE.match(args.config):
         return None, [args.config, *args.overrides]
     return args.config, list(args.overrides)
+
+
+class _Subcommands:
+    """``add_subparsers``' result, adding the shared flags to every (sub)command it creates."""
+
+    def __init__(self, action: Any, shared: argparse.ArgumentParser) -> None:
+        self.action, self.shared = action, shared
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[self.shared], **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="centernet-ray", description="Train, tune and serve CenterNet detectors on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    commands = parser.add_subparsers(dest="command", required=True)
+    # -v after the command too (`centernet-ray train demo -v`); SUPPRESS keeps a subcommand's default
+    # from overwriting a -v given before it
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    commands = _Subcommands(parser.add_subparsers(dest="command", required=True), verbose)
 
     config = commands.add_parser("config", help="print the resolved config as YAML (the defaults without CONFIG)")
     _add_config_args(config, "none, every key at its default")
@@ -98,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(one per line; default serve.api_keys_file, else $CENTERNET_RAY_API_KEYS, else open)")
 
     data = commands.add_parser("data", help="dataset tools")
-    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_commands = _Subcommands(data.add_subparsers(dest="data_command", required=True), verbose)
     synth = data_commands.add_parser("synth", help="write the synthetic shapes dataset in COCO layout")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--train-images", type=_positive_int, default=1000)

@@ -89,8 +89,16 @@ def test_overrides_may_follow_options(tmp_path, capsys):
 
     assert main(["config", "loss.alpha=2.5"]) == 0
     assert "alpha: 2.5" in capsys.readouterr().out
+    assert main(["config", "demo", "-v", "loss.alpha=3.5", "train.run_name=2024-12-03"]) == 0  # after an option
+    printed = capsys.readouterr().out
+    assert "alpha: 3.5" in printed and "run_name: '2024-12-03'" in printed  # a text setting as typed, not a date
     with pytest.raises(SystemExit):
         main(["tune", "--search-space", "x.yaml", "--nonsense"])
+    trial = tmp_path / "alpha=2.5,beta=3" / "best.yaml"  # a Tune trial's folder: a path, not an override
+    trial.parent.mkdir()
+    trial.write_text("loss:\n  alpha: 2.5\n")
+    assert main(["config", str(trial), "loss.beta=3"]) == 0
+    assert "alpha: 2.5" in capsys.readouterr().out
 
 
 def test_user_errors_are_one_line_and_program_faults_keep_their_traceback(tmp_path, capsys, monkeypatch):
@@ -107,6 +115,11 @@ def test_user_errors_are_one_line_and_program_faults_keep_their_traceback(tmp_pa
 
     def broken(args):
         raise ValueError("an internal invariant broke")  # e.g. from torch, deep inside a command
+
+    monkeypatch.chdir(tmp_path)  # DLA-34's weights file, relative to here, is not there: refused before the ingest
+    assert main(["train", "coco_dla34_1x", f"train.storage_path={tmp_path / 'runs'}"]) == 2
+    assert (f"model.pretrained: no weights file {tmp_path / 'weights' / 'dla34-ba72cf86.pth'}"
+            in capsys.readouterr().err)
 
     monkeypatch.setattr(cli, "_cmd_config", broken)
     with pytest.raises(ValueError, match="internal invariant"):  # not swallowed into "error: ..."

@@ -48,8 +48,17 @@ def with_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...] 
     data = copy.deepcopy(data)
     for item in overrides:
         key, value = parse_override(item)
+        if _field_type(key) is str and not isinstance(value, (str, list, dict)) and value is not None:
+            value = item.partition("=")[2].strip()  # a text setting as typed: run_name=2024-12-03, split=2017
         _set_dotted(data, key, value)
     return config_from_dict(data)
+
+
+def _field_type(key: str) -> Any:
+    """The declared type of ``section.key`` in the schema (None for an unknown key: refused later)."""
+    section, _, name = key.partition(".")
+    part = typing.get_type_hints(Config).get(section)
+    return typing.get_type_hints(part).get(name) if dataclasses.is_dataclass(part) else None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -152,7 +161,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string; got {value!r}")
+            raise ConfigError(f"{key} must be a string; got {value!r} (in YAML, quote it: {key.split('.')[-1]}: "
+                              f"'...')")
         return value
     raise ConfigError(f"{key}: unsupported type {hint}")  # a programming error in this module
 
