@@ -149,6 +149,12 @@ LOCAL_PATH_KEYS = (("data", "root"), ("data", "train_images"), ("data", "train_a
                    ("data", "val_annotations"), ("data", "parquet_dir"), ("train", "storage_path"))
 
 
+def names_a_weights_file(pretrained: str | None) -> bool:
+    """Whether ``model.pretrained`` is a file (a folder separator or a ``.pth``/``.pt`` suffix), not a
+    torchvision weights name such as ``IMAGENET1K_V1``."""
+    return bool(pretrained) and ("/" in pretrained or pretrained.endswith((".pth", ".pt")))
+
+
 def with_absolute_paths(config: Config) -> Config:
     """A copy of ``config`` whose local dataset and storage paths (``LOCAL_PATH_KEYS``) are absolute,
     resolved against the current directory, and whose ``tracking.tracking_uri`` is the resolved
@@ -159,6 +165,8 @@ def with_absolute_paths(config: Config) -> Config:
     for section, key in LOCAL_PATH_KEYS:
         part = getattr(resolved, section)
         setattr(part, key, absolute(getattr(part, key)))
+    if names_a_weights_file(resolved.model.pretrained):  # the DLA configs' weights/dla34-ba72cf86.pth
+        resolved.model.pretrained = absolute(resolved.model.pretrained)
     resolved.tracking.tracking_uri = tracking_uri(resolved.tracking.tracking_uri)
     return resolved
 

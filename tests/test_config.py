@@ -132,6 +132,9 @@ def test_local_paths_are_made_absolute_for_the_workers_and_uris_are_kept(tmp_pat
     assert resolved.data.root == str(tmp_path / "shapes") and resolved.data.val_annotations == str(tmp_path / "ann/val.json")
     assert resolved.data.parquet_dir == "s3://b/pq" and resolved.train.storage_path == str(Path("~/runs").expanduser())
     assert resolved.data.train_images == "" and config.data.root == "shapes"  # empty stays empty; the input is untouched
+    dla = with_absolute_paths(load_config("coco_dla34_1x"))  # the workers read the weights elsewhere
+    assert dla.model.pretrained == str(tmp_path / "weights" / "dla34-ba72cf86.pth")
+    assert with_absolute_paths(load_config(None, ["model.pretrained=IMAGENET1K_V1"])).model.pretrained == "IMAGENET1K_V1"
 
 
 def test_overrides_apply_over_a_config_dict_without_changing_it():

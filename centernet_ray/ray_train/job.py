@@ -81,6 +81,9 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
     # directory is Ray's session folder.
     config = storage.with_absolute_paths(config)
+    if storage.names_a_weights_file(config.model.pretrained) and not Path(config.model.pretrained).is_file():
+        raise UserInputError(f"model.pretrained: no weights file {config.model.pretrained} (every GPU node reads it "
+                             "there; model.pretrained=null trains the backbone from scratch)")
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
