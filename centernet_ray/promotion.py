@@ -50,6 +50,9 @@ def register_version(client, name: str, run_id: str) -> str:
     return str(client.create_model_version(name, f"runs:/{run_id}/checkpoint", run_id=run_id).version)
 
 
+MAX_DECISIONS = 5  # against a champion that keeps moving (runs finishing together)
+
+
 def promote(tracking_uri: str, name: str, run_id: str, ap: float, export_passed: bool, export_reason: str = "",
             candidate_alias: str = "candidate", champion_alias: str = "champion") -> Promotion:
     """Register run ``run_id`` under ``name``, alias it ``candidate_alias``, and move
@@ -60,11 +63,24 @@ def promote(tracking_uri: str, name: str, run_id: str, ap: float, export_passed:
     client = MlflowClient(tracking_uri)
     version = register_version(client, name, run_id)
     client.set_registered_model_alias(name, candidate_alias, version)
-    try:
-        champion = client.get_model_version_by_alias(name, champion_alias)
-    except MlflowException:
-        champion = None
+
+    def current_champion():
+        try:
+            return client.get_model_version_by_alias(name, champion_alias)
+        except MlflowException:
+            return None
+
+    champion = current_champion()
     promoted, reason = _decide(client, champion, version, run_id, ap, export_passed, export_reason)
+    # The registry has no compare-and-set: another run finishing at the same time may have moved the
+    # alias while this one decided. Decide again against the champion as it is now, until it holds
+    # still; the window left is between the last read and the move, not the whole decision.
+    for _ in range(MAX_DECISIONS):
+        now = current_champion() if promoted else champion
+        if (now and str(now.version)) == (champion and str(champion.version)):
+            break
+        champion = now
+        promoted, reason = _decide(client, champion, version, run_id, ap, export_passed, export_reason)
     if promoted:
         client.set_registered_model_alias(name, champion_alias, version)
     client.set_model_version_tag(name, version, REASON_TAG, reason)

@@ -77,3 +77,46 @@ def test_an_export_that_cannot_run_is_a_reason_not_to_promote_not_a_failed_run(s
     assert not result.promoted and result.reason.startswith("the export check failed: UserInputError: ")
     assert f"no checkpoint/checkpoint.pt in run {run_id}" in result.reason
     assert _aliases(client, "no-checkpoint") == {"candidate": "1"}
+
+
+def test_two_runs_promoting_at_once_leave_the_better_one_champion(store, monkeypatch):
+    """A (AP 0.50) and B (0.45) finish together: both decide against the champion of 0.40, A moves
+    the alias first. B decides again against the champion as it is now (A) and leaves it; without
+    that, the last to move the alias (B, the worse) won."""
+    import threading
+
+    from centernet_ray import promotion
+
+    uri, client, run = store
+    promote(uri, "race", run(0.40), 0.40, export_passed=True)
+    a, b = run(0.50), run(0.45)
+    for run_id in (a, b):  # registered first: the race is the alias, not the registration
+        promotion.register_version(client, "race", run_id)
+    both_decided, a_moved, first_decisions = threading.Barrier(2, timeout=60), threading.Event(), set()
+    decide = promotion._decide
+
+    def racing(client_, champion, version, run_id, *args):
+        outcome = decide(client_, champion, version, run_id, *args)
+        if run_id not in first_decisions:
+            first_decisions.add(run_id)
+            both_decided.wait()  # both against version 1
+            if run_id == b:
+                a_moved.wait(60)
+        return outcome
+
+    monkeypatch.setattr(promotion, "_decide", racing)
+    results = {}
+
+    def promote_as(run_id, ap):
+        results[run_id] = promote(uri, "race", run_id, ap, export_passed=True)
+        if run_id == a:
+            a_moved.set()
+
+    threads = [threading.Thread(target=promote_as, args=args) for args in ((a, 0.50), (b, 0.45))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert results[a].promoted and not results[b].promoted
+    assert "does not beat the champion's (version 2) 0.5000" in results[b].reason
+    assert _aliases(client, "race")["champion"] == results[a].version == "2"
