@@ -198,3 +198,17 @@ def test_resuming_with_fp16_from_a_checkpoint_without_a_loss_scale_starts_it_afr
     resumed.scaler = torch.amp.GradScaler("cpu", enabled=True)  # train.amp=fp16 on a GPU, rerun
     resumed.load_state(state, steps_per_epoch=3)  # raised "The source state dict is empty"
     assert resumed.scaler.get_scale() == 65536.0
+
+
+def test_gradscaler_overflow_skips_under_fp16_are_not_counted_as_divergence():
+    """fp16 on a GPU: GradScaler starts at 2**16 and halves its scale at each overflow, skipping that
+    step; the engine counted those routine skips as non-finite steps (warnings, and an abort after
+    MAX_CONSECUTIVE_NONFINITE in a row). Here a CPU GradScaler starting far too high overflows."""
+    torch.manual_seed(0)
+    engine = TrainingEngine(load_config(None, OVERRIDES), num_classes=2, steps_per_epoch=10)
+    engine.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, enabled=True)
+    before = [p.detach().clone() for p in engine.model.parameters()]
+    result = engine.step(tiny_batch())
+    assert not bool(result.finite) and engine.scaler.get_scale() < 2.0 ** 127  # skipped: the scale came down
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.model.parameters()))
+    assert engine.nonfinite_steps == 0 and engine.consecutive_nonfinite == 0

@@ -206,7 +206,8 @@ class TrainingEngine:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
-        finite = torch.isfinite(norm) & _finite_everywhere(terms["total"])
+        loss_finite = _finite_everywhere(terms["total"])
+        finite = torch.isfinite(norm) & loss_finite
         if self.scaler.is_enabled():  # fp16: GradScaler hands its own found-inf to the fused optimizer
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -218,7 +219,9 @@ class TrainingEngine:
                 del self.optimizer.found_inf
         if self.ema is not None:  # on a skipped step the weights did not move: the average stays put
             self.ema.update(self.module)
-        bad = (~finite).to(torch.int64)
+        # fp16: GradScaler's own overflow skips (while it finds its scale, and after each growth of it)
+        # are routine, not divergence: there only a non-finite loss counts
+        bad = (~(loss_finite if self.scaler.is_enabled() else finite)).to(torch.int64)
         self._nonfinite += bad
         self._consecutive = (self._consecutive + 1) * bad
         self._longest_run = torch.maximum(self._longest_run, self._consecutive)
