@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not storage.exists(location):
         raise FileNotFoundError(f"no checkpoint at {path}")
     with storage.open_random_access(location) as handle:
-        state = torch.load(handle, map_location=map_location, weights_only=True)
+        try:
+            state = torch.load(handle, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:  # weights_only refused an object: loading it could run code
+            raise UserInputError(f"{path} is not a centernet-ray checkpoint: it holds Python objects beyond "
+                                 f"tensors and plain data, which are not loaded ({str(exc).splitlines()[0]})") from None
     if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
         raise UserInputError(f"{path} is not a centernet-ray checkpoint (schema {SCHEMA_VERSION})")
     return state

@@ -24,6 +24,24 @@ def test_checkpoint_round_trips_with_weights_only(tmp_path):
         assert torch.equal(restored.model.state_dict()[key], value)
 
 
+class _RunsCode:
+    """Unpickling it would write a file: what a malicious checkpoint does with pickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+    torch.save({"schema_version": 1, "model": _RunsCode(str(marker))}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="holds Python objects beyond tensors and plain data"):
+        load_checkpoint(tmp_path / "evil.pt")  # weights_only=True: the pickle's callable is never called
+    assert not marker.exists()
+
+
 def test_foreign_or_missing_checkpoints_are_refused(tmp_path):
     torch.save({"something": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a centernet-ray checkpoint"):
