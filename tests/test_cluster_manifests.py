@@ -161,6 +161,21 @@ def test_token_auth_is_on(path):
     assert tuple(map(int, spec["rayVersion"].split("."))) >= (2, 52, 0)  # the first Ray with token auth
 
 
+def test_every_cluster_file_names_the_pinned_ray():
+    """The KubeRay rayVersion, the image the Dockerfile builds FROM and the cluster launcher's images
+    are the Ray of constraints.txt (and ray_compat's): a cluster of another Ray refuses the jobs."""
+    import re
+
+    from centernet_ray.ray_compat import RAY_VERSION
+
+    assert f"ray=={RAY_VERSION}" in (REPO / "constraints.txt").read_text()
+    for path in MANIFESTS:
+        assert cluster_spec(ray_resource(path))["rayVersion"] == RAY_VERSION, path.name
+    named = re.findall(r"rayproject/ray:([\d.]+)-", (KUBERAY / "raycluster.yaml").read_text()
+                       + (CLUSTER / "aws.yaml").read_text())
+    assert len(named) >= 4 and set(named) == {RAY_VERSION}, named
+
+
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_every_ray_container_gets_storage_and_mlflow_from_the_configmap(path):
     (configmap,) = [doc for doc in documents(path) if doc["kind"] == "ConfigMap"]
