@@ -32,7 +32,29 @@ from centernet_ray.model import CenterNet, build_model
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
+RUN_CONFIG_FILE = "config.yaml"  # the run's config beside its checkpoint: read without the weights
 SCHEMA_VERSION = 1
+
+# What a run may change when it resumes under its name: how long it trains, how it is evaluated,
+# checkpointed and fed, where it runs. Everything else in these sections is what it learns.
+RESUME_COMPARED_SECTIONS = ("model", "loss", "targets", "data", "train")
+RESUMABLE_SETTINGS = frozenset({
+    "train.epochs", "train.time_limit", "train.max_failures", "train.eval_every", "train.eval_flip_test",
+    "train.checkpoint_every", "train.compile", "train.storage_path", "train.run_name", "train.use_gpu", "train.amp",
+    "data.preprocess_compute", "data.preprocess_batch_size", "data.preprocess_min_actors",
+    "data.preprocess_max_actors", "data.preprocess_num_cpus", "data.prefetch_batches", "data.cache",
+    "data.cache_force", "data.parquet_dir", "data.shard_size", "data.shuffle_buffer_batches",
+})
+
+
+def changed_settings(trained: Config, resumed: Config) -> list[str]:
+    """The settings (``section.key: old -> new``) that ``resumed`` changes in the run ``trained``
+    started, beyond ``RESUMABLE_SETTINGS``: a resume with any of them would silently keep the
+    run's weights, optimizer and schedule under settings they were not trained with."""
+    old, new = trained.flatten(), resumed.flatten()
+    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old)
+            if key.split(".")[0] in RESUME_COMPARED_SECTIONS and key not in RESUMABLE_SETTINGS
+            and old[key] != new.get(key)]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -60,3 +60,16 @@ def test_detector_returns_boxes_in_original_pixels(untrained_checkpoint):
     assert (found[0].scores[:-1] >= found[0].scores[1:]).all()
     flip_detector = Detector(loaded.model, (64, 64), flip_test=True)
     assert len(flip_detector.detect_images(images[:1], k=5)[0].scores) == 5
+
+
+def test_a_resume_may_change_how_long_and_how_fast_a_run_trains_not_what_it_learns():
+    from centernet_ray.checkpoint import changed_settings
+    from centernet_ray.config import load_config
+
+    trained = load_config("demo")
+    same = load_config("demo", ["train.epochs=20", "train.time_limit=900", "data.preprocess_max_actors=8",
+                                "train.eval_every=1", "tracking.experiment=other", "serve.port=9000"])
+    assert changed_settings(trained, same) == []
+    changed = load_config("demo", ["loss.alpha=3", "train.num_workers=4", "model.head_conv=16"])
+    assert changed_settings(trained, changed) == ["loss.alpha: 2.0 -> 3.0", "model.head_conv: 32 -> 16",
+                                                  "train.num_workers: 2 -> 4"]

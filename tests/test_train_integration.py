@@ -118,6 +118,15 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     runs = client.search_runs([client.get_experiment_by_name(tiny_config.tracking.experiment).experiment_id])
     assert [(run.info.run_id, run.info.status) for run in runs] == [(summary.mlflow_run_id, "FINISHED")]
 
+    from centernet_ray.config import with_overrides
+    from centernet_ray.errors import UserInputError
+
+    longer = run_training(with_overrides(tiny_config.to_dict(), ["train.epochs=3"]), [EpochLog(epoch_log)])
+    assert longer.epochs == 3 and sorted(epoch_log.read_text().splitlines()) == ["0 2", "1 2"]  # it may train longer
+    changed = with_overrides(tiny_config.to_dict(), ["loss.alpha=3", "train.lr=0.002"])
+    with pytest.raises(UserInputError, match=r"other settings \(loss.alpha: 2.0 -> 3.0; train.lr: 0.001 -> 0.002\)"):
+        run_training(changed)  # refused before the ingest: it would have reported the old run as this one
+
 
 @pytest.mark.parametrize("failure", [FailOnce(0), Die()], ids=["raises", "process_dies"])
 def test_a_failed_run_ends_failed_in_mlflow_not_running(ray_session, tiny_config, tmp_path, failure):

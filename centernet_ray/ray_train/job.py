@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import yaml
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from centernet_ray import ray_compat, storage
-from centernet_ray.config import Config
+from centernet_ray.checkpoint import RUN_CONFIG_FILE, changed_settings
+from centernet_ray.config import Config, ConfigError, config_from_dict
 from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import STAT_NAMES
@@ -81,6 +83,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
     # directory is Ray's session folder.
     config = storage.with_absolute_paths(config)
+    check_resumable(config)  # before the ingest, which can take long
     if storage.names_a_weights_file(config.model.pretrained) and not Path(config.model.pretrained).is_file():
         raise UserInputError(f"model.pretrained: no weights file {config.model.pretrained} (every GPU node reads it "
                              "there; model.pretrained=null trains the backbone from scratch)")
@@ -127,6 +130,32 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                            datasets=datasets, dataset_config=CenterNetDataConfig(config.cluster.data_selector()),
                            run_config=run)
     return trainer, report
+
+
+def check_resumable(config: Config) -> None:
+    """Refuse to resume the run of this name (``train.storage_path``/``train.run_name``) with
+    settings it was not trained with (``checkpoint.changed_settings``): the rerun would report or
+    continue the old run as if it were the new one. Runs whose checkpoints predate the config file
+    beside them are not checked."""
+    run_dir = storage.join(storage.default_storage_path(config), default_run_name(config))
+    latest = ray_compat.train_resume_checkpoint(run_dir)
+    if latest is None:
+        return
+    path = storage.join(run_dir, latest, RUN_CONFIG_FILE)
+    if not storage.exists(path):
+        return
+    try:
+        trained = config_from_dict(yaml.safe_load(storage.read_bytes(path)))
+    except ConfigError as exc:  # written by another version of the schema
+        log.warning("not comparing with the settings of the run in %s (%s)", run_dir, exc)
+        return
+    changed = changed_settings(trained, config)
+    if changed:
+        raise UserInputError(
+            f"{run_dir} holds a run of this name trained with other settings ({'; '.join(changed[:6])}"
+            f"{'; ...' if len(changed) > 6 else ''}): a rerun resumes a run as it was. Give the new settings a "
+            f"run of their own (train.run_name=...), or delete {run_dir} to start this name over. A resume may "
+            "change train.epochs, train.time_limit, evaluation, checkpointing and data-loading settings.")
 
 
 def _best_checkpoint(result: Result) -> Checkpoint | None:

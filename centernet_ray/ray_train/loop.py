@@ -24,7 +24,8 @@ import ray.train.torch
 import torch
 
 from centernet_ray import storage
-from centernet_ray.checkpoint import CHECKPOINT_FILE, checkpoint_state, load_checkpoint, save_checkpoint
+from centernet_ray.checkpoint import (CHECKPOINT_FILE, RUN_CONFIG_FILE, checkpoint_state, load_checkpoint,
+                                      save_checkpoint)
 from centernet_ray.config import Config
 from centernet_ray.drawing import draw_detections, save_png_grid
 from centernet_ray.evaluation.evaluate import EvaluationResult, KeptImage, evaluate
@@ -180,8 +181,11 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
         restored_metrics = dict(state["metrics"], mlflow_run_id=mlflow_run_id)
         if rank == 0:
             log.info("resumed from the checkpoint of epoch %d", start_epoch)
-    if start_epoch >= restored_metrics.get("planned_epochs", train.epochs):  # a finished run rerun under the
-        ray.train.report(restored_metrics)                                      # same name: report, do not retrain
+    # a finished run rerun under its name is reported, not retrained: finished at its time budget's
+    # plan, or at train.epochs (raised, the run trains on to it)
+    planned = resumed_plan(restored_metrics, facts.steps_per_epoch)
+    if start_epoch >= (planned[0] if planned else train.epochs):
+        ray.train.report(restored_metrics)
         return
     engine.wrap(ray.train.torch.prepare_model)  # DDP (gloo on CPU, NCCL on GPU)
 
@@ -327,6 +331,7 @@ def _report(engine: TrainingEngine, inputs: LoopInputs, tracker: Any, metrics: d
                                      ema=engine.ema.state_dict() if engine.ema is not None else None)
             state["mlflow_run_id"] = tracker.run_id
             save_checkpoint(Path(directory) / CHECKPOINT_FILE, state)
+            (Path(directory) / RUN_CONFIG_FILE).write_text(config.to_yaml())  # the driver checks a resume by it
             report_checkpoint = ray.train.Checkpoint.from_directory(directory)
         if rank == 0 and last_epoch:
             tracker.artifact(Path(directory) / CHECKPOINT_FILE, "checkpoint")
