@@ -12,22 +12,35 @@ from centernet_ray.cli import main
 pytestmark = pytest.mark.integration
 
 
-def test_predict_writes_coco_results_and_scores_them(ray_session, shapes_dataset, untrained_checkpoint, tmp_path, capsys):
-    images = tmp_path / "images"
-    shutil.copytree(shapes_dataset / "images" / "val", images)
-    out = tmp_path / "out"
-    code = main(["predict", "--checkpoint", str(untrained_checkpoint), "--images", str(images), "--output", str(out),
-                 "--annotations", str(shapes_dataset / "annotations" / "instances_val.json"), "--batch-size", "4"])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "12 images" in printed and "AP50" in printed
-    from pycocotools.coco import COCO
+def test_predict_writes_coco_results_and_scores_the_images_it_read(ray_session, trained_checkpoint, tmp_path, capsys):
+    """The overfitted checkpoint on the images it learned, one of them missing from the folder: the
+    COCO results score well, and metrics.json is COCOeval of detections.json over the images read
+    (the missing one counted, as training's evaluation leaves out what ingest dropped). A second run
+    into the folder without annotations leaves no metrics.json of the first behind."""
+    from centernet_ray.evaluation import coco_evaluate
 
-    gt = COCO(str(shapes_dataset / "annotations" / "instances_val.json"))
+    checkpoint, dataset = trained_checkpoint
+    images, annotations = tmp_path / "images", dataset / "annotations" / "instances_train.json"
+    shutil.copytree(dataset / "images" / "train", images)
+    gone = sorted(images.iterdir())[0]
+    gone.unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "images.json").write_text("{}")  # an earlier run's, without annotations
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(images), "--output", str(out),
+                 "--annotations", str(annotations), "--batch-size", "4"]) == 0
+    assert "7 images" in capsys.readouterr().out
     detections = json.loads((out / "detections.json").read_text())
-    assert detections and gt.loadRes(detections)  # pycocotools accepts them
-    assert set(json.loads((out / "metrics.json").read_text())) >= {"AP", "AP50", "ARl"}
-    assert (out / "detections.parquet").stat().st_size > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    read = sorted({d["image_id"] for d in detections})
+    gt = json.loads(annotations.read_text())
+    assert len(read) == 7 and next(i["id"] for i in gt["images"] if i["file_name"] == gone.name) not in read
+    assert metrics["AP"] > 0.5 and metrics["AP"] == pytest.approx(coco_evaluate(str(annotations), detections, read)["AP"])
+    assert (metrics["eval_images"], metrics["missing_images"], metrics["unreadable_images"]) == (7, 1, 0)
+    assert not (out / "images.json").exists() and (out / "detections.parquet").stat().st_size > 0
+
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(images), "--output", str(out)]) == 0
+    assert not (out / "metrics.json").exists() and len(json.loads((out / "images.json").read_text())) == 7
 
 
 def test_predict_rejects_a_bad_override_before_starting_work(untrained_checkpoint, tmp_path, capsys):

@@ -18,7 +18,7 @@ import ray
 import torch
 
 from centernet_ray import storage
-from centernet_ray.checkpoint import is_mlflow_uri, load_served_model, read_checkpoint
+from centernet_ray.checkpoint import is_mlflow_uri, load_served_model, read_checkpoint, resolve_model_uri
 from centernet_ray.config import with_overrides
 from centernet_ray.data.coco import parse_coco
 from centernet_ray.detector import Detector
@@ -75,23 +75,40 @@ def list_images(images: str) -> list[str]:
     return found
 
 
-def _image_rows(images: str, annotations: dict | None) -> tuple[list[dict[str, Any]], dict[int, str]]:
+def _image_rows(images: str, annotations: dict | None) -> tuple[list[dict[str, Any]], dict[int, str], int]:
+    """(rows to predict, image id -> path, annotated images without a file). Without annotations the
+    images are numbered 1..N in path order."""
     paths = list_images(images)
     if not paths:
         raise FileNotFoundError(f"no image files under {images}")
     if annotations is None:
         rows = [{"path": p, "image_id": i + 1} for i, p in enumerate(paths)]
-    else:
-        prefix = storage.resolve(images)[1].rstrip("/") + "/"
-        ids = {img["file_name"]: int(img["id"]) for img in annotations["images"]}
-        rows = []
-        for path in paths:
-            relative = storage.resolve(path)[1][len(prefix):]
-            if relative in ids:
-                rows.append({"path": path, "image_id": ids[relative]})
-            else:
-                log.warning("predict: %s is not in the annotations; skipped", path)
-    return rows, {row["image_id"]: row["path"] for row in rows}
+        return rows, {row["image_id"]: row["path"] for row in rows}, 0
+    prefix = storage.resolve(images)[1].rstrip("/") + "/"
+    ids = {img["file_name"]: int(img["id"]) for img in annotations["images"]}
+    rows, found = [], set()
+    for path in paths:
+        relative = storage.resolve(path)[1][len(prefix):]
+        if relative in ids:
+            rows.append({"path": path, "image_id": ids[relative]})
+            found.add(relative)
+        else:
+            log.warning("predict: %s is not in the annotations; skipped", path)
+    missing = sorted(set(ids) - found)
+    if missing:  # their objects are left out of the scores, as training's evaluation leaves out what ingest dropped
+        log.warning("predict: %d annotated image(s) have no file under %s (e.g. %s): not scored", len(missing),
+                    images, ", ".join(missing[:3]))
+    return rows, {row["image_id"]: row["path"] for row in rows}, len(missing)
+
+
+def _pinned(checkpoint: str, tracking_uri: str) -> str:
+    """An alias (``models:/name@champion``) as the version it names now (``models:/name/3``): the
+    driver and every actor, started or restarted later, load the same model, and the log says which."""
+    if not (checkpoint.startswith("models:/") and "@" in checkpoint):
+        return checkpoint
+    _, version = resolve_model_uri(checkpoint, tracking_uri)
+    log.info("predict: %s is version %s", checkpoint, version)
+    return f"models:/{version}"
 
 
 def run_predict(checkpoint: str, output: str, images: str | None = None, parquet: str | None = None,
@@ -109,8 +126,7 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         raise UserInputError("give exactly one of --images and --parquet")
     started = time.perf_counter()
     tracking_uri = storage.tracking_uri(tracking_uri or "")
-    if not is_mlflow_uri(checkpoint):
-        checkpoint = storage.absolute(checkpoint)
+    checkpoint = _pinned(checkpoint, tracking_uri) if is_mlflow_uri(checkpoint) else storage.absolute(checkpoint)
     images, parquet = storage.absolute(images or "") or None, storage.absolute(parquet or "") or None
     output, annotations = storage.absolute(output), storage.absolute(annotations or "") or None
     state = read_checkpoint(checkpoint, tracking_uri)  # the config and classes; the actors load the weights
@@ -119,8 +135,9 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     if ground_truth is not None:
         parse_coco(ground_truth, annotations)  # validate early with a clear error
 
+    missing = 0
     if images is not None:
-        rows, id_to_path = _image_rows(images, ground_truth)
+        rows, id_to_path, missing = _image_rows(images, ground_truth)
         dataset = ray.data.from_items(rows)
     else:
         dataset, id_to_path = read_rows(parquet, batch_size), {}
@@ -155,13 +172,22 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(storage.join(output, "detections.parquet"), sink.getvalue().to_pybytes())
+    # what an earlier run into this folder wrote and this one does not must not pass for this run's
+    writes = {"images.json": bool(id_to_path) and ground_truth is None, "metrics.json": ground_truth is not None}
+    for name in (name for name, written in writes.items() if not written):
+        if storage.exists(storage.join(output, name)):
+            fs, path = storage.resolve(storage.join(output, name))
+            fs.delete_file(path)
     if id_to_path and ground_truth is None:
         storage.write_bytes(storage.join(output, "images.json"), json.dumps({str(k): v for k, v in id_to_path.items()}, indent=1).encode())
 
     skipped = ray.get(report.get.remote())
     stats = None
     if ground_truth is not None:
+        # the images read, as training's evaluation scores the ingested ones: missing and unreadable files are counted
         stats = coco_evaluate(coco_from_dict(ground_truth), results, image_ids=image_ids)
+        stats.update(eval_images=float(len(image_ids)), missing_images=float(missing),
+                     unreadable_images=float(skipped["counts"].get("unreadable_images", 0)))
         log.info("COCO stats:\n%s", format_stats(stats))
         storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(stats, indent=2).encode())
     wall = time.perf_counter() - started
