@@ -36,7 +36,10 @@ RUN_CONFIG_FILE = "config.yaml"  # the run's config beside its checkpoint: read 
 SCHEMA_VERSION = 1
 
 # What a run may change when it resumes under its name: how long it trains, how it is evaluated,
-# checkpointed and fed, where it runs. Everything else in these sections is what it learns.
+# checkpointed and fed, where it runs, and where its files are (local paths are made absolute where
+# the command runs, which differs between the folders of a shared storage path and between the
+# sessions of a Ray job; the backbone's start is in the checkpoint's weights). Everything else in
+# these sections is what it learns.
 RESUME_COMPARED_SECTIONS = ("model", "loss", "targets", "data", "train")
 RESUMABLE_SETTINGS = frozenset({
     "train.epochs", "train.time_limit", "train.max_failures", "train.eval_every", "train.eval_flip_test",
@@ -44,6 +47,8 @@ RESUMABLE_SETTINGS = frozenset({
     "data.preprocess_compute", "data.preprocess_batch_size", "data.preprocess_min_actors",
     "data.preprocess_max_actors", "data.preprocess_num_cpus", "data.prefetch_batches", "data.cache",
     "data.cache_force", "data.parquet_dir", "data.shard_size", "data.shuffle_buffer_batches",
+    "data.root", "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
+    "model.pretrained",
 })
 
 

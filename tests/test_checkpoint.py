@@ -68,7 +68,8 @@ def test_a_resume_may_change_how_long_and_how_fast_a_run_trains_not_what_it_lear
 
     trained = load_config("demo")
     same = load_config("demo", ["train.epochs=20", "train.time_limit=900", "data.preprocess_max_actors=8",
-                                "train.eval_every=1", "tracking.experiment=other", "serve.port=9000"])
+                                "train.eval_every=1", "tracking.experiment=other", "serve.port=9000",
+                                "data.root=/elsewhere/shapes", "model.pretrained=/other/folder/w.pth"])
     assert changed_settings(trained, same) == []
     changed = load_config("demo", ["loss.alpha=3", "train.num_workers=4", "model.head_conv=16"])
     assert changed_settings(trained, changed) == ["loss.alpha: 2.0 -> 3.0", "model.head_conv: 32 -> 16",
