@@ -245,3 +245,26 @@ def test_a_time_limit_trains_the_epochs_that_fit_with_the_schedule_fitted_to_the
     if len(planned) >= 2 and planned[-1].value == planned[-2].value:  # the plan held: the cosine reached its end
         assert lr[-1].value < 0.05 * config.train.lr, (lr[-1], planned)
     assert 0.0 <= summary.stats["AP50"] <= 1.0
+
+
+def test_a_resumed_attempt_keeps_its_recorded_plan_until_its_budget_makes_its_own():
+    """No Ray: the loop's schedule after a restart under a time budget with short epochs (3 steps:
+    the budget is still timing steps after the first epoch). The checkpoint's plan (11 epochs, the
+    last 2 of 3 steps) is kept, its LR schedule fitted, and not replaced by train.epochs."""
+    import time as clock
+
+    from centernet_ray.config import load_config
+    from centernet_ray.ray_train.loop import DatasetFacts, LoopInputs, _Schedule
+    from centernet_ray.training.engine import TrainingEngine
+
+    config = load_config(None, ["model.width=0.25", "model.neck_channels=[16,16,16]", "model.head_conv=8",
+                                "data.input_size=[64,64]", "train.epochs=100", "train.schedule=cosine",
+                                "train.time_limit=1000", "train.eval_every=1000"])
+    engine = TrainingEngine(config, num_classes=2, steps_per_epoch=3)
+    facts = DatasetFacts(2, ["a", "b"], [1, 2], steps_per_epoch=3, val_annotations="")
+    schedule = _Schedule(LoopInputs(config, facts, "run", deadline=clock.time() + 1000, eval_images=10), engine,
+                         world=1, announce=False)
+    schedule.resume({"epoch": 5.0, "planned_epochs": 11.0, "planned_last_epoch_steps": 2.0})
+    assert (schedule.epochs, schedule.last_epoch_steps) == (11, 2) and engine.schedule.epochs == pytest.approx(32 / 3)
+    assert not schedule.ends_after(5) and schedule.budget.timing  # epoch 6 trained, 6 stamps: no plan yet
+    assert (schedule.epochs, schedule.last_epoch_steps) == (11, 2) and engine.schedule.epochs == pytest.approx(32 / 3)

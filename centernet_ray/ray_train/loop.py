@@ -294,6 +294,8 @@ class _Schedule:
         if self.budget is not None:
             planned = self.budget.after_epoch(epoch + 1, (epoch + 2) % self.eval_every == 0)
             plan = self.budget.plan  # None while the steps are still timed
+            if plan is None and planned > epoch + 1:  # no plan of its own yet, no stop: keep the one there
+                return False                          # is (train.epochs, or the resumed attempt's plan)
             on_plan = plan is not None and planned == plan.epochs  # else stopped early: this epoch, whole, is the last
             last = plan.last_epoch_steps if on_plan else self.steps_per_epoch
             if (planned, last) != (self.epochs, self.last_epoch_steps):
