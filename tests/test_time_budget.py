@@ -130,6 +130,14 @@ def test_periodic_evaluations_after_the_decision_still_end_the_run_before_the_de
     assert epochs >= 4 and end <= budget.deadline + 1e-9, (epochs, end - budget.deadline)
 
 
+def test_an_epoch_under_way_that_fits_as_the_last_is_not_warned_about(clock, caplog):
+    """eval_every=1: the plan made during epoch 1 stops with it; its evaluation is then the final one,
+    in the reserve, not an extra one on top (that read as ~1 s short while 5 s were to spare)."""
+    budget = _budget(clock, 40.875, eval_every=1)
+    plan = _run_steps(budget, clock, 24, 0.1)
+    assert plan.epochs == 1 and "alone needs" not in caplog.text
+
+
 def test_short_epochs_are_timed_together_and_a_budget_too_small_still_trains_the_epoch_under_way(clock, caplog):
     budget = _budget(clock, 5.0, steps_per_epoch=4)
     assert _run_steps(budget, clock, 4, 0.5, epoch=0) is None  # 4 stamps: not enough yet

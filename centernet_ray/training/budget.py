@@ -151,8 +151,8 @@ class TimeBudget:
         reserve = eval_seconds + FINISH_SECONDS
         step_alone, fixed = self._split(step)
         epoch_rest = 0.0 if in_epoch_steps_left is None else in_epoch_steps_left * step_alone + fixed
-        epoch_rest += eval_seconds if (epoch + 1) % self.eval_every == 0 else 0.0
-        available = self.deadline - time.time() - reserve - epoch_rest
+        current_eval = eval_seconds if (epoch + 1) % self.eval_every == 0 else 0.0
+        available = self.deadline - time.time() - reserve - epoch_rest - current_eval
         epochs = epoch + 1  # the current one is finished in any case
         last_steps = self.steps_per_epoch
         while epochs < self.max_epochs:  # add epoch number epochs + 1 (1-based) while it fits
@@ -161,10 +161,10 @@ class TimeBudget:
                 break
             available -= cost
             epochs += 1
-        if available < 0:
+        if available + current_eval < 0:  # stopping with it, its evaluation is the final one
             self._say(logging.WARNING, "time budget: the epoch under way alone needs ~%.0f s more than "
-                      "train.time_limit leaves", -available)
-        elif epochs < self.max_epochs and step > 0:
+                      "train.time_limit leaves", -(available + current_eval))
+        elif available > 0 and epochs < self.max_epochs and step > 0:
             # part of one more epoch: its evaluation is the final one, already in the reserve
             steps = min(int((available - fixed) / step_alone), self.steps_per_epoch)
             if steps >= max(1, math.ceil(MIN_LAST_EPOCH_SHARE * self.steps_per_epoch)):
