@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -49,6 +50,8 @@ def _summary_path(path: str | None) -> Path | None:
         raise UserInputError(f"--summary-json {path}: cannot create its folder: {exc.strerror}") from None
     if target.is_dir():
         raise UserInputError(f"--summary-json {path} is a folder; give a file name")
+    if not os.access(target if target.exists() else target.parent, os.W_OK):
+        raise UserInputError(f"--summary-json {path}: not writable")
     return target
 
 
@@ -65,9 +68,11 @@ OVERRIDE = re.compile(r"[A-Za-z_]\w*\.[A-Za-z_]\w*=")
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """argparse puts a leading ``section.key=value`` into ``config``; move it back to the overrides
     (a config path may hold a ``=`` too: a Tune trial's folder, ``s3://b/run=3/best.yaml``)."""
-    if args.config is not None and OVERRIDE.match(args.config):
-        return None, [args.config, *args.overrides]
-    return args.config, list(args.overrides)
+    config = args.config
+    if config is not None and (OVERRIDE.match(config) or ("=" in config and "/" not in config
+                                                          and not Path(config).exists())):
+        return None, [config, *args.overrides]  # a malformed one is refused as an override, with the hint
+    return config, list(args.overrides)
 
 
 class _Subcommands:

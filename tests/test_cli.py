@@ -92,6 +92,7 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     assert main(["config", "demo", "-v", "loss.alpha=3.5", "train.run_name=2024-12-03"]) == 0  # after an option
     printed = capsys.readouterr().out
     assert "alpha: 3.5" in printed and "run_name: '2024-12-03'" in printed  # a text setting as typed, not a date
+    assert main(["config", "model.pretrained=2024"]) == 0 and "pretrained: '2024'" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["tune", "--search-space", "x.yaml", "--nonsense"])
     trial = tmp_path / "alpha=2.5,beta=3" / "best.yaml"  # a Tune trial's folder: a path, not an override
@@ -99,6 +100,8 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     trial.write_text("loss:\n  alpha: 2.5\n")
     assert main(["config", str(trial), "loss.beta=3"]) == 0
     assert "alpha: 2.5" in capsys.readouterr().out
+    assert main(["config", "alpha=2"]) == 2  # an override without its section, not a missing file
+    assert "must look like section.key=value" in capsys.readouterr().err
 
 
 def test_user_errors_are_one_line_and_program_faults_keep_their_traceback(tmp_path, capsys, monkeypatch):

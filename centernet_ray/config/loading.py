@@ -48,10 +48,16 @@ def with_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...] 
     data = copy.deepcopy(data)
     for item in overrides:
         key, value = parse_override(item)
-        if _field_type(key) is str and not isinstance(value, (str, list, dict)) and value is not None:
+        if _is_text(_field_type(key)) and not isinstance(value, (str, list, dict)) and value is not None:
             value = item.partition("=")[2].strip()  # a text setting as typed: run_name=2024-12-03, split=2017
         _set_dotted(data, key, value)
     return config_from_dict(data)
+
+
+def _is_text(hint: Any) -> bool:
+    """``str`` or ``str | None``."""
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and set(typing.get_args(hint)) == {str, type(None)})
 
 
 def _field_type(key: str) -> Any:
@@ -161,8 +167,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string; got {value!r} (in YAML, quote it: {key.split('.')[-1]}: "
-                              f"'...')")
+            raise ConfigError(f"{key} must be a string; got {value!r} (in a YAML file, quote it)")
         return value
     raise ConfigError(f"{key}: unsupported type {hint}")  # a programming error in this module
 
