@@ -120,6 +120,7 @@ def test_user_errors_are_one_line_and_program_faults_keep_their_traceback(tmp_pa
         raise ValueError("an internal invariant broke")  # e.g. from torch, deep inside a command
 
     monkeypatch.chdir(tmp_path)  # DLA-34's weights file, relative to here, is not there: refused before the ingest
+    monkeypatch.setattr("ray.nodes", lambda: [{"Alive": True}])  # a Ray of one machine: the workers' files are here
     assert main(["train", "coco_dla34_1x", f"train.storage_path={tmp_path / 'runs'}"]) == 2
     assert (f"model.pretrained: no weights file {tmp_path / 'weights' / 'dla34-ba72cf86.pth'}"
             in capsys.readouterr().err)

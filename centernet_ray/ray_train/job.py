@@ -85,8 +85,12 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     config = storage.with_absolute_paths(config)
     check_resumable(config)  # before the ingest, which can take long
     if storage.names_a_weights_file(config.model.pretrained) and not Path(config.model.pretrained).is_file():
-        raise UserInputError(f"model.pretrained: no weights file {config.model.pretrained} (every GPU node reads it "
-                             "there; model.pretrained=null trains the backbone from scratch)")
+        message = (f"model.pretrained: no weights file {config.model.pretrained} here (every training worker reads "
+                   "it at that path; model.pretrained=null trains the backbone from scratch)")
+        if sum(node["Alive"] for node in ray.nodes()) > 1:  # the workers may be on nodes that have it
+            log.warning("%s", message)
+        else:
+            raise UserInputError(message)
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
