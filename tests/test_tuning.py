@@ -283,3 +283,11 @@ def test_a_sweep_resumes_only_with_the_settings_it_started_with(tmp_path):
         check_resume(saved, sweep_settings(more, wider), "s")
     check_resume(saved, sweep_settings(load_config(None, ["tune.num_samples=4", "tune.max_concurrent_trials=1"]),
                                        space), "s")
+    # the base config's training settings too (each restored trial refused them one by one), not its paths or
+    # loading settings; a searched key's base value is the space's business
+    with pytest.raises(ConfigError, match=r"\(train.batch_size differ\)"):
+        check_resume(saved, sweep_settings(load_config(None, ["tune.num_samples=4", "train.batch_size=8"]), space), "s")
+    check_resume(saved, sweep_settings(load_config(None, ["tune.num_samples=4", "data.root=/elsewhere",
+                                                          "loss.alpha=3.0", "train.eval_every=1"]), space), "s")
+    old_state = {"mlflow_run_id": "r", "settings": {k: v for k, v in saved["settings"].items() if k != "base"}}
+    check_resume(old_state, sweep_settings(load_config(None, ["tune.num_samples=4", "train.batch_size=8"]), space), "s")

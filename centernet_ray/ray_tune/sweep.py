@@ -12,6 +12,7 @@ import ray
 from ray import tune
 
 from centernet_ray import storage
+from centernet_ray.checkpoint import RESUMABLE_SETTINGS, RESUME_COMPARED_SECTIONS
 from centernet_ray.config import Config, ConfigError
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
@@ -78,9 +79,16 @@ def build_searcher(config: Config, space: SearchSpace, include_default: bool, ma
 
 def sweep_settings(config: Config, space: SearchSpace) -> dict[str, Any]:
     """What a resumed sweep must share with the sweep it resumes: Tune keeps the space, the search
-    and the trials it started with, so a changed one would be read against trials it never made."""
-    return {"space": {d.key: d.describe() for d in space.dimensions},
-            "tune": {k: v for k, v in config.to_dict()["tune"].items() if k not in ("name", "max_concurrent_trials")}}
+    and the trials it started with, so a changed one would be read against trials it never made;
+    and the base config's settings that trials learn with (``checkpoint.changed_settings``'s), which
+    every restored trial would refuse one by one. As JSON stores them (lists, not tuples)."""
+    searched = {d.key for d in space.dimensions}
+    base = {key: value for key, value in config.flatten().items()
+            if key.split(".")[0] in RESUME_COMPARED_SECTIONS and key not in RESUMABLE_SETTINGS and key not in searched}
+    return json.loads(json.dumps({
+        "space": {d.key: d.describe() for d in space.dimensions},
+        "tune": {k: v for k, v in config.to_dict()["tune"].items() if k not in ("name", "max_concurrent_trials")},
+        "base": base}))
 
 
 def check_resume(saved: dict[str, Any], settings: dict[str, Any], name: str) -> None:
@@ -89,12 +97,14 @@ def check_resume(saved: dict[str, Any], settings: dict[str, Any], name: str) -> 
     before = saved.get("settings")
     if before is None or before == settings:
         return
-    changed = sorted(f"{section}.{key}" if section == "tune" else key
-                     for section in ("space", "tune")
-                     for key in set(before.get(section, {})) | set(settings[section])
-                     if before.get(section, {}).get(key) != settings[section].get(key))
-    raise ConfigError(f"sweep {name} was started with other settings ({', '.join(changed)} differ): resume it with "
-                      "the same search space and tune settings, or start a new sweep under another tune.name")
+    changed = sorted({f"{section}.{key}" if section == "tune" else key
+                      for section in ("space", "tune", "base") if section in before  # "base": saved since 2026-12
+                      for key in set(before[section]) | set(settings[section])
+                      if before[section].get(key) != settings[section].get(key)})
+    if changed:
+        raise ConfigError(f"sweep {name} was started with other settings ({', '.join(changed)} differ): resume it "
+                          "with the same search space, tune and training settings, or start a new sweep under "
+                          "another tune.name")
 
 
 def check_sweep(config: Config, space: SearchSpace) -> None:
@@ -138,17 +148,16 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     name, root = sweep_name(config), storage.default_storage_path(config)
     experiment = storage.join(root, name)
     warn_if_node_local_tracking(config.tracking.tracking_uri)
+    state_uri = storage.join(experiment, SWEEP_STATE_FILE)
+    restoring = tune.Tuner.can_restore(experiment)
+    state = json.loads(storage.read_bytes(state_uri)) if restoring and storage.exists(state_uri) else {}
+    settings = sweep_settings(config, space)
+    check_resume(state, settings, name)  # before the ingest, which can take long
     # once, here: concurrent trials would otherwise race to ingest
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     include_default = config.tune.include_default and not space.has_grid()
     if config.tune.include_default and space.has_grid():
         log.info("the search space has grid: entries; the default config is not added as a trial of its own")
-
-    state_uri = storage.join(experiment, SWEEP_STATE_FILE)
-    restoring = tune.Tuner.can_restore(experiment)
-    state = json.loads(storage.read_bytes(state_uri)) if restoring and storage.exists(state_uri) else {}
-    settings = sweep_settings(config, space)
-    check_resume(state, settings, name)
     max_concurrent = derive_max_concurrent(config, ray.cluster_resources())
     if not restoring:  # built before the sweep's MLflow run, so that a bad setting leaves no run behind
         searcher = build_searcher(config, space, include_default, max_concurrent)
