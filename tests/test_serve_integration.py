@@ -169,8 +169,9 @@ def test_healthz_and_metadata(endpoint, trained_checkpoint):
     assert meta["checkpoint_source"] == str(trained_checkpoint[0]) and meta["max_body_bytes"] == MAX_BODY
     schema = requests.get(f"{endpoint}/openapi.json", timeout=30)  # no API keys: the schema is open
     assert schema.status_code == 200 and {"/detect", "/healthz", "/metadata"} <= set(schema.json()["paths"])
-    docs = requests.get(f"{endpoint}/docs", timeout=30)
-    assert docs.status_code == 200 and "/openapi.json" in docs.text
+    for page in ("docs", "redoc"):
+        docs = requests.get(f"{endpoint}/{page}", timeout=30)
+        assert docs.status_code == 200 and "/openapi.json" in docs.text, page
 
 
 def test_endpoint_detections_equal_predict_on_the_same_images(endpoint, trained_checkpoint, tmp_path):

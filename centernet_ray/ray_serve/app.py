@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -187,6 +187,12 @@ def _error(exc: RequestError) -> JSONResponse:
     return JSONResponse({"error": exc.message, "status": exc.status}, status_code=exc.status, headers=headers)
 
 
+def _schema_url(request: Request) -> str:
+    """``/openapi.json`` under the application's route prefix (Serve's ``root_path``). Defined above
+    the deployment: ``@serve.deployment`` serialises the class, with the globals it names, at once."""
+    return (request.scope.get("root_path") or "").rstrip("/") + "/openapi.json"
+
+
 @serve.deployment(name="DetectionAPI")
 @serve.ingress(api)
 class DetectionAPI:
@@ -292,7 +298,16 @@ class DetectionAPI:
             self._authorize(request)
         except RequestError as exc:
             return _error(exc)
-        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{api.title} - docs")
+        return get_swagger_ui_html(openapi_url=_schema_url(request), title=f"{api.title} - docs")
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> Response:
+        """ReDoc over ``/openapi.json``, with the same key rule as ``/docs``."""
+        try:
+            self._authorize(request)
+        except RequestError as exc:
+            return _error(exc)
+        return get_redoc_html(openapi_url=_schema_url(request), title=f"{api.title} - ReDoc")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
