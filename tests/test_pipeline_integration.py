@@ -126,7 +126,9 @@ def test_validation_split_gives_every_image_to_exactly_one_worker(ray_session, p
 
 
 def test_torch_trainer_workers_stream_their_shards_with_collated_targets(ray_session, parquet, task_config, tmp_path):
-    config = task_config
+    from centernet_ray.config import with_overrides
+
+    config = with_overrides(task_config.to_dict(), ["data.shuffle_buffer_batches=2"])  # the buffer (the cache's default)
     import json
 
     from ray.train import RunConfig, ScalingConfig

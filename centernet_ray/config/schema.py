@@ -116,8 +116,10 @@ class DataConfig:
     prefetch_batches: int = _ranged(2, ge=0)
     # Training rows come in a new order every epoch, as the official DataLoader(shuffle=True): the
     # Parquet shards (or the cache's blocks) are read in a random order, then each worker draws its
-    # batches at random from a buffer of this many batches of rows. 0 = the blocks' order only.
-    shuffle_buffer_batches: int = _ranged(4, ge=0)
+    # batches at random from a buffer of this many batches of rows (0: the blocks' order only).
+    # null: 2 with the cache, whose rows are ready; 0 without, where filling the buffer delayed each
+    # epoch's first batch from 0.8 s to 2.3-4.0 s on a 2-core machine (BENCHMARKS.md)
+    shuffle_buffer_batches: int | None = _ranged(None, ge=0)
     # Decode (and for augment flip/none, letterbox) every image once per cluster and keep the result in
     # Ray's object store; each epoch then runs only the random part (ray_data/cache.py). Refused when the
     # estimate exceeds half the cluster's object store, unless cache_force (Ray spills the rest to disk).

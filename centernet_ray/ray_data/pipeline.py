@@ -249,6 +249,12 @@ class AugmentThenCollate:
         return self.collate(self.augment(batch))
 
 
+def shuffle_buffer_batches(config: Config) -> int:
+    """``data.shuffle_buffer_batches``, its default resolved: 2 batches over the cache, none without."""
+    chosen = config.data.shuffle_buffer_batches
+    return chosen if chosen is not None else (2 if config.data.cache else 0)
+
+
 def shard_batches(name: str, config: Config, num_classes: int, batch_size: int, epoch: int = 0):
     """Inside a Ray Train worker: this worker's split of dataset ``name`` as collated torch batches
     (see :class:`TargetCollate`: sparse for training on a GPU), prefetched ``data.prefetch_batches``
@@ -264,9 +270,9 @@ def shard_batches(name: str, config: Config, num_classes: int, batch_size: int, 
     collate = TargetCollate(config, num_classes, not on_device)
     if name == "train" and augments_on_the_trainer(config):
         collate = AugmentThenCollate(config, epoch, collate)
-    shuffle = {}
-    if name == "train" and config.data.shuffle_buffer_batches:  # a different draw every epoch, from the seed
-        shuffle = {"local_shuffle_buffer_size": config.data.shuffle_buffer_batches * batch_size,
+    shuffle, buffered = {}, shuffle_buffer_batches(config)
+    if name == "train" and buffered:  # a different draw every epoch, from the seed
+        shuffle = {"local_shuffle_buffer_size": buffered * batch_size,
                    "local_shuffle_seed": config.train.seed * 100_003 + epoch}
     # drop_last for training: every epoch is the steps the schedule counts (rows // workers // batch),
     # never a short batch at the end (the official loader's drop_last=True)
