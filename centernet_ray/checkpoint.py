@@ -159,6 +159,11 @@ def is_mlflow_uri(source: str) -> bool:
     return source.startswith(MLFLOW_SCHEMES)
 
 
+def names_an_alias(source: str) -> bool:
+    """Whether ``source`` is a registry alias (``models:/name@alias``), which can move."""
+    return source.startswith("models:/") and "@" in source
+
+
 def read_checkpoint(source: str, tracking_uri: str | None = None) -> dict:
     """The checkpoint dict behind ``source`` (file/directory/URI or MLflow model URI), without
     building the model: for a driver that needs the config and classes, not the weights."""

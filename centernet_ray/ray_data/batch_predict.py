@@ -18,7 +18,8 @@ import ray
 import torch
 
 from centernet_ray import storage
-from centernet_ray.checkpoint import is_mlflow_uri, load_served_model, read_checkpoint, resolve_model_uri
+from centernet_ray.checkpoint import (is_mlflow_uri, load_served_model, names_an_alias, read_checkpoint,
+                                      resolve_model_uri)
 from centernet_ray.config import with_overrides
 from centernet_ray.data.coco import parse_coco
 from centernet_ray.detector import Detector
@@ -104,7 +105,7 @@ def _image_rows(images: str, annotations: dict | None) -> tuple[list[dict[str, A
 def _pinned(checkpoint: str, tracking_uri: str) -> str:
     """An alias (``models:/name@champion``) as the version it names now (``models:/name/3``): the
     driver and every actor, started or restarted later, load the same model, and the log says which."""
-    if not (checkpoint.startswith("models:/") and "@" in checkpoint):
+    if not names_an_alias(checkpoint):
         return checkpoint
     _, version = resolve_model_uri(checkpoint, tracking_uri)
     log.info("predict: %s is version %s", checkpoint, version)
@@ -178,7 +179,7 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         if storage.exists(storage.join(output, name)):
             fs, path = storage.resolve(storage.join(output, name))
             fs.delete_file(path)
-    if id_to_path and ground_truth is None:
+    if writes["images.json"]:
         storage.write_bytes(storage.join(output, "images.json"), json.dumps({str(k): v for k, v in id_to_path.items()}, indent=1).encode())
 
     skipped = ray.get(report.get.remote())

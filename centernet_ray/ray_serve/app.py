@@ -59,11 +59,6 @@ class ServedState:
 SHUTDOWN_OPTIONS = {"graceful_shutdown_timeout_s": 10.0}
 
 
-def _names_an_alias(source: str) -> bool:
-    """Whether ``source`` is a registry alias (``models:/name@alias``), which can move."""
-    return source.startswith("models:/") and "@" in source
-
-
 @serve.deployment(name="DetectionModel")
 class DetectionModel:
     """One model replica: batches of letterboxed images in, detections (original pixels) out."""
@@ -92,12 +87,14 @@ class DetectionModel:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this at start and whenever the deployment's ``user_config`` changes."""
+        from centernet_ray.checkpoint import names_an_alias
+
         source = user_config["checkpoint"]
         if self.state is None or source != self.state.source:
             self._swap(await asyncio.to_thread(self._load, source))
         if self._poller is not None and self._poller.done():
             self._poller = None
-        if self.poll_s > 0 and _names_an_alias(source) and self._poller is None:
+        if self.poll_s > 0 and names_an_alias(source) and self._poller is None:
             self._poller = asyncio.get_running_loop().create_task(self._follow_alias())
 
     def _swap(self, state: ServedState) -> None:
@@ -109,13 +106,13 @@ class DetectionModel:
     async def _follow_alias(self) -> None:
         """Re-resolve the alias every ``poll_s``; load a moved one beside the current model, then swap.
         A version that fails to load is not tried again until the alias moves on."""
-        from centernet_ray.checkpoint import resolve_model_uri
+        from centernet_ray.checkpoint import names_an_alias, resolve_model_uri
 
         tried: tuple[str, str] | None = None  # (source, version) last loaded, or tried and failed
         while True:
             await asyncio.sleep(self.poll_s)
             state = self.state
-            if not _names_an_alias(state.source):
+            if not names_an_alias(state.source):
                 return  # reconfigured to a fixed checkpoint: nothing to follow
             try:
                 _, version = await asyncio.to_thread(resolve_model_uri, state.source, self.tracking_uri)
