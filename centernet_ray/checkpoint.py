@@ -52,14 +52,19 @@ RESUMABLE_SETTINGS = frozenset({
 })
 
 
+def learned_settings(config: Config) -> dict[str, Any]:
+    """The settings of ``config`` that shape what a run learns (``RESUME_COMPARED_SECTIONS`` less
+    ``RESUMABLE_SETTINGS``), by dotted key."""
+    return {key: value for key, value in config.flatten().items()
+            if key.split(".")[0] in RESUME_COMPARED_SECTIONS and key not in RESUMABLE_SETTINGS}
+
+
 def changed_settings(trained: Config, resumed: Config) -> list[str]:
-    """The settings (``section.key: old -> new``) that ``resumed`` changes in the run ``trained``
-    started, beyond ``RESUMABLE_SETTINGS``: a resume with any of them would silently keep the
-    run's weights, optimizer and schedule under settings they were not trained with."""
-    old, new = trained.flatten(), resumed.flatten()
-    return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in sorted(old)
-            if key.split(".")[0] in RESUME_COMPARED_SECTIONS and key not in RESUMABLE_SETTINGS
-            and old[key] != new.get(key)]
+    """The learned settings (``section.key: old -> new``) that ``resumed`` changes in the run
+    ``trained`` started: a resume with any of them would silently keep the run's weights, optimizer
+    and schedule under settings they were not trained with."""
+    old, new = learned_settings(trained), learned_settings(resumed)
+    return [f"{key}: {old[key]!r} -> {new.get(key)!r}" for key in sorted(old) if old[key] != new.get(key)]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -12,7 +12,7 @@ import ray
 from ray import tune
 
 from centernet_ray import storage
-from centernet_ray.checkpoint import RESUMABLE_SETTINGS, RESUME_COMPARED_SECTIONS
+from centernet_ray.checkpoint import learned_settings
 from centernet_ray.config import Config, ConfigError
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
@@ -83,8 +83,7 @@ def sweep_settings(config: Config, space: SearchSpace) -> dict[str, Any]:
     and the base config's settings that trials learn with (``checkpoint.changed_settings``'s), which
     every restored trial would refuse one by one. As JSON stores them (lists, not tuples)."""
     searched = {d.key for d in space.dimensions}
-    base = {key: value for key, value in config.flatten().items()
-            if key.split(".")[0] in RESUME_COMPARED_SECTIONS and key not in RESUMABLE_SETTINGS and key not in searched}
+    base = {key: value for key, value in learned_settings(config).items() if key not in searched}
     return json.loads(json.dumps({
         "space": {d.key: d.describe() for d in space.dimensions},
         "tune": {k: v for k, v in config.to_dict()["tune"].items() if k not in ("name", "max_concurrent_trials")},
