@@ -177,7 +177,7 @@ def test_a_resumed_engine_takes_the_next_step_exactly_as_the_uninterrupted_one(t
     state = _checkpointed(engine, config, 2, tmp_path, {"planned_epochs": 11, "planned_last_epoch_steps": 2})
     resumed = TrainingEngine(config, num_classes=2, steps_per_epoch=3)
     resumed.load_state(state, steps_per_epoch=3)
-    assert resumed_plan(state["metrics"], 3) == (11, 2) and resumed_plan({"planned_epochs": 100.0}, 3) is None
+    assert resumed_plan(state["metrics"]) == (11, 2) and resumed_plan({"planned_epochs": 100.0}) is None
     resumed.fit_schedule(10 + 2 / 3)  # what the loop's _Schedule.resume sets: 10 whole epochs and 2 of 3 steps
     engine.fit_schedule(10 + 2 / 3)
     assert resumed.global_step == engine.global_step == resumed.scheduler.last_epoch == 6

@@ -183,7 +183,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
             log.info("resumed from the checkpoint of epoch %d", start_epoch)
     # a finished run rerun under its name is reported, not retrained: finished at its time budget's
     # plan, or at train.epochs (raised, the run trains on to it)
-    planned = resumed_plan(restored_metrics, facts.steps_per_epoch)
+    planned = resumed_plan(restored_metrics)
     if start_epoch >= (planned[0] if planned else train.epochs):
         ray.train.report(restored_metrics)
         return
@@ -264,7 +264,7 @@ class _Schedule:
         """After a restart under a time budget: the plan of the attempt that wrote the checkpoint, the
         LR schedule fitted to it from the first step (else the unfitted ``train`` schedule would run
         until this attempt's steps are timed)."""
-        planned = resumed_plan(metrics, self.steps_per_epoch) if self.budget is not None else None
+        planned = resumed_plan(metrics) if self.budget is not None else None
         if planned is not None:
             self._set(*planned)
 

@@ -222,13 +222,13 @@ class TimeBudget:
         return self.plan.epochs if self.plan is not None else self.max_epochs
 
 
-def resumed_plan(metrics: dict[str, float], steps_per_epoch: int) -> tuple[int, int] | None:
+def resumed_plan(metrics: dict[str, float]) -> tuple[int, int] | None:
     """(epochs, steps of the last one) that the attempt which wrote a checkpoint's ``metrics`` had
     planned, or None without a plan: a restarted attempt trains to it, its LR schedule fitted to it
     from the first step, until its own timing re-plans."""
     if "planned_last_epoch_steps" not in metrics:  # written only under a time budget
         return None
-    return int(metrics["planned_epochs"]), int(metrics.get("planned_last_epoch_steps", steps_per_epoch))
+    return int(metrics["planned_epochs"]), int(metrics["planned_last_epoch_steps"])
 
 
 def describe(plan: BudgetPlan) -> str:
