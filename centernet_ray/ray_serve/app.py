@@ -278,33 +278,28 @@ class DetectionAPI:
                              "max_detections": self.settings.max_detections,
                              "api_key_required": self.keys.required})
 
-    @api.get("/openapi.json", include_in_schema=False)
-    async def openapi_schema(self, request: Request) -> Response:
-        """The API's OpenAPI schema; behind the API key when keys are required."""
+    def _refusal(self, request: Request) -> Response | None:
+        """The 401 for a request without a valid key (when keys are required), else None."""
         try:
             self._authorize(request)
         except RequestError as exc:
             return _error(exc)
-        return JSONResponse(api.openapi())
+        return None
+
+    # The schema and its two viewers, behind the API key when keys are required. In a browser the
+    # viewers work only on an open endpoint (a browser sends no key): use the schema with curl.
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(self, request: Request) -> Response:
+        return self._refusal(request) or JSONResponse(api.openapi())
 
     @api.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> Response:
-        """Swagger UI over ``/openapi.json``; with API keys required, only for a request that sends one
-        (a browser cannot: use the schema with ``curl -H 'Authorization: Bearer ...'``)."""
-        try:
-            self._authorize(request)
-        except RequestError as exc:
-            return _error(exc)
-        return get_swagger_ui_html(openapi_url=_schema_url(request), title=f"{api.title} - docs")
+        return self._refusal(request) or get_swagger_ui_html(openapi_url=_schema_url(request),
+                                                             title=f"{api.title} - docs")
 
     @api.get("/redoc", include_in_schema=False)
     async def redoc(self, request: Request) -> Response:
-        """ReDoc over ``/openapi.json``, with the same key rule as ``/docs``."""
-        try:
-            self._authorize(request)
-        except RequestError as exc:
-            return _error(exc)
-        return get_redoc_html(openapi_url=_schema_url(request), title=f"{api.title} - ReDoc")
+        return self._refusal(request) or get_redoc_html(openapi_url=_schema_url(request), title=f"{api.title} - ReDoc")
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
