@@ -12,6 +12,7 @@ import logging
 import math
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 from centernet_ray.config import Config
 
@@ -76,17 +77,22 @@ def promote(tracking_uri: str, name: str, run_id: str, ap: float, export_passed:
     # alias while this one decided. Decide again against the champion as it is now, until it holds
     # still; the window left is between the last read and the move, not the whole decision.
     for _ in range(MAX_DECISIONS):
-        now = current_champion() if promoted else champion
-        if (now and str(now.version)) == (champion and str(champion.version)):
+        now = current_champion() if promoted else champion  # not promoting: nothing to race for
+        if _version(now) == _version(champion):
             break
         champion = now
         promoted, reason = _decide(client, champion, version, run_id, ap, export_passed, export_reason)
     if promoted:
         client.set_registered_model_alias(name, champion_alias, version)
     client.set_model_version_tag(name, version, REASON_TAG, reason)
-    result = Promotion(name, version, promoted, reason, str(champion.version) if champion else None)
+    result = Promotion(name, version, promoted, reason, _version(champion))
     log.info("%s", result.describe())
     return result
+
+
+def _version(model_version: Any) -> str | None:
+    """A registry ``ModelVersion``'s number as text; None for no version (no champion yet)."""
+    return None if model_version is None else str(model_version.version)
 
 
 def _decide(client, champion, version: str, run_id: str, ap: float, export_passed: bool,
