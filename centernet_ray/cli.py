@@ -75,24 +75,10 @@ def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, l
     return config, list(args.overrides)
 
 
-class _Subcommands:
-    """``add_subparsers``' result, adding the shared flags to every (sub)command it creates."""
-
-    def __init__(self, action: Any, shared: argparse.ArgumentParser) -> None:
-        self.action, self.shared = action, shared
-
-    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return self.action.add_parser(name, parents=[self.shared], **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="centernet-ray", description="Train, tune and serve CenterNet detectors on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    # -v after the command too (`centernet-ray train demo -v`); SUPPRESS keeps a subcommand's default
-    # from overwriting a -v given before it
-    verbose = argparse.ArgumentParser(add_help=False)
-    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
-    commands = _Subcommands(parser.add_subparsers(dest="command", required=True), verbose)
+    commands = parser.add_subparsers(dest="command", required=True)
 
     config = commands.add_parser("config", help="print the resolved config as YAML (the defaults without CONFIG)")
     _add_config_args(config, "none, every key at its default")
@@ -123,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(one per line; default serve.api_keys_file, else $CENTERNET_RAY_API_KEYS, else open)")
 
     data = commands.add_parser("data", help="dataset tools")
-    data_commands = _Subcommands(data.add_subparsers(dest="data_command", required=True), verbose)
+    data_commands = data.add_subparsers(dest="data_command", required=True)
     synth = data_commands.add_parser("synth", help="write the synthetic shapes dataset in COCO layout")
     synth.add_argument("--out", required=True, help="output directory")
     synth.add_argument("--train-images", type=_positive_int, default=1000)
@@ -185,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--annotations", required=True, help="ground-truth instances json")
     evaluate.add_argument("--detections", required=True, help="COCO results json (list of detections)")
     evaluate.add_argument("--summary-json", help="write the stats here as JSON")
+    # -v after the command too (`centernet-ray train demo -v`); SUPPRESS keeps a command's default
+    # from overwriting a -v given before it
+    for command in [*commands.choices.values(), *data_commands.choices.values()]:
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     return parser
 
 
