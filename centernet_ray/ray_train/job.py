@@ -83,14 +83,8 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
     # directory is Ray's session folder.
     config = storage.with_absolute_paths(config)
-    check_resumable(config)  # before the ingest, which can take long
-    if storage.names_a_weights_file(config.model.pretrained) and not Path(config.model.pretrained).is_file():
-        message = (f"model.pretrained: no weights file {config.model.pretrained} here (every training worker reads "
-                   "it at that path; model.pretrained=null trains the backbone from scratch)")
-        if sum(node["Alive"] for node in ray.nodes()) > 1:  # the workers may be on nodes that have it
-            log.warning("%s", message)
-        else:
-            raise UserInputError(message)
+    check_resumable(config)  # both before the ingest, which can take long
+    check_pretrained_file(config)
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
@@ -134,6 +128,19 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                            datasets=datasets, dataset_config=CenterNetDataConfig(config.cluster.data_selector()),
                            run_config=run)
     return trainer, report
+
+
+def check_pretrained_file(config: Config) -> None:
+    """A ``model.pretrained`` file missing here is refused on a Ray of one machine, where the workers
+    read it, and warned about on a cluster, whose GPU nodes may have it while this one does not."""
+    if not storage.names_a_weights_file(config.model.pretrained) or Path(config.model.pretrained).is_file():
+        return
+    message = (f"model.pretrained: no weights file {config.model.pretrained} here (every training worker reads "
+               "it at that path; model.pretrained=null trains the backbone from scratch)")
+    if sum(node["Alive"] for node in ray.nodes()) > 1:
+        log.warning("%s", message)
+    else:
+        raise UserInputError(message)
 
 
 def check_resumable(config: Config) -> None:
