@@ -29,6 +29,44 @@ from centernet_ray.evaluation import STAT_NAMES
 
 log = logging.getLogger(__name__)
 
+LAUNCH_TAG = "centernet_ray.launch"  # one start of a training job: see RunTracker
+
+
+def _launch_tag(launch: str | None) -> dict[str, str]:
+    return {LAUNCH_TAG: launch} if launch else {}
+
+
+def _launch_filter(launch: str) -> str:
+    return f"tags.`{LAUNCH_TAG}` = '{launch}'"
+
+
+def launch_run_id(config: Config, launch: str) -> str | None:
+    """The MLflow run of this start of the job (``launch``), if an attempt opened one."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], _launch_filter(launch), max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def end_running_launch_runs(config: Config, launch: str, status: str) -> str | None:
+    """Mark ``status`` (KILLED, FAILED) the MLflow run of this start of the job if it is still
+    RUNNING (its worker was stopped before it could end it); its id, or None when there is none."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri(config))
+    experiment = client.get_experiment_by_name(config.tracking.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id],
+                              f"attributes.status = 'RUNNING' and {_launch_filter(launch)}")
+    for run in runs:
+        client.set_terminated(run.info.run_id, status)
+    return runs[0].info.run_id if runs else None
+
 DATASET_LOG_ATTEMPTS = 3  # RunTracker: a dataset input lost to a concurrent trial's insert is retried
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint
 
@@ -174,23 +212,34 @@ class DatasetInput:
 
 
 class RunTracker:
-    """One MLflow run (created, or resumed from ``run_id``) of a training job, on rank 0."""
+    """One MLflow run (created, or resumed from ``run_id``) of a training job, on rank 0.
+
+    ``launch`` names one start of the job (``job.build_trainer``), whatever its attempts: the run
+    carries it as the :data:`LAUNCH_TAG` tag. An attempt with no checkpoint to resume from (the one
+    before it failed before its first) continues the run of its launch instead of opening another,
+    and the driver finds by it the run a dead worker left RUNNING."""
 
     def __init__(self, config: Config, run_name: str, run_id: str | None = None,
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 datasets: list[DatasetInput] | None = None) -> None:
+                 datasets: list[DatasetInput] | None = None, launch: str | None = None) -> None:
         import mlflow
 
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri(config))
         mlflow.set_experiment(config.tracking.experiment)
+        if run_id is None and launch:
+            run_id = launch_run_id(config, launch)
+            if run_id:
+                log.info("continuing MLflow run %s of this launch's earlier attempt", run_id)
         if parent_run_id and run_id is None:  # a Tune trial: nested under the sweep's run
             tags = {**(tags or {}), "mlflow.parentRunId": parent_run_id}
         mlflow.set_system_metrics_sampling_interval(config.tracking.system_metrics_interval_s)
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                                    tags=None if run_id else tags,
+                                    tags=None if run_id else {**(tags or {}), **_launch_tag(launch)},
                                     log_system_metrics=config.tracking.system_metrics)
         self.run_id = self.run.info.run_id
+        if run_id is not None and launch:
+            mlflow.set_tags(_launch_tag(launch))  # resumed by a later launch: it is that launch's run now
         if run_id is None:
             mlflow.log_params({k: str(v)[:500] for k, v in config.flatten().items()})
             self.text(config.to_yaml(), "config.yaml")

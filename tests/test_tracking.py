@@ -145,3 +145,44 @@ def test_a_dataset_input_lost_to_a_concurrent_insert_is_logged_on_the_retry(tmp_
     run = MlflowClient(store).get_run(tracker.run_id)
     assert len(calls) == 2 and run.info.status == "FINISHED"
     assert [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] == [("train", "f" * 12)]
+
+
+def test_every_attempt_of_one_launch_logs_to_one_run_and_the_driver_ends_it_by_the_launch(tmp_path, monkeypatch):
+    """An attempt whose worker died before the first checkpoint leaves its run RUNNING; the next
+    attempt of the same launch continues that run, and the driver marks it by the launch's tag. A
+    later launch that resumes the run from a checkpoint takes the run over."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from centernet_ray.tracking import LAUNCH_TAG, RunTracker, end_running_launch_runs, launch_run_id
+
+    monkeypatch.chdir(tmp_path)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(None, [f"tracking.tracking_uri={store}", "tracking.system_metrics=false"])
+    client = MlflowClient(store)
+    try:
+        assert launch_run_id(config, "first") is None  # no experiment yet
+        died = RunTracker(config, "job", launch="first")
+        mlflow.end_run()
+        client.update_run(died.run_id, "RUNNING")  # as the store keeps the run of a process that died
+        retried = RunTracker(config, "job", launch="first")
+        assert retried.run_id == died.run_id and launch_run_id(config, "first") == died.run_id
+        mlflow.end_run()
+        client.update_run(died.run_id, "RUNNING")
+        assert end_running_launch_runs(config, "first", "FAILED") == died.run_id
+        assert end_running_launch_runs(config, "first", "FAILED") is None  # nothing RUNNING is left
+        assert client.get_run(died.run_id).info.status == "FAILED"
+
+        other = RunTracker(config, "job", launch="other")  # another launch: a run of its own
+        other.close()
+        resumed = RunTracker(config, "job", run_id=died.run_id, launch="second")  # from a checkpoint
+        mlflow.end_run()
+        client.update_run(died.run_id, "RUNNING")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert other.run_id != died.run_id and resumed.run_id == died.run_id
+    assert client.get_run(died.run_id).data.tags[LAUNCH_TAG] == "second"
+    assert end_running_launch_runs(config, "second", "KILLED") == died.run_id
+    runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
+    assert sorted((run.info.run_id, run.info.status) for run in runs) == sorted(
+        [(died.run_id, "KILLED"), (other.run_id, "FINISHED")])

@@ -39,6 +39,19 @@ class FailOnce(WorkerCallback):
             raise RuntimeError(f"injected failure at epoch {epoch}")
 
 
+class FailTheFirstAttempt(WorkerCallback):
+    """Rank 0 raises at the start of epoch 0 of the run's first attempt (``marker`` records that it
+    did), before any checkpoint: the next attempt starts from scratch."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def on_epoch_start(self, epoch: int, rank: int, resumed: bool) -> None:
+        if epoch == 0 and rank == 0 and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            raise RuntimeError("injected failure before the first checkpoint")
+
+
 class Die(WorkerCallback):
     """Rank 0 ends its process at the start of epoch 0, as the kernel's OOM killer would: no Python
     code of the worker runs after it."""
@@ -94,13 +107,18 @@ def tiny_config(shapes_dataset, tmp_path):
 
 
 def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_session, tiny_config, tmp_path):
+    """Two failures: one before the first checkpoint, one after; one MLflow run for all three attempts."""
+    from centernet_ray.config import with_overrides
     from centernet_ray.ray_train.job import run_training
 
+    config = with_overrides(tiny_config.to_dict(), ["train.max_failures=2"])
     epoch_log = tmp_path / "epochs.txt"
-    summary = run_training(tiny_config, [EpochLog(epoch_log), FailOnce(1)])
+    summary = run_training(config, [EpochLog(epoch_log), FailTheFirstAttempt(tmp_path / "failed"), FailOnce(1)])
     assert summary.epochs == 2 and not math.isnan(summary.stats["AP"]) and summary.mlflow_run_id
     rank0 = [int(line.split()[1]) for line in epoch_log.read_text().splitlines() if line.startswith("0 ")]
-    assert rank0 == [0, 1, 1]  # epoch 1 failed once and reran from the epoch-1 checkpoint; epoch 0 never repeated
+    # epoch 0 started again (no checkpoint yet), then epoch 1 failed once and reran from the
+    # epoch-1 checkpoint: the finished epoch 0 was not repeated
+    assert rank0 == [0, 0, 1, 1]
 
     state = load_checkpoint(summary.checkpoint)  # weights_only=True inside
     assert state["epoch"] in (1, 2) and state["class_names"] == ["circle", "rectangle", "triangle", "cross"]
@@ -109,21 +127,20 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     assert isinstance(restored.model, torch.nn.Module)
 
     epoch_log.write_text("")
-    again = run_training(tiny_config, [EpochLog(epoch_log)])
+    again = run_training(config, [EpochLog(epoch_log)])
     assert epoch_log.read_text() == ""  # a finished run is resumed, not retrained
     assert again.mlflow_run_id == summary.mlflow_run_id and again.stats["AP"] == pytest.approx(summary.stats["AP"])
     from mlflow import MlflowClient
 
-    client = MlflowClient(tiny_config.tracking.tracking_uri)  # the failed attempt's run, resumed, ended well
-    runs = client.search_runs([client.get_experiment_by_name(tiny_config.tracking.experiment).experiment_id])
+    client = MlflowClient(config.tracking.tracking_uri)  # the failed attempts' run, continued, ended well
+    runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
     assert [(run.info.run_id, run.info.status) for run in runs] == [(summary.mlflow_run_id, "FINISHED")]
 
-    from centernet_ray.config import with_overrides
     from centernet_ray.errors import UserInputError
 
-    longer = run_training(with_overrides(tiny_config.to_dict(), ["train.epochs=3"]), [EpochLog(epoch_log)])
+    longer = run_training(with_overrides(config.to_dict(), ["train.epochs=3"]), [EpochLog(epoch_log)])
     assert longer.epochs == 3 and sorted(epoch_log.read_text().splitlines()) == ["0 2", "1 2"]  # it may train longer
-    changed = with_overrides(tiny_config.to_dict(), ["loss.alpha=3", "train.lr=0.002"])
+    changed = with_overrides(config.to_dict(), ["loss.alpha=3", "train.lr=0.002"])
     with pytest.raises(UserInputError, match=r"other settings \(loss.alpha: 2.0 -> 3.0; train.lr: 0.001 -> 0.002\)"):
         run_training(changed)  # refused before the ingest: it would have reported the old run as this one
 

@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +32,8 @@ from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, Pip
 from centernet_ray.ray_runtime import warn_if_node_local, warn_if_node_local_tracking
 from centernet_ray.ray_train.loop import (CHECKPOINT_SCORE, DatasetFacts, LoopInputs, WorkerCallback,
                                          train_loop_per_worker)
-from centernet_ray.tracking import (DatasetInput, command_line, describe_run, ensure_experiment, run_tags,
-                                   tracking_uri)
+from centernet_ray.tracking import (DatasetInput, command_line, describe_run, end_running_launch_runs,
+                                   ensure_experiment, run_tags)
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,15 @@ def checkpoint_config() -> CheckpointConfig:
 def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None, worker_callbacks: list[WorkerCallback] | None = None,
                   threads_per_worker: int | None = None, mlflow_parent_run_id: str | None = None,
                   mlflow_tags: dict[str, str] | None = None, source: str | None = None,
-                  started_at: float | None = None) -> tuple[TorchTrainer, Any]:
+                  started_at: float | None = None, launch: str | None = None) -> tuple[TorchTrainer, Any]:
     """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report.
 
     ``callbacks`` are Ray Train ``UserCallback``s (a Tune trial passes its report callback);
     ``worker_callbacks`` run inside every worker's loop; ``threads_per_worker`` defaults to the
     cores divided among the workers; ``mlflow_parent_run_id`` nests the run's MLflow run under a
     sweep's run; ``source`` is the command shown as the run's source (default: this process's);
-    ``started_at`` (``time.time()``, default now) is when ``train.time_limit`` started counting."""
+    ``started_at`` (``time.time()``, default now) is when ``train.time_limit`` started counting;
+    ``launch`` names this start of the job in MLflow (default: a new id; see ``RunTracker``)."""
     started_at = time.time() if started_at is None else started_at
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
     # directory is Ray's session folder.
@@ -111,6 +113,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     inputs = LoopInputs(config=config, dataset=facts, run_name=default_run_name(config), clock=clock,
                         threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // config.train.num_workers),
                         mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=tags, mlflow_datasets=dataset_inputs,
+                        mlflow_launch=launch or uuid.uuid4().hex,
                         callbacks=list(worker_callbacks or []), eval_images=ingested["val"].rows,
                         deadline=None if config.train.time_limit is None else started_at + config.train.time_limit)
     if inputs.deadline is not None:
@@ -182,21 +185,22 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     """Train to the end (resuming a run of the same name and storage path) and summarise it; the
     summary becomes the MLflow run's description. ``source``: the command, for the run's source;
     ``started_at``: when ``train.time_limit`` started counting (the CLI: when the command started)."""
-    started = time.perf_counter()
-    trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source, started_at=started_at)
+    started, launch = time.perf_counter(), uuid.uuid4().hex
+    trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source, started_at=started_at,
+                                    launch=launch)
     previous_handler = signal.getsignal(signal.SIGINT)  # fit() installs Ray Train's Ctrl+C handler for good
     try:
         result = trainer.fit()
     except SystemExit as exc:  # that handler aborts the run, then exits from inside fit()
-        raise _interrupted(config) from exc
+        raise _interrupted(config, launch) from exc
     except Exception:  # a worker that died (killed, out of memory) could not end its MLflow run
-        _close_running_mlflow_run(config, "FAILED")
+        _close_running_mlflow_run(config, launch, "FAILED")
         raise
     finally:
         if previous_handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
     if result.error is not None:
-        _close_running_mlflow_run(config, "FAILED")
+        _close_running_mlflow_run(config, launch, "FAILED")
         raise result.error
     metrics = result.metrics or {}
     checkpoint = _best_checkpoint(result)
@@ -218,7 +222,7 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     return summary
 
 
-def _interrupted(config: Config) -> TrainingInterrupted:
+def _interrupted(config: Config, launch: str) -> TrainingInterrupted:
     """What an interrupted run left, said to the user: its latest checkpoint, from which rerunning the
     command resumes; its MLflow run is marked KILLED rather than left running in the UI."""
     run_dir = storage.join(storage.default_storage_path(config), default_run_name(config))
@@ -227,7 +231,7 @@ def _interrupted(config: Config) -> TrainingInterrupted:
     except OSError as exc:  # object storage unreachable: say so rather than guess
         log.warning("could not read the run's checkpoint records in %s: %s", run_dir, exc)
         latest = None
-    run_id = _close_running_mlflow_run(config, "KILLED")
+    run_id = _close_running_mlflow_run(config, launch, "KILLED")
     where = (f"its latest checkpoint is epoch {int(latest.rsplit('_', 1)[1])} in {storage.join(run_dir, latest)}: "
              "rerun the same command to resume from it" if latest else
              f"it stopped before its first checkpoint was recorded in {run_dir}: rerunning the same command "
@@ -236,25 +240,11 @@ def _interrupted(config: Config) -> TrainingInterrupted:
     return TrainingInterrupted(f"training run {default_run_name(config)} interrupted: {where}{mlflow}")
 
 
-def _close_running_mlflow_run(config: Config, status: str) -> str | None:
-    """Mark ``status`` (KILLED, FAILED) the latest MLflow run of this run name that is still RUNNING
-    (its worker was stopped before it could end it); None when there is none or the store cannot be
-    reached."""
-    from mlflow import MlflowClient
-
+def _close_running_mlflow_run(config: Config, launch: str, status: str) -> str | None:
+    """Mark ``status`` (KILLED, FAILED) this start's MLflow run if it is still RUNNING (its worker
+    was stopped before it could end it); None when there is none or the store cannot be reached."""
     try:
-        client = MlflowClient(tracking_uri(config))
-        experiment = client.get_experiment_by_name(config.tracking.experiment)
-        if experiment is None:
-            return None
-        name = default_run_name(config).replace("'", "\\'")
-        runs = client.search_runs([experiment.experiment_id], f"attributes.status = 'RUNNING' and "
-                                  f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time DESC"],
-                                  max_results=1)
-        if not runs:
-            return None
-        client.set_terminated(runs[0].info.run_id, status)
-        return runs[0].info.run_id
+        return end_running_launch_runs(config, launch, status)
     except Exception as exc:  # bookkeeping only: the interruption or failure is what the user must hear about
         log.warning("could not mark the run's MLflow run %s: %s", status, exc)
         return None

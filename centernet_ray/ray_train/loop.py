@@ -83,6 +83,7 @@ class LoopInputs:
     mlflow_parent_run_id: str | None = None  # a sweep's run: this run is nested under it
     mlflow_tags: dict[str, str] = field(default_factory=dict)
     mlflow_datasets: list[DatasetInput] = field(default_factory=list)
+    mlflow_launch: str | None = None  # this start of the job, whatever its attempts (tracking.RunTracker)
     callbacks: list[WorkerCallback] = field(default_factory=list)
 
 
@@ -194,7 +195,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
     tracker = progress = ground_truth = None
     if rank == 0:
         tracker = RunTracker(config, inputs.run_name, mlflow_run_id, inputs.mlflow_parent_run_id, inputs.mlflow_tags,
-                             inputs.mlflow_datasets)
+                             inputs.mlflow_datasets, inputs.mlflow_launch)
         ground_truth = json.loads(storage.read_bytes(facts.val_annotations))
         progress = _ProgressLog(inputs, tracker, world, engine.global_step, schedule)
 
