@@ -207,6 +207,23 @@ def test_rayjob_entrypoint_is_a_centernet_ray_command_with_a_valid_config(name, 
 
 
 @pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-tune.yaml"])
+def test_rayjob_gpu_pool_can_grow_to_the_gpus_its_entrypoint_trains_on(name):
+    """A config whose workers outnumber the pool's GPUs would leave the job waiting for GPUs that
+    the autoscaler will never add: train.num_workers for a run, times tune.max_concurrent_trials
+    for a sweep (each trial is a run of train.num_workers)."""
+    resource = ray_resource(KUBERAY / name)
+    args = build_parser().parse_args(shlex.split(resource["spec"]["entrypoint"])[3:])
+    config = load_config(args.config, args.overrides)
+    assert config.train.use_gpu
+    concurrent = config.tune.max_concurrent_trials if args.command == "tune" else 1
+    assert concurrent, "a sweep on a cluster that starts with no GPU node needs tune.max_concurrent_trials"
+    needed = config.train.num_workers * concurrent
+    (pool,) = [group for group in cluster_spec(resource)["workerGroupSpecs"] if group["groupName"] == "gpu-pool"]
+    (container,) = pool["template"]["spec"]["containers"]
+    assert pool["maxReplicas"] * int(container["resources"]["limits"]["nvidia.com/gpu"]) >= needed, needed
+
+
+@pytest.mark.parametrize("name", ["rayjob-train.yaml", "rayjob-tune.yaml"])
 def test_rayjob_runtime_env_is_valid_and_excludes_what_runtime_env_yaml_does(name):
     from ray.runtime_env import RuntimeEnv
 
