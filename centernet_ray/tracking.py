@@ -227,6 +227,7 @@ class RunTracker:
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri(config))
         mlflow.set_experiment(config.tracking.experiment)
+        from_checkpoint = run_id is not None
         if run_id is None and launch:
             run_id = launch_run_id(config, launch)
             if run_id:
@@ -238,9 +239,9 @@ class RunTracker:
                                     tags=None if run_id else {**(tags or {}), **_launch_tag(launch)},
                                     log_system_metrics=config.tracking.system_metrics)
         self.run_id = self.run.info.run_id
-        if run_id is not None and launch:
+        if from_checkpoint and launch:
             mlflow.set_tags(_launch_tag(launch))  # resumed by a later launch: it is that launch's run now
-        if run_id is None:
+        if not from_checkpoint:  # again when continued: the attempt before may have died before it had
             mlflow.log_params({k: str(v)[:500] for k, v in config.flatten().items()})
             self.text(config.to_yaml(), "config.yaml")
             for dataset in datasets or []:

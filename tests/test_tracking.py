@@ -175,14 +175,19 @@ def test_every_attempt_of_one_launch_logs_to_one_run_and_the_driver_ends_it_by_t
 
         other = RunTracker(config, "job", launch="other")  # another launch: a run of its own
         other.close()
+        experiment_id = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+        bare = client.create_run(experiment_id, tags={LAUNCH_TAG: "bare"})  # died before it logged anything
+        continued = RunTracker(config, "job", launch="bare")
+        continued.close()
         resumed = RunTracker(config, "job", run_id=died.run_id, launch="second")  # from a checkpoint
         mlflow.end_run()
         client.update_run(died.run_id, "RUNNING")
     finally:
         mlflow.set_tracking_uri(None)
     assert other.run_id != died.run_id and resumed.run_id == died.run_id
+    assert continued.run_id == bare.info.run_id and client.get_run(bare.info.run_id).data.params["train.lr"]
     assert client.get_run(died.run_id).data.tags[LAUNCH_TAG] == "second"
     assert end_running_launch_runs(config, "second", "KILLED") == died.run_id
     runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
     assert sorted((run.info.run_id, run.info.status) for run in runs) == sorted(
-        [(died.run_id, "KILLED"), (other.run_id, "FINISHED")])
+        [(died.run_id, "KILLED"), (other.run_id, "FINISHED"), (bare.info.run_id, "FINISHED")])
