@@ -29,6 +29,15 @@ from centernet_ray.evaluation import STAT_NAMES
 
 log = logging.getLogger(__name__)
 
+DATASET_LOG_ATTEMPTS = 3  # RunTracker: a dataset input lost to a concurrent trial's insert is retried
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint
+
+# Epoch report key -> MLflow metric name (COCO stats go to val/<stat>).
+_EPOCH_NAMES = {"epoch": "train/epoch", "images_per_s": "train/epoch_images_per_s",
+                "nonfinite_steps": "train/nonfinite_steps", "best_AP": "val/best_AP", "eval_images": "val/images",
+                "planned_epochs": "train/planned_epochs", "planned_last_epoch_steps": "train/planned_last_epoch_steps"}
+
+
 LAUNCH_TAG = "centernet_ray.launch"  # one start of a training job: see RunTracker
 
 
@@ -54,26 +63,23 @@ def launch_run_id(config: Config, launch: str) -> str | None:
 
 def end_running_launch_runs(config: Config, launch: str, status: str) -> str | None:
     """Mark ``status`` (KILLED, FAILED) the MLflow run of this start of the job if it is still
-    RUNNING (its worker was stopped before it could end it); its id, or None when there is none."""
+    RUNNING (its worker was stopped before it could end it); its id, or None when there is none or
+    the store cannot be reached (bookkeeping: the failure is what the caller reports)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri(config))
-    experiment = client.get_experiment_by_name(config.tracking.experiment)
-    if experiment is None:
+    try:
+        client = MlflowClient(tracking_uri(config))
+        experiment = client.get_experiment_by_name(config.tracking.experiment)
+        if experiment is None:
+            return None
+        runs = client.search_runs([experiment.experiment_id],
+                                  f"attributes.status = 'RUNNING' and {_launch_filter(launch)}")
+        for run in runs:
+            client.set_terminated(run.info.run_id, status)
+        return runs[0].info.run_id if runs else None
+    except Exception as exc:
+        log.warning("could not mark the run's MLflow run %s: %s", status, exc)
         return None
-    runs = client.search_runs([experiment.experiment_id],
-                              f"attributes.status = 'RUNNING' and {_launch_filter(launch)}")
-    for run in runs:
-        client.set_terminated(run.info.run_id, status)
-    return runs[0].info.run_id if runs else None
-
-DATASET_LOG_ATTEMPTS = 3  # RunTracker: a dataset input lost to a concurrent trial's insert is retried
-RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the entrypoint
-
-# Epoch report key -> MLflow metric name (COCO stats go to val/<stat>).
-_EPOCH_NAMES = {"epoch": "train/epoch", "images_per_s": "train/epoch_images_per_s",
-                "nonfinite_steps": "train/nonfinite_steps", "best_AP": "val/best_AP", "eval_images": "val/images",
-                "planned_epochs": "train/planned_epochs", "planned_last_epoch_steps": "train/planned_last_epoch_steps"}
 
 
 def tracking_uri(config: Config) -> str:

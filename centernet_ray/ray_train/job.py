@@ -194,13 +194,13 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     except SystemExit as exc:  # that handler aborts the run, then exits from inside fit()
         raise _interrupted(config, launch) from exc
     except Exception:  # a worker that died (killed, out of memory) could not end its MLflow run
-        _close_running_mlflow_run(config, launch, "FAILED")
+        end_running_launch_runs(config, launch, "FAILED")
         raise
     finally:
         if previous_handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
     if result.error is not None:
-        _close_running_mlflow_run(config, launch, "FAILED")
+        end_running_launch_runs(config, launch, "FAILED")
         raise result.error
     metrics = result.metrics or {}
     checkpoint = _best_checkpoint(result)
@@ -231,23 +231,13 @@ def _interrupted(config: Config, launch: str) -> TrainingInterrupted:
     except OSError as exc:  # object storage unreachable: say so rather than guess
         log.warning("could not read the run's checkpoint records in %s: %s", run_dir, exc)
         latest = None
-    run_id = _close_running_mlflow_run(config, launch, "KILLED")
+    run_id = end_running_launch_runs(config, launch, "KILLED")
     where = (f"its latest checkpoint is epoch {int(latest.rsplit('_', 1)[1])} in {storage.join(run_dir, latest)}: "
              "rerun the same command to resume from it" if latest else
              f"it stopped before its first checkpoint was recorded in {run_dir}: rerunning the same command "
              "starts it again")
     mlflow = f"; MLflow run {run_id} marked KILLED" if run_id else ""
     return TrainingInterrupted(f"training run {default_run_name(config)} interrupted: {where}{mlflow}")
-
-
-def _close_running_mlflow_run(config: Config, launch: str, status: str) -> str | None:
-    """Mark ``status`` (KILLED, FAILED) this start's MLflow run if it is still RUNNING (its worker
-    was stopped before it could end it); None when there is none or the store cannot be reached."""
-    try:
-        return end_running_launch_runs(config, launch, status)
-    except Exception as exc:  # bookkeeping only: the interruption or failure is what the user must hear about
-        log.warning("could not mark the run's MLflow run %s: %s", status, exc)
-        return None
 
 
 def format_summary(summary: TrainSummary) -> str:
