@@ -45,19 +45,22 @@ def _launch_tag(launch: str | None) -> dict[str, str]:
     return {LAUNCH_TAG: launch} if launch else {}
 
 
-def _launch_filter(launch: str) -> str:
-    return f"tags.`{LAUNCH_TAG}` = '{launch}'"
-
-
-def launch_run_id(config: Config, launch: str) -> str | None:
-    """The MLflow run of this start of the job (``launch``), if an attempt opened one."""
+def _launch_runs(config: Config, launch: str, *, running_only: bool = False) -> tuple[Any, list[Any]]:
+    """(an MlflowClient on the config's store, the runs tagged with ``launch``, RUNNING ones only if asked)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri(config))
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     if experiment is None:
-        return None
-    runs = client.search_runs([experiment.experiment_id], _launch_filter(launch), max_results=1)
+        return client, []
+    query = f"tags.`{LAUNCH_TAG}` = '{launch}'"
+    return client, client.search_runs([experiment.experiment_id],
+                                      f"attributes.status = 'RUNNING' and {query}" if running_only else query)
+
+
+def launch_run_id(config: Config, launch: str) -> str | None:
+    """The MLflow run of this start of the job (``launch``), if an attempt opened one."""
+    _, runs = _launch_runs(config, launch)
     return runs[0].info.run_id if runs else None
 
 
@@ -65,15 +68,8 @@ def end_running_launch_runs(config: Config, launch: str, status: str) -> str | N
     """Mark ``status`` (KILLED, FAILED) the MLflow run of this start of the job if it is still
     RUNNING (its worker was stopped before it could end it); its id, or None when there is none or
     the store cannot be reached (bookkeeping: the failure is what the caller reports)."""
-    from mlflow import MlflowClient
-
     try:
-        client = MlflowClient(tracking_uri(config))
-        experiment = client.get_experiment_by_name(config.tracking.experiment)
-        if experiment is None:
-            return None
-        runs = client.search_runs([experiment.experiment_id],
-                                  f"attributes.status = 'RUNNING' and {_launch_filter(launch)}")
+        client, runs = _launch_runs(config, launch, running_only=True)
         for run in runs:
             client.set_terminated(run.info.run_id, status)
         return runs[0].info.run_id if runs else None

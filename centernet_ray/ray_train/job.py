@@ -72,7 +72,7 @@ def checkpoint_config() -> CheckpointConfig:
 def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None, worker_callbacks: list[WorkerCallback] | None = None,
                   threads_per_worker: int | None = None, mlflow_parent_run_id: str | None = None,
                   mlflow_tags: dict[str, str] | None = None, source: str | None = None,
-                  started_at: float | None = None, launch: str | None = None) -> tuple[TorchTrainer, Any]:
+                  started_at: float | None = None, launch: str) -> tuple[TorchTrainer, Any]:
     """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report.
 
     ``callbacks`` are Ray Train ``UserCallback``s (a Tune trial passes its report callback);
@@ -80,7 +80,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     cores divided among the workers; ``mlflow_parent_run_id`` nests the run's MLflow run under a
     sweep's run; ``source`` is the command shown as the run's source (default: this process's);
     ``started_at`` (``time.time()``, default now) is when ``train.time_limit`` started counting;
-    ``launch`` names this start of the job in MLflow (default: a new id; see ``RunTracker``)."""
+    ``launch`` names this start of the job in MLflow (``new_launch()``; see ``RunTracker``)."""
     started_at = time.time() if started_at is None else started_at
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
     # directory is Ray's session folder.
@@ -113,7 +113,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     inputs = LoopInputs(config=config, dataset=facts, run_name=default_run_name(config), clock=clock,
                         threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // config.train.num_workers),
                         mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=tags, mlflow_datasets=dataset_inputs,
-                        mlflow_launch=launch or uuid.uuid4().hex,
+                        mlflow_launch=launch,
                         callbacks=list(worker_callbacks or []), eval_images=ingested["val"].rows,
                         deadline=None if config.train.time_limit is None else started_at + config.train.time_limit)
     if inputs.deadline is not None:
@@ -185,23 +185,17 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     """Train to the end (resuming a run of the same name and storage path) and summarise it; the
     summary becomes the MLflow run's description. ``source``: the command, for the run's source;
     ``started_at``: when ``train.time_limit`` started counting (the CLI: when the command started)."""
-    started, launch = time.perf_counter(), uuid.uuid4().hex
+    started, launch = time.perf_counter(), new_launch()
     trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source, started_at=started_at,
                                     launch=launch)
     previous_handler = signal.getsignal(signal.SIGINT)  # fit() installs Ray Train's Ctrl+C handler for good
     try:
-        result = trainer.fit()
+        result = fit(trainer, config, launch)
     except SystemExit as exc:  # that handler aborts the run, then exits from inside fit()
         raise _interrupted(config, launch) from exc
-    except Exception:  # a worker that died (killed, out of memory) could not end its MLflow run
-        end_running_launch_runs(config, launch, "FAILED")
-        raise
     finally:
         if previous_handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
-    if result.error is not None:
-        end_running_launch_runs(config, launch, "FAILED")
-        raise result.error
     metrics = result.metrics or {}
     checkpoint = _best_checkpoint(result)
     stats = {name: float(metrics.get(name, math.nan)) for name in STAT_NAMES}
@@ -220,6 +214,25 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     if summary.mlflow_run_id:
         describe_run(config, summary.mlflow_run_id, summary_markdown(summary, config, source or command_line()))
     return summary
+
+
+def new_launch() -> str:
+    """A new id for one start of a training job (``build_trainer``'s ``launch``)."""
+    return uuid.uuid4().hex
+
+
+def fit(trainer: TorchTrainer, config: Config, launch: str) -> Result:
+    """``trainer.fit()``; a failed run is raised, its MLflow run marked FAILED first (a worker that
+    died, killed or out of memory, could not end it)."""
+    try:
+        result = trainer.fit()
+    except Exception:
+        end_running_launch_runs(config, launch, "FAILED")
+        raise
+    if result.error is not None:
+        end_running_launch_runs(config, launch, "FAILED")
+        raise result.error
+    return result
 
 
 def _interrupted(config: Config, launch: str) -> TrainingInterrupted:

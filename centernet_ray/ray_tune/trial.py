@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from typing import Any
 
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -17,7 +16,6 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from centernet_ray import storage
 from centernet_ray.config import Config, config_from_dict
 from centernet_ray.ray_tune.search_space import apply_params
-from centernet_ray.tracking import end_running_launch_runs
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +56,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str
     import ray.tune
     from ray.data import DataContext
 
-    from centernet_ray.ray_train.job import build_trainer
+    from centernet_ray.ray_train.job import build_trainer, fit, new_launch
 
     # Each trial's datasets are driven from its own actor: their progress bars would interleave on the
     # sweep's output. The training loop's progress lines report throughput and data wait instead.
@@ -68,14 +66,7 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str
     tags = {"centernet_ray.sweep": sweep_name, "centernet_ray.trial_id": trial_id}
     # CPU workers of concurrent trials share the node's cores: more threads than cores stalls OpenMP
     threads = max(1, (os.cpu_count() or 1) // (config.train.num_workers * concurrent_trials))
-    launch = uuid.uuid4().hex
+    launch = new_launch()
     trainer, _ = build_trainer(config, threads_per_worker=threads, callbacks=[EvaluationReports(metric)],
                                mlflow_parent_run_id=parent_run_id, mlflow_tags=tags, source=source, launch=launch)
-    try:
-        result = trainer.fit()
-    except Exception:  # a worker that died (killed, out of memory) could not end its MLflow run
-        end_running_launch_runs(config, launch, "FAILED")
-        raise
-    if result.error is not None:
-        end_running_launch_runs(config, launch, "FAILED")
-        raise result.error
+    fit(trainer, config, launch)
