@@ -1,5 +1,6 @@
 """Every config shipped in centernet_ray/configs/ trains through the real job: ``centernet-ray train CONFIG`` with overrides
-that point it at a tiny synthetic dataset at 128x128 on the CPU, one epoch of two steps.
+that point it at a tiny synthetic dataset at 128x128 on the CPU (Hourglass-104 at 256x256, the smallest
+size at which it trains on two images), one epoch of two steps.
 
 The list is read from the directory, so a config added without passing this cannot land. What
 the overrides change is only what this machine cannot run (COCO, ImageNet weights, GPUs, the
@@ -32,16 +33,29 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "centernet_ray" / "confi
 HEAVY = ("dla34", "hourglass104")  # built and trained on the CPU: the heavy_model marker's models
 
 
-def _overrides(data_root: str, storage: str, run_name: str) -> list[str]:
+BATCH = 2  # per worker: two steps of the 4 training images
+
+
+def _input_side(path: Path) -> int:
+    """128, or the smallest side at which a batch of ``BATCH`` trains the config's model (the job
+    refuses fewer values per channel for its deepest batch norms: Hourglass-104 at 128 has 2)."""
+    model = load_config(path).model
+    side = 128
+    while BATCH * (side // model.input_multiple) ** 2 < model.min_batch_norm_values:
+        side += model.input_multiple
+    return side
+
+
+def _overrides(data_root: str, storage: str, run_name: str, side: int) -> list[str]:
     return [
         f"data.root={data_root}", "data.train_images=", "data.train_annotations=", "data.val_images=",
-        "data.val_annotations=", "data.parquet_dir=parquet", "data.input_size=[128,128]",
+        "data.val_annotations=", "data.parquet_dir=parquet", f"data.input_size=[{side},{side}]",
         # tasks: the session's warm worker processes preprocess, where an actor pool would start two
         # new processes per run, each importing torch and torchvision (~4 s of CPU); the actor pool is
         # test_cluster_scheduling.py's and test_pipeline_integration.py's
         "data.preprocess_compute=tasks", "data.preprocess_max_actors=1", "data.preprocess_batch_size=2",
         "model.pretrained=null",  # ImageNet / DLA weights cannot be downloaded here; loading them is tested apart
-        "train.use_gpu=false", "train.num_workers=1", "train.batch_size=2", "train.epochs=1",
+        "train.use_gpu=false", "train.num_workers=1", f"train.batch_size={BATCH}", "train.epochs=1",
         "train.eval_every=1", "train.checkpoint_every=1", f"train.storage_path={storage}",
         f"train.run_name={run_name}",
         "tracking.log_model=false",
@@ -51,7 +65,7 @@ def _overrides(data_root: str, storage: str, run_name: str) -> list[str]:
 def _job_under_test(path: Path) -> str:
     """What the run of ``path`` here trains, as JSON: its config under this module's overrides, less
     the LR step epochs that a one-epoch run never reaches."""
-    job = load_config(path, _overrides("shapes", "runs", "run")).to_dict()
+    job = load_config(path, _overrides("shapes", "runs", "run", _input_side(path))).to_dict()
     job["train"]["lr_steps"] = [epoch for epoch in job["train"]["lr_steps"] if epoch < job["train"]["epochs"]]
     return json.dumps(job, sort_keys=True)
 
@@ -109,7 +123,7 @@ def test_config_trains_through_the_cli_and_reports_coco_stats(configs, tiny_data
     dataset, root = tiny_data
     monkeypatch.chdir(root)  # relative data paths, as a user types them: the workers run elsewhere
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    overrides = _overrides(str(dataset.relative_to(root)), str(tmp_path / "runs"), config.stem)
+    overrides = _overrides(str(dataset.relative_to(root)), str(tmp_path / "runs"), config.stem, _input_side(config))
     summary_path = tmp_path / "summary.json"
     assert main(["train", str(config), *overrides, "--summary-json", str(summary_path)]) == 0
     run_id = json.loads(summary_path.read_text())["mlflow_run_id"]

@@ -3,6 +3,8 @@ DLA-34 (deformable and plain IDA-Up) and Hourglass-104. Each builds, gives the t
 stride 4 for square and non-square inputs, trains on a fixed batch with the CenterNet loss, and
 round-trips a checkpoint (``weights_only=True``) with identical outputs."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from centernet_ray.targets import encode_targets
 pytestmark = pytest.mark.heavy_model
 
 CLASSES = ["circle", "square"]
-# name -> (config overrides, a non-square input (H, W), the smallest input to train on)
+# name -> (config overrides, a non-square input (H, W), the smallest input)
 ZOO = {
     "resdcn18": (["model.backbone=resdcn18", "model.neck_channels=[64,32,32]", "model.head_conv=32"], (96, 160), 64),
     "dla34": (["model.backbone=dla34", "model.deformable=true", "model.head_conv=64"], (96, 160), 64),
@@ -62,15 +64,32 @@ def test_heads_come_out_at_stride_4_for_512x512(name):
         "heatmap": (1, 2, 128, 128), "size": (1, 2, 128, 128), "offset": (1, 2, 128, 128)}
 
 
+def smallest_trainable_size(name: str, batch: int) -> int:
+    """The smallest square input at which a batch of ``batch`` images trains: the batch norms at the
+    backbone's deepest level see ``min_batch_norm_values`` values per channel (the job refuses fewer)."""
+    model = zoo_config(name, ZOO[name][2]).model
+    side = model.input_multiple
+    while batch * (side // model.input_multiple) ** 2 < model.min_batch_norm_values:
+        side += model.input_multiple
+    return side
+
+
 @pytest.mark.parametrize("name", ZOO)
 def test_two_training_steps_lower_the_loss_on_a_fixed_batch(name):
-    size = ZOO[name][2]
+    """At the smallest input the job accepts for a batch of 2 (Hourglass-104: 256; 128 is refused),
+    with gradients of a healthy size: measured from scratch 9e1-3e3 here, against 7e4 to inf where
+    batch norm sees 2 values per channel (ResNet-18 at 32x32, Hourglass-104 at 128x128)."""
+    from centernet_ray.ray_train.job import check_batch_norm_batch
+
+    size = smallest_trainable_size(name, batch=2)
+    config = zoo_config(name, size)
+    check_batch_norm_batch(load_config(None, [*ZOO[name][0], f"data.input_size=[{size},{size}]", "train.batch_size=2"]))
     torch.manual_seed(0)
-    model = build_model(zoo_config(name, size).model, len(CLASSES)).train()
+    model = build_model(config.model, len(CLASSES)).train()
     images, targets = fixed_batch(size)
     criterion = CenterNetLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-4)
-    losses = []
+    losses, norms = [], []
     for _ in range(3):  # two steps, then the loss after them
         terms = criterion(model(images), targets)
         losses.append(terms["total"].item())
@@ -78,8 +97,10 @@ def test_two_training_steps_lower_the_loss_on_a_fixed_batch(name):
             break
         optimizer.zero_grad()
         terms["total"].backward()
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]).item())
         optimizer.step()
     assert losses[2] < losses[0], losses
+    assert all(math.isfinite(norm) and norm < 1e4 for norm in norms), norms
 
 
 def test_hourglass_supervises_both_stacks_in_training_and_answers_with_the_last():

@@ -32,6 +32,7 @@ def assert_run_is_in_the_user_s_store(folder: Path, run_id: str, *, run_name: st
                                                                                     ("val", "validation")}
     assert run.data.params["model.backbone"] == backbone
     assert run.data.metrics["train/epoch"] == expected_epochs and 0.0 <= run.data.metrics["val/AP50"] <= 1.0
+    assert run.data.metrics["train/nonfinite_steps"] == 0  # every step updated the weights
     assert any(name.startswith("val_class_AP/") for name in run.data.metrics)
     evaluation = {a.path for a in client.list_artifacts(run_id, "evaluation")}
     assert evaluation == {f"evaluation/{name}" for name in (

@@ -85,6 +85,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
     # directory is Ray's session folder.
     config = storage.with_absolute_paths(config)
+    check_batch_norm_batch(config)
     check_resumable(config)  # both before the ingest, which can take long
     check_pretrained_file(config)
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
@@ -131,6 +132,21 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                            datasets=datasets, dataset_config=CenterNetDataConfig(config.cluster.data_selector()),
                            run_config=run)
     return trainer, report
+
+
+def check_batch_norm_batch(config: Config) -> None:
+    """Refuse a per-worker batch whose batch norms at the backbone's deepest level would normalise
+    over too few values to train (``ModelConfig.min_batch_norm_values``): every step's gradients
+    would explode, and be skipped or applied as noise, in a run that otherwise looks healthy."""
+    model, (height, width) = config.model, config.data.input_size
+    deepest = (height // model.input_multiple, width // model.input_multiple)
+    values = config.train.batch_size * deepest[0] * deepest[1]
+    if values < model.min_batch_norm_values:
+        raise UserInputError(
+            f"train.batch_size={config.train.batch_size} at data.input_size={[height, width]} is too small for "
+            f"{model.backbone}: the batch norms at its deepest level ({deepest[0]}x{deepest[1]}, 1/{model.input_multiple} "
+            f"of the input) would normalise over {values} value(s) per channel, and gradients explode below "
+            f"{model.min_batch_norm_values}; raise train.batch_size (per worker) or data.input_size")
 
 
 def check_pretrained_file(config: Config) -> None:
