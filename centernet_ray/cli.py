@@ -241,12 +241,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from centernet_ray.config import load_config
+    from centernet_ray.config import check_batch_norm_batch, load_config
     from centernet_ray.ray_runtime import init_ray
     from centernet_ray.ray_train.job import TrainingInterrupted, format_summary, run_training, write_summary_json
 
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_CONFIG, overrides)
+    check_batch_norm_batch(config)  # before Ray starts: answered at once
     summary_path = _summary_path(args.summary_json)
     init_ray()
     try:

@@ -6,7 +6,6 @@ import sys
 import pytest
 
 from centernet_ray.cli import main
-from centernet_ray.errors import UserInputError
 
 
 def test_data_synth_writes_the_coco_layout(tmp_path, capsys):
@@ -133,21 +132,24 @@ def test_user_errors_are_one_line_and_program_faults_keep_their_traceback(tmp_pa
 def test_a_batch_too_small_for_the_backbone_s_batch_norm_is_refused_before_the_ingest(tmp_path, capsys, monkeypatch):
     """Hourglass-104 at 128x128 with 2 images per worker: its innermost level is 1x1, and batch norm
     over 2 values makes every gradient explode (tests/test_model_zoo.py measures the sizes)."""
-    from centernet_ray.config import load_config
-    from centernet_ray.ray_train.job import check_batch_norm_batch
+    from centernet_ray.config import ConfigError, check_batch_norm_batch, load_config
 
-    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: None)  # refused before it needs Ray
-    assert main(["train", "coco_hourglass104", "data.input_size=[128,128]", "train.batch_size=2",
-                 f"train.storage_path={tmp_path / 'runs'}"]) == 2
-    assert ("error: train.batch_size=2 at data.input_size=[128, 128] is too small for hourglass104: the batch "
-            "norms at its deepest level (1x1, 1/128 of the input) would normalise over 2 value(s) per channel, "
-            "and gradients explode below 8; raise train.batch_size (per worker) or data.input_size"
-            ) in capsys.readouterr().err
+    def no_ray():
+        raise AssertionError("Ray started before the check")
+
+    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", no_ray)  # answered before Ray starts
+    for command in ("train", "tune"):
+        assert main([command, "coco_hourglass104", "data.input_size=[128,128]", "train.batch_size=2",
+                     f"train.storage_path={tmp_path / 'runs'}"]) == 2
+        assert ("error: train.batch_size=2 at data.input_size=[128, 128] is too small for hourglass104: the batch "
+                "norms at its deepest level (1x1, 1/128 of the input) would normalise over 2 value(s) per channel, "
+                "and gradients explode below 8; raise train.batch_size (per worker) or data.input_size"
+                ) in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
     for overrides in (["data.input_size=[256,128]", "train.batch_size=4"], ["data.input_size=[128,128]", "train.batch_size=8"]):
         check_batch_norm_batch(load_config("coco_hourglass104", overrides))  # 8 values
     check_batch_norm_batch(load_config("coco_resnet18", ["data.input_size=[32,32]", "train.batch_size=4"]))
-    with pytest.raises(UserInputError, match=r"over 3 value\(s\) per channel, and gradients explode below 4"):
+    with pytest.raises(ConfigError, match=r"over 3 value\(s\) per channel, and gradients explode below 4"):
         check_batch_norm_batch(load_config("coco_resnet18", ["data.input_size=[32,32]", "train.batch_size=3"]))
 
 

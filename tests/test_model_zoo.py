@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from centernet_ray.checkpoint import checkpoint_state, model_from_checkpoint, save_checkpoint
-from centernet_ray.config import ConfigError, load_config
+from centernet_ray.config import ConfigError, check_batch_norm_batch, load_config
 from centernet_ray.losses import CenterNetLoss
 from centernet_ray.model import build_model
 from centernet_ray.targets import encode_targets
@@ -79,8 +79,6 @@ def test_two_training_steps_lower_the_loss_on_a_fixed_batch(name):
     """At the smallest input the job accepts for a batch of 2 (Hourglass-104: 256; 128 is refused),
     with gradients of a healthy size: measured from scratch 9e1-3e3 here, against 7e4 to inf where
     batch norm sees 2 values per channel (ResNet-18 at 32x32, Hourglass-104 at 128x128)."""
-    from centernet_ray.ray_train.job import check_batch_norm_batch
-
     size = smallest_trainable_size(name, batch=2)
     config = zoo_config(name, size)
     check_batch_norm_batch(load_config(None, [*ZOO[name][0], f"data.input_size=[{size},{size}]", "train.batch_size=2"]))

@@ -333,6 +333,22 @@ def _to_plain(value: Any) -> Any:
     return value
 
 
+def check_batch_norm_batch(config: Config) -> None:
+    """Refuse a per-worker batch whose batch norms at the backbone's deepest level would normalise
+    over too few values to train (``ModelConfig.min_batch_norm_values``): every step's gradients
+    would explode, and be skipped or applied as noise, in a run that otherwise looks healthy. The
+    train job checks it before its ingest; `centernet-ray train` and `tune` before Ray starts."""
+    model, (height, width) = config.model, config.data.input_size
+    deepest = (height // model.input_multiple, width // model.input_multiple)
+    values = config.train.batch_size * deepest[0] * deepest[1]
+    if values < model.min_batch_norm_values:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} at data.input_size={[height, width]} is too small for "
+            f"{model.backbone}: the batch norms at its deepest level ({deepest[0]}x{deepest[1]}, 1/{model.input_multiple} "
+            f"of the input) would normalise over {values} value(s) per channel, and gradients explode below "
+            f"{model.min_batch_norm_values}; raise train.batch_size (per worker) or data.input_size")
+
+
 def resolve_learning_rate(train: TrainConfig) -> float:
     """The explicit ``lr`` or the official linear scaling rule ``base_lr * global_batch / base_batch``."""
     if train.lr is not None:

@@ -23,7 +23,7 @@ from ray.train.torch import TorchTrainer
 
 from centernet_ray import ray_compat, storage
 from centernet_ray.checkpoint import RUN_CONFIG_FILE, changed_settings
-from centernet_ray.config import Config, ConfigError, config_from_dict
+from centernet_ray.config import Config, ConfigError, check_batch_norm_batch, config_from_dict
 from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import STAT_NAMES
@@ -132,21 +132,6 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                            datasets=datasets, dataset_config=CenterNetDataConfig(config.cluster.data_selector()),
                            run_config=run)
     return trainer, report
-
-
-def check_batch_norm_batch(config: Config) -> None:
-    """Refuse a per-worker batch whose batch norms at the backbone's deepest level would normalise
-    over too few values to train (``ModelConfig.min_batch_norm_values``): every step's gradients
-    would explode, and be skipped or applied as noise, in a run that otherwise looks healthy."""
-    model, (height, width) = config.model, config.data.input_size
-    deepest = (height // model.input_multiple, width // model.input_multiple)
-    values = config.train.batch_size * deepest[0] * deepest[1]
-    if values < model.min_batch_norm_values:
-        raise UserInputError(
-            f"train.batch_size={config.train.batch_size} at data.input_size={[height, width]} is too small for "
-            f"{model.backbone}: the batch norms at its deepest level ({deepest[0]}x{deepest[1]}, 1/{model.input_multiple} "
-            f"of the input) would normalise over {values} value(s) per channel, and gradients explode below "
-            f"{model.min_batch_norm_values}; raise train.batch_size (per worker) or data.input_size")
 
 
 def check_pretrained_file(config: Config) -> None:

@@ -13,7 +13,7 @@ from ray import tune
 
 from centernet_ray import storage
 from centernet_ray.checkpoint import learned_settings
-from centernet_ray.config import Config, ConfigError
+from centernet_ray.config import Config, ConfigError, check_batch_norm_batch
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_runtime import warn_if_node_local_tracking
@@ -109,7 +109,8 @@ def check_resume(saved: dict[str, Any], settings: dict[str, Any], name: str) -> 
 def check_sweep(config: Config, space: SearchSpace) -> None:
     """Settings a sweep would otherwise run to the end with and then have nothing to show for: an
     objective no evaluation reports, and what would make ASHA's rungs (epochs of one schedule)
-    meaningless."""
+    meaningless; and a batch every trial's run would refuse."""
+    check_batch_norm_batch(config)
     if config.tune.metric not in STAT_NAMES:
         raise ConfigError(f"tune.metric {config.tune.metric!r} is not a COCO statistic that trials report; "
                           f"one of {', '.join(STAT_NAMES)}")
