@@ -240,10 +240,12 @@ def mlflow_server(free_ports, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow_server")
     (port,) = free_ports(1)
     log = root / "server.log"
+    # Without MLflow's server-side job runner (GenAI evaluation jobs; nothing here submits one): its
+    # 8 processes took 8 CPU-seconds to start and ~1 a minute idle, on two cores shared with the tests.
     server = services.start([
         Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", port, "--workers", "1",
         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}", "--artifacts-destination", root / "artifacts",
-    ], log)
+    ], log, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
