@@ -116,11 +116,11 @@ def asha_uncount_stop(scheduler: Any) -> None:
 TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # in a Ray Train run's folder
 
 
-def train_resume_checkpoint(run_dir: str) -> str | None:
-    """The checkpoint folder (``epoch_0003``) a Ray Train run with this folder resumes from: the
-    latest one its checkpoint-manager snapshot records (a checkpoint written but not yet recorded
-    when the run stopped is not resumed from). None when there is no snapshot or no checkpoint. The
-    snapshot's ``checkpoint_results`` are in score order, not time order: not those."""
+def train_checkpoint_records(run_dir: str) -> tuple[tuple[str, dict[str, Any]] | None, list[tuple[str, dict[str, Any]]]]:
+    """What a Ray Train run with this folder recorded of its checkpoints, as (folder name such as
+    ``epoch_0003``, the metrics reported with it): the latest one, which a resume starts from (a
+    checkpoint written but not yet recorded when the run stopped is not), and every one kept. (None,
+    []) when there is no snapshot. The kept ones are in score order, not time order."""
     import json
 
     from centernet_ray import storage
@@ -128,9 +128,18 @@ def train_resume_checkpoint(run_dir: str) -> str | None:
     require_ray_version("Ray Train's checkpoint-manager snapshot")
     path = storage.join(run_dir, TRAIN_SNAPSHOT_FILE)
     if not storage.exists(path):
-        return None
-    latest = json.loads(storage.read_bytes(path)).get("latest_checkpoint_result")
-    return latest["checkpoint_dir_name"] if latest else None
+        return None, []
+    snapshot = json.loads(storage.read_bytes(path))
+    latest = snapshot.get("latest_checkpoint_result")
+    kept = [(result["checkpoint_dir_name"], result["metrics"]) for result in snapshot.get("checkpoint_results", [])]
+    return (latest["checkpoint_dir_name"], latest["metrics"]) if latest else None, kept
+
+
+def train_resume_checkpoint(run_dir: str) -> str | None:
+    """The checkpoint folder (``epoch_0003``) a Ray Train run with this folder resumes from: the
+    latest one its checkpoint-manager snapshot records; None without one."""
+    latest, _ = train_checkpoint_records(run_dir)
+    return latest[0] if latest else None
 
 
 def bound_deployment(application: Any) -> Any:

@@ -306,3 +306,13 @@ def test_time_limit_must_be_positive():
     assert load_config(None, ["train.time_limit=600"]).train.time_limit == 600
     with pytest.raises(ConfigError, match="time_limit"):
         load_config(None, ["train.time_limit=0"])
+
+
+def test_a_run_is_finished_at_its_budget_s_plan_or_else_at_train_epochs():
+    """What a rerun of a run reads from its latest checkpoint's metrics: without a time budget it
+    trains on to a raised train.epochs; with one, the plan it finished at stands."""
+    assert budget_module.run_finished(10, {"epoch": 10}, epochs=10)
+    assert not budget_module.run_finished(10, {"epoch": 10}, epochs=12)
+    planned = {"epoch": 6, "planned_epochs": 6, "planned_last_epoch_steps": 3}
+    assert budget_module.run_finished(6, planned, epochs=500)
+    assert not budget_module.run_finished(5, planned, epochs=500)

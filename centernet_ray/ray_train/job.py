@@ -34,6 +34,7 @@ from centernet_ray.ray_train.loop import (CHECKPOINT_SCORE, DatasetFacts, LoopIn
                                          train_loop_per_worker)
 from centernet_ray.tracking import (DatasetInput, command_line, describe_run, end_running_launch_runs,
                                    ensure_experiment, run_tags)
+from centernet_ray.training.budget import run_finished
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +182,43 @@ def _best_checkpoint(result: Result) -> Checkpoint | None:
     return max(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
 
 
+def best_recorded_checkpoint(kept: list[tuple[str, dict[str, Any]]], latest: str) -> str:
+    """Of Ray Train's records of the kept checkpoints (``ray_compat.train_checkpoint_records``), the
+    folder name of the one with the best :data:`CHECKPOINT_SCORE`, else ``latest``: the records'
+    counterpart of ``_best_checkpoint``."""
+    scored = [(metrics[CHECKPOINT_SCORE], name) for name, metrics in kept if CHECKPOINT_SCORE in metrics]
+    return max(scored, key=lambda pair: pair[0])[1] if scored else latest
+
+
+def finished_run(config: Config, started: float) -> TrainSummary | None:
+    """The summary of the run of this name (``train.storage_path``/``train.run_name``) when Ray
+    Train's records of its checkpoints say it has nothing left to train (``budget.run_finished``),
+    else None. A rerun of a finished job answers from them: no ingest, no workers (no GPU nodes to
+    scale up for it), nothing logged to MLflow or registered again. ``config`` with absolute paths;
+    ``started``: ``time.perf_counter()`` when the rerun started."""
+    run_dir = storage.join(storage.default_storage_path(config), default_run_name(config))
+    latest, kept = ray_compat.train_checkpoint_records(run_dir)
+    if latest is None or not run_finished(int(latest[1].get("epoch", 0)), latest[1], config.train.epochs):
+        return None
+    check_resumable(config)  # a rerun with other settings is refused, finished or not
+    name, metrics = latest
+    log.info("training run %s finished after epoch %d (%s): reported from its checkpoints, not retrained; a "
+             "larger train.epochs trains it on", default_run_name(config), int(metrics["epoch"]), run_dir)
+    return TrainSummary({stat: float(metrics.get(stat, math.nan)) for stat in STAT_NAMES},
+                        storage.join(run_dir, best_recorded_checkpoint(kept, name)), metrics.get("mlflow_run_id"),
+                        time.perf_counter() - started, int(metrics["epoch"]), {})
+
+
 def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None = None,
                  source: str | None = None, started_at: float | None = None) -> TrainSummary:
     """Train to the end (resuming a run of the same name and storage path) and summarise it; the
-    summary becomes the MLflow run's description. ``source``: the command, for the run's source;
-    ``started_at``: when ``train.time_limit`` started counting (the CLI: when the command started)."""
+    summary becomes the MLflow run's description. A finished run is summarised, not trained again
+    (``finished_run``). ``source``: the command, for the run's source; ``started_at``: when
+    ``train.time_limit`` started counting (the CLI: when the command started)."""
     started, launch = time.perf_counter(), new_launch()
+    finished = finished_run(storage.with_absolute_paths(config), started)
+    if finished is not None:
+        return finished
     trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source, started_at=started_at,
                                     launch=launch)
     previous_handler = signal.getsignal(signal.SIGINT)  # fit() installs Ray Train's Ctrl+C handler for good

@@ -33,7 +33,7 @@ from centernet_ray.evaluation.figures import class_ap_figure, confusion_matrix_f
 from centernet_ray.ray_compat import quiet_train_reports
 from centernet_ray.ray_data.pipeline import shard_batches
 from centernet_ray.tracking import DatasetInput, RunTracker, epoch_metric_names
-from centernet_ray.training.budget import TimeBudget, eta_seconds, resumed_plan
+from centernet_ray.training.budget import TimeBudget, eta_seconds, resumed_plan, run_finished
 from centernet_ray.training.engine import LOSS_TERMS, EpochResult, Progress, TrainingEngine
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,9 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
         restored_metrics = dict(state["metrics"], mlflow_run_id=mlflow_run_id)
         if rank == 0:
             log.info("resumed from the checkpoint of epoch %d", start_epoch)
-    # a finished run rerun under its name is reported, not retrained: finished at its time budget's
-    # plan, or at train.epochs (raised, the run trains on to it)
-    planned = resumed_plan(restored_metrics)
-    if start_epoch >= (planned[0] if planned else train.epochs):
+    # a finished run rerun under its name is reported, not retrained (`run_training` answers such a
+    # rerun itself, without workers; a sweep's trial restarted after its last epoch comes here)
+    if run_finished(start_epoch, restored_metrics, train.epochs):
         ray.train.report(restored_metrics)
         return
     engine.wrap(ray.train.torch.prepare_model)  # DDP (gloo on CPU, NCCL on GPU)

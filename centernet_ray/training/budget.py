@@ -231,6 +231,14 @@ def resumed_plan(metrics: dict[str, float]) -> tuple[int, int] | None:
     return int(metrics["planned_epochs"]), int(metrics["planned_last_epoch_steps"])
 
 
+def run_finished(epochs_done: int, metrics: dict[str, float], epochs: int) -> bool:
+    """Whether a run whose latest checkpoint (after ``epochs_done`` epochs) reported ``metrics`` has
+    nothing left to train with ``train.epochs`` = ``epochs``: it finished at its time budget's plan,
+    or at train.epochs (raised, the run trains on). A rerun of it is reported, not retrained."""
+    planned = resumed_plan(metrics)
+    return epochs_done >= (planned[0] if planned else epochs)
+
+
 def describe(plan: BudgetPlan) -> str:
     """``"6 epoch(s)"``, or ``"6 epoch(s), the last one 14 of 20 steps"`` when the last one is short."""
     if plan.last_epoch_steps >= plan.steps_per_epoch:
