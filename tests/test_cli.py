@@ -153,6 +153,33 @@ def test_a_batch_too_small_for_the_backbone_s_batch_norm_is_refused_before_the_i
         check_batch_norm_batch(load_config("coco_resnet18", ["data.input_size=[32,32]", "train.batch_size=3"]))
 
 
+def test_a_finished_run_is_answered_from_its_records_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """A rerun of a finished run: the summary from Ray Train's records of its checkpoints (as
+    tests/test_train_integration.py reads them from a real run), without starting Ray."""
+    from centernet_ray.ray_compat import TRAIN_SNAPSHOT_FILE
+    from centernet_ray.ray_train.loop import CHECKPOINT_SCORE
+
+    def no_ray():
+        raise AssertionError("Ray started for a finished run")
+
+    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", no_ray)
+    run = tmp_path / "runs" / "done"
+    run.mkdir(parents=True)
+    records = [{"checkpoint_dir_name": f"epoch_000{epoch}",
+                "metrics": {"epoch": epoch, "AP": ap, "mlflow_run_id": "abc", CHECKPOINT_SCORE: ap}}
+               for epoch, ap in ((1, 0.4), (2, 0.3))]
+    (run / TRAIN_SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": records,
+                                                       "latest_checkpoint_result": records[1]}))
+    out = tmp_path / "summary.json"
+    common = ["demo", f"train.storage_path={tmp_path / 'runs'}", "train.run_name=done", "--summary-json", str(out)]
+    assert main(["train", *common, "train.epochs=2"]) == 0
+    summary = json.loads(out.read_text())
+    assert (summary["epochs"], summary["AP"], summary["mlflow_run_id"]) == (2, 0.3, "abc")
+    assert summary["checkpoint"] == str(run / "epoch_0001")  # the best by its own AP, not the latest
+    with pytest.raises(AssertionError, match="Ray started"):  # a raised train.epochs trains on
+        main(["train", *common, "train.epochs=3"])
+
+
 def test_bad_arguments_exit_2_with_a_message_that_names_them(tmp_path, capsys, monkeypatch):
     """Every command: status 2 and one line for what the user gave wrong, before anything starts
     (export's status 1 stays "the check failed")."""

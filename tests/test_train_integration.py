@@ -129,11 +129,13 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
 
     epoch_log.write_text("")
     with pytest.MonkeyPatch.context() as patch:  # a finished run is summarised from its records, not retrained:
-        patch.setattr(job, "build_trainer", None)  # no ingest, no workers
-        again = run_training(config, [EpochLog(epoch_log)])
+        patch.setattr(job, "build_trainer", None)  # no ingest, no workers; registered when asked (the README's
+        again = run_training(with_overrides(config.to_dict(), ["tracking.registered_model=ddp"]),  # way to a
+                             [EpochLog(epoch_log)])  # first model version is this rerun)
     assert epoch_log.read_text() == ""
     assert again.mlflow_run_id == summary.mlflow_run_id and again.stats == pytest.approx(summary.stats, nan_ok=True)
     assert again.checkpoint == summary.checkpoint and again.epochs == 2
+    assert again.promotion.startswith("ddp version 1: "), again.promotion
     from mlflow import MlflowClient
 
     client = MlflowClient(config.tracking.tracking_uri)  # the failed attempts' run, continued, ended well

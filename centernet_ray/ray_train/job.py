@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import ray
@@ -34,7 +34,7 @@ from centernet_ray.ray_train.loop import (CHECKPOINT_SCORE, DatasetFacts, LoopIn
                                          train_loop_per_worker)
 from centernet_ray.tracking import (DatasetInput, command_line, describe_run, end_running_launch_runs,
                                    ensure_experiment, run_tags)
-from centernet_ray.training.budget import run_finished
+from centernet_ray.training.budget import resumed_plan, run_finished
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def check_resumable(config: Config) -> None:
     settings it was not trained with (``checkpoint.changed_settings``): the rerun would report or
     continue the old run as if it were the new one. Runs whose checkpoints predate the config file
     beside them are not checked."""
-    run_dir = storage.join(storage.default_storage_path(config), default_run_name(config))
+    run_dir = run_folder(config)
     latest = ray_compat.train_resume_checkpoint(run_dir)
     if latest is None:
         return
@@ -191,22 +191,48 @@ def best_recorded_checkpoint(kept: list[tuple[str, dict[str, Any]]], latest: str
 
 
 def finished_run(config: Config, started: float) -> TrainSummary | None:
-    """The summary of the run of this name (``train.storage_path``/``train.run_name``) when Ray
-    Train's records of its checkpoints say it has nothing left to train (``budget.run_finished``),
-    else None. A rerun of a finished job answers from them: no ingest, no workers (no GPU nodes to
-    scale up for it), nothing logged to MLflow or registered again. ``config`` with absolute paths;
-    ``started``: ``time.perf_counter()`` when the rerun started."""
-    run_dir = storage.join(storage.default_storage_path(config), default_run_name(config))
+    """The answer to a rerun of a finished run: its summary when Ray Train's records of the run of
+    this name (``train.storage_path``/``train.run_name``) say it has nothing left to train
+    (``budget.run_finished``), else None. No ingest, no workers (no GPU nodes to scale up for it),
+    no Ray needed, nothing logged to the MLflow run; with ``tracking.registered_model`` its
+    checkpoint is registered and promoted as after training (``_register``). ``config`` with
+    absolute paths; ``started``: ``time.perf_counter()`` when the rerun started."""
+    run_dir = run_folder(config)
     latest, kept = ray_compat.train_checkpoint_records(run_dir)
-    if latest is None or not run_finished(int(latest[1].get("epoch", 0)), latest[1], config.train.epochs):
+    epochs = int(latest[1].get("epoch", 0)) if latest else 0
+    if latest is None or not run_finished(epochs, latest[1], config.train.epochs):
         return None
     check_resumable(config)  # a rerun with other settings is refused, finished or not
     name, metrics = latest
-    log.info("training run %s finished after epoch %d (%s): reported from its checkpoints, not retrained; a "
-             "larger train.epochs trains it on", default_run_name(config), int(metrics["epoch"]), run_dir)
-    return TrainSummary({stat: float(metrics.get(stat, math.nan)) for stat in STAT_NAMES},
-                        storage.join(run_dir, best_recorded_checkpoint(kept, name)), metrics.get("mlflow_run_id"),
-                        time.perf_counter() - started, int(metrics["epoch"]), {})
+    longer = ("it finished at its time budget's plan: a longer run needs its own train.run_name"
+              if resumed_plan(metrics) else "a larger train.epochs trains it on")
+    log.info("training run %s finished after epoch %d (%s): reported from its checkpoints, not retrained; %s",
+             default_run_name(config), epochs, run_dir, longer)
+    summary = TrainSummary({stat: float(metrics.get(stat, math.nan)) for stat in STAT_NAMES},
+                           storage.join(run_dir, best_recorded_checkpoint(kept, name)), metrics.get("mlflow_run_id"),
+                           time.perf_counter() - started, epochs, {})
+    _register(config, summary)
+    return summary
+
+
+def run_folder(config: Config) -> str:
+    """Where Ray Train keeps the run of this name: ``train.storage_path``/``train.run_name``."""
+    return storage.join(storage.default_storage_path(config), default_run_name(config))
+
+
+def _register(config: Config, summary: TrainSummary) -> None:
+    """With ``tracking.registered_model``: export, check, register and maybe promote the run's
+    checkpoint (``promotion.export_and_promote``); what the registry did goes to ``summary``."""
+    if not (config.tracking.registered_model and summary.mlflow_run_id):
+        return
+    from centernet_ray.promotion import export_and_promote
+
+    try:  # the run is trained and tracked whatever the registry says
+        summary.promotion = export_and_promote(storage.with_absolute_paths(config), summary.mlflow_run_id,
+                                               summary.stats["AP"]).describe()
+    except Exception as exc:  # the model registry unreachable or refusing
+        log.exception("registering run %s failed", summary.mlflow_run_id)
+        summary.promotion = f"not registered: {type(exc).__name__}: {exc}"
 
 
 def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None = None,
@@ -233,17 +259,12 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     checkpoint = _best_checkpoint(result)
     stats = {name: float(metrics.get(name, math.nan)) for name in STAT_NAMES}
     dropped = ray.get(report.get.remote())["counts"]
-    summary = TrainSummary(stats, checkpoint.path if checkpoint else None, metrics.get("mlflow_run_id"),
-                           time.perf_counter() - started, int(metrics.get("epoch", 0)), dropped)
-    if config.tracking.registered_model and summary.mlflow_run_id:
-        from centernet_ray.promotion import export_and_promote
-
-        try:  # the run is trained and tracked whatever the registry says
-            summary.promotion = export_and_promote(storage.with_absolute_paths(config), summary.mlflow_run_id,
-                                                   summary.stats["AP"]).describe()
-        except Exception as exc:  # the model registry unreachable or refusing
-            log.exception("registering run %s failed", summary.mlflow_run_id)
-            summary.promotion = f"not registered: {type(exc).__name__}: {exc}"
+    where = None
+    if checkpoint is not None:  # named as a rerun names it: Ray's Checkpoint.path drops a storage URI's scheme
+        where = storage.join(run_folder(storage.with_absolute_paths(config)), PurePosixPath(checkpoint.path).name)
+    summary = TrainSummary(stats, where, metrics.get("mlflow_run_id"), time.perf_counter() - started,
+                           int(metrics.get("epoch", 0)), dropped)
+    _register(config, summary)
     if summary.mlflow_run_id:
         describe_run(config, summary.mlflow_run_id, summary_markdown(summary, config, source or command_line()))
     return summary
@@ -271,7 +292,7 @@ def fit(trainer: TorchTrainer, config: Config, launch: str) -> Result:
 def _interrupted(config: Config, launch: str) -> TrainingInterrupted:
     """What an interrupted run left, said to the user: its latest checkpoint, from which rerunning the
     command resumes; its MLflow run is marked KILLED rather than left running in the UI."""
-    run_dir = storage.join(storage.default_storage_path(config), default_run_name(config))
+    run_dir = run_folder(config)
     try:
         latest = ray_compat.train_resume_checkpoint(run_dir)
     except OSError as exc:  # object storage unreachable: say so rather than guess
