@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from centernet_ray.config import ConfigError, load_config
+from centernet_ray.config import ConfigError, load_config, with_overrides
 from centernet_ray.ray_tune.report import SweepSummary, TrialRecord, best_config, format_summary, format_table
 from centernet_ray.ray_tune.search_space import apply_params, load_search_space, parse_dimension
 from centernet_ray.ray_tune.sweep import build_scheduler, build_searcher, derive_max_concurrent, trial_resources
@@ -291,3 +291,24 @@ def test_a_sweep_resumes_only_with_the_settings_it_started_with(tmp_path):
                                                           "loss.alpha=3.0", "train.eval_every=1"]), space), "s")
     old_state = {"mlflow_run_id": "r", "settings": {k: v for k, v in saved["settings"].items() if k != "base"}}
     check_resume(old_state, sweep_settings(load_config(None, ["tune.num_samples=4", "train.batch_size=8"]), space), "s")
+
+
+def test_a_sweep_whose_trials_could_draw_a_batch_too_small_for_batch_norm_is_refused_before_it_starts(tmp_path):
+    """config.check_batch_norm_batch for what trials may draw: the smallest listed value or a range's
+    lower bound of train.batch_size and data.input_size; the base config when a trial trains it."""
+    from centernet_ray.ray_tune.sweep import check_sweep
+
+    def space(text, config):
+        return load_search_space(write(tmp_path, text), config)
+
+    base = load_config("coco_hourglass104", ["data.input_size=[256,256]", "train.batch_size=2"])  # 8 values: trains
+    check_sweep(base, space("loss.alpha: {uniform: [1.0, 3.0]}", base))
+    with pytest.raises(ConfigError, match=r"train.batch_size=1 at data.input_size=\[256, 256\].*over 4 value"):
+        check_sweep(base, space("train.batch_size: {randint: [1, 8]}", base))
+    with pytest.raises(ConfigError, match=r"train.batch_size=2 at data.input_size=\[128, 256\]"):
+        check_sweep(base, space("data.input_size: {choice: [[256, 256], [128, 256]]}", base))
+    small = load_config("coco_hourglass104", ["data.input_size=[128,128]", "train.batch_size=2"])  # 2 values
+    searched = "train.batch_size: {choice: [8, 16]}"
+    with pytest.raises(ConfigError, match="train.batch_size=2 at"):  # the default-config trial trains it
+        check_sweep(small, space(searched, small))
+    check_sweep(with_overrides(small.to_dict(), ["tune.include_default=false"]), space(searched, small))

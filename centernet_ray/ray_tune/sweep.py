@@ -18,7 +18,7 @@ from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_runtime import warn_if_node_local_tracking
 from centernet_ray.ray_tune.report import SweepSummary, TrialRecord, best_config, records_from_results
-from centernet_ray.ray_tune.search_space import SearchSpace
+from centernet_ray.ray_tune.search_space import SearchSpace, apply_params
 from centernet_ray.ray_tune.sweep_tracking import SweepTracker, TrialRunCloser
 from centernet_ray.ray_tune.trial import run_trial
 from centernet_ray.tracking import command_line, run_tags
@@ -109,8 +109,8 @@ def check_resume(saved: dict[str, Any], settings: dict[str, Any], name: str) -> 
 def check_sweep(config: Config, space: SearchSpace) -> None:
     """Settings a sweep would otherwise run to the end with and then have nothing to show for: an
     objective no evaluation reports, and what would make ASHA's rungs (epochs of one schedule)
-    meaningless; and a batch every trial's run would refuse."""
-    check_batch_norm_batch(config)
+    meaningless; and a batch (base or searched) that a trial's run would refuse."""
+    check_batch_norm_batches(config, space)
     if config.tune.metric not in STAT_NAMES:
         raise ConfigError(f"tune.metric {config.tune.metric!r} is not a COCO statistic that trials report; "
                           f"one of {', '.join(STAT_NAMES)}")
@@ -122,6 +122,24 @@ def check_sweep(config: Config, space: SearchSpace) -> None:
     if config.tune.grace_period > config.train.epochs:
         raise ConfigError(f"tune.grace_period ({config.tune.grace_period}) is more than train.epochs "
                           f"({config.train.epochs}): ASHA would have no rung and never stop a trial")
+
+
+BATCH_NORM_KEYS = ("train.batch_size", "data.input_size")  # what config.check_batch_norm_batch reads
+
+
+def check_batch_norm_batches(config: Config, space: SearchSpace) -> None:
+    """``check_batch_norm_batch`` for the smallest batch and input a trial may draw (each listed value
+    of a searched key, a range's lower bound), and for the base config when a trial trains it
+    unchanged (``tune.include_default``) or nothing of it is searched."""
+    searched = {d.key: d for d in space.searched if d.key in BATCH_NORM_KEYS}
+    if not searched or (config.tune.include_default and not space.has_grid()):
+        check_batch_norm_batch(config)
+    smallest = {}
+    for key, dimension in searched.items():
+        values = dimension.args if dimension.kind in ("choice", "grid") else dimension.args[:1]
+        smallest[key] = min(values, key=lambda value: value[0] * value[1] if key == "data.input_size" else value)
+    if smallest:
+        check_batch_norm_batch(apply_params(config, smallest))
 
 
 def build_scheduler(config: Config, state_uri: str, baseline: dict[str, Any] | None = None) -> Any:
