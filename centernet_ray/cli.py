@@ -241,24 +241,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from centernet_ray import storage
-    from centernet_ray.config import check_batch_norm_batch, load_config
-    from centernet_ray.ray_runtime import init_ray
-    from centernet_ray.ray_train.job import (TrainingInterrupted, finished_run, format_summary, run_training,
-                                             write_summary_json)
+    from centernet_ray.config import load_config
+    from centernet_ray.ray_train.job import TrainingInterrupted, format_summary, run_training, write_summary_json
 
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_CONFIG, overrides)
     summary_path = _summary_path(args.summary_json)
-    summary = finished_run(storage.with_absolute_paths(config), time.perf_counter())  # needs no Ray
-    if summary is None:
-        check_batch_norm_batch(config)  # before Ray starts: answered at once
-        init_ray()
-        try:
-            summary = run_training(config, source=args.source, started_at=args.started_at)
-        except TrainingInterrupted as exc:
-            print(f"interrupted: {exc}", file=sys.stderr)
-            return 130
+    try:  # starts Ray only when the run trains (a finished run is reported from its records)
+        summary = run_training(config, source=args.source, started_at=args.started_at)
+    except TrainingInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     print(format_summary(summary))
     if summary_path:
         write_summary_json(summary, str(summary_path))

@@ -21,7 +21,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunCo
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
-from centernet_ray import ray_compat, storage
+from centernet_ray import ray_compat, ray_runtime, storage
 from centernet_ray.checkpoint import RUN_CONFIG_FILE, changed_settings
 from centernet_ray.config import Config, ConfigError, check_batch_norm_batch, config_from_dict
 from centernet_ray.data.sources import split_sources
@@ -177,17 +177,21 @@ def check_resumable(config: Config) -> None:
 def _best_checkpoint(result: Result) -> Checkpoint | None:
     """The kept checkpoint with the best :data:`CHECKPOINT_SCORE`, else the latest (checkpoints of a
     run written before the score existed have none)."""
-    scored = [(metrics[CHECKPOINT_SCORE], checkpoint) for checkpoint, metrics in result.best_checkpoints or []
-              if CHECKPOINT_SCORE in metrics]
-    return max(scored, key=lambda pair: pair[0])[1] if scored else result.checkpoint
+    return _best_by_score(result.best_checkpoints or [], result.checkpoint)
+
+
+def _best_by_score(candidates: list[tuple[Any, dict[str, Any]]], fallback: Any) -> Any:
+    """Of (checkpoint, its metrics) pairs, the checkpoint with the best :data:`CHECKPOINT_SCORE`
+    (the first of a tie), else ``fallback``."""
+    scored = [(metrics[CHECKPOINT_SCORE], checkpoint) for checkpoint, metrics in candidates if CHECKPOINT_SCORE in metrics]
+    return max(scored, key=lambda pair: pair[0])[1] if scored else fallback
 
 
 def best_recorded_checkpoint(kept: list[tuple[str, dict[str, Any]]], latest: str) -> str:
     """Of Ray Train's records of the kept checkpoints (``ray_compat.train_checkpoint_records``), the
     folder name of the one with the best :data:`CHECKPOINT_SCORE`, else ``latest``: the records'
     counterpart of ``_best_checkpoint``."""
-    scored = [(metrics[CHECKPOINT_SCORE], name) for name, metrics in kept if CHECKPOINT_SCORE in metrics]
-    return max(scored, key=lambda pair: pair[0])[1] if scored else latest
+    return _best_by_score(kept, latest)
 
 
 def finished_run(config: Config, started: float) -> TrainSummary | None:
@@ -199,11 +203,13 @@ def finished_run(config: Config, started: float) -> TrainSummary | None:
     absolute paths; ``started``: ``time.perf_counter()`` when the rerun started."""
     run_dir = run_folder(config)
     latest, kept = ray_compat.train_checkpoint_records(run_dir)
-    epochs = int(latest[1].get("epoch", 0)) if latest else 0
-    if latest is None or not run_finished(epochs, latest[1], config.train.epochs):
+    if latest is None:
+        return None
+    name, metrics = latest
+    epochs = int(metrics.get("epoch", 0))
+    if not run_finished(epochs, metrics, config.train.epochs):
         return None
     check_resumable(config)  # a rerun with other settings is refused, finished or not
-    name, metrics = latest
     longer = ("it finished at its time budget's plan: a longer run needs its own train.run_name"
               if resumed_plan(metrics) else "a larger train.epochs trains it on")
     log.info("training run %s finished after epoch %d (%s): reported from its checkpoints, not retrained; %s",
@@ -222,14 +228,14 @@ def run_folder(config: Config) -> str:
 
 def _register(config: Config, summary: TrainSummary) -> None:
     """With ``tracking.registered_model``: export, check, register and maybe promote the run's
-    checkpoint (``promotion.export_and_promote``); what the registry did goes to ``summary``."""
+    checkpoint (``promotion.export_and_promote``); what the registry did goes to ``summary``.
+    ``config`` with absolute paths."""
     if not (config.tracking.registered_model and summary.mlflow_run_id):
         return
     from centernet_ray.promotion import export_and_promote
 
     try:  # the run is trained and tracked whatever the registry says
-        summary.promotion = export_and_promote(storage.with_absolute_paths(config), summary.mlflow_run_id,
-                                               summary.stats["AP"]).describe()
+        summary.promotion = export_and_promote(config, summary.mlflow_run_id, summary.stats["AP"]).describe()
     except Exception as exc:  # the model registry unreachable or refusing
         log.exception("registering run %s failed", summary.mlflow_run_id)
         summary.promotion = f"not registered: {type(exc).__name__}: {exc}"
@@ -239,12 +245,16 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
                  source: str | None = None, started_at: float | None = None) -> TrainSummary:
     """Train to the end (resuming a run of the same name and storage path) and summarise it; the
     summary becomes the MLflow run's description. A finished run is summarised, not trained again
-    (``finished_run``). ``source``: the command, for the run's source; ``started_at``: when
+    (``finished_run``); otherwise Ray is started or joined (``ray_runtime.init_ray``) once the batch
+    is known to train. ``source``: the command, for the run's source; ``started_at``: when
     ``train.time_limit`` started counting (the CLI: when the command started)."""
     started, launch = time.perf_counter(), new_launch()
-    finished = finished_run(storage.with_absolute_paths(config), started)
+    absolute = storage.with_absolute_paths(config)
+    finished = finished_run(absolute, started)
     if finished is not None:
         return finished
+    check_batch_norm_batch(config)  # before Ray starts: answered at once
+    ray_runtime.init_ray()
     trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source, started_at=started_at,
                                     launch=launch)
     previous_handler = signal.getsignal(signal.SIGINT)  # fit() installs Ray Train's Ctrl+C handler for good
@@ -261,10 +271,10 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     dropped = ray.get(report.get.remote())["counts"]
     where = None
     if checkpoint is not None:  # named as a rerun names it: Ray's Checkpoint.path drops a storage URI's scheme
-        where = storage.join(run_folder(storage.with_absolute_paths(config)), PurePosixPath(checkpoint.path).name)
+        where = storage.join(run_folder(absolute), PurePosixPath(checkpoint.path).name)
     summary = TrainSummary(stats, where, metrics.get("mlflow_run_id"), time.perf_counter() - started,
                            int(metrics.get("epoch", 0)), dropped)
-    _register(config, summary)
+    _register(absolute, summary)
     if summary.mlflow_run_id:
         describe_run(config, summary.mlflow_run_id, summary_markdown(summary, config, source or command_line()))
     return summary
