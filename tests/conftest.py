@@ -24,8 +24,8 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 def pytest_collection_modifyitems(items):
     """The test modules that never use the session's local Ray (`ray_session`) run first, each
-    module whole and in its own order: the ones that start a Ray of their own (a simulated
-    cluster, `ray start --head`, the wheel's and the GPU check's commands) then do not share the
+    module whole and in its own order: the ones that start a Ray of their own (the
+    `ray start` cluster, the wheel's and the GPU check's commands) then do not share the
     two cores with the idle daemons of the session's Ray, which starts with the first test that
     needs it."""
     uses_session_ray: dict = {}

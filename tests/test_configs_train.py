@@ -52,7 +52,7 @@ def _overrides(data_root: str, storage: str, run_name: str, side: int) -> list[s
         "data.val_annotations=", "data.parquet_dir=parquet", f"data.input_size=[{side},{side}]",
         # tasks: the session's warm worker processes preprocess, where an actor pool would start two
         # new processes per run, each importing torch and torchvision (~4 s of CPU); the actor pool is
-        # test_cluster_scheduling.py's and test_pipeline_integration.py's
+        # test_jobs_integration.py's and test_pipeline_integration.py's
         "data.preprocess_compute=tasks", "data.preprocess_max_actors=1", "data.preprocess_batch_size=2",
         "model.pretrained=null",  # ImageNet / DLA weights cannot be downloaded here; loading them is tested apart
         "train.use_gpu=false", "train.num_workers=1", f"train.batch_size={BATCH}", "train.epochs=1",

@@ -8,7 +8,7 @@ from centernet_ray.ray_data.ingest import ingest_coco as ingest_with_or_without_
 
 
 def ingest_coco(*args, **kwargs):
-    """Here, without Ray, whatever ran before in the session (the Ray path is test_cluster_scheduling.py's)."""
+    """Here, without Ray, whatever ran before in the session (the Ray path is test_jobs_integration.py's)."""
     return ingest_with_or_without_ray(*args, use_ray=False, **kwargs)
 
 

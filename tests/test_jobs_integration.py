@@ -1,8 +1,13 @@
-"""`ray job submit` of the train job to a real Ray head with token authentication (DESIGN.md: the
-Jobs API of Ray 2.60 needs RAY_AUTH_MODE=token and RAY_AUTH_TOKEN on the head and the client),
-tracked on a real `mlflow server`: the path users take from submitting a job to reading it in MLflow."""
+"""`ray job submit` of the train job to a real three-node Ray started with `ray start` (a head that
+runs no work, a node labelled as the CPU pool, one labelled as the GPU pool: three raylets on this
+machine) with token authentication (DESIGN.md: the Jobs API of Ray 2.60 needs RAY_AUTH_MODE=token
+and RAY_AUTH_TOKEN on every node and on the client), tracked on a real `mlflow server`: the path users
+take from submitting a job to a cluster of CPU and GPU nodes to reading it in MLflow. With
+`cluster.node_pools=true`, Ray's own task and actor records (the State API) must show every data
+task and preprocessing actor on the CPU node and every train worker on the GPU node."""
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -21,6 +26,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent  # ray, and the `python` the job's entrypoint runs
 TINY_CONFIG = "tests/tiny_train.yaml"  # relative: the job runs in the uploaded copy of the repo
+POOL_LABEL = "centernet-ray/pool"
 
 
 def _http(address: str, path: str, token: str | None, method: str = "GET", body: bytes | None = None) -> int:
@@ -36,17 +42,36 @@ def _http(address: str, path: str, token: str | None, method: str = "GET", body:
         return 0
 
 
+def _ray_start(background_services, log: Path, env: dict[str, str], ports, *args) -> "subprocess.Popen":
+    """`ray start --block ARGS` with ports of its own for every service of a node (three nodes share
+    this machine; ``ports``: an iterator of free ones), its output in ``log``."""
+    agent_http, agent_grpc, metrics, node_manager, object_manager, runtime_env = (next(ports) for _ in range(6))
+    return background_services.start([
+        VENV_BIN / "ray", "start", "--block", *args, f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+        f"--runtime-env-agent-port={runtime_env}",
+        "--min-worker-port=0", "--max-worker-port=0",  # workers: ports chosen by the OS
+        "--object-store-memory=300000000", "--disable-usage-stats",
+    ], log, **env)
+
+
 @pytest.fixture(scope="module")
-def ray_head(background_services, free_ports, tmp_path_factory):
-    """A real `ray start --head` with its own free ports, temp dir and a throw-away token (the format
-    of `ray get-auth-token --generate`), its Jobs API up on 127.0.0.1. Stopped by
-    ``background_services``: only this cluster's processes, never a bare `ray stop`."""
+def ray_cluster(background_services, free_ports, tmp_path_factory):
+    """A real `ray start --head` (0 CPUs: it runs the job's driver and Ray's own actors, no work) with
+    its own free ports, temp dir and a throw-away token (the format of `ray get-auth-token
+    --generate`), its Jobs API up on 127.0.0.1; two `ray start --address` nodes labelled through
+    RAY_OVERRIDE_LABELS, as the cluster launcher labels them (cluster/aws.yaml): the CPU pool (4
+    CPUs) and the GPU pool (2 CPUs, no GPU here). Stopped by ``background_services``: only this
+    cluster's processes, never a bare `ray stop`."""
     token = secrets.token_hex(32)
-    gcs, dashboard, agent_http, agent_grpc, metrics, node_manager, object_manager, client, runtime_env = free_ports(9)
+    # all at once: ports picked one node at a time could repeat a port the OS just handed out
+    ports = iter(free_ports(3 + 3 * 6))
+    gcs, dashboard, client = next(ports), next(ports), next(ports)
     # Ray's unix sockets live under the temp dir and their paths must stay under 108 characters:
     # pytest's tmp_path is too deep, so a short directory under /tmp.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayjobs-"))
-    log = tmp_path_factory.mktemp("ray_head") / "ray_start.log"
+    logs = tmp_path_factory.mktemp("ray_cluster")
     address = f"http://127.0.0.1:{dashboard}"
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{VENV_BIN}:{background_services.env()['PATH']}",  # the job's `python` is the venv's
@@ -54,62 +79,85 @@ def ray_head(background_services, free_ports, tmp_path_factory):
            # processes, which fails with a custom temp dir and other Rays on the machine: name it.
            "RAY_API_SERVER_ADDRESS": address,
            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # teardown: no drain wait on SIGTERM
-    head = background_services.start([
-        # No --node-ip-address: Ray maps 127.0.0.1 to the machine's own address for its gRPC services
-        # anyway; all HTTP (the Jobs API) goes to the dashboard, bound to 127.0.0.1.
-        VENV_BIN / "ray", "start", "--head", "--block", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        f"--ray-client-server-port={client}", f"--runtime-env-agent-port={runtime_env}",
-        "--min-worker-port=0", "--max-worker-port=0",  # workers: ports chosen by the OS
-        "--num-cpus=8", "--object-store-memory=1000000000", "--disable-usage-stats", f"--temp-dir={temp_dir}",
-    ], log, **env)
+    # No --node-ip-address: Ray maps 127.0.0.1 to the machine's own address for its gRPC services
+    # anyway; all HTTP (the Jobs API, the State API) goes to the dashboard, bound to 127.0.0.1.
+    head = _ray_start(background_services, logs / "head.log", env, ports, "--head", f"--port={gcs}",
+                      "--num-cpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                      f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}")
     deadline = time.monotonic() + 120
     try:
         while _http(address, "/api/jobs/", token) != 200:
-            assert head.poll() is None, f"`ray start` exited with {head.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the Jobs API did not come up in 120 s:\n{log.read_text()}"
+            assert head.poll() is None, f"`ray start --head` exited with {head.returncode}:\n{(logs / 'head.log').read_text()}"
+            assert time.monotonic() < deadline, f"the Jobs API did not come up in 120 s:\n{(logs / 'head.log').read_text()}"
             time.sleep(0.5)
-        yield SimpleNamespace(address=address, token=token, env=env, temp_dir=temp_dir, log=log)
+        cluster = SimpleNamespace(address=address, gcs=f"127.0.0.1:{gcs}", token=token, env=env,
+                                  temp_dir=temp_dir, logs=logs, node_ids={})
+        # one node at a time: two `ray start` processes joining at once on one machine can time out
+        # waiting for their own node's record (Ray's 30 s, with the raylet registered after 2 s)
+        for pool, cpus in (("cpu", 4), ("gpu", 2)):
+            log = logs / f"{pool}.log"
+            node = _ray_start(background_services, log, {**env, "RAY_OVERRIDE_LABELS": json.dumps({POOL_LABEL: pool})},
+                              ports, f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}")
+            while "Ray runtime started" not in log.read_text():
+                assert node.poll() is None, f"`ray start` of the {pool} pool exited:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"the {pool} pool's node did not start in 120 s:\n{log.read_text()}"
+                time.sleep(0.5)
+        cluster.node_ids = {record.labels[POOL_LABEL]: record.node_id for record in _state(cluster, "nodes")
+                            if record.state == "ALIVE" and POOL_LABEL in (record.labels or {})}
+        assert set(cluster.node_ids) == {"cpu", "gpu"}, _state(cluster, "nodes")
+        yield cluster
     finally:
         background_services.stop_all()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(ray_head, entrypoint: list[str], *, env: dict[str, str], options: tuple = ()):
+def _state(cluster, resource: str, **filters) -> list:
+    """Ray's records of ``resource`` ("nodes", "actors", "tasks") from the State API on the
+    dashboard, with the token; ``filters``: equality filters (``job_id=...``)."""
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    client = StateApiClient(cluster.address, headers={"Authorization": f"Bearer {cluster.token}"})
+    options = ListApiOptions(limit=10_000, detail=True, filters=[(k, "=", v) for k, v in filters.items()])
+    return client.list(StateResource(resource), options=options, raise_on_missing_output=False)
+
+
+def _submit(ray_cluster, entrypoint: list[str], *, env: dict[str, str], options: tuple = ()):
     """`ray job submit --no-wait` (the CLI, with ``env``); the finished process."""
-    command = [VENV_BIN / "ray", "job", "submit", "--address", ray_head.address, "--no-wait", *options,
+    command = [VENV_BIN / "ray", "job", "submit", "--address", ray_cluster.address, "--no-wait", *options,
                "--", *entrypoint]
     return subprocess.run([str(part) for part in command], env=env, capture_output=True, text=True, timeout=120)
 
 
-def _jobs_client(ray_head):
+def _jobs_client(ray_cluster):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(ray_head.address, headers={"Authorization": f"Bearer {ray_head.token}"})
+    return JobSubmissionClient(ray_cluster.address, headers={"Authorization": f"Bearer {ray_cluster.token}"})
 
 
-def test_submission_without_the_right_token_is_rejected(ray_head, background_services, tmp_path):
+def test_submission_without_the_right_token_is_rejected(ray_cluster, background_services, tmp_path):
     """Auth is on: the CLI without any token (and a HOME without ~/.ray/auth_token) gets 401, a
     wrong token gets 403, and no job was created."""
     marker = f"rejected-{secrets.token_hex(4)}"
-    result = _submit(ray_head, ["echo", marker], env=background_services.env(HOME=str(tmp_path)))
+    result = _submit(ray_cluster, ["echo", marker], env=background_services.env(HOME=str(tmp_path)))
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "Authentication required" in output, output
     body = json.dumps({"entrypoint": f"echo {marker}"}).encode()
-    assert _http(ray_head.address, "/api/jobs/", secrets.token_hex(32), "POST", body) == 403
-    assert _http(ray_head.address, "/api/jobs/", None, "POST", body) == 401
-    assert not [job for job in _jobs_client(ray_head).list_jobs() if marker in job.entrypoint]
+    assert _http(ray_cluster.address, "/api/jobs/", secrets.token_hex(32), "POST", body) == 403
+    assert _http(ray_cluster.address, "/api/jobs/", None, "POST", body) == 401
+    assert not [job for job in _jobs_client(ray_cluster).list_jobs() if marker in job.entrypoint]
 
 
 def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_server(
-        ray_head, mlflow_server, background_services, shapes_dataset, tmp_path):
-    """The user's path: `ray job submit --working-dir <repo> -- python -m centernet_ray train ...`
-    with the token, tracked on a real `mlflow server`. The job SUCCEEDS; its run on the server holds
-    the flattened config, per-step train losses, per-evaluation COCO stats, system metrics, the
-    tags, config.yaml, the checkpoint, the evaluation pictures and a LoggedModel that loads and
-    runs; the uploaded working dir left out what .gitignore and the excludes name (.venv, .git)."""
+        ray_cluster, mlflow_server, background_services, shapes_dataset, tmp_path):
+    """The user's path: `ray job submit --working-dir <repo> -- python -m centernet_ray train ...
+    cluster.node_pools=true` with the token, two train workers, tracked on a real `mlflow server`.
+    The job SUCCEEDS; its data tasks and preprocessing actors ran on the CPU node and its train
+    workers on the GPU node; its run on the server holds the flattened config, per-step train
+    losses, per-evaluation COCO stats, system metrics, the tags, config.yaml, the checkpoint, the
+    evaluation pictures and a LoggedModel that loads and runs; the uploaded working dir left out
+    what .gitignore and the excludes name (.venv, .git). (With `cluster.node_pools=false` the
+    placement assertions fail: the train workers land on the CPU node.)"""
     import mlflow
     import torch
     from mlflow import MlflowClient
@@ -121,13 +169,14 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     submission_id = f"centernet-train-{secrets.token_hex(4)}"
     overrides = [f"data.root={shapes_dataset}", f"data.parquet_dir={tmp_path / 'parquet'}",
                  f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_server.uri}",
-                 "tracking.system_metrics_interval_s=1", "tracking.registered_model=shapes"]
+                 "tracking.system_metrics_interval_s=1", "tracking.registered_model=shapes",
+                 "cluster.node_pools=true", "train.num_workers=2", "data.preprocess_max_actors=2"]
     entrypoint = ["python", "-m", "centernet_ray", "train", TINY_CONFIG, *overrides, "--summary-json", summary_path]
-    result = _submit(ray_head, entrypoint, env=background_services.env(**ray_head.env), options=(
+    result = _submit(ray_cluster, entrypoint, env=background_services.env(**ray_cluster.env), options=(
         "--submission-id", submission_id, "--working-dir", REPO, "--runtime-env-json", '{"excludes": [".git"]}'))
     assert result.returncode == 0, result.stdout + result.stderr
 
-    client = _jobs_client(ray_head)
+    client = _jobs_client(ray_cluster)
     deadline = time.monotonic() + 420
     while not client.get_job_status(submission_id).is_terminal():
         if time.monotonic() > deadline:  # fail below with the logs so far
@@ -140,6 +189,27 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     summary = json.loads(summary_path.read_text())
     assert summary["epochs"] == 1 and 0.0 <= summary["AP"] <= 1.0 and summary["mlflow_run_id"], summary
 
+    # Where Ray ran the job's work, from its own records: data on the CPU pool, training on the GPU pool.
+    actors, tasks = _state(ray_cluster, "actors", job_id=info.job_id), _state(ray_cluster, "tasks", job_id=info.job_id)
+    where = {node_id: pool for pool, node_id in ray_cluster.node_ids.items()}
+    train_workers = [a for a in actors if a.class_name == "RayTrainWorker"]
+    assert len(train_workers) == 2, sorted({a.class_name for a in actors})
+    assert {where.get(a.node_id, "head") for a in train_workers} == {"gpu"}
+    # Ray Data's preprocessing actors (MapWorker(MapBatches(RayPreprocessor))) and its tasks:
+    # Parquet reads and every other task the datasets launched.
+    data_actors = [a for a in actors if a.class_name.startswith("MapWorker(")]
+    data_tasks = [t for t in tasks if t.type == "NORMAL_TASK" and
+                  any(op in t.name for op in ("ReadParquet", "MapBatches", "Split", "Read"))]
+    assert data_actors and any("RayPreprocessor" in a.class_name for a in data_actors)
+    assert any("ReadParquet" in t.name for t in data_tasks), sorted({t.name for t in tasks})
+    # An actor the autoscaling pool requested but shut down before it was placed has no node: it ran nothing.
+    placed = [r for r in data_actors + data_tasks if r.node_id is not None]
+    assert all(r.state == "DEAD" for r in data_actors if r.node_id is None)
+    misplaced = [(getattr(r, "class_name", None) or r.name, where.get(r.node_id, "head"))
+                 for r in placed if where.get(r.node_id) != "cpu"]
+    assert not misplaced, misplaced
+    assert any(r.node_id == ray_cluster.node_ids["cpu"] for r in data_actors)
+
     config = load_config(REPO / TINY_CONFIG, overrides)
     tracking = MlflowClient(mlflow_server.uri)
     runs = tracking.search_runs([tracking.get_experiment_by_name(config.tracking.experiment).experiment_id])
@@ -149,10 +219,10 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     params = run.data.params
     assert params["model.backbone"] == "resnet18" and params["loss.alpha"] == "2.0", params
     assert params["train.batch_size"] == "4" and params["targets.max_objects"] == "8", params
-    assert params["train.num_workers"] == "1" and params["model.head_conv"] == "16", params
+    assert params["train.num_workers"] == "2" and params["model.head_conv"] == "16", params
     assert set(params) == set(config.flatten()), set(params) ^ set(config.flatten())
 
-    steps_per_epoch = 24 // 4  # shapes_dataset has 24 training images
+    steps_per_epoch = 24 // 2 // 4  # shapes_dataset has 24 training images; 2 workers, 4 each
     for name in ("train/loss_total", "train/loss_heatmap", "train/loss_size", "train/loss_offset", "train/lr",
                  "train/images_per_s", "train/data_wait_s"):
         history = tracking.get_metric_history(run.info.run_id, name)
@@ -210,9 +280,96 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
 
     # The package the job ran in: the repo without .venv (.gitignore) and .git (excludes).
     package = info.runtime_env["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")
-    unpacked = ray_head.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files" / package
-    assert unpacked.is_dir(), f"{package} not under {ray_head.temp_dir}"
+    unpacked = ray_cluster.temp_dir / "session_latest" / "runtime_resources" / "working_dir_files" / package
+    assert unpacked.is_dir(), f"{package} not under {ray_cluster.temp_dir}"
     shipped = {path.name for path in unpacked.iterdir()}
     assert {"centernet_ray", "tests", "tune", "pyproject.toml"} <= shipped, shipped
     assert (unpacked / "centernet_ray" / "configs" / "demo.yaml").is_file()
     assert not shipped & {".venv", ".git", "data", "outputs", "mlflow.db"}, shipped
+
+
+def _on_the_cluster(ray_cluster, background_services) -> dict[str, str]:
+    """The environment of a command joining the cluster through RAY_ADDRESS, as a job's entrypoint
+    or a user's shell on a node would, with the cluster's token."""
+    return background_services.env(**ray_cluster.env, RAY_ADDRESS=ray_cluster.gcs)
+
+
+def test_a_command_joining_the_cluster_with_a_sqlite_store_is_told_to_run_a_tracking_server(
+        ray_cluster, background_services, shapes_dataset, tmp_path):
+    """`centernet-ray train` joined to the 3-node cluster with a SQLite MLflow store: the user is told,
+    with the fix, before training starts; here the job then stops at a global batch the dataset
+    cannot fill (2 workers x 100 > 24 images), with that reason in one line and nothing trained."""
+    command = [sys.executable, "-m", "centernet_ray", "train", REPO / TINY_CONFIG, "cluster.node_pools=true",
+               "train.num_workers=2", "train.batch_size=100", f"data.root={shapes_dataset}",
+               f"data.parquet_dir={tmp_path / 'parquet'}", f"train.storage_path={tmp_path / 'runs'}",
+               f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    finished = subprocess.run([str(part) for part in command], env=_on_the_cluster(ray_cluster, background_services),
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 2, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert "the MLflow store sqlite:///" in finished.stderr and "3 nodes" in finished.stderr, finished.stderr
+    assert "Run a tracking server (`mlflow server ...`)" in finished.stderr
+    assert ("error: 24 training images cannot fill one global batch of 200 (train.batch_size x train.num_workers)"
+            in finished.stderr), finished.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def _noise_coco(root: Path, count: int, distinct: int = 8) -> tuple[Path, Path]:
+    """``count`` 256x256 JPEGs of noise (~0.1 MB each: they do not compress), hard links to
+    ``distinct`` files, with one box each: a dataset whose image bytes are large next to its
+    annotations."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k in range(distinct):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=95)
+        (root / f"source-{k}.jpg").write_bytes(buffer.getvalue())
+    entries, boxes = [], []
+    for i in range(count):
+        os.link(root / f"source-{i % distinct}.jpg", images / f"{i:05d}.jpg")
+        entries.append({"id": i + 1, "file_name": f"{i:05d}.jpg", "width": 256, "height": 256})
+        boxes.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [10, 20, 100, 50], "area": 5000,
+                      "iscrowd": 0})
+    annotations = root / "instances.json"
+    annotations.write_text(json.dumps({"images": entries, "annotations": boxes,
+                                       "categories": [{"id": 1, "name": "noise"}]}))
+    return images, annotations
+
+
+def _ingest_on_the_cluster(ray_cluster, background_services, images: Path, annotations: Path, out: Path) -> int:
+    """`centernet-ray data ingest --node-pools` joined to the cluster; returns its peak RSS in bytes."""
+    script = ("import resource, sys\nfrom centernet_ray.cli import main\ncode = main(sys.argv[1:])\n"
+              "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)")
+    finished = subprocess.run([sys.executable, "-c", script, "data", "ingest", "--images", str(images),
+                               "--annotations", str(annotations), "--out", str(out), "--shard-size", "2000",
+                               "--node-pools"], env=_on_the_cluster(ray_cluster, background_services),
+                              capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    return int(finished.stdout.split("PEAK_RSS_KB")[1].split()[0]) * 1024
+
+
+def test_ingest_reads_images_in_tasks_on_the_cpu_pool_and_the_driver_holds_no_image_bytes(
+        ray_cluster, background_services, tmp_path):
+    import pyarrow.parquet as pq
+
+    from centernet_ray.ray_data.ingest import ingest_coco, read_manifest
+
+    small, large = _noise_coco(tmp_path / "small", 500), _noise_coco(tmp_path / "large", 4000)
+    peak_small = _ingest_on_the_cluster(ray_cluster, background_services, *small, tmp_path / "small-pq")
+    peak_large = _ingest_on_the_cluster(ray_cluster, background_services, *large, tmp_path / "large-pq")
+    # 3,500 more images of 0.1 MB: 350 MB more bytes read, 2,000 per shard; none of them in the driver
+    assert peak_large - peak_small < 100e6, (peak_small, peak_large)
+
+    tasks = [t for t in _state(ray_cluster, "tasks") if "_write_shards_task" in t.name]
+    assert len(tasks) >= 3 and {t.node_id for t in tasks} == {ray_cluster.node_ids["cpu"]}, [(t.name, t.node_id) for t in tasks]
+
+    # the same output as ingesting in one process, without Ray: rows, counts, manifest
+    reference = ingest_coco(str(small[0]), str(small[1]), str(tmp_path / "reference"), shard_size=2000, use_ray=False)
+    assert read_manifest(str(tmp_path / "small-pq")) == read_manifest(str(tmp_path / "reference"))
+    assert reference.rows == 500 and reference.shards == ["part-00000.parquet"]
+    assert pq.read_table(tmp_path / "small-pq").equals(pq.read_table(tmp_path / "reference"))

@@ -95,7 +95,7 @@ def tiny_config(shapes_dataset, tmp_path):
     return load_config(None, [
         f"data.root={shapes_dataset}", f"data.parquet_dir={tmp_path / 'parquet'}", "data.input_size=[64,64]",
         # tasks: the session's warm worker processes preprocess (an actor pool would start fresh ones
-        # for every epoch of every attempt; the actor pool under DDP: test_cluster_scheduling.py)
+        # for every epoch of every attempt; the actor pool under DDP: test_jobs_integration.py)
         "data.preprocess_compute=tasks", "data.preprocess_max_actors=2", "data.preprocess_batch_size=8",
         "targets.max_objects=8",
         "model.neck_channels=[32,32,32]", "model.head_conv=16", "train.num_workers=2", "train.batch_size=4",
