@@ -225,12 +225,13 @@ def _cmd_data(args: argparse.Namespace) -> int:
         return 0
     import torch
 
+    from centernet_ray import storage
     from centernet_ray.data.images import decode_image
     from centernet_ray.drawing import draw_detections, save_png_grid
 
     pictures = []
     for record in dataset.images[: args.count]:
-        image = decode_image(Path(args.images) / record.file_name)
+        image = decode_image(storage.read_bytes(storage.join(args.images, record.file_name)))
         pictures.append(draw_detections(image, torch.as_tensor(record.boxes), record.labels, dataset.class_names))
     if not pictures:
         raise UserInputError(f"no images to draw: --count {args.count}, {len(dataset.images)} image(s) in {args.annotations}")
@@ -339,18 +340,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from centernet_ray import storage
     from centernet_ray.data.coco import load_coco
     from centernet_ray.evaluation import check_detections, coco_evaluate, format_stats
 
     started = time.perf_counter()
     summary_path = _summary_path(args.summary_json)
     try:
-        detections = json.loads(Path(args.detections).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        detections = json.loads(storage.read_bytes(args.detections))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserInputError(f"cannot read detections {args.detections}: {exc}") from exc
     if not isinstance(detections, list):
         raise UserInputError(f"{args.detections} must hold a JSON list of COCO detections")
-    if not Path(args.annotations).is_file():
+    if not storage.is_file(args.annotations):
         raise UserInputError(f"annotation file not found: {args.annotations}")
     ground_truth = load_coco(args.annotations)  # a malformed file: a CocoFormatError naming what is wrong
     check_detections(detections, {r.image_id for r in ground_truth.images}, set(ground_truth.category_ids),

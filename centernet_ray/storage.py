@@ -105,6 +105,20 @@ def exists(uri: str | Path) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def is_file(uri: str | Path) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def file_names(folder: str | Path) -> set[str]:
+    """The files under ``folder`` (recursively), as paths relative to it with "/" separators; empty
+    when it does not exist. One listing, where a check per file would be a request per file on
+    object storage."""
+    fs, path = resolve(folder)
+    found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {posixpath.relpath(info.path, path) for info in found if info.type == pafs.FileType.File}
+
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the embedded default: a SQLite file in the command's directory
 
 

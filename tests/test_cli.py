@@ -39,6 +39,26 @@ def test_eval_scores_ground_truth_as_perfect(shapes_dataset, tmp_path):
     assert json.loads(nested.read_text())["AP"] == 1.0
 
 
+def test_data_check_show_and_eval_take_uris_as_they_take_paths(shapes_dataset, tmp_path, capsys):
+    """A dataset in object storage is named by URI: file:// runs the same code here (s3:// runs in
+    test_jobs_integration.py), which a pathlib.Path would break by collapsing the "//"."""
+    root = f"file://{shapes_dataset}"
+    ann, images = f"{root}/annotations/instances_val.json", f"{root}/images/val"
+    assert main(["data", "check", "--annotations", ann, "--images", images]) == 0
+    out = capsys.readouterr().out
+    assert "images: 12" in out and "missing_images: 0" in out, out
+    assert main(["data", "show", "--annotations", ann, "--images", images, "--out", str(tmp_path / "g.png"), "--count", "2"]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 0
+    gt = json.loads((shapes_dataset / "annotations" / "instances_val.json").read_text())
+    detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+                  for a in gt["annotations"]]
+    (tmp_path / "det.json").write_text(json.dumps(detections))
+    summary = tmp_path / "summary.json"
+    assert main(["eval", "--annotations", ann, "--detections", f"file://{tmp_path}/det.json",
+                 "--summary-json", str(summary)]) == 0
+    assert json.loads(summary.read_text())["AP"] == 1.0
+
+
 def test_eval_refuses_detections_it_cannot_score_in_one_line(shapes_dataset, tmp_path, capsys):
     ann = shapes_dataset / "annotations" / "instances_val.json"
     good = {"image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}

@@ -72,6 +72,19 @@ def test_load_coco_reports_missing_image_files(tmp_path):
     assert dataset.report.missing_images == 1 and dataset.report.annotations == 1
 
 
+def test_load_coco_reads_uris_and_finds_images_in_subfolders(tmp_path):
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "train2017" / "a.jpg").write_bytes(b"x")
+    data = instances([ann([1, 1, 5, 5]), ann([2, 2, 5, 5], image_id=2)],
+                     images=[{"id": 1, "file_name": "train2017/a.jpg", "width": 10, "height": 10},
+                             {"id": 2, "file_name": "train2017/gone.jpg", "width": 10, "height": 10}])
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    dataset = load_coco(f"file://{tmp_path}/instances.json", f"file://{tmp_path}")
+    assert [r.file_name for r in dataset.images] == ["train2017/a.jpg"] and dataset.report.missing_images == 1
+    with pytest.raises(CocoFormatError, match="annotation file not found: file://"):
+        load_coco(f"file://{tmp_path}/absent.json")
+
+
 def test_load_coco_rejects_invalid_json_and_missing_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -39,6 +39,8 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     model = build_model(ModelConfig(pretrained=str(path)), 2)
     assert torch.equal(model.backbone[0].weight, reference.conv1.weight)
     assert torch.equal(model.backbone[7][1].conv2.weight, reference.layer4[1].conv2.weight)
+    from_uri = build_model(ModelConfig(pretrained=f"file://{path}"), 2)  # object storage: s3://, gs://
+    assert torch.equal(from_uri.backbone[0].weight, reference.conv1.weight)
 
 
 def test_pretrained_weights_that_do_not_fit_raise(tmp_path):

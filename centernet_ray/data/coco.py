@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from centernet_ray import storage
 from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -166,20 +168,21 @@ def _clean_box(bbox: Any, width: float, height: float, report: CocoReport, ann_i
 
 
 def load_coco(annotation_file: str | Path, images_dir: str | Path | None = None) -> CocoDataset:
-    """Read an instances json; with ``images_dir``, images whose file is absent are dropped and counted."""
-    path = Path(annotation_file)
-    if not path.is_file():
+    """Read an instances json (a path or a URI); with ``images_dir``, images whose file is absent
+    are dropped and counted."""
+    path = str(annotation_file)
+    if not storage.is_file(path):
         raise CocoFormatError(f"annotation file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CocoFormatError(f"{path} is not valid JSON: {exc}") from exc
-    dataset = parse_coco(data, str(path))
+    dataset = parse_coco(data, path)
     if images_dir is not None:
-        root = Path(images_dir)
+        files = storage.file_names(images_dir)
         present = []
         for record in dataset.images:
-            if (root / record.file_name).is_file():
+            if posixpath.normpath(record.file_name) in files:
                 present.append(record)
             else:
                 dataset.report.note("missing_images", record.file_name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from centernet_ray import storage
 from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -129,8 +131,7 @@ def check_detections(detections: list[Any], image_ids: set[int], category_ids: s
 def coco_evaluation(ground_truth: COCO | str, detections: list[dict[str, Any]],
                     image_ids: Sequence[int] | None = None) -> CocoEvaluation:
     """COCOeval of ``detections`` (see :func:`coco_evaluate`), keeping its precision array."""
-    with _pycocotools_output(io.StringIO()):
-        gt = COCO(ground_truth) if isinstance(ground_truth, str) else ground_truth
+    gt = coco_from_dict(json.loads(storage.read_bytes(ground_truth))) if isinstance(ground_truth, str) else ground_truth
     category_ids = sorted(gt.getCatIds())
     evaluated = list(gt.getImgIds() if image_ids is None else image_ids)
     if not detections and evaluated and category_ids:
@@ -170,7 +171,7 @@ def coco_evaluate(ground_truth: COCO | str, detections: list[dict[str, Any]],
                   image_ids: Sequence[int] | None = None) -> dict[str, float]:
     """The 12 standard COCO box stats by name (``AP`` ... ``ARl``) for ``detections``.
 
-    ``ground_truth`` is a ``COCO`` object or the path of an instances json; ``image_ids`` limits
+    ``ground_truth`` is a ``COCO`` object or the path (or URI) of an instances json; ``image_ids`` limits
     the evaluation to those images (default: all). No detections scores 0 everywhere.
     """
     return coco_evaluation(ground_truth, detections, image_ids).stats

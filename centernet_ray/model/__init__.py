@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
+from centernet_ray import storage
 from centernet_ray.config import ModelConfig
 from centernet_ray.errors import UserInputError
 from centernet_ray.model.dla import DLA34, DLAUpNeck, load_dla34_imagenet
@@ -77,10 +77,11 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
 
 
 def load_pretrained_backbone(backbone: nn.Sequential, arch: str, source: str) -> None:
-    """Load ImageNet weights into a ``resnet_trunk``: a local file (a torchvision-style state dict,
-    read with ``weights_only=True``) or a torchvision weights name such as ``IMAGENET1K_V1``."""
-    if Path(source).exists():
-        state = torch.load(source, map_location="cpu", weights_only=True)
+    """Load ImageNet weights into a ``resnet_trunk``: a file, local or a URI (a torchvision-style
+    state dict, read with ``weights_only=True``), or a torchvision weights name such as ``IMAGENET1K_V1``."""
+    if storage.is_file(source):
+        with storage.open_random_access(source) as handle:
+            state = torch.load(handle, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
     else:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from centernet_ray import storage
 from centernet_ray.errors import UserInputError
 from centernet_ray.model.blocks import BasicBlock, bilinear_kernel
 from centernet_ray.model.deform import ModulatedDeformConv
@@ -127,12 +128,13 @@ class DLA34(nn.Module):
 
 
 def load_dla34_imagenet(trunk: DLA34, path: str) -> None:
-    """Load the DLA authors' ImageNet weights (a local copy of ``dla34-ba72cf86.pth``) into ``trunk``.
+    """Load the DLA authors' ImageNet weights (a copy of ``dla34-ba72cf86.pth``, local or a URI) into ``trunk``.
 
     Accepts a bare state dict or ``{"state_dict": ...}``, with or without a "module." prefix; the
     classifier (``fc.*``) is dropped. Raises ``ValueError`` naming the keys when the file does not fit.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with storage.open_random_access(path) as handle:
+        state = torch.load(handle, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping):  # a file that does not fit, like any other: one error type for callers

@@ -138,7 +138,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
 def check_pretrained_file(config: Config) -> None:
     """A ``model.pretrained`` file missing here is refused on a Ray of one machine, where the workers
     read it, and warned about on a cluster, whose GPU nodes may have it while this one does not."""
-    if not storage.names_a_weights_file(config.model.pretrained) or Path(config.model.pretrained).is_file():
+    if not storage.names_a_weights_file(config.model.pretrained) or storage.is_file(config.model.pretrained):
         return
     message = (f"model.pretrained: no weights file {config.model.pretrained} here (every training worker reads "
                "it at that path; model.pretrained=null trains the backbone from scratch)")
