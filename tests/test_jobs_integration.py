@@ -111,6 +111,32 @@ def ray_cluster(background_services, free_ports, tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def object_store(background_services, free_ports, tmp_path_factory, shapes_dataset):
+    """A real S3 API on 127.0.0.1 (moto's server, in memory) holding the shapes dataset at
+    s3://coco/shapes/ in the layout data.root names. ``env``: what a job's runtime_env gives every
+    process of the job (driver, Ray Data tasks, train workers) to reach it, as for any S3-compatible
+    store (MinIO, a bucket behind a private endpoint): AWS_ENDPOINT_URL and the credentials."""
+    import pyarrow.fs as pafs
+
+    port, = free_ports(1)
+    log = tmp_path_factory.mktemp("object_store") / "moto.log"
+    server = background_services.start([VENV_BIN / "moto_server", "-H", "127.0.0.1", "-p", port], log)
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while _http(endpoint, "/", None) != 200:
+        assert server.poll() is None and time.monotonic() < deadline, f"moto_server did not start:\n{log.read_text()}"
+        time.sleep(0.2)
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    bucket = pafs.S3FileSystem(endpoint_override=endpoint, access_key="test", secret_key="test", region="us-east-1",
+                               allow_bucket_creation=True)
+    bucket.create_dir("coco")
+    pafs.copy_files(str(shapes_dataset), "coco/shapes", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=bucket)
+    return SimpleNamespace(env=env, filesystem=bucket)
+
+
 def _state(cluster, resource: str, **filters) -> list:
     """Ray's records of ``resource`` ("nodes", "actors", "tasks") from the State API on the
     dashboard, with the token; ``filters``: equality filters (``job_id=...``)."""
@@ -149,16 +175,20 @@ def test_submission_without_the_right_token_is_rejected(ray_cluster, background_
 
 
 def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_server(
-        ray_cluster, mlflow_server, background_services, shapes_dataset, tmp_path):
+        ray_cluster, mlflow_server, object_store, background_services, monkeypatch, tmp_path):
     """The user's path: `ray job submit --working-dir <repo> -- python -m centernet_ray train ...
-    cluster.node_pools=true` with the token, two train workers, tracked on a real `mlflow server`.
-    The job SUCCEEDS; its data tasks and preprocessing actors ran on the CPU node and its train
-    workers on the GPU node; its run on the server holds the flattened config, per-step train
+    cluster.node_pools=true` with the token, two train workers, the COCO-format dataset, its
+    Parquet shards and the run's checkpoints in object storage (S3 API), tracked on a real `mlflow
+    server`. The job SUCCEEDS; its data tasks and preprocessing actors ran on the CPU node and its
+    train workers on the GPU node; the shards and checkpoints are in the bucket, and a rerun of the
+    finished run is answered from Ray Train's records there, naming the same checkpoint; its run on
+    the server holds the flattened config, per-step train
     losses, per-evaluation COCO stats, system metrics, the tags, config.yaml, the checkpoint, the
     evaluation pictures and a LoggedModel that loads and runs; the uploaded working dir left out
     what .gitignore and the excludes name (.venv, .git). (With `cluster.node_pools=false` the
     placement assertions fail: the train workers land on the CPU node.)"""
     import mlflow
+    import pyarrow.fs as pafs
     import torch
     from mlflow import MlflowClient
     from ray.job_submission import JobStatus
@@ -167,13 +197,13 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
 
     summary_path = tmp_path / "summary.json"
     submission_id = f"centernet-train-{secrets.token_hex(4)}"
-    overrides = [f"data.root={shapes_dataset}", f"data.parquet_dir={tmp_path / 'parquet'}",
-                 f"train.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri={mlflow_server.uri}",
+    overrides = ["data.root=s3://coco/shapes", "train.storage_path=s3://coco/runs", f"tracking.tracking_uri={mlflow_server.uri}",
                  "tracking.system_metrics_interval_s=1", "tracking.registered_model=shapes",
                  "cluster.node_pools=true", "train.num_workers=2", "data.preprocess_max_actors=2"]
     entrypoint = ["python", "-m", "centernet_ray", "train", TINY_CONFIG, *overrides, "--summary-json", summary_path]
     result = _submit(ray_cluster, entrypoint, env=background_services.env(**ray_cluster.env), options=(
-        "--submission-id", submission_id, "--working-dir", REPO, "--runtime-env-json", '{"excludes": [".git"]}'))
+        "--submission-id", submission_id, "--working-dir", REPO,
+        "--runtime-env-json", json.dumps({"excludes": [".git"], "env_vars": object_store.env})))
     assert result.returncode == 0, result.stdout + result.stderr
 
     client = _jobs_client(ray_cluster)
@@ -188,6 +218,10 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
         f"job {info.status}: {info.message}\n--- job logs ---\n{client.get_job_logs(submission_id)}")
     summary = json.loads(summary_path.read_text())
     assert summary["epochs"] == 1 and 0.0 <= summary["AP"] <= 1.0 and summary["mlflow_run_id"], summary
+    assert summary["checkpoint"] == "s3://coco/runs/tiny/epoch_0001", summary
+    in_bucket = {info.path for info in object_store.filesystem.get_file_info(pafs.FileSelector("coco", recursive=True))}
+    assert {"coco/runs/tiny/epoch_0001/checkpoint.pt", "coco/shapes/parquet/train/_manifest.json",
+            "coco/shapes/parquet/val/_manifest.json"} <= in_bucket, sorted(in_bucket)
 
     # Where Ray ran the job's work, from its own records: data on the CPU pool, training on the GPU pool.
     actors, tasks = _state(ray_cluster, "actors", job_id=info.job_id), _state(ray_cluster, "tasks", job_id=info.job_id)
@@ -238,7 +272,7 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     tags = run.data.tags
     assert tags["mlflow.source.name"].startswith("centernet-ray train tiny_train data.root="), tags
     assert tags["mlflow.source.type"] == "JOB"
-    assert tags["centernet_ray.command"].startswith(f"centernet-ray train {TINY_CONFIG} data.root={shapes_dataset} ")
+    assert tags["centernet_ray.command"].startswith(f"centernet-ray train {TINY_CONFIG} data.root=s3://coco/shapes ")
     assert tags["centernet_ray.backbone"] == "resnet18" and tags["centernet_ray.dataset.train_images"] == "24"
     assert "| AP50 |" in tags["mlflow.note.content"]
 
@@ -277,6 +311,20 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     assert summary["promotion"].startswith("shapes version 1: promoted to champion: first champion"), summary
     assert {a.path for a in tracking.list_artifacts(run.info.run_id, "onnx")} == {"onnx/model.onnx", "onnx/export.json"}
     assert tracking.get_run(run.info.run_id).data.metrics["export/passed"] == 1.0
+
+    # The same command again, here (a process without Ray and with the job's S3 settings): the
+    # finished run is answered from Ray Train's records in the bucket, without workers, naming the
+    # same checkpoint by the same URI; registering it again finds the run's version 1.
+    from centernet_ray.cli import main
+
+    for name, value in object_store.env.items():
+        monkeypatch.setenv(name, value)
+    rerun = tmp_path / "rerun.json"
+    assert main(["train", str(REPO / TINY_CONFIG), *overrides, "--summary-json", str(rerun)]) == 0
+    again = json.loads(rerun.read_text())
+    assert [again[key] for key in ("checkpoint", "epochs", "mlflow_run_id", "AP")] == [
+        summary[key] for key in ("checkpoint", "epochs", "mlflow_run_id", "AP")], (again, summary)
+    assert again["promotion"] == summary["promotion"], again
 
     # The package the job ran in: the repo without .venv (.gitignore) and .git (excludes).
     package = info.runtime_env["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")
