@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     synth = data_commands.add_parser("synth", help="write the synthetic shapes dataset in COCO layout")
-    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--out", required=True, help="output directory or URI")
     synth.add_argument("--train-images", type=_positive_int, default=1000)
     synth.add_argument("--val-images", type=_positive_int, default=200)
     synth.add_argument("--image-size", type=_int_at_least(32), default=128, help="pixels a side (at least 32)")
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True,
                         help="checkpoint file/directory/URI, or an MLflow model URI (models:/name@alias, runs:/ID/model)")
     export.add_argument("--format", choices=["onnx"], default="onnx", help="export format (onnx)")
-    export.add_argument("--output", required=True, help="output directory (model.onnx, export.json)")
+    export.add_argument("--output", required=True, help="output directory or URI (model.onnx, export.json)")
     export.add_argument("--max-detections", type=_positive_int, default=100, help="top-K detections per image in the graph")
     export.add_argument("--no-check", action="store_true", help="skip the parity and AP check on the validation set")
     export.add_argument("--max-images", type=_positive_int, help="check on the first N validation images only")
@@ -208,9 +208,18 @@ def _cmd_data(args: argparse.Namespace) -> int:
             print(f"  {key:>17}: {value}")
         return 0
     if args.data_command == "synth":
+        import tempfile
+
+        from centernet_ray import storage
         from centernet_ray.data.synthetic import write_shapes_dataset
 
-        out = write_shapes_dataset(args.out, args.train_images, args.val_images, args.image_size, args.seed)
+        out = args.out
+        if "://" in out:  # object storage: written here, then copied there
+            with tempfile.TemporaryDirectory(prefix="shapes-") as folder:
+                write_shapes_dataset(folder, args.train_images, args.val_images, args.image_size, args.seed)
+                storage.copy_folder(folder, out)
+        else:
+            out = write_shapes_dataset(out, args.train_images, args.val_images, args.image_size, args.seed)
         print(f"wrote {args.train_images} train and {args.val_images} val images to {out}")
         return 0
     from centernet_ray.data.coco import load_coco

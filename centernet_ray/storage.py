@@ -110,6 +110,15 @@ def is_file(uri: str | Path) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.File
 
 
+def copy_folder(source: str | Path, destination: str | Path) -> None:
+    """Copy the files under ``source`` to ``destination``, each a local path or a URI."""
+    source_fs, source_path = resolve(source)
+    destination_fs, destination_path = resolve(destination)
+    destination_fs.create_dir(destination_path, recursive=True)
+    pafs.copy_files(source_path, destination_path, source_filesystem=source_fs,
+                    destination_filesystem=destination_fs)
+
+
 def file_names(folder: str | Path) -> set[str]:
     """The files under ``folder`` (recursively), as paths relative to it with "/" separators; empty
     when it does not exist. One listing, where a check per file would be a request per file on

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,7 +40,7 @@ def test_eval_scores_ground_truth_as_perfect(shapes_dataset, tmp_path):
     assert json.loads(nested.read_text())["AP"] == 1.0
 
 
-def test_data_check_show_and_eval_take_uris_as_they_take_paths(shapes_dataset, tmp_path, capsys):
+def test_data_commands_and_eval_take_uris_as_they_take_paths(shapes_dataset, tmp_path, capsys):
     """A dataset in object storage is named by URI: file:// runs the same code here (s3:// runs in
     test_jobs_integration.py), which a pathlib.Path would break by collapsing the "//"."""
     root = f"file://{shapes_dataset}"
@@ -57,6 +58,13 @@ def test_data_check_show_and_eval_take_uris_as_they_take_paths(shapes_dataset, t
     assert main(["eval", "--annotations", ann, "--detections", f"file://{tmp_path}/det.json",
                  "--summary-json", str(summary)]) == 0
     assert json.loads(summary.read_text())["AP"] == 1.0
+    written = tmp_path / "synth"
+    assert main(["data", "synth", "--out", f"file://{written}", "--train-images", "2", "--val-images", "1",
+                 "--image-size", "32"]) == 0
+    assert sorted(p.relative_to(written).as_posix() for p in written.rglob("*") if p.is_file()) == [
+        "annotations/instances_train.json", "annotations/instances_val.json", "images/train/000000.jpg",
+        "images/train/000001.jpg", "images/val/000000.jpg"]
+    assert not (tmp_path / "file:").exists() and not Path("file:").exists()
 
 
 def test_eval_refuses_detections_it_cannot_score_in_one_line(shapes_dataset, tmp_path, capsys):

@@ -189,12 +189,17 @@ def test_export_command_on_a_trained_checkpoint_logs_parity_and_ap_to_mlflow(tmp
     reports = {}
     for name, (images, annotations) in sets.items():
         out = tmp_path / name
+        # the second as URIs, as a bucket is named (s3://): written here, then copied there
+        where = (str(out), str(images), str(annotations)) if name == "demo_val" else tuple(
+            f"file://{path}" for path in (out, images, annotations))
         done = subprocess.run([sys.executable, "-m", "centernet_ray", "export", "--checkpoint", str(checkpoint),
-                               "--output", str(out), "--images", str(images), "--annotations", str(annotations),
+                               "--output", where[0], "--images", where[1], "--annotations", where[2],
                                "--tracking-uri", store], cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert "check: passed" in done.stdout and f"wrote {out}/model.onnx" in done.stdout
-        reports[name] = json.loads((out / "export.json").read_text())["check"]
+        assert "check: passed" in done.stdout and f"wrote {where[0]}/model.onnx" in done.stdout
+        exported = json.loads((out / "export.json").read_text())
+        assert exported["onnx"] == f"{where[0]}/model.onnx" and (out / "model.onnx").stat().st_size > 1e6
+        reports[name] = exported["check"]
     assert reports["demo_val"]["images"] == 200 and reports["learned"]["images"] == 8
     assert reports["learned"]["torch_ap"] > 0.5  # the model found these images' objects: a meaningful AP
     for report in reports.values():

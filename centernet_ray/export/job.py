@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from centernet_ray import storage
 from centernet_ray.checkpoint import fetch_checkpoint, is_mlflow_uri, load_checkpoint, model_from_state
 from centernet_ray.export.check import ExportCheck, check_export
 from centernet_ray.export.graph import export_onnx
@@ -24,7 +25,8 @@ REPORT_FILE = "export.json"
 
 @dataclass
 class ExportResult:
-    onnx_path: Path
+    onnx_path: str  # where the graph was written: a local path or, for a URI output, its URI
+    onnx_bytes: int
     check: ExportCheck | None  # None with check=False
     mlflow_run_id: str | None
 
@@ -32,11 +34,12 @@ class ExportResult:
 def run_export(source: str, output: str | Path, k: int = 100, check: bool = True, max_images: int | None = None,
                images: str | None = None, annotations: str | None = None, tracking_uri: str | None = None,
                log_to_mlflow: bool = True) -> ExportResult:
-    """Export the checkpoint behind ``source`` (path/URI or MLflow model URI) to ``output``/model.onnx,
-    check it on the validation set (or ``images``/``annotations``) and log both to MLflow."""
+    """Export the checkpoint behind ``source`` (path/URI or MLflow model URI) to ``output``/model.onnx
+    (a folder or a URI: then written here and copied there), check it on the validation set (or
+    ``images``/``annotations``) and log both to MLflow."""
     from centernet_ray.storage import tracking_uri as resolve_tracking_uri
 
-    output = Path(output).resolve()  # the report names the file wherever it is read
+    remote = "://" in str(output)
     with tempfile.TemporaryDirectory() as tmp:
         run_id = None
         path, version = source, Path(source.rstrip("/")).name
@@ -45,16 +48,20 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
         state = load_checkpoint(path)  # read once: the model and the run it was trained in
         run_id = run_id or state.get("mlflow_run_id")
         loaded = model_from_state(state)
-    (output / REPORT_FILE).unlink(missing_ok=True)  # an earlier export's report must not outlive its model
-    onnx_path = export_onnx(loaded, output / ONNX_FILE, k, f"{version}@epoch{loaded.epoch}")
-    result = check_export(loaded, onnx_path, max_images=max_images, images=images, annotations=annotations) if check else None
-    report = {"source": source, "onnx": str(onnx_path), "epoch": loaded.epoch, "max_detections": k,
-              "check": result.to_json() if result else None}
-    (output / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    if log_to_mlflow:
-        uri = resolve_tracking_uri(tracking_uri or loaded.config.tracking.tracking_uri)
-        run_id = log_export(uri, loaded.config.tracking.experiment, run_id, output, result)
-    return ExportResult(onnx_path, result, run_id if log_to_mlflow else None)
+        folder = Path(tmp) / "export" if remote else Path(output).resolve()  # the report names the file wherever it is read
+        (folder / REPORT_FILE).unlink(missing_ok=True)  # an earlier export's report must not outlive its model
+        onnx_path = export_onnx(loaded, folder / ONNX_FILE, k, f"{version}@epoch{loaded.epoch}")
+        written = storage.join(output, ONNX_FILE) if remote else str(onnx_path)
+        result = check_export(loaded, onnx_path, max_images=max_images, images=images, annotations=annotations) if check else None
+        report = {"source": source, "onnx": written, "epoch": loaded.epoch, "max_detections": k,
+                  "check": result.to_json() if result else None}
+        (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if log_to_mlflow:
+            uri = resolve_tracking_uri(tracking_uri or loaded.config.tracking.tracking_uri)
+            run_id = log_export(uri, loaded.config.tracking.experiment, run_id, folder, result)
+        if remote:
+            storage.copy_folder(folder, output)
+        return ExportResult(written, onnx_path.stat().st_size, result, run_id if log_to_mlflow else None)
 
 
 def log_export(uri: str, experiment: str, run_id: str | None, folder: Path, result: ExportCheck | None) -> str:
@@ -85,7 +92,7 @@ def log_export(uri: str, experiment: str, run_id: str | None, folder: Path, resu
 
 
 def format_export(result: ExportResult) -> str:
-    lines = [f"wrote {result.onnx_path} ({result.onnx_path.stat().st_size / 1e6:.1f} MB)"]
+    lines = [f"wrote {result.onnx_path} ({result.onnx_bytes / 1e6:.1f} MB)"]
     check = result.check
     if check is not None:
         skipped = f" ({check.skipped_images} missing or unreadable, skipped)" if check.skipped_images else ""
