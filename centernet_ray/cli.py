@@ -43,6 +43,8 @@ def _summary_path(path: str | None) -> Path | None:
     """``--summary-json``'s file, its folder created now: found unwritable before the work, not after."""
     if not path:
         return None
+    if "://" in path:
+        raise UserInputError(f"--summary-json {path}: give a local file (the summary is written by this process)")
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = data_commands.add_parser("show", help="draw ground-truth boxes of a few images into a PNG grid")
     show.add_argument("--annotations", required=True)
     show.add_argument("--images", required=True)
-    show.add_argument("--out", required=True, help="PNG file to write")
+    show.add_argument("--out", required=True, help="PNG file (or URI) to write")
     show.add_argument("--count", type=_positive_int, default=16)
 
     predict = commands.add_parser("predict", help="batch inference with Ray Data: detections.json (+ metrics)")

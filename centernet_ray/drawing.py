@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes, make_grid
+
+from centernet_ray import storage
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
            "#fabebe", "#008080", "#e6beff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]
@@ -48,12 +51,13 @@ def heatmap_overlay(image: torch.Tensor, heatmap: torch.Tensor, opacity: float =
     return blended.round().clamp(0, 255).to(torch.uint8)
 
 
-def save_png_grid(images: Sequence[torch.Tensor], path: str | Path, columns: int = 4) -> Path:
-    """Write uint8 [3, H, W] images (same size) as one PNG grid and return its path."""
+def save_png_grid(images: Sequence[torch.Tensor], path: str | Path, columns: int = 4) -> str:
+    """Write uint8 [3, H, W] images (same size) as one PNG grid to ``path`` (a file or a URI, its
+    folder created) and return the path."""
     if not images:
         raise ValueError("no images to draw")
     grid = make_grid(list(images), nrow=columns, padding=2, pad_value=255)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(path, format="PNG")
-    return path
+    encoded = io.BytesIO()
+    Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(encoded, format="PNG")
+    storage.write_bytes(path, encoded.getvalue())
+    return str(path)

@@ -48,7 +48,7 @@ def test_data_commands_and_eval_take_uris_as_they_take_paths(shapes_dataset, tmp
     assert main(["data", "check", "--annotations", ann, "--images", images]) == 0
     out = capsys.readouterr().out
     assert "images: 12" in out and "missing_images: 0" in out, out
-    assert main(["data", "show", "--annotations", ann, "--images", images, "--out", str(tmp_path / "g.png"), "--count", "2"]) == 0
+    assert main(["data", "show", "--annotations", ann, "--images", images, "--out", f"file://{tmp_path}/g.png", "--count", "2"]) == 0
     assert (tmp_path / "g.png").stat().st_size > 0
     gt = json.loads((shapes_dataset / "annotations" / "instances_val.json").read_text())
     detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
@@ -65,6 +65,10 @@ def test_data_commands_and_eval_take_uris_as_they_take_paths(shapes_dataset, tmp
         "annotations/instances_train.json", "annotations/instances_val.json", "images/train/000000.jpg",
         "images/train/000001.jpg", "images/val/000000.jpg"]
     assert not (tmp_path / "file:").exists() and not Path("file:").exists()
+    capsys.readouterr()
+    assert main(["eval", "--annotations", ann, "--detections", f"file://{tmp_path}/det.json",
+                 "--summary-json", f"file://{tmp_path}/summary.json"]) == 2  # written by this process: a local file
+    assert "give a local file" in capsys.readouterr().err
 
 
 def test_eval_refuses_detections_it_cannot_score_in_one_line(shapes_dataset, tmp_path, capsys):

@@ -22,8 +22,10 @@ def test_heatmap_overlay_reddens_hot_pixels():
 
 
 def test_png_grid_is_written(tmp_path):
-    path = save_png_grid([torch.zeros(3, 16, 16, dtype=torch.uint8)] * 3, tmp_path / "grid.png", columns=2)
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    path = save_png_grid([torch.zeros(3, 16, 16, dtype=torch.uint8)] * 3, tmp_path / "new" / "grid.png", columns=2)
+    assert path == str(tmp_path / "new" / "grid.png") and (tmp_path / "new" / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert save_png_grid([torch.zeros(3, 16, 16, dtype=torch.uint8)], f"file://{tmp_path}/uri/grid.png") == f"file://{tmp_path}/uri/grid.png"
+    assert (tmp_path / "uri" / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_detections_png_is_a_png_of_the_image_size():

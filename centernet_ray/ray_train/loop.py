@@ -87,7 +87,7 @@ class LoopInputs:
     callbacks: list[WorkerCallback] = field(default_factory=list)
 
 
-def _draw_predictions(kept: list[KeptImage], class_names: list[str], path: Path) -> Path:
+def _draw_predictions(kept: list[KeptImage], class_names: list[str], path: Path) -> str:
     pictures = []
     for item in kept:
         det, matrix = item.detections, item.input_to_original
