@@ -363,9 +363,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserInputError(f"cannot read detections {args.detections}: {exc}") from exc
     if not isinstance(detections, list):
         raise UserInputError(f"{args.detections} must hold a JSON list of COCO detections")
-    if not storage.is_file(args.annotations):
-        raise UserInputError(f"annotation file not found: {args.annotations}")
-    ground_truth = load_coco(args.annotations)  # a malformed file: a CocoFormatError naming what is wrong
+    ground_truth = load_coco(args.annotations)  # absent or malformed: a CocoFormatError naming what is wrong
     check_detections(detections, {r.image_id for r in ground_truth.images}, set(ground_truth.category_ids),
                      args.detections)
     stats = coco_evaluate(args.annotations, detections)

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from centernet_ray.errors import UserInputError
+
 if TYPE_CHECKING:
     from centernet_ray.config import Config
 
@@ -38,7 +40,10 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     bucket = rest.partition("/")[0]
     if scheme in BUCKET_SCHEMES and bucket and "?" not in rest:
         return _bucket_filesystem(scheme, bucket), rest.rstrip("/")
-    return pafs.FileSystem.from_uri(text)
+    try:
+        return pafs.FileSystem.from_uri(text)
+    except pa.ArrowInvalid as exc:  # a scheme pyarrow has no filesystem for (https://, ...)
+        raise UserInputError(f"{text}: not a path or URI this can read or write ({exc})") from None
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,7 +99,7 @@ def open_random_access(uri: str | Path) -> Iterator[BinaryIO | pa.NativeFile]:
     HTTP request)."""
     fs, path = resolve(uri)
     if isinstance(fs, pafs.LocalFileSystem):
-        with fs.open_input_file(path) as handle:
+        with open(path, "rb") as handle:  # a Python file: torch.load of pre-1.6 files needs readline()
             yield handle
     else:
         yield io.BytesIO(read_bytes(uri))
@@ -111,7 +116,8 @@ def is_file(uri: str | Path) -> bool:
 
 
 def copy_folder(source: str | Path, destination: str | Path) -> None:
-    """Copy the files under ``source`` to ``destination``, each a local path or a URI."""
+    """Copy the files under ``source`` to ``destination``, each a local path or a URI: files of the same
+    name are replaced, others already there are kept."""
     source_fs, source_path = resolve(source)
     destination_fs, destination_path = resolve(destination)
     destination_fs.create_dir(destination_path, recursive=True)

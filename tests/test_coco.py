@@ -81,6 +81,12 @@ def test_load_coco_reads_uris_and_finds_images_in_subfolders(tmp_path):
     (tmp_path / "instances.json").write_text(json.dumps(data))
     dataset = load_coco(f"file://{tmp_path}/instances.json", f"file://{tmp_path}")
     assert [r.file_name for r in dataset.images] == ["train2017/a.jpg"] and dataset.report.missing_images == 1
+    # names that leave the images folder (some exporters write ../) are found, from a path or a URI
+    (tmp_path / "other.jpg").write_bytes(b"x")
+    outside = instances([ann([1, 1, 5, 5])], images=[{"id": 1, "file_name": "../other.jpg", "width": 10, "height": 10}])
+    (tmp_path / "outside.json").write_text(json.dumps(outside))
+    for images in (tmp_path / "train2017", f"file://{tmp_path}/train2017"):
+        assert load_coco(tmp_path / "outside.json", images).report.missing_images == 0, images
     with pytest.raises(CocoFormatError, match="annotation file not found: file://"):
         load_coco(f"file://{tmp_path}/absent.json")
 

@@ -21,6 +21,7 @@ def test_keys_from_a_file_skip_comments_and_need_a_bearer_token(tmp_path):
     assert keys.allows("Bearer alpha-key") and keys.allows("bearer beta-key") and keys.allows("Bearer  beta-key ")
     for header in (None, "", "Bearer", "Bearer gamma", "Basic alpha-key", "alpha-key", "Bearer # production"):
         assert not keys.allows(header), header
+    assert ApiKeys.load(f"file://{path}").allows("Bearer beta-key")  # a URI, as s3:// is read
 
 
 def test_keys_from_the_environment_and_none_means_open(monkeypatch):

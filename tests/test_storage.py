@@ -3,8 +3,10 @@
 from types import SimpleNamespace
 
 import pyarrow.fs as pafs
+import pytest
 
 from centernet_ray import storage
+from centernet_ray.errors import UserInputError
 
 
 def test_a_bucket_s_filesystem_is_made_once_and_its_paths_are_pyarrow_s(monkeypatch):
@@ -33,3 +35,8 @@ def test_local_paths_and_file_uris_resolve_to_the_local_filesystem(tmp_path):
     assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "x.jpg")
     fs, path = storage.resolve(f"file://{tmp_path}/x.jpg")
     assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/x.jpg"
+
+
+def test_a_uri_of_a_scheme_without_a_filesystem_is_a_user_error():
+    with pytest.raises(UserInputError, match="https://example.com/resnet18.pth: not a path or URI this can read"):
+        storage.is_file("https://example.com/resnet18.pth")

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import posixpath
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +168,24 @@ def _clean_box(bbox: Any, width: float, height: float, report: CocoReport, ann_i
     return [x1, y1, x2, y2]
 
 
+def _presence_check(images_dir: str) -> Callable[[str], bool]:
+    """Whether an image ``file_name`` exists under ``images_dir``: a check per file on a local disk;
+    in object storage, one listing for the names inside the folder (a check per file would be a
+    request per file), a check for those that point out of it (``../``)."""
+    if "://" not in images_dir:
+        root = Path(images_dir)
+        return lambda name: (root / name).is_file()
+    listed = storage.file_names(images_dir)
+
+    def is_present(name: str) -> bool:
+        normal = posixpath.normpath(name)
+        if normal.startswith(("../", "/")):
+            return storage.is_file(storage.join(images_dir, name))
+        return normal in listed
+
+    return is_present
+
+
 def load_coco(annotation_file: str | Path, images_dir: str | Path | None = None) -> CocoDataset:
     """Read an instances json (a path or a URI); with ``images_dir``, images whose file is absent
     are dropped and counted."""
@@ -179,10 +198,10 @@ def load_coco(annotation_file: str | Path, images_dir: str | Path | None = None)
         raise CocoFormatError(f"{path} is not valid JSON: {exc}") from exc
     dataset = parse_coco(data, path)
     if images_dir is not None:
-        files = storage.file_names(images_dir)
+        is_present = _presence_check(str(images_dir))
         present = []
         for record in dataset.images:
-            if posixpath.normpath(record.file_name) in files:
+            if is_present(record.file_name):
                 present.append(record)
             else:
                 dataset.report.note("missing_images", record.file_name)

@@ -48,7 +48,8 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
         state = load_checkpoint(path)  # read once: the model and the run it was trained in
         run_id = run_id or state.get("mlflow_run_id")
         loaded = model_from_state(state)
-        folder = Path(tmp) / "export" if remote else Path(output).resolve()  # the report names the file wherever it is read
+    with tempfile.TemporaryDirectory() as staging:
+        folder = Path(staging) if remote else Path(output).resolve()  # the report names the file wherever it is read
         (folder / REPORT_FILE).unlink(missing_ok=True)  # an earlier export's report must not outlive its model
         onnx_path = export_onnx(loaded, folder / ONNX_FILE, k, f"{version}@epoch{loaded.epoch}")
         written = storage.join(output, ONNX_FILE) if remote else str(onnx_path)
@@ -56,11 +57,11 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
         report = {"source": source, "onnx": written, "epoch": loaded.epoch, "max_detections": k,
                   "check": result.to_json() if result else None}
         (folder / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        if remote:  # before MLflow records an export that is not where its report says
+            storage.copy_folder(folder, output)
         if log_to_mlflow:
             uri = resolve_tracking_uri(tracking_uri or loaded.config.tracking.tracking_uri)
             run_id = log_export(uri, loaded.config.tracking.experiment, run_id, folder, result)
-        if remote:
-            storage.copy_folder(folder, output)
         return ExportResult(written, onnx_path.stat().st_size, result, run_id if log_to_mlflow else None)
 
 

@@ -11,8 +11,8 @@ import hashlib
 import hmac
 import logging
 import os
-from pathlib import Path
 
+from centernet_ray import storage
 from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,10 @@ class ApiKeys:
     def load(cls, keys_file: str = "") -> "ApiKeys":
         if keys_file:
             try:
-                lines = Path(keys_file).read_text().splitlines()
-            except OSError as exc:
-                raise UserInputError(f"serve.api_keys_file: cannot read {keys_file}: {exc.strerror}") from None
+                lines = storage.read_bytes(keys_file).decode().splitlines()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise UserInputError(f"serve.api_keys_file: cannot read {keys_file}: "
+                                     f"{getattr(exc, 'strerror', None) or exc}") from None
             keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
             if not keys:
                 raise UserInputError(f"serve.api_keys_file {keys_file} holds no key (one per line)")

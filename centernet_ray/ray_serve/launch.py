@@ -7,8 +7,8 @@ import dataclasses
 import logging
 import signal
 import threading
-from pathlib import Path
 
+from centernet_ray import storage
 from centernet_ray.checkpoint import is_mlflow_uri
 from centernet_ray.config import Config
 from centernet_ray.ray_runtime import joins_a_cluster, warn_if_node_local_tracking
@@ -28,7 +28,7 @@ def start_app(config: Config, checkpoint: str, flip_test: bool = False) -> str:
 
     settings = config.serve
     if settings.api_keys_file:  # replicas run in Ray's session folder: name the file from here
-        settings = dataclasses.replace(settings, api_keys_file=str(Path(settings.api_keys_file).resolve()))
+        settings = dataclasses.replace(settings, api_keys_file=storage.absolute(settings.api_keys_file))
     if is_mlflow_uri(checkpoint):
         warn_if_node_local_tracking(tracking_uri(config))
     keys_required = ApiKeys.load(settings.api_keys_file).required  # a bad keys file fails here, in one line
