@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from centernet_ray.config import ConfigError, load_config, with_overrides
-from centernet_ray.ray_tune.report import SweepSummary, TrialRecord, best_config, format_summary, format_table
+from centernet_ray.ray_tune.report import (SweepSummary, TrialRecord, best_config, format_summary, format_table,
+                                          record_from_trial)
 from centernet_ray.ray_tune.search_space import apply_params, load_search_space, parse_dimension
 from centernet_ray.ray_tune.sweep import build_scheduler, build_searcher, derive_max_concurrent, trial_resources
 from centernet_ray.ray_tune.trial import trial_config
@@ -312,3 +313,19 @@ def test_a_sweep_whose_trials_could_draw_a_batch_too_small_for_batch_norm_is_ref
     with pytest.raises(ConfigError, match="train.batch_size=2 at"):  # the default-config trial trains it
         check_sweep(small, space(searched, small))
     check_sweep(with_overrides(small.to_dict(), ["tune.include_default=false"]), space(searched, small))
+
+
+@pytest.mark.parametrize("trial_runs, reported", [
+    # Tune reports the checkpoint as its filesystem's path: a bucket's has no scheme
+    ("s3://bucket/runs/sweep/trial_runs", "bucket/runs/sweep/trial_runs/a1b2c_00001/epoch_0002"),
+    ("/data/runs/sweep/trial_runs", "/data/runs/sweep/trial_runs/a1b2c_00001/epoch_0002"),
+])
+def test_a_trial_s_checkpoint_is_named_where_it_can_be_read(trial_runs, reported):
+    from types import SimpleNamespace
+
+    config = load_config(Path(__file__).with_name("tiny_tune.yaml"))
+    space = load_search_space(Path(__file__).with_name("tiny_space.yaml"), config)
+    trial = SimpleNamespace(trial_id="a1b2c_00001", status="TERMINATED", config={"train.lr": 1e-9, "loss.alpha": 2.0},
+                            last_result={"epoch": 2, "AP50": 0.5, "checkpoint_path": reported})
+    record = record_from_trial(trial, space, config, None, trial_runs)
+    assert record.checkpoint == f"{trial_runs}/a1b2c_00001/epoch_0002" and record.status == "finished"

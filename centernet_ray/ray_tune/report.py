@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any
 
+from centernet_ray import storage
 from centernet_ray.config import Config
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_tune.search_space import SearchSpace, apply_params
@@ -29,9 +31,15 @@ class TrialRecord:
                 "is_default": self.is_default, "error": self.error}
 
 
-def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_params: dict[str, Any] | None) -> TrialRecord:
-    """A :class:`TrialRecord` from a Tune ``Trial`` (as loaded by ``ExperimentAnalysis``)."""
+def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_params: dict[str, Any] | None,
+                      trial_runs: str | None = None) -> TrialRecord:
+    """A :class:`TrialRecord` from a Tune ``Trial`` (as loaded by ``ExperimentAnalysis``).
+    ``trial_runs``: the folder (path or URI) of the trials' Train runs, each named by its trial id,
+    which names the checkpoint; Tune's own checkpoint path has no scheme on object storage."""
     last = trial.last_result or {}
+    checkpoint = last.get("checkpoint_path")
+    if checkpoint and trial_runs:
+        checkpoint = storage.join(trial_runs, trial.trial_id, PurePosixPath(checkpoint).name)
     params = {d.key: _plain(trial.config.get(d.key)) for d in space.dimensions}
     epochs = int(last.get("epoch", 0))
     status = {"TERMINATED": "finished", "ERROR": "error"}.get(trial.status, trial.status.lower())
@@ -43,7 +51,7 @@ def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_pa
     return TrialRecord(
         trial_id=trial.trial_id, params=params, status=status, epochs=epochs,
         metrics={k: float(last[k]) for k in STAT_NAMES if k in last},
-        checkpoint=last.get("checkpoint_path"), mlflow_run_id=last.get("mlflow_run_id"),
+        checkpoint=checkpoint, mlflow_run_id=last.get("mlflow_run_id"),
         is_default=default_params is not None and params == default_params, error=error)
 
 
@@ -58,15 +66,19 @@ def trained_its_plan(last_result: dict[str, Any], epochs: int) -> bool:
     return int(last_result.get("epoch", 0)) >= planned_epochs(last_result, epochs)
 
 
-def records_from_results(results: Any, space: SearchSpace, config: Config, include_default: bool) -> list[TrialRecord]:
-    """Records of every trial of a finished (or interrupted) ``Tuner.fit()``, in creation order."""
+def records_from_results(results: Any, space: SearchSpace, config: Config, include_default: bool,
+                         trial_runs: str | None = None) -> list[TrialRecord]:
+    """Records of every trial of a finished (or interrupted) ``Tuner.fit()``, in creation order
+    (``trial_runs``: see :func:`record_from_trial`)."""
     from ray.tune import ExperimentAnalysis
 
     defaults = space.defaults(config) if include_default else None
     # statuses: the ResultGrid does not expose them. The analysis lists trials in no fixed order
     # (after a restore it differs).
-    trials = sorted(ExperimentAnalysis(results.experiment_path).trials, key=creation_order)
-    records = [record_from_trial(t, space, config, defaults) for t in trials]
+    # the ResultGrid's filesystem with its path: on object storage the path has no scheme
+    analysis = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem)
+    trials = sorted(analysis.trials, key=creation_order)
+    records = [record_from_trial(t, space, config, defaults, trial_runs) for t in trials]
     seen_default = False
     for record in records:  # only the first trial with the default values is "the default trial"
         record.is_default = record.is_default and not seen_default
