@@ -41,9 +41,11 @@ _positive_int = _int_at_least(1)
 
 def _summary_path(path: str | None) -> Path | None:
     """``--summary-json``'s file, its folder created now: found unwritable before the work, not after."""
+    from centernet_ray import storage
+
     if not path:
         return None
-    if "://" in path:
+    if storage.is_uri(path):
         raise UserInputError(f"--summary-json {path}: give a local file (the summary is written by this process)")
     target = Path(path)
     try:
@@ -210,18 +212,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
             print(f"  {key:>17}: {value}")
         return 0
     if args.data_command == "synth":
-        import tempfile
+        from centernet_ray.data.synthetic import write_shapes_dataset_to
 
-        from centernet_ray import storage
-        from centernet_ray.data.synthetic import write_shapes_dataset
-
-        out = args.out
-        if "://" in out:  # object storage: written here, then copied there
-            with tempfile.TemporaryDirectory(prefix="shapes-") as folder:
-                write_shapes_dataset(folder, args.train_images, args.val_images, args.image_size, args.seed)
-                storage.copy_folder(folder, out)
-        else:
-            out = write_shapes_dataset(out, args.train_images, args.val_images, args.image_size, args.seed)
+        out = write_shapes_dataset_to(args.out, args.train_images, args.val_images, args.image_size, args.seed)
         print(f"wrote {args.train_images} train and {args.val_images} val images to {out}")
         return 0
     from centernet_ray.data.coco import load_coco

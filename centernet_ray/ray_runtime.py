@@ -11,7 +11,7 @@ import ray.data
 
 from centernet_ray.console import is_terminal
 from centernet_ray.ray_compat import SINGLE_NODE_TRAIN_ENV
-from centernet_ray.storage import is_node_local_store
+from centernet_ray.storage import is_node_local_store, is_uri
 from centernet_ray.tracking import running_as_ray_job
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _alive_nodes() -> int:
 def warn_if_node_local(path: str, what: str) -> None:
     """Log a warning when ``path`` is a plain local path but the cluster has several nodes: each node
     would read and write its own disk unless the path is a mount they all share (NFS)."""
-    if "://" in str(path):
+    if is_uri(path):
         return
     nodes = _alive_nodes()
     if nodes > 1:

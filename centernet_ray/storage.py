@@ -29,12 +29,18 @@ if TYPE_CHECKING:
 BUCKET_SCHEMES = ("s3", "gs", "gcs")  # pyarrow's paths on these are "bucket/key"
 
 
+def is_uri(path: str | Path) -> bool:
+    """Whether ``path`` names a filesystem by scheme (``s3://``, ``gs://``, ``file://``) rather than
+    being a plain local path."""
+    return "://" in str(path)
+
+
 def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or a URI. A bucket's filesystem is made once
     per process: pyarrow's ``from_uri`` looks up credentials and the bucket's region (a request)
     each time, which an ingest reading one image per call would pay per image."""
     text = str(uri)
-    if "://" not in text:
+    if not is_uri(text):
         return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
     scheme, _, rest = text.partition("://")
     bucket = rest.partition("/")[0]
@@ -55,7 +61,7 @@ def absolute(uri: str) -> str:
     """A local path made absolute against the current directory (``~`` expanded); a URI or an
     empty string unchanged. Call it where the path is typed: Ray workers and Tune trials run in
     Ray's session folder, where a relative path means something else."""
-    if not uri or "://" in uri:
+    if not uri or is_uri(uri):
         return uri
     return str(Path(uri).expanduser().resolve())
 
@@ -63,7 +69,7 @@ def absolute(uri: str) -> str:
 def join(base: str | Path, *parts: str) -> str:
     """Join path parts onto a local path or a URI without mangling the scheme."""
     text = str(base)
-    if "://" in text:
+    if is_uri(text):
         scheme, _, rest = text.partition("://")
         return f"{scheme}://{posixpath.join(rest, *parts)}"
     return str(Path(text).joinpath(*parts))

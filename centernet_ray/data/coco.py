@@ -172,7 +172,7 @@ def _presence_check(images_dir: str) -> Callable[[str], bool]:
     """Whether an image ``file_name`` exists under ``images_dir``: a check per file on a local disk;
     in object storage, one listing for the names inside the folder (a check per file would be a
     request per file), a check for those that point out of it (``../``)."""
-    if "://" not in images_dir:
+    if not storage.is_uri(images_dir):
         root = Path(images_dir)
         return lambda name: (root / name).is_file()
     listed = storage.file_names(images_dir)

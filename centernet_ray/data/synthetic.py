@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from centernet_ray import storage
+
 log = logging.getLogger(__name__)
 
 SHAPE_CLASSES = ("circle", "rectangle", "triangle", "cross")
@@ -128,6 +130,18 @@ def write_shapes_dataset(out_dir: str | Path, num_train: int = 1000, num_val: in
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(instances))
     log.info("wrote shapes dataset (%d train, %d val, %d px) to %s", num_train, num_val, image_size, out)
     return out
+
+
+def write_shapes_dataset_to(out: str | Path, num_train: int = 1000, num_val: int = 200, image_size: int = 128,
+                            seed: int = 0) -> str:
+    """:func:`write_shapes_dataset` to a folder or a URI (written in a temporary folder here, then
+    copied there); returns where it is."""
+    if not storage.is_uri(out):
+        return str(write_shapes_dataset(out, num_train, num_val, image_size, seed))
+    with tempfile.TemporaryDirectory(prefix="shapes-") as folder:
+        write_shapes_dataset(folder, num_train, num_val, image_size, seed)
+        storage.copy_folder(folder, out)
+    return str(out)
 
 
 def default_cache_dir() -> Path:

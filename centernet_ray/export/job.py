@@ -39,7 +39,7 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
     ``images``/``annotations``) and log both to MLflow."""
     from centernet_ray.storage import tracking_uri as resolve_tracking_uri
 
-    remote = "://" in str(output)
+    remote = storage.is_uri(output)
     with tempfile.TemporaryDirectory() as tmp:
         run_id = None
         path, version = source, Path(source.rstrip("/")).name

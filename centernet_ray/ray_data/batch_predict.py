@@ -70,7 +70,7 @@ def list_images(images: str) -> list[str]:
     fs, root = storage.resolve(images)
     infos = fs.get_file_info(pa.fs.FileSelector(root, recursive=True))
     found = sorted(info.path for info in infos if info.is_file and PurePosixPath(info.path).suffix.lower() in IMAGE_SUFFIXES)
-    if "://" in images:
+    if storage.is_uri(images):
         scheme = images.split("://", 1)[0]
         return [f"{scheme}://{path}" for path in found]
     return found

@@ -32,13 +32,13 @@ class TrialRecord:
 
 
 def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_params: dict[str, Any] | None,
-                      trial_runs: str | None = None) -> TrialRecord:
+                      trial_runs: str) -> TrialRecord:
     """A :class:`TrialRecord` from a Tune ``Trial`` (as loaded by ``ExperimentAnalysis``).
     ``trial_runs``: the folder (path or URI) of the trials' Train runs, each named by its trial id,
     which names the checkpoint; Tune's own checkpoint path has no scheme on object storage."""
     last = trial.last_result or {}
     checkpoint = last.get("checkpoint_path")
-    if checkpoint and trial_runs:
+    if checkpoint:
         checkpoint = storage.join(trial_runs, trial.trial_id, PurePosixPath(checkpoint).name)
     params = {d.key: _plain(trial.config.get(d.key)) for d in space.dimensions}
     epochs = int(last.get("epoch", 0))
@@ -67,7 +67,7 @@ def trained_its_plan(last_result: dict[str, Any], epochs: int) -> bool:
 
 
 def records_from_results(results: Any, space: SearchSpace, config: Config, include_default: bool,
-                         trial_runs: str | None = None) -> list[TrialRecord]:
+                         trial_runs: str) -> list[TrialRecord]:
     """Records of every trial of a finished (or interrupted) ``Tuner.fit()``, in creation order
     (``trial_runs``: see :func:`record_from_trial`)."""
     from ray.tune import ExperimentAnalysis
