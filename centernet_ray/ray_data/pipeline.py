@@ -255,6 +255,19 @@ def shuffle_buffer_batches(config: Config) -> int:
     return chosen if chosen is not None else (2 if config.data.cache else 0)
 
 
+def open_shards(names: tuple[str, ...] = ("train", "val")) -> None:
+    """Inside a Ray Train worker, first thing: ask for this worker's split of each dataset. Ray Train
+    starts a dataset's split coordinator (a new process that imports Ray Data) at the first request
+    for its shard, and the request returns at once: asked for here, both start while the worker builds
+    its model and opens its MLflow run, where asked for at the first epoch and the first evaluation
+    each start was waited for (1-3 s a run on 2 cores). Every worker must call this (a barrier per
+    dataset); later requests get the same shards."""
+    import ray.train
+
+    for name in names:
+        ray.train.get_dataset_shard(name)
+
+
 def shard_batches(name: str, config: Config, num_classes: int, batch_size: int, epoch: int = 0):
     """Inside a Ray Train worker: this worker's split of dataset ``name`` as collated torch batches
     (see :class:`TargetCollate`: sparse for training on a GPU), prefetched ``data.prefetch_batches``

@@ -31,7 +31,7 @@ from centernet_ray.drawing import draw_detections, save_png_grid
 from centernet_ray.evaluation.evaluate import EvaluationResult, KeptImage, evaluate
 from centernet_ray.evaluation.figures import class_ap_figure, confusion_matrix_figure, heatmap_figure, pr_curves_figure
 from centernet_ray.ray_compat import quiet_train_reports
-from centernet_ray.ray_data.pipeline import shard_batches
+from centernet_ray.ray_data.pipeline import open_shards, shard_batches
 from centernet_ray.tracking import DatasetInput, RunTracker, epoch_metric_names
 from centernet_ray.training.budget import TimeBudget, eta_seconds, resumed_plan, run_finished
 from centernet_ray.training.engine import LOSS_TERMS, EpochResult, Progress, TrainingEngine
@@ -164,6 +164,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     quiet_train_reports()
+    open_shards()
     device = ray.train.torch.get_device()
     torch.manual_seed(train.seed + rank)
     if device.type == "cpu":
