@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Imported here, when a worker unpickles its loop: the worker then waits ~1 s for Ray Train to set
+# up the worker group, where importing MLflow (~1 s) at rank 0's first use was on the path to the
+# first step.
+import mlflow  # noqa: F401
 import ray
 import ray.train
 import ray.train.torch
