@@ -92,9 +92,11 @@ def open_output(uri: str | Path) -> Iterator[pa.NativeFile]:
     should hold in memory at once."""
     fs, path = resolve(uri)
     parent = posixpath.dirname(path)
-    if parent:
-        fs.create_dir(parent, recursive=True)
-    with fs.open_output_stream(path) as stream:
+    with _bucket_must_exist(uri):
+        if parent:
+            fs.create_dir(parent, recursive=True)
+        stream = fs.open_output_stream(path)
+    with stream:
         yield stream
 
 
@@ -126,9 +128,26 @@ def copy_folder(source: str | Path, destination: str | Path) -> None:
     name are replaced, others already there are kept."""
     source_fs, source_path = resolve(source)
     destination_fs, destination_path = resolve(destination)
-    destination_fs.create_dir(destination_path, recursive=True)
+    with _bucket_must_exist(destination):
+        destination_fs.create_dir(destination_path, recursive=True)
     pafs.copy_files(source_path, destination_path, source_filesystem=source_fs,
                     destination_filesystem=destination_fs)
+
+
+@contextlib.contextmanager
+def _bucket_must_exist(uri: str | Path) -> Iterator[None]:
+    """A write to a bucket that does not exist is the user's to fix: one line that names the bucket
+    (and the endpoint asked, which a mistyped ``AWS_ENDPOINT_URL`` makes the wrong one), not
+    pyarrow's traceback ending in advice about an option of its own."""
+    try:
+        yield
+    except OSError as exc:
+        missing = re.search(r"Bucket '([^']+)' not found", str(exc))
+        if missing is None:
+            raise
+        endpoint = os.environ.get("AWS_ENDPOINT_URL")
+        raise UserInputError(f"{uri}: there is no bucket '{missing.group(1)}'"
+                             f"{f' at {endpoint}' if endpoint else ''} (create it first, or check the name)") from None
 
 
 def file_names(folder: str | Path) -> set[str]:

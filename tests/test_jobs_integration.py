@@ -341,6 +341,22 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     assert not shipped & {".venv", ".git", "data", "outputs", "mlflow.db"}, shipped
 
 
+def test_writing_to_a_bucket_that_does_not_exist_is_a_one_line_error(object_store, monkeypatch, capsys):
+    """As a user mistypes a bucket: `data synth --out` (a write through `storage`, as export's and
+    predict's outputs are) names the bucket and the endpoint asked, with exit 2, where pyarrow's
+    traceback ended in advice about an option of its own."""
+    from centernet_ray.cli import main
+
+    for name, value in object_store.env.items():
+        monkeypatch.setenv(name, value)
+    endpoint = object_store.env["AWS_ENDPOINT_URL"]
+    assert main(["data", "synth", "--out", "s3://no-such-bucket/shapes", "--train-images", "2", "--val-images", "1",
+                 "--image-size", "32"]) == 2
+    error = capsys.readouterr().err
+    assert f"s3://no-such-bucket/shapes: there is no bucket 'no-such-bucket' at {endpoint}" in error, error
+    assert "Traceback" not in error and "allow_bucket_creation" not in error
+
+
 def _on_the_cluster(ray_cluster, background_services) -> dict[str, str]:
     """The environment of a command joining the cluster through RAY_ADDRESS, as a job's entrypoint
     or a user's shell on a node would, with the cluster's token."""
