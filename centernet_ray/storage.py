@@ -67,12 +67,19 @@ def absolute(uri: str) -> str:
 
 
 def join(base: str | Path, *parts: str) -> str:
-    """Join path parts onto a local path or a URI without mangling the scheme."""
+    """Join path parts onto a local path or a URI without mangling the scheme. In a URI, ``.`` and
+    ``..`` are resolved as a local filesystem resolves them (a COCO ``file_name`` of ``./a.jpg`` is
+    the key ``images/a.jpg``, where object storage would look for a key holding ``./``); a path
+    that climbs out of its bucket is refused."""
     text = str(base)
-    if is_uri(text):
-        scheme, _, rest = text.partition("://")
-        return f"{scheme}://{posixpath.join(rest, *parts)}"
-    return str(Path(text).joinpath(*parts))
+    if not is_uri(text):
+        return str(Path(text).joinpath(*parts))
+    scheme, _, rest = text.partition("://")
+    joined = posixpath.normpath(posixpath.join(rest, *parts))
+    bucket = rest.partition("/")[0]
+    if scheme in BUCKET_SCHEMES and joined.partition("/")[0] != bucket:
+        raise UserInputError(f"{'/'.join(parts)}: leaves the bucket of {text}")
+    return f"{scheme}://{joined}"
 
 
 def read_bytes(uri: str | Path) -> bytes:

@@ -40,3 +40,14 @@ def test_local_paths_and_file_uris_resolve_to_the_local_filesystem(tmp_path):
 def test_a_uri_of_a_scheme_without_a_filesystem_is_a_user_error():
     with pytest.raises(UserInputError, match="https://example.com/resnet18.pth: not a path or URI this can read"):
         storage.is_file("https://example.com/resnet18.pth")
+
+
+def test_a_join_in_a_uri_resolves_dot_segments_as_a_local_path_does_and_stays_in_its_bucket():
+    """Object storage takes a key literally: ``images/./a.jpg`` is not ``images/a.jpg`` there, where
+    a local filesystem resolves both to one file (COCO files written by some tools name ``./a.jpg``)."""
+    assert storage.join("s3://coco/images", "./a.jpg") == "s3://coco/images/a.jpg"
+    assert storage.join("s3://coco/images/", "val", "../train/a.jpg") == "s3://coco/images/train/a.jpg"
+    assert storage.join("gs://coco", "runs", "demo") == "gs://coco/runs/demo"
+    assert storage.join("file:///data/coco/images", "./a.jpg") == "file:///data/coco/images/a.jpg"
+    with pytest.raises(UserInputError, match=r"\.\./\.\./other/a.jpg: leaves the bucket of s3://coco/images"):
+        storage.join("s3://coco/images", "../../other/a.jpg")
