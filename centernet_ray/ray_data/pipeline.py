@@ -210,11 +210,6 @@ class CenterNetDataConfig(TrainDataConfig):
             options = execution_options(self, name)
             options.label_selector = self.label_selector
             dataset.context.execution_options = options
-            if world_size == 1:
-                # One worker reads everything: it runs the dataset itself, where a split would start a
-                # coordinator process per dataset to hand every block on to that one worker
-                output[0][name] = dataset.iterator()
-                continue
             splits = dataset.streaming_split(world_size, equal=(name == "train"), locality_hints=worker_node_ids)
             for rank, split in enumerate(splits):
                 output[rank][name] = split
