@@ -256,12 +256,12 @@ def shuffle_buffer_batches(config: Config) -> int:
 
 
 def open_shards(names: tuple[str, ...] = ("train", "val")) -> None:
-    """Inside a Ray Train worker, first thing: ask for this worker's shard of each dataset. With more
-    than one worker Ray Train starts a dataset's split coordinator (a new process that imports Ray
-    Data) at the first request for its shard, and the request returns at once: asked for here, both
-    start while the worker builds its model and opens its MLflow run, where asked for at the first
-    epoch and the first evaluation each start was waited for (1-3 s a run on 2 cores). Every worker
-    must call this (a barrier per dataset); later requests get the same shards."""
+    """Inside a Ray Train worker, first thing: ask for this worker's shard of each dataset. Ray Train
+    starts a dataset's split coordinator (a new process that imports Ray Data) at the first request
+    for its shard, and the request returns at once: asked for here, both start while the worker
+    builds its model and opens its MLflow run, where asked for at the first epoch and the first
+    evaluation each start was waited for (1-3 s a run on 2 cores). Every worker must call this (a
+    barrier per dataset); later requests get the same shards."""
     import ray.train
 
     for name in names:
