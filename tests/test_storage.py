@@ -43,8 +43,9 @@ def test_a_uri_of_a_scheme_without_a_filesystem_is_a_user_error():
 
 
 def test_a_join_in_a_uri_resolves_dot_segments_as_a_local_path_does_and_stays_in_its_bucket():
-    """Object storage takes a key literally: ``images/./a.jpg`` is not ``images/a.jpg`` there, where
-    a local filesystem resolves both to one file (COCO files written by some tools name ``./a.jpg``)."""
+    """S3 stores keys literally (``images/./a.jpg`` is a key of its own) and clients differ in what they
+    do with dot segments in a request's URL; a local filesystem resolves both to one file. The key
+    is made the one a local path means (COCO files written by some tools name ``./a.jpg``)."""
     assert storage.join("s3://coco/images", "./a.jpg") == "s3://coco/images/a.jpg"
     assert storage.join("s3://coco/images/", "val", "../train/a.jpg") == "s3://coco/images/train/a.jpg"
     assert storage.join("gs://coco", "runs", "demo") == "gs://coco/runs/demo"
