@@ -345,8 +345,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from centernet_ray import storage
-    from centernet_ray.data.coco import load_coco
-    from centernet_ray.evaluation import check_detections, coco_evaluate, format_stats
+    from centernet_ray.data.coco import parse_coco, read_coco_json
+    from centernet_ray.evaluation import check_detections, coco_evaluate, coco_from_dict, format_stats
 
     started = time.perf_counter()
     summary_path = _summary_path(args.summary_json)
@@ -356,10 +356,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserInputError(f"cannot read detections {args.detections}: {exc}") from exc
     if not isinstance(detections, list):
         raise UserInputError(f"{args.detections} must hold a JSON list of COCO detections")
-    ground_truth = load_coco(args.annotations)  # absent or malformed: a CocoFormatError naming what is wrong
+    instances = read_coco_json(args.annotations)  # read once: it may be an object in a bucket
+    ground_truth = parse_coco(instances, args.annotations)  # malformed: a CocoFormatError naming what is wrong
     check_detections(detections, {r.image_id for r in ground_truth.images}, set(ground_truth.category_ids),
                      args.detections)
-    stats = coco_evaluate(args.annotations, detections)
+    stats = coco_evaluate(coco_from_dict(instances), detections)
     print(format_stats(stats))
     if summary_path:
         summary = {**stats, "wall_seconds": round(time.perf_counter() - started, 3)}

@@ -186,17 +186,22 @@ def _presence_check(images_dir: str) -> Callable[[str], bool]:
     return is_present
 
 
-def load_coco(annotation_file: str | Path, images_dir: str | Path | None = None) -> CocoDataset:
-    """Read an instances json (a path or a URI); with ``images_dir``, images whose file is absent
-    are dropped and counted."""
+def read_coco_json(annotation_file: str | Path) -> dict[str, Any]:
+    """The parsed instances json at a path or URI; absent or not JSON: a :class:`CocoFormatError`."""
     path = str(annotation_file)
     if not storage.is_file(path):
         raise CocoFormatError(f"annotation file not found: {path}")
     try:
-        data = json.loads(storage.read_bytes(path))
+        return json.loads(storage.read_bytes(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CocoFormatError(f"{path} is not valid JSON: {exc}") from exc
-    dataset = parse_coco(data, path)
+
+
+def load_coco(annotation_file: str | Path, images_dir: str | Path | None = None) -> CocoDataset:
+    """Read an instances json (a path or a URI); with ``images_dir``, images whose file is absent
+    are dropped and counted."""
+    path = str(annotation_file)
+    dataset = parse_coco(read_coco_json(path), path)
     if images_dir is not None:
         is_present = _presence_check(str(images_dir))
         present = []
