@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import json
 import logging
@@ -90,16 +89,12 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     check_batch_norm_batch(config)
     check_resumable(config)  # both before the ingest, which can take long
     check_pretrained_file(config)
-    # The MLflow store is opened (a new SQLite store's tables created: ~1 s) while the ingest's Ray
-    # tasks run: this thread only waits for them.
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-store") as pool:
-        experiment = pool.submit(ensure_experiment, config)
-        ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
-        experiment.result()
+    ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
     warn_if_node_local(storage.default_storage_path(config), "train.storage_path")
     warn_if_node_local_tracking(config.tracking.tracking_uri)
+    ensure_experiment(config)
     dataset_facts = {"fingerprint": ingested["train"].fingerprint, "train_images": ingested["train"].rows,
                      "val_images": ingested["val"].rows, "classes": len(ingested["train"].class_names),
                      "val_fingerprint": ingested["val"].fingerprint}
