@@ -45,7 +45,8 @@ def resolve(uri: str | Path) -> tuple[pafs.FileSystem, str]:
     scheme, _, rest = text.partition("://")
     bucket = rest.partition("/")[0]
     if scheme in BUCKET_SCHEMES and bucket and "?" not in rest:
-        return _bucket_filesystem(scheme, bucket), rest.rstrip("/")
+        with _bucket_must_exist(text):  # without an endpoint, pyarrow looks up the bucket's region here
+            return _bucket_filesystem(scheme, bucket), rest.rstrip("/")
     try:
         return pafs.FileSystem.from_uri(text)
     except pa.ArrowInvalid as exc:  # a scheme pyarrow has no filesystem for (https://, ...)
@@ -70,14 +71,13 @@ def join(base: str | Path, *parts: str) -> str:
     """Join path parts onto a local path or a URI without mangling the scheme. In a URI, ``.`` and
     ``..`` are resolved as a local filesystem resolves them (a COCO ``file_name`` of ``./a.jpg`` is
     the key ``images/a.jpg``, where object storage would look for a key holding ``./``); a path
-    that climbs out of its bucket is refused."""
+    that climbs out of its bucket (or host) is refused."""
     text = str(base)
     if not is_uri(text):
         return str(Path(text).joinpath(*parts))
     scheme, _, rest = text.partition("://")
     joined = posixpath.normpath(posixpath.join(rest, *parts))
-    bucket = rest.partition("/")[0]
-    if scheme in BUCKET_SCHEMES and joined.partition("/")[0] != bucket:
+    if joined.partition("/")[0] != rest.partition("/")[0]:  # the bucket (or host) itself
         raise UserInputError(f"{'/'.join(parts)}: leaves the bucket of {text}")
     return f"{scheme}://{joined}"
 
@@ -141,6 +141,24 @@ def copy_folder(source: str | Path, destination: str | Path) -> None:
                     destination_filesystem=destination_fs)
 
 
+def require_bucket(uri: str | Path) -> None:
+    """Refuse, in one line, an output URI whose bucket does not exist, before any work is done for
+    it (writes by other libraries, such as Ray Train's checkpoints, would end in their traceback)."""
+    text = str(uri)
+    scheme, _, rest = text.partition("://")
+    if not is_uri(text) or scheme not in BUCKET_SCHEMES:
+        return
+    fs, _ = resolve(text)
+    bucket = rest.partition("/")[0]
+    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+        raise UserInputError(_no_bucket(text, bucket))
+
+
+def _no_bucket(uri: str, bucket: str) -> str:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f"{uri}: there is no bucket '{bucket}'{f' at {endpoint}' if endpoint else ''} (create it first, or check the name)"
+
+
 @contextlib.contextmanager
 def _bucket_must_exist(uri: str | Path) -> Iterator[None]:
     """A write to a bucket that does not exist is the user's to fix: one line that names the bucket
@@ -152,9 +170,7 @@ def _bucket_must_exist(uri: str | Path) -> Iterator[None]:
         missing = re.search(r"Bucket '([^']+)' not found", str(exc))
         if missing is None:
             raise
-        endpoint = os.environ.get("AWS_ENDPOINT_URL")
-        raise UserInputError(f"{uri}: there is no bucket '{missing.group(1)}'"
-                             f"{f' at {endpoint}' if endpoint else ''} (create it first, or check the name)") from None
+        raise UserInputError(_no_bucket(str(uri), missing.group(1))) from None
 
 
 def file_names(folder: str | Path) -> set[str]:

@@ -355,6 +355,14 @@ def test_writing_to_a_bucket_that_does_not_exist_is_a_one_line_error(object_stor
     error = capsys.readouterr().err
     assert f"s3://no-such-bucket/shapes: there is no bucket 'no-such-bucket' at {endpoint}" in error, error
     assert "Traceback" not in error and "allow_bucket_creation" not in error
+    # what `train`, `tune` and `data ingest` check of their outputs before any work (Ray Train's and
+    # Tune's own writes to a missing bucket would end in their tracebacks)
+    from centernet_ray import storage
+    from centernet_ray.errors import UserInputError
+
+    storage.require_bucket("s3://coco/runs")  # exists
+    with pytest.raises(UserInputError, match=f"s3://no-such-bucket/runs: there is no bucket 'no-such-bucket' at {endpoint}"):
+        storage.require_bucket("s3://no-such-bucket/runs")
 
 
 def _on_the_cluster(ray_cluster, background_services) -> dict[str, str]:

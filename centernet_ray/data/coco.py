@@ -180,7 +180,10 @@ def _presence_check(images_dir: str) -> Callable[[str], bool]:
     def is_present(name: str) -> bool:
         normal = posixpath.normpath(name)
         if normal.startswith(("../", "/")):
-            return storage.is_file(storage.join(images_dir, name))
+            try:
+                return storage.is_file(storage.join(images_dir, name))
+            except UserInputError:  # it climbs out of the bucket: counted as missing
+                return False
         return normal in listed
 
     return is_present

@@ -166,6 +166,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     images were all dropped is not written (its number is skipped)."""
     if shard_size < 1:
         raise UserInputError(f"shard_size must be >= 1; got {shard_size}")
+    storage.require_bucket(output)
     annotation_bytes = storage.read_bytes(annotations)
     fingerprint = _fingerprint(annotation_bytes, str(images), shard_size)
     previous = read_manifest(output)

@@ -87,7 +87,8 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     # directory is Ray's session folder.
     config = storage.with_absolute_paths(config)
     check_batch_norm_batch(config)
-    check_resumable(config)  # both before the ingest, which can take long
+    storage.require_bucket(storage.default_storage_path(config))  # Ray Train's writes there would end in a traceback
+    check_resumable(config)  # all before the ingest, which can take long
     check_pretrained_file(config)
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     sources = split_sources(config.data)

@@ -164,6 +164,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     check_sweep(config, space)
     source = source or command_line()
     name, root = sweep_name(config), storage.default_storage_path(config)
+    storage.require_bucket(root)  # Tune's own writes there would end in a traceback
     experiment = storage.join(root, name)
     warn_if_node_local_tracking(config.tracking.tracking_uri)
     state_uri = storage.join(experiment, SWEEP_STATE_FILE)
