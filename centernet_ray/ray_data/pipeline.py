@@ -260,8 +260,9 @@ def open_shards(names: tuple[str, ...] = ("train", "val")) -> None:
     starts a dataset's split coordinator (a new process that imports Ray Data) at the first request
     for its shard, and the request returns at once: asked for here, both start while the worker
     builds its model and opens its MLflow run, where asked for at the first epoch and the first
-    evaluation each start was waited for (1-3 s a run on 2 cores). Every worker must call this (a
-    barrier per dataset); later requests get the same shards."""
+    evaluation each start was waited for (1-3 s a run on 2 cores). Every worker calls this: the
+    other ranks' requests wait for rank 0's, which makes the splits; later requests get the same
+    shards."""
     import ray.train
 
     for name in names:
