@@ -145,11 +145,10 @@ def require_bucket(uri: str | Path) -> None:
     """Refuse, in one line, an output URI whose bucket does not exist, before any work is done for
     it (writes by other libraries, such as Ray Train's checkpoints, would end in their traceback)."""
     text = str(uri)
-    scheme, _, rest = text.partition("://")
-    if not is_uri(text) or scheme not in BUCKET_SCHEMES:
+    if not is_uri(text) or text.partition("://")[0] not in BUCKET_SCHEMES:
         return
-    fs, _ = resolve(text)
-    bucket = rest.partition("/")[0]
+    fs, path = resolve(text)  # pyarrow's path: "bucket/key"
+    bucket = path.partition("/")[0]
     if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
         raise UserInputError(_no_bucket(text, bucket))
 
