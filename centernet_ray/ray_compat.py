@@ -2,7 +2,8 @@
 
 Ray is pinned exactly (``constraints.txt``) because a few things have no public API: Ray Data's
 per-dataset execution options inside a Train ``DataConfig``, Ray's label-selector syntax check,
-ASHA's rung records, which checkpoints a Ray Train run resumes from, and (in tests) the
+ASHA's rung records, which checkpoints a Ray Train run resumes from, the folder where a Ray Train
+run keeps the checkpoints its workers write and the bucket errors it retries, and (in tests) the
 deployments bound into a Serve application and the autoscaler's config validation. Each helper
 checks the installed Ray against the version these were written for and fails with a message that
 says so, instead of misbehaving silently after an upgrade. (One is cosmetic and does nothing on
@@ -12,10 +13,13 @@ another Ray: filtering Ray Train's log line per report.)
 from __future__ import annotations
 
 import logging
+import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 from centernet_ray.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 RAY_VERSION = "2.60.0"  # the version whose internals this module was written against
 
@@ -111,6 +115,39 @@ def asha_uncount_stop(scheduler: Any) -> None:
     """Take back one stop from the scheduler's count (a STOP decision the caller overrides)."""
     require_ray_version("ASHA's stop count")
     scheduler._num_stopped -= 1
+
+
+def train_run_storage() -> tuple[Any, str]:
+    """Inside a Ray Train worker: (the pyarrow filesystem, the run folder's path in it) where Ray
+    Train keeps this run's checkpoints, for a worker that writes a checkpoint there itself and
+    reports it with ``CheckpointUploadMode.NO_UPLOAD`` (the storage context is a DeveloperAPI).
+    First the check Ray's own upload makes: the marker the driver wrote in the run folder is seen
+    from this node, else Ray's error that the storage path is not shared by the cluster's nodes
+    (a node-local path would keep the checkpoint where no other node finds it)."""
+    require_ray_version("Ray Train's run storage")
+    import ray.train
+
+    context = ray.train.get_context().get_storage()
+    context._check_validation_file()
+    return context.storage_filesystem, context.experiment_fs_path
+
+
+def with_storage_retries(write: Callable[[], Any], description: str,
+                         sleep: Callable[[float], Any] = time.sleep) -> Any:
+    """``write()``, retried as Ray Train retries its own checkpoint uploads: up to 3 attempts, 1 s
+    then 2 s apart, on the errors Ray counts as a bucket's transient ones (throttling, lost
+    connections); any other error is raised at once."""
+    require_ray_version("Ray Train's transient storage errors")
+    from ray.train.v2._internal.constants import AWS_RETRYABLE_TOKENS
+
+    for attempt in range(3):
+        try:
+            return write()
+        except Exception as exc:
+            if attempt == 2 or not any(token in str(exc) for token in AWS_RETRYABLE_TOKENS):
+                raise
+            log.warning("could not %s (%s); trying again in %d s", description, exc, 2 ** attempt)
+            sleep(2 ** attempt)
 
 
 TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # in a Ray Train run's folder

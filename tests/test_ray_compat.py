@@ -31,7 +31,7 @@ def test_no_module_but_ray_compat_imports_a_private_ray_module():
 
 def test_the_private_attributes_ray_compat_wraps_are_used_nowhere_else():
     wrapped = ("_resolve_execution_options", "_bound_deployment", "_deployment_config", "_brackets", "_rungs",
-               "_trial_info", "_num_stopped", "_load_env_labels")
+               "_trial_info", "_num_stopped", "_load_env_labels", "get_storage()")
     uses = {str(p.relative_to(REPO)): name for p in SOURCES for name in wrapped
             if name in p.read_text() and p.name != "test_ray_compat.py"}
     assert uses == {}
@@ -94,3 +94,37 @@ def test_the_package_requires_the_ray_its_internals_were_written_for():
     ray = next(Requirement(r) for r in project["dependencies"] if Requirement(r).name == "ray")
     assert ray.specifier.contains(ray_compat.RAY_VERSION) and not ray.specifier.contains("2.61.0")
     assert f"ray=={ray_compat.RAY_VERSION}" in (Path(__file__).resolve().parents[1] / "constraints.txt").read_text()
+
+
+def test_a_checkpoint_write_is_retried_on_a_bucket_s_transient_errors_and_nothing_else():
+    waits, attempts = [], []
+
+    def throttled_twice():
+        attempts.append("write")
+        if len(attempts) < 3:
+            raise OSError("When uploading part for key 'runs/tiny/epoch_0001/checkpoint.pt': AWS Error SLOW_DOWN "
+                          "during UploadPart operation: Please reduce your request rate.")
+        return "written"
+
+    assert ray_compat.with_storage_retries(throttled_twice, "write the checkpoint", sleep=waits.append) == "written"
+    assert len(attempts) == 3 and waits == [1, 2]
+
+    attempts.clear()
+
+    def always_throttled():
+        attempts.append("write")
+        raise OSError("AWS Error SLOW_DOWN during PutObject operation")
+
+    with pytest.raises(OSError, match="SLOW_DOWN"):
+        ray_compat.with_storage_retries(always_throttled, "write the checkpoint", sleep=waits.append)
+    assert len(attempts) == 3  # then the worker fails, as Ray Train's own upload did
+
+    attempts.clear()
+
+    def no_such_bucket():
+        attempts.append("write")
+        raise FileNotFoundError("Bucket 'nobucket' not found")
+
+    with pytest.raises(FileNotFoundError):
+        ray_compat.with_storage_retries(no_such_bucket, "write the checkpoint", sleep=waits.append)
+    assert attempts == ["write"]

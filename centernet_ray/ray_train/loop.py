@@ -27,14 +27,13 @@ import ray.train
 import ray.train.torch
 import torch
 
-from centernet_ray import storage
+from centernet_ray import ray_compat, storage
 from centernet_ray.checkpoint import (CHECKPOINT_FILE, RUN_CONFIG_FILE, checkpoint_state, load_checkpoint,
                                       save_checkpoint)
 from centernet_ray.config import Config
 from centernet_ray.drawing import draw_detections, save_png_grid
 from centernet_ray.evaluation.evaluate import EvaluationResult, KeptImage, evaluate
 from centernet_ray.evaluation.figures import class_ap_figure, confusion_matrix_figure, heatmap_figure, pr_curves_figure
-from centernet_ray.ray_compat import quiet_train_reports
 from centernet_ray.ray_data.pipeline import open_shards, shard_batches
 from centernet_ray.tracking import DatasetInput, RunTracker, epoch_metric_names
 from centernet_ray.training.budget import TimeBudget, eta_seconds, resumed_plan, run_finished
@@ -167,7 +166,7 @@ def train_loop_per_worker(inputs: LoopInputs) -> None:
     config, facts, train = inputs.config, inputs.dataset, inputs.config.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    quiet_train_reports()
+    ray_compat.quiet_train_reports()
     open_shards()
     device = ray.train.torch.get_device()
     torch.manual_seed(train.seed + rank)
@@ -330,22 +329,42 @@ def _report(engine: TrainingEngine, inputs: LoopInputs, tracker: Any, metrics: d
     """``ray.train.report`` the epoch's metrics, with rank 0's checkpoint on checkpoint epochs; at the
     end, the checkpoint, the evaluation's pictures and the model go to MLflow."""
     config, facts = inputs.config, inputs.dataset
-    report_checkpoint = None
-    with tempfile.TemporaryDirectory() as directory:
-        if ((epoch + 1) % config.train.checkpoint_every == 0 or last_epoch) and rank == 0:
-            state = checkpoint_state(engine.model, config, facts.class_names, facts.category_ids, epoch + 1,
-                                     engine.optimizer, engine.scheduler, engine.scaler, _numbers(metrics),
-                                     ema=engine.ema.state_dict() if engine.ema is not None else None)
-            state["mlflow_run_id"] = tracker.run_id
+    report_checkpoint = dir_name = None
+    if ((epoch + 1) % config.train.checkpoint_every == 0 or last_epoch) and rank == 0:
+        state = checkpoint_state(engine.model, config, facts.class_names, facts.category_ids, epoch + 1,
+                                 engine.optimizer, engine.scheduler, engine.scaler, _numbers(metrics),
+                                 ema=engine.ema.state_dict() if engine.ema is not None else None)
+        state["mlflow_run_id"] = tracker.run_id
+        dir_name = f"epoch_{epoch + 1:04d}"
+        report_checkpoint = _write_checkpoint(state, config, dir_name)
+    if rank == 0 and last_epoch:
+        with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(Path(directory) / CHECKPOINT_FILE, state)
-            (Path(directory) / RUN_CONFIG_FILE).write_text(config.to_yaml())  # the driver checks a resume by it
-            report_checkpoint = ray.train.Checkpoint.from_directory(directory)
-        if rank == 0 and last_epoch:
             tracker.artifact(Path(directory) / CHECKPOINT_FILE, "checkpoint")
             if evaluation is not None:
                 _log_evaluation(tracker, evaluation, facts.class_names, Path(directory))
-            if config.tracking.log_model:
-                tracker.model(copy.deepcopy(engine.evaluated_module).cpu().float().to(memory_format=torch.contiguous_format),
-                              config.data.input_size, config.tracking.registered_model)
-        ray.train.report(metrics, checkpoint=report_checkpoint,
-                         checkpoint_dir_name=f"epoch_{epoch + 1:04d}" if report_checkpoint is not None else None)
+        if config.tracking.log_model:
+            tracker.model(copy.deepcopy(engine.evaluated_module).cpu().float().to(memory_format=torch.contiguous_format),
+                          config.data.input_size, config.tracking.registered_model)
+    ray.train.report(metrics, checkpoint=report_checkpoint, checkpoint_dir_name=dir_name,
+                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+
+
+def _write_checkpoint(state: dict[str, Any], config: Config, dir_name: str) -> ray.train.Checkpoint:
+    """Rank 0's checkpoint (and the run's config, which the driver checks a resume by), written
+    straight into the run's folder where Ray Train keeps its checkpoints, local or in a bucket. Ray
+    Train's default has the worker write it to a local temporary folder that it then copies there:
+    every checkpoint written twice (Hourglass-104's with its optimizer state is 2.3 GB), and on a
+    bucket a local disk as large as the checkpoint."""
+    filesystem, run_dir = ray_compat.train_run_storage()
+    folder = f"{run_dir}/{dir_name}"
+
+    def write() -> None:
+        filesystem.create_dir(folder)
+        with filesystem.open_output_stream(f"{folder}/{CHECKPOINT_FILE}") as stream:
+            torch.save(state, stream)
+        with filesystem.open_output_stream(f"{folder}/{RUN_CONFIG_FILE}") as stream:
+            stream.write(config.to_yaml().encode())
+
+    ray_compat.with_storage_retries(write, "write the checkpoint")
+    return ray.train.Checkpoint(folder, filesystem=filesystem)
