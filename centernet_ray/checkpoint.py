@@ -91,6 +91,14 @@ def checkpoint_state(model: nn.Module, config: Config, class_names: list[str], c
     }
 
 
+def inference_state(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` less what only a resume needs (optimizer, LR scheduler, grad scaler): the checkpoint
+    a model is served, evaluated and exported from, as the run's MLflow artifact: a third of the
+    size with Adam's two moments per weight (Hourglass-104's: 0.8 GB instead of 2.3 GB), a half with
+    ``train.ema`` (its weight average stays: models are rebuilt with it)."""
+    return {**state, "optimizer": None, "scheduler": None, "scaler": None}
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` to a local path or URI, streamed (Hourglass-104's with its optimizer: 2.3 GB)."""
     with storage.open_output(path) as stream:

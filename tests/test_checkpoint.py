@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from centernet_ray.checkpoint import checkpoint_state, load_checkpoint, model_from_checkpoint, save_checkpoint
+from centernet_ray.checkpoint import (checkpoint_state, inference_state, load_checkpoint, model_from_checkpoint,
+                                      save_checkpoint)
 from centernet_ray.config import load_config
 from centernet_ray.detector import Detector
 from centernet_ray.model import build_model
@@ -20,6 +21,28 @@ def test_checkpoint_round_trips_with_weights_only(tmp_path):
     assert loaded["epoch"] == 7 and loaded["category_ids"] == [3, 5, 9] and loaded["metrics"] == {"AP": 0.5}
     restored = model_from_checkpoint(tmp_path / "ckpt" / "checkpoint.pt")
     assert restored.config == config and restored.class_names == ["a", "b", "c"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.model.state_dict()[key], value)
+
+
+def test_the_inference_state_is_the_model_without_what_only_a_resume_needs(tmp_path):
+    """The run's MLflow artifact: a third of the file for Adam (its two moments per weight are gone)."""
+    config = load_config(None, ["model.neck_channels=[32,32,32]", "model.head_conv=16", "data.input_size=[64,64]"])
+    model = build_model(config.model, 3)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.zeros(1, 3, 64, 64))["heatmap"].sum().backward()
+    optimizer.step()  # Adam's moments exist from the first step
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 5)
+    state = checkpoint_state(model, config, ["a", "b", "c"], [3, 5, 9], epoch=7, optimizer=optimizer,
+                             scheduler=scheduler, scaler=torch.amp.GradScaler("cpu", enabled=False))
+    save_checkpoint(tmp_path / "full.pt", state)
+    save_checkpoint(tmp_path / "served.pt", inference_state(state))
+    served = load_checkpoint(tmp_path / "served.pt")
+    assert served["optimizer"] is None and served["scheduler"] is None and served["scaler"] is None
+    assert state["optimizer"] is not None  # the state itself is not changed
+    assert (tmp_path / "served.pt").stat().st_size < 0.4 * (tmp_path / "full.pt").stat().st_size
+    restored = model_from_checkpoint(tmp_path / "served.pt")
+    assert restored.class_names == ["a", "b", "c"]
     for key, value in model.state_dict().items():
         assert torch.equal(restored.model.state_dict()[key], value)
 

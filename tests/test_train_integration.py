@@ -126,6 +126,17 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     assert state["metrics"][CHECKPOINT_SCORE] == state["metrics"]["AP"]  # ranked by its own weights' AP
     restored = model_from_checkpoint(summary.checkpoint)
     assert isinstance(restored.model, torch.nn.Module)
+    # the run's MLflow artifact is what a model is served from: the same weights, no optimizer state
+    # (a resume reads the checkpoint in the storage path, which has it)
+    import mlflow
+
+    last = load_checkpoint(Path(summary.checkpoint).parent / "epoch_0002")  # the latest is kept beside the best
+    assert last["optimizer"] is not None and last["epoch"] == 2
+    served = load_checkpoint(mlflow.artifacts.download_artifacts(
+        run_id=summary.mlflow_run_id, artifact_path="checkpoint/checkpoint.pt", dst_path=str(tmp_path / "artifact"),
+        tracking_uri=config.tracking.tracking_uri))
+    assert served["optimizer"] is None and served["epoch"] == 2
+    assert all(torch.equal(served["model"][key], value) for key, value in last["model"].items())
 
     epoch_log.write_text("")
     with pytest.MonkeyPatch.context() as patch:  # a finished run is summarised from its records, not retrained:

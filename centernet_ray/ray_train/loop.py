@@ -28,8 +28,8 @@ import ray.train.torch
 import torch
 
 from centernet_ray import ray_compat, storage
-from centernet_ray.checkpoint import (CHECKPOINT_FILE, RUN_CONFIG_FILE, checkpoint_state, load_checkpoint,
-                                      save_checkpoint)
+from centernet_ray.checkpoint import (CHECKPOINT_FILE, RUN_CONFIG_FILE, checkpoint_state, inference_state,
+                                      load_checkpoint, save_checkpoint)
 from centernet_ray.config import Config
 from centernet_ray.drawing import draw_detections, save_png_grid
 from centernet_ray.evaluation.evaluate import EvaluationResult, KeptImage, evaluate
@@ -339,7 +339,7 @@ def _report(engine: TrainingEngine, inputs: LoopInputs, tracker: Any, metrics: d
         report_checkpoint = _write_checkpoint(state, config, dir_name)
     if rank == 0 and last_epoch:
         with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(Path(directory) / CHECKPOINT_FILE, state)
+            save_checkpoint(Path(directory) / CHECKPOINT_FILE, inference_state(state))
             tracker.artifact(Path(directory) / CHECKPOINT_FILE, "checkpoint")
             if evaluation is not None:
                 _log_evaluation(tracker, evaluation, facts.class_names, Path(directory))
