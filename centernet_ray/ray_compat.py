@@ -13,13 +13,10 @@ another Ray: filtering Ray Train's log line per report.)
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from typing import Any, Callable
 
 from centernet_ray.errors import UserInputError
-
-log = logging.getLogger(__name__)
 
 RAY_VERSION = "2.60.0"  # the version whose internals this module was written against
 
@@ -132,22 +129,15 @@ def train_run_storage() -> tuple[Any, str]:
     return context.storage_filesystem, context.experiment_fs_path
 
 
-def with_storage_retries(write: Callable[[], Any], description: str,
-                         sleep: Callable[[float], Any] = time.sleep) -> Any:
-    """``write()``, retried as Ray Train retries its own checkpoint uploads: up to 3 attempts, 1 s
-    then 2 s apart, on the errors Ray counts as a bucket's transient ones (throttling, lost
-    connections); any other error is raised at once."""
-    require_ray_version("Ray Train's transient storage errors")
+def with_storage_retries(write: Callable[[], Any], description: str) -> Any:
+    """``write()``, retried as Ray Train retries its own checkpoint uploads (its ``call_with_retry``,
+    the same arguments): up to 3 attempts, ~1 s then ~2 s apart, on the errors Ray counts as a
+    bucket's transient ones (throttling, lost connections); any other error is raised at once."""
+    require_ray_version("Ray Train's retries of storage writes")
+    from ray._common.retry import call_with_retry
     from ray.train.v2._internal.constants import AWS_RETRYABLE_TOKENS
 
-    for attempt in range(3):
-        try:
-            return write()
-        except Exception as exc:
-            if attempt == 2 or not any(token in str(exc) for token in AWS_RETRYABLE_TOKENS):
-                raise
-            log.warning("could not %s (%s); trying again in %d s", description, exc, 2 ** attempt)
-            sleep(2 ** attempt)
+    return call_with_retry(write, description, match=AWS_RETRYABLE_TOKENS, max_attempts=3)
 
 
 TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # in a Ray Train run's folder

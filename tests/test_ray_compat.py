@@ -96,8 +96,11 @@ def test_the_package_requires_the_ray_its_internals_were_written_for():
     assert f"ray=={ray_compat.RAY_VERSION}" in (Path(__file__).resolve().parents[1] / "constraints.txt").read_text()
 
 
-def test_a_checkpoint_write_is_retried_on_a_bucket_s_transient_errors_and_nothing_else():
+def test_a_checkpoint_write_is_retried_on_a_bucket_s_transient_errors_and_nothing_else(monkeypatch):
+    import time
+
     waits, attempts = [], []
+    monkeypatch.setattr(time, "sleep", waits.append)  # Ray's backoff, recorded instead of waited
 
     def throttled_twice():
         attempts.append("write")
@@ -106,8 +109,8 @@ def test_a_checkpoint_write_is_retried_on_a_bucket_s_transient_errors_and_nothin
                           "during UploadPart operation: Please reduce your request rate.")
         return "written"
 
-    assert ray_compat.with_storage_retries(throttled_twice, "write the checkpoint", sleep=waits.append) == "written"
-    assert len(attempts) == 3 and waits == [1, 2]
+    assert ray_compat.with_storage_retries(throttled_twice, "write the checkpoint") == "written"
+    assert len(attempts) == 3 and len(waits) == 2 and 0.8 <= waits[0] <= 1.2 and 1.6 <= waits[1] <= 2.4  # 20% jitter
 
     attempts.clear()
 
@@ -116,7 +119,7 @@ def test_a_checkpoint_write_is_retried_on_a_bucket_s_transient_errors_and_nothin
         raise OSError("AWS Error SLOW_DOWN during PutObject operation")
 
     with pytest.raises(OSError, match="SLOW_DOWN"):
-        ray_compat.with_storage_retries(always_throttled, "write the checkpoint", sleep=waits.append)
+        ray_compat.with_storage_retries(always_throttled, "write the checkpoint")
     assert len(attempts) == 3  # then the worker fails, as Ray Train's own upload did
 
     attempts.clear()
@@ -126,5 +129,5 @@ def test_a_checkpoint_write_is_retried_on_a_bucket_s_transient_errors_and_nothin
         raise FileNotFoundError("Bucket 'nobucket' not found")
 
     with pytest.raises(FileNotFoundError):
-        ray_compat.with_storage_retries(no_such_bucket, "write the checkpoint", sleep=waits.append)
+        ray_compat.with_storage_retries(no_such_bucket, "write the checkpoint")
     assert attempts == ["write"]
