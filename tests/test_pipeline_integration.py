@@ -61,9 +61,12 @@ def test_preprocessed_batches_have_documented_shapes_and_targets_match_encode_ta
             np.testing.assert_array_equal(collated["targets"][key][j].numpy(), ref[key])
 
 
-def test_each_epoch_draws_new_augmentations_and_a_seed_repeats_them(ray_session, parquet, config):
+def test_each_epoch_draws_new_augmentations_and_a_seed_repeats_them(ray_session, parquet):
     from centernet_ray.ray_data.pipeline import EpochClock, preprocessed_dataset
 
+    # one actor per execution: each reads the epoch when it starts, and each of the four executions
+    # here starts its own (a second would only import torch and torchvision again, ~4 CPU-s)
+    config = load_config(None, [*SMALL, "data.preprocess_max_actors=1"])
     clock = EpochClock.remote()
     dataset = preprocessed_dataset(str(parquet / "train"), config, train=True, clock=clock)
     epoch0 = epoch_images(dataset)
