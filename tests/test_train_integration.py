@@ -98,7 +98,7 @@ def tiny_config(shapes_dataset, tmp_path):
         # for every epoch of every attempt; the actor pool under DDP: test_jobs_integration.py)
         "data.preprocess_compute=tasks", "data.preprocess_max_actors=2", "data.preprocess_batch_size=8",
         "targets.max_objects=8",
-        # a quarter-width ResNet-18 (0.7M parameters, not 11M): DDP's all-reduce, the steps and every
+        # a quarter-width ResNet-18 (0.8M parameters, not 11.5M): DDP's all-reduce, the steps and every
         # checkpoint written and read are what these tests exercise, not the network's size
         "model.width=0.25", "model.neck_channels=[32,32,32]", "model.head_conv=16", "train.num_workers=2",
         "train.batch_size=4",
