@@ -19,7 +19,7 @@ import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ from centernet_ray import storage
 from centernet_ray.config import Config, config_from_dict
 from centernet_ray.errors import UserInputError
 from centernet_ray.model import CenterNet, build_model
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +102,10 @@ def inference_state(state: dict[str, Any]) -> dict[str, Any]:
     return {**state, "optimizer": None, "scheduler": None, "scaler": None}
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to a local path or URI, streamed (Hourglass-104's with its optimizer: 2.3 GB)."""
-    with storage.open_output(path) as stream:
+def save_checkpoint(path: str | Path, state: dict[str, Any], filesystem: pafs.FileSystem | None = None) -> None:
+    """Write ``state`` to a local path or URI, streamed (Hourglass-104's with its optimizer: 2.3 GB);
+    with ``filesystem``, to that path inside it (``storage.open_output``)."""
+    with storage.open_output(path, filesystem) as stream:
         torch.save(state, stream)
 
 

@@ -88,16 +88,18 @@ def read_bytes(uri: str | Path) -> bytes:
         return stream.read()
 
 
-def write_bytes(uri: str | Path, data: bytes) -> None:
-    with open_output(uri) as stream:
+def write_bytes(uri: str | Path, data: bytes, filesystem: pafs.FileSystem | None = None) -> None:
+    """Write ``data`` to ``uri`` (see :func:`open_output` for ``filesystem``)."""
+    with open_output(uri, filesystem) as stream:
         stream.write(data)
 
 
 @contextlib.contextmanager
-def open_output(uri: str | Path) -> Iterator[pa.NativeFile]:
+def open_output(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> Iterator[pa.NativeFile]:
     """A stream writing ``uri`` (its folders created), for writers that produce more than they
-    should hold in memory at once."""
-    fs, path = resolve(uri)
+    should hold in memory at once. With ``filesystem``, ``uri`` is a path inside it, used as it is:
+    a folder someone else resolved, as Ray Train's storage context gives its run folder."""
+    fs, path = (filesystem, str(uri)) if filesystem is not None else resolve(uri)
     parent = posixpath.dirname(path)
     with _bucket_must_exist(uri):
         if parent:

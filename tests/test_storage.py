@@ -1,5 +1,6 @@
 """Paths and URIs: one filesystem per bucket, paths inside it as pyarrow's own."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow.fs as pafs
@@ -52,3 +53,16 @@ def test_a_join_in_a_uri_resolves_dot_segments_as_a_local_path_does_and_stays_in
     assert storage.join("file:///data/coco/images", "./a.jpg") == "file:///data/coco/images/a.jpg"
     with pytest.raises(UserInputError, match=r"\.\./\.\./other/a.jpg: leaves the bucket of s3://coco/images"):
         storage.join("s3://coco/images", "../../other/a.jpg")
+
+
+def test_a_path_inside_a_given_filesystem_is_written_as_it_is_with_its_folders(tmp_path):
+    """As the training loop writes a checkpoint into the folder Ray Train's storage context names:
+    a filesystem and a path in it, not a URI to resolve again."""
+    from centernet_ray.checkpoint import save_checkpoint
+
+    root = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    storage.write_bytes("run/epoch_0001/config.yaml", b"train: {}\n", root)
+    save_checkpoint("run/epoch_0001/checkpoint.pt", {"schema_version": 0}, root)
+    assert (tmp_path / "run" / "epoch_0001" / "config.yaml").read_bytes() == b"train: {}\n"
+    assert (tmp_path / "run" / "epoch_0001" / "checkpoint.pt").is_file()
+    assert not (Path.cwd() / "run" / "epoch_0001").exists()  # not resolved against the working folder

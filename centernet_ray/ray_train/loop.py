@@ -360,11 +360,8 @@ def _write_checkpoint(state: dict[str, Any], config: Config, dir_name: str) -> r
     folder = f"{run_dir}/{dir_name}"
 
     def write() -> None:
-        filesystem.create_dir(folder)
-        with filesystem.open_output_stream(f"{folder}/{CHECKPOINT_FILE}") as stream:
-            torch.save(state, stream)
-        with filesystem.open_output_stream(f"{folder}/{RUN_CONFIG_FILE}") as stream:
-            stream.write(config.to_yaml().encode())
+        save_checkpoint(f"{folder}/{CHECKPOINT_FILE}", state, filesystem)
+        storage.write_bytes(f"{folder}/{RUN_CONFIG_FILE}", config.to_yaml().encode(), filesystem)
 
     ray_compat.with_storage_retries(write, "write the checkpoint")
     return ray.train.Checkpoint(folder, filesystem=filesystem)
