@@ -90,6 +90,8 @@ def test_a_two_step_train_of_the_demo_from_an_empty_folder(installed, tmp_path):
     # trainers' datasets every epoch: their progress is the training loop's own line
     assert "Running Dataset" in output
     assert not [line for line in output.splitlines() if "(SplitCoordinator" in line and "Running Dataset" in line]
+    # nor their start and plan, the same two lines for each dataset every epoch
+    assert not [line for line in output.splitlines() if "(SplitCoordinator" in line and "Starting execution" in line]
     # nothing but the project's lines and Ray's own notices: no Python warning (deprecated Ray APIs,
     # read-only arrays handed to torch), no line per rank per ray.train.report with its metrics dict
     noise = [line for line in output.splitlines() if "Warning:" in line or "Reporting training result" in line]

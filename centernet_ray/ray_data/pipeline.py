@@ -159,8 +159,10 @@ def training_datasets(train_dir: str, val_dir: str, config: Config, report: Any 
                     "val": preprocessed_dataset(val_dir, config, train=False, report=report)}
     for dataset in datasets.values():
         # Each epoch's execution would log Ray Data's progress, a block of lines every 10 s, when the
-        # output is not a terminal; the trainer's own progress line gives throughput and data wait.
+        # output is not a terminal, and its start and plan (two lines, the same every epoch); the
+        # trainer's own progress line gives throughput and data wait.
         dataset.context.enable_progress_bars = dataset.context.enable_progress_bars and is_terminal()
+        dataset.context.print_on_execution_start = False
     return datasets
 
 
