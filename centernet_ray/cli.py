@@ -247,6 +247,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
+    from centernet_ray.ray_runtime import stop_local_ray
     from centernet_ray.ray_train.job import TrainingInterrupted, format_summary, run_training, write_summary_json
 
     path, overrides = _split_config_and_overrides(args)
@@ -255,8 +256,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:  # starts Ray only when the run trains (a finished run is reported from its records)
         summary = run_training(config, source=args.source, started_at=args.started_at)
     except TrainingInterrupted as exc:
+        stop_local_ray()
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
+    stop_local_ray()  # the workers' last log lines above the table, not after it
     print(format_summary(summary))
     if summary_path:
         write_summary_json(summary, str(summary_path))
@@ -265,7 +268,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
-    from centernet_ray.ray_runtime import init_ray
+    from centernet_ray.ray_runtime import init_ray, stop_local_ray
     from centernet_ray.ray_tune.report import format_summary
     from centernet_ray.ray_tune.search_space import load_search_space
     from centernet_ray.ray_tune.sweep import SweepInterrupted, check_sweep, run_sweep
@@ -280,8 +283,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     try:
         summary = run_sweep(config, space, source=args.source)
     except SweepInterrupted as exc:
+        stop_local_ray()
         print(f"interrupted: {exc}", file=sys.stderr)
         return 130
+    stop_local_ray()  # the trials' last log lines above the table, not after it
     print(format_summary(summary))
     if summary_path:
         summary_path.write_text(json.dumps(summary.to_json(), indent=2, default=str))

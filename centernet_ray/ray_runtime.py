@@ -16,6 +16,8 @@ from centernet_ray.tracking import running_as_ray_job
 
 log = logging.getLogger(__name__)
 
+_local_ray_started_here = False  # whether init_ray started the local Ray this process is connected to
+
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by ``RAY_ADDRESS`` (or the one running this Ray job); otherwise start
@@ -39,7 +41,20 @@ def init_ray(num_cpus: int | None = None) -> None:
     # address="local": a new local Ray even when another one runs on this machine (`ray start`, a
     # second command), which ray.init() without an address would join instead.
     ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    global _local_ray_started_here
+    _local_ray_started_here = True
     log.info("started local Ray with %d logical CPUs on %d cores", cpus, os.cpu_count() or 1)
+
+
+def stop_local_ray() -> None:
+    """Stop the local Ray that :func:`init_ray` started in this process; a cluster it joined (or a
+    Ray started by someone else in this process) is left running. The log lines of Ray's processes
+    reach this terminal through Ray's log monitor, a moment late: stopping it before the command
+    prints its result keeps them above the result instead of after it."""
+    global _local_ray_started_here
+    if _local_ray_started_here and ray.is_initialized():
+        ray.shutdown()
+    _local_ray_started_here = False
 
 
 def joins_a_cluster() -> bool:

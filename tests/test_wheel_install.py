@@ -99,8 +99,12 @@ def test_a_two_step_train_of_the_demo_from_an_empty_folder(installed, tmp_path):
     # the local Ray the command starts has no node to be preempted: no watcher (and not its error-level
     # "constructor arguments in the object store" line in every run's output)
     assert "PreemptionWatcher" not in output
+    # the summary table is the last thing printed: the command stops its local Ray first, so the
+    # late lines of Ray's processes (relayed by its log monitor: the workers', the raylet's) come above it
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert output.rstrip().splitlines()[-1].split() == ["mlflow", summary["mlflow_run_id"]], output[-3000:]
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "outputs" / "ray_results").is_dir()
-    _assert_the_run_and_checkpoint_are_the_demo_s(tmp_path, json.loads((tmp_path / "summary.json").read_text()))
+    _assert_the_run_and_checkpoint_are_the_demo_s(tmp_path, summary)
 
 
 def _assert_the_run_and_checkpoint_are_the_demo_s(folder: Path, summary: dict) -> None:
