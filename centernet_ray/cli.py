@@ -247,26 +247,22 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
-    from centernet_ray.ray_train.job import TrainingInterrupted, format_summary, run_training, write_summary_json
+    from centernet_ray.ray_train.job import TrainingInterrupted, format_summary, run_training
 
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path or DEFAULT_CONFIG, overrides)
     summary_path = _summary_path(args.summary_json)
     # starts Ray only when the run trains (a finished run is reported from its records)
-    summary = _run_and_report(lambda: run_training(config, source=args.source, started_at=args.started_at),
-                              TrainingInterrupted, format_summary)
-    if summary is None:
-        return 130
-    if summary_path:
-        write_summary_json(summary, str(summary_path))
-    return 0
+    return _run_and_report(lambda: run_training(config, source=args.source, started_at=args.started_at),
+                           TrainingInterrupted, format_summary, summary_path)
 
 
-def _run_and_report(run: Callable[[], Any], interrupted: type[Exception],
-                    format_summary: Callable[[Any], str]) -> Any | None:
-    """Run a training run or a sweep: print its summary and return it, or on Ctrl+C (``interrupted``)
-    print how to resume and return None. A local Ray the command started is stopped before either is
-    printed: the late lines Ray's log monitor relays from its processes then come above, not after."""
+def _run_and_report(run: Callable[[], Any], interrupted: type[Exception], format_summary: Callable[[Any], str],
+                    summary_path: Path | None) -> int:
+    """Run a training run or a sweep and return the exit status: 0 with its summary printed (and its
+    ``to_json()`` written to ``summary_path``), 130 on Ctrl+C (``interrupted``) with how to resume.
+    A local Ray the command started is stopped before either is printed: the late lines Ray's log
+    monitor relays from its processes then come above, not after."""
     from centernet_ray.ray_runtime import stop_local_ray
 
     try:
@@ -274,10 +270,12 @@ def _run_and_report(run: Callable[[], Any], interrupted: type[Exception],
     except interrupted as exc:
         stop_local_ray()
         print(f"interrupted: {exc}", file=sys.stderr)
-        return None
+        return 130
     stop_local_ray()
     print(format_summary(summary))
-    return summary
+    if summary_path:
+        summary_path.write_text(json.dumps(summary.to_json(), indent=2, default=str))
+    return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -294,12 +292,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     check_sweep(space.with_fixed(config), space)  # before Ray starts: a bad setting answers at once
     summary_path = _summary_path(args.summary_json)
     init_ray()
-    summary = _run_and_report(lambda: run_sweep(config, space, source=args.source), SweepInterrupted, format_summary)
-    if summary is None:
-        return 130
-    if summary_path:
-        summary_path.write_text(json.dumps(summary.to_json(), indent=2, default=str))
-    return 0
+    return _run_and_report(lambda: run_sweep(config, space, source=args.source), SweepInterrupted, format_summary,
+                           summary_path)
 
 
 def _serve_flag_overrides(args: argparse.Namespace) -> list[str]:

@@ -343,7 +343,3 @@ def summary_markdown(summary: TrainSummary, config: Config, command: str) -> str
     if summary.promotion:
         lines.append(f"Registry: {summary.promotion}")
     return "\n".join(lines)
-
-
-def write_summary_json(summary: TrainSummary, path: str) -> None:
-    Path(path).write_text(json.dumps(summary.to_json(), indent=2))
