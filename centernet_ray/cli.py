@@ -227,21 +227,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
         for problem, examples in dataset.report.examples.items():
             print(f"  {problem} e.g. {', '.join(examples)}")
         return 0
-    import torch
+    from centernet_ray.drawing import save_annotations_png
 
-    from centernet_ray import storage
-    from centernet_ray.data.images import decode_image
-    from centernet_ray.drawing import draw_detections, save_png_grid
-
-    pictures = []
-    for record in dataset.images[: args.count]:
-        image = decode_image(storage.read_bytes(storage.join(args.images, record.file_name)))
-        pictures.append(draw_detections(image, torch.as_tensor(record.boxes), record.labels, dataset.class_names))
-    if not pictures:
-        raise UserInputError(f"no images to draw: --count {args.count}, {len(dataset.images)} image(s) in {args.annotations}")
-    width, height = max(p.shape[-1] for p in pictures), max(p.shape[-2] for p in pictures)
-    padded = [torch.nn.functional.pad(p, (0, width - p.shape[-1], 0, height - p.shape[-2])) for p in pictures]
-    print(f"wrote {save_png_grid(padded, args.out)}")
+    print(f"wrote {save_annotations_png(dataset, args.images, args.count, args.out)}")
     return 0
 
 

@@ -11,6 +11,9 @@ from PIL import Image
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 from centernet_ray import storage
+from centernet_ray.data.coco import CocoDataset
+from centernet_ray.data.images import decode_image
+from centernet_ray.errors import UserInputError
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
            "#fabebe", "#008080", "#e6beff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]
@@ -52,12 +55,28 @@ def heatmap_overlay(image: torch.Tensor, heatmap: torch.Tensor, opacity: float =
 
 
 def save_png_grid(images: Sequence[torch.Tensor], path: str | Path, columns: int = 4) -> str:
-    """Write uint8 [3, H, W] images (same size) as one PNG grid to ``path`` (a file or a URI, its
-    folder created) and return the path."""
+    """Write uint8 [3, H, W] images as one PNG grid to ``path`` (a file or a URI, its folder
+    created) and return the path; smaller images are padded (black, right and bottom) to the largest."""
     if not images:
         raise ValueError("no images to draw")
-    grid = make_grid(list(images), nrow=columns, padding=2, pad_value=255)
+    width, height = max(image.shape[-1] for image in images), max(image.shape[-2] for image in images)
+    padded = [torch.nn.functional.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2]))
+              for image in images]
+    grid = make_grid(padded, nrow=columns, padding=2, pad_value=255)
     encoded = io.BytesIO()
     Image.fromarray(grid.permute(1, 2, 0).contiguous().numpy()).save(encoded, format="PNG")
     storage.write_bytes(path, encoded.getvalue())
     return str(path)
+
+
+def save_annotations_png(dataset: CocoDataset, images: str, count: int, path: str | Path) -> str:
+    """The first ``count`` images of ``dataset`` (read from the folder or URI ``images``) with their
+    annotated boxes drawn, as one PNG grid at ``path``; returns the path."""
+    pictures = []
+    for record in dataset.images[:count]:
+        image = decode_image(storage.read_bytes(storage.join(images, record.file_name)))
+        pictures.append(draw_detections(image, torch.as_tensor(record.boxes), record.labels, dataset.class_names))
+    if not pictures:
+        raise UserInputError(f"no images to draw: --count {count}, {len(dataset.images)} image(s) in "
+                             f"{dataset.annotation_file}")
+    return save_png_grid(pictures, path)

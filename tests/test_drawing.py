@@ -41,3 +41,16 @@ def test_detections_png_is_a_png_of_the_image_size():
     picture = Image.open(io.BytesIO(data))
     assert picture.format == "PNG" and picture.size == (60, 40)
     assert picture.getpixel((5, 12)) != (0, 0, 0)  # the box's left edge was drawn
+
+
+def test_png_grid_pads_smaller_images_to_the_largest(tmp_path):
+    """Images of any size (a dataset's): each cell is the largest image's size, smaller ones padded
+    black on the right and bottom; make_grid adds a 2-pixel white border (pad_value 255)."""
+    import numpy as np
+    from PIL import Image
+
+    big, small = torch.full((3, 20, 30), 200, dtype=torch.uint8), torch.full((3, 10, 12), 100, dtype=torch.uint8)
+    grid = torch.from_numpy(np.array(Image.open(save_png_grid([big, small], tmp_path / "g.png"))))
+    assert grid.shape == (2 + 20 + 2, 2 + 30 + 2 + 30 + 2, 3)  # [H, W, C]: one row of two 20x30 cells
+    cell = grid[2:22, 34:64]
+    assert (cell[:10, :12] == 100).all() and (cell[10:] == 0).all() and (cell[:, 12:] == 0).all()
