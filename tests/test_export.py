@@ -183,30 +183,38 @@ def test_export_command_on_a_trained_checkpoint_logs_parity_and_ap_to_mlflow(tmp
 
     checkpoint, dataset = trained_checkpoint
     demo_val = write_shapes_dataset(tmp_path / "demo_val", num_train=1, num_val=200, image_size=128, seed=0)
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = {"demo_val": (demo_val / "images" / "val", demo_val / "annotations" / "instances_val.json"),
             "learned": (dataset / "images" / "train", dataset / "annotations" / "instances_train.json")}
-    reports = {}
+    # The two commands run side by side (each is one process, mostly one core), each logging to a store
+    # of its own: two processes creating one new SQLite store at once would race on its tables.
+    commands = {}
     for name, (images, annotations) in sets.items():
-        out = tmp_path / name
         # the second as URIs, as a bucket is named (s3://): written here, then copied there
-        where = (str(out), str(images), str(annotations)) if name == "demo_val" else tuple(
-            f"file://{path}" for path in (out, images, annotations))
-        done = subprocess.run([sys.executable, "-m", "centernet_ray", "export", "--checkpoint", str(checkpoint),
-                               "--output", where[0], "--images", where[1], "--annotations", where[2],
-                               "--tracking-uri", store], cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "check: passed" in done.stdout and f"wrote {where[0]}/model.onnx" in done.stdout
-        exported = json.loads((out / "export.json").read_text())
-        assert exported["onnx"] == f"{where[0]}/model.onnx" and (out / "model.onnx").stat().st_size > 1e6
+        where = (str(tmp_path / name), str(images), str(annotations)) if name == "demo_val" else tuple(
+            f"file://{path}" for path in (tmp_path / name, images, annotations))
+        with open(tmp_path / f"{name}.log", "w") as log:
+            process = subprocess.Popen([sys.executable, "-m", "centernet_ray", "export", "--checkpoint", str(checkpoint),
+                                        "--output", where[0], "--images", where[1], "--annotations", where[2],
+                                        "--tracking-uri", f"sqlite:///{tmp_path / f'{name}.db'}"],
+                                       cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        commands[name] = (process, where[0])
+    reports = {}
+    for name, (process, output) in commands.items():
+        process.wait(timeout=600)
+        stdout = (tmp_path / f"{name}.log").read_text()
+        assert process.returncode == 0, stdout
+        assert "check: passed" in stdout and f"wrote {output}/model.onnx" in stdout
+        exported = json.loads((tmp_path / name / "export.json").read_text())
+        assert exported["onnx"] == f"{output}/model.onnx" and (tmp_path / name / "model.onnx").stat().st_size > 1e6
         reports[name] = exported["check"]
     assert reports["demo_val"]["images"] == 200 and reports["learned"]["images"] == 8
     assert reports["learned"]["torch_ap"] > 0.5  # the model found these images' objects: a meaningful AP
     for report in reports.values():
         assert abs(report["onnx_ap"] - report["torch_ap"]) <= 0.005 and report["unmatched"] == 0
         assert report["max_score_diff"] <= SCORE_ATOL and report["max_box_diff"] <= BOX_ATOL
-    client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("centernet-ray").experiment_id])
-    assert len(runs) == 2 and all(r.info.run_name == "export" for r in runs)
-    assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "onnx")} == {"onnx/model.onnx", "onnx/export.json"}
-    assert runs[0].data.metrics["export/passed"] == 1.0 and "export/onnx_AP" in runs[0].data.metrics
+    for name in sets:  # one export run per command, with the graph and the check's report
+        client = MlflowClient(f"sqlite:///{tmp_path / f'{name}.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("centernet-ray").experiment_id])
+        assert [r.info.run_name for r in runs] == ["export"], runs
+        assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "onnx")} == {"onnx/model.onnx", "onnx/export.json"}
+        assert runs[0].data.metrics["export/passed"] == 1.0 and "export/onnx_AP" in runs[0].data.metrics
