@@ -1,8 +1,10 @@
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -23,15 +25,78 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def pytest_collection_modifyitems(items):
-    """The test modules that never use the session's local Ray (`ray_session`) run first, each
-    module whole and in its own order: the ones that start a Ray of their own (the
-    `ray start` cluster, the wheel's and the GPU check's commands) then do not share the
-    two cores with the idle daemons of the session's Ray, which starts with the first test that
-    needs it."""
-    uses_session_ray: dict = {}
+    """Test modules run whole, in three groups, collection order within each: the modules that never
+    use the session's local Ray (`ray_session`) first, so that the ones starting a Ray of their own
+    (the `ray start` cluster, the wheel's command) do not share the two cores with the idle daemons
+    of the session's Ray, which starts with the first test that needs it. Among those, the modules
+    without an integration test come first and the modules whose command runs beside the suite
+    (``beside_the_suite``) right after them: their command has had the unit tests' time, and no
+    other Ray runs on the machine meanwhile."""
+    def group(module_items: list) -> tuple[bool, int]:
+        if any("ray_session" in item.fixturenames for item in module_items):
+            return True, 0
+        if any(item.get_closest_marker("beside_the_suite") for item in module_items):
+            return False, 1
+        return False, 2 if any(item.get_closest_marker("integration") for item in module_items) else 0
+
+    by_module: dict = {}
     for item in items:
-        uses_session_ray[item.module] = uses_session_ray.get(item.module, False) or "ray_session" in item.fixturenames
-    items.sort(key=lambda item: uses_session_ray[item.module])  # stable: collection order otherwise
+        by_module.setdefault(item.module, []).append(item)
+    groups = {module: group(module_items) for module, module_items in by_module.items()}
+    items.sort(key=lambda item: groups[item.module])  # stable: collection order otherwise
+
+
+_BESIDE_SERVICES: "BackgroundServices | None" = None
+_BESIDE: dict[str, SimpleNamespace] = {}  # test id -> its command, started
+
+
+def pytest_collection_finish(session):
+    """Start the command of every test to run marked ``beside_the_suite(command)`` (``command(folder)``:
+    the argv and extra environment of a command that writes into ``folder``), as soon as the
+    session knows its tests. Such a command is one process's chain of starts (imports, a local Ray
+    of its own, a server) that leaves a core idle most of its time: it runs while the unit tests
+    do, and the test (its ``beside_the_suite`` fixture) waits for what is left of it and checks its
+    results. The GPU check's dry run so: the unit modules and it 121-131 s one after the other,
+    107-118 s side by side (the unit tests' torch uses both cores, so half its time comes back).
+    Three tries at running whole test modules side by side lost time (BENCHMARKS.md); this is one
+    command, and no Ray runs beside it."""
+    global _BESIDE_SERVICES
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        marker = item.get_closest_marker("beside_the_suite")
+        if marker is None:
+            continue
+        if _BESIDE_SERVICES is None:
+            _BESIDE_SERVICES = BackgroundServices()
+        folder = Path(tempfile.mkdtemp(prefix="centernet-ray-beside-"))
+        command, env = marker.args[0](folder)
+        # the suite's Ray Train poll (above), which BackgroundServices.env leaves out with every RAY_ setting
+        env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"], **env}
+        process = _BESIDE_SERVICES.start(command, folder / "stdout.log", cwd=folder,
+                                         stderr_path=folder / "stderr.log", **env)
+        _BESIDE[item.nodeid] = SimpleNamespace(process=process, folder=folder, started=time.monotonic())
+
+
+def pytest_sessionfinish(session):
+    """Whatever a ``beside_the_suite`` command left running (its test failed or never ran) is stopped."""
+    if _BESIDE_SERVICES is not None:
+        _BESIDE_SERVICES.stop_all()
+    for started in _BESIDE.values():
+        shutil.rmtree(started.folder, ignore_errors=True)
+
+
+@pytest.fixture
+def beside_the_suite(request):
+    """The command this test's ``beside_the_suite`` marker started when the session began, waited
+    for (10 minutes at most): ``returncode``, ``stdout``, ``stderr``, ``folder`` (what it wrote)."""
+    started = _BESIDE.get(request.node.nodeid)
+    if started is None:  # collected with --collect-only, or by a plugin that skips the hook
+        pytest.fail("the command was not started: run the test through pytest's normal collection")
+    started.process.wait(timeout=max(1.0, 600 - (time.monotonic() - started.started)))
+    return SimpleNamespace(returncode=started.process.returncode, folder=started.folder,
+                           stdout=(started.folder / "stdout.log").read_text(),
+                           stderr=(started.folder / "stderr.log").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -122,12 +187,16 @@ class BackgroundServices:
         test process sets RAY_AUTH_MODE, for instance), plus ``extra``."""
         return {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}, **extra}
 
-    def start(self, command: list, log_path: Path, **env: str) -> subprocess.Popen:
-        """Start ``command`` with ``env(**env)``, its output going to ``log_path``."""
+    def start(self, command: list, log_path: Path, *, cwd: Path | None = None, stderr_path: Path | None = None,
+              **env: str) -> subprocess.Popen:
+        """Start ``command`` in ``cwd`` with ``env(**env)``, its output going to ``log_path`` (its
+        standard error to ``stderr_path`` when given)."""
         tag = uuid.uuid4().hex
-        with open(log_path, "w") as log:
+        with contextlib.ExitStack() as files:
+            log = files.enter_context(open(log_path, "w"))
+            errors = files.enter_context(open(stderr_path, "w")) if stderr_path else subprocess.STDOUT
             process = subprocess.Popen([str(part) for part in command], env=self.env(**env, **{self.TAG: tag}),
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                       cwd=cwd, stdout=log, stderr=errors, start_new_session=True)
         self.started.append((process, tag))
         return process
 

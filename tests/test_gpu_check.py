@@ -1,9 +1,8 @@
 """benchmarks/gpu_check.py end to end at toy sizes on this machine's CPU (--dry-run): the models'
 table, the kernels, the real training job and the Serve endpoint with 200 requests from 16
-clients, so that the one-call GPU check is known to work before a GPU is lent."""
+clients, so that the one-call GPU check is known to work before a GPU is lent. The command runs
+beside the unit tests, started when the session's tests are collected (tests/conftest.py)."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,10 +13,13 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_gpu_check_runs_end_to_end_in_dry_run_mode(tmp_path):
-    out = tmp_path / "check"
-    finished = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run"], cwd=tmp_path,
-                              env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=600)
+def _dry_run(folder: Path) -> tuple[list, dict[str, str]]:
+    return [REPO / "benchmarks" / "gpu_check.sh", folder / "check", "--dry-run"], {"PYTHON": sys.executable}
+
+
+@pytest.mark.beside_the_suite.with_args(_dry_run)  # (with_args: a lone callable would be decorated)
+def test_the_gpu_check_runs_end_to_end_in_dry_run_mode(beside_the_suite):
+    finished, out = beside_the_suite, beside_the_suite.folder / "check"
     assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
     summary = (out / "summary.md").read_text()
     assert "| resnet18 |" in summary and "decode_b32_ms" in summary and "focal_fwd_bwd_ms" in summary
