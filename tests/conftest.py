@@ -56,8 +56,8 @@ def pytest_collection_finish(session):
     session knows its tests. Such a command is one process's chain of starts (imports, a local Ray
     of its own, a server) that leaves a core idle most of its time: it runs while the unit tests
     do, and the test (its ``beside_the_suite`` fixture) waits for what is left of it and checks its
-    results. The GPU check's dry run so: the unit modules and it 121-131 s one after the other,
-    107-118 s side by side (the unit tests' torch uses both cores, so half its time comes back).
+    results. The GPU check's dry run so: the unit modules and it 126-131 s one after the other,
+    112-122 s side by side (the unit tests' torch uses both cores: a fifth of its minute comes back).
     Three tries at running whole test modules side by side lost time (BENCHMARKS.md); this is one
     command, and no Ray runs beside it."""
     global _BESIDE_SERVICES
