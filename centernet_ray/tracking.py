@@ -299,7 +299,16 @@ class RunTracker:
         log_model(model, input_size, registered_name)
 
     def close(self, status: str = "FINISHED") -> None:
-        """End the run: ``FINISHED``, ``FAILED`` or ``KILLED``."""
+        """End the run: ``FINISHED``, ``FAILED`` or ``KILLED``. A failure does not overwrite an end
+        another process already recorded: when ASHA stops a Tune trial, the sweep ends the trial's
+        run FINISHED while its workers are torn down, and the teardown reaches this loop as an
+        exception."""
+        if status != "FINISHED":
+            try:
+                recorded = self.mlflow.tracking.MlflowClient().get_run(self.run_id).info.status
+            except Exception:  # noqa: BLE001 - the store unreachable: end the run as asked
+                recorded = "RUNNING"
+            status = status if recorded == "RUNNING" else recorded
         self.mlflow.end_run(status)
 
 

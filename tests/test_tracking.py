@@ -1,6 +1,7 @@
 """Where MLflow runs land and how they are named: store resolution on the driver, tags, metric names."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -191,3 +192,44 @@ def test_every_attempt_of_one_launch_logs_to_one_run_and_the_driver_ends_it_by_t
     runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])
     assert sorted((run.info.run_id, run.info.status) for run in runs) == sorted(
         [(died.run_id, "KILLED"), (other.run_id, "FINISHED"), (bare.info.run_id, "FINISHED")])
+
+
+def test_a_trial_stopped_by_asha_ends_finished_whichever_side_records_its_end_first(tmp_path, monkeypatch):
+    """When ASHA stops a trial, the sweep's driver ends the trial's run FINISHED (tagged "stopped
+    early") while the trial's workers are torn down, and their loop sees the teardown as an exception
+    and closes the run FAILED. Either may come first: the run ends FINISHED both ways (one order
+    left it FAILED in a `.ci/run`)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from centernet_ray.ray_tune.sweep_tracking import TrialRunCloser
+    from centernet_ray.tracking import RunTracker
+
+    monkeypatch.chdir(tmp_path)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = load_config(None, [f"tracking.tracking_uri={store}", "tracking.system_metrics=false",
+                                "train.epochs=2"])
+    client, closer = MlflowClient(store), TrialRunCloser(config, epochs=2)
+
+    def stopped_after_one_epoch(run_id: str) -> SimpleNamespace:
+        return SimpleNamespace(trial_id="t", last_result={"mlflow_run_id": run_id, "epoch": 1}, status="TERMINATED")
+
+    try:
+        workers_first = RunTracker(config, "trial")
+        workers_first.close("FAILED")  # the teardown reached the loop first
+        trial = stopped_after_one_epoch(workers_first.run_id)
+        closer.on_trial_complete(0, [trial], trial)
+
+        driver_first = RunTracker(config, "trial")
+        trial = stopped_after_one_epoch(driver_first.run_id)
+        closer.on_trial_complete(0, [trial], trial)  # the driver first, the loop's close after it
+        driver_first.close("FAILED")
+    finally:
+        mlflow.set_tracking_uri(None)
+    for tracker in (workers_first, driver_first):
+        run = client.get_run(tracker.run_id)
+        assert (run.info.status, run.data.tags["centernet_ray.tune_status"]) == ("FINISHED", "stopped early")
+    failing = RunTracker(config, "plain")  # a run nobody else ended still ends FAILED
+    failing.close("FAILED")
+    mlflow.set_tracking_uri(None)
+    assert client.get_run(failing.run_id).info.status == "FAILED"

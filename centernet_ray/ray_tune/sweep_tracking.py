@@ -125,7 +125,10 @@ class TrialRunCloser(Callback):
         try:
             client = _client(self.config)
             client.set_tag(run_id, "centernet_ray.tune_status", tune_status)
-            if client.get_run(run_id).info.status == "RUNNING":
+            recorded = client.get_run(run_id).info.status
+            # A trial that completed (finished, or stopped by ASHA) ended well, whatever its workers
+            # recorded while they were torn down (their loop sees the stop as an exception: FAILED).
+            if recorded == "RUNNING" or (mlflow_status == "FINISHED" and recorded != "FINISHED"):
                 client.set_terminated(run_id, mlflow_status)
         except Exception as exc:  # bookkeeping only: never fail the sweep over it
             log.warning("could not close the MLflow run %s of a trial: %s", run_id, exc)
