@@ -7,10 +7,11 @@ order, measured at ~1e-6 in scores): a detection's score within ``SCORE_ATOL`` a
 ``AP_ATOL``. Detections whose score ties with the K-th (the last one kept) may legitimately be
 others in the two runtimes (top-K breaks ties by position in its own order), so only those
 scoring above the K-th plus the tolerance are matched. Rounding can also flip a 3x3 peak whose
-neighbour scores within ~1e-7 of it, so up to ``MAX_UNMATCHED_FRACTION`` of the compared detections,
-and one in any case, may lack a twin (the demo model: 0 of 19,558; a one-epoch model of the job
-test, its heatmaps still flat: 1 of 986, where the fraction alone allowed none). A check that compared no detection at all (every
-score tied, as a collapsed model's are) fails: it would show nothing.
+neighbour scores within ~1e-7 of it, so up to ``MAX_UNMATCHED_FRACTION`` of the compared
+detections, and one in any case, may lack a twin (the demo model: 0 of 19,558; a one-epoch model of
+the job test, its heatmaps still flat: 1 of 986, where the fraction alone allowed none). A check
+that compared no detection at all (every score tied, as a collapsed model's are) fails: it would
+show nothing.
 
 Validation images that are missing or unreadable are skipped and counted, as training's evaluation
 skips what ingest dropped; other read failures (object storage timing out) stop the check.
