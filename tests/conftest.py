@@ -21,7 +21,8 @@ from centernet_ray.data.synthetic import write_shapes_dataset
 # epochs that train nothing took 17.8 s, 8.6 s at 0.25 s. Set before any Ray starts, so that every
 # Ray of the session inherits it: the local Ray, `ray start --head`, the commands run as subprocesses
 # (the wheel's test, run as a new user runs it, keeps Ray's default).
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+os.environ.setdefault(TRAIN_POLL_ENV, "0.25")
 
 
 def pytest_collection_modifyitems(items):
@@ -46,8 +47,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: groups[item.module])  # stable: collection order otherwise
 
 
-_BESIDE_SERVICES: "BackgroundServices | None" = None
-_BESIDE: dict[str, SimpleNamespace] = {}  # test id -> its command, started
+_BESIDE: dict[str, SimpleNamespace] = {}  # test id -> its command, started (by _BESIDE_SERVICES, below)
 
 
 def pytest_collection_finish(session):
@@ -60,19 +60,16 @@ def pytest_collection_finish(session):
     112-122 s side by side (the unit tests' torch uses both cores: a fifth of its minute comes back).
     Three tries at running whole test modules side by side lost time (BENCHMARKS.md); this is one
     command, and no Ray runs beside it."""
-    global _BESIDE_SERVICES
     if session.config.option.collectonly:
         return
     for item in session.items:
         marker = item.get_closest_marker("beside_the_suite")
         if marker is None:
             continue
-        if _BESIDE_SERVICES is None:
-            _BESIDE_SERVICES = BackgroundServices()
         folder = Path(tempfile.mkdtemp(prefix="centernet-ray-beside-"))
         command, env = marker.args[0](folder)
         # the suite's Ray Train poll (above), which BackgroundServices.env leaves out with every RAY_ setting
-        env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"], **env}
+        env = {TRAIN_POLL_ENV: os.environ[TRAIN_POLL_ENV], **env}
         process = _BESIDE_SERVICES.start(command, folder / "stdout.log", cwd=folder,
                                          stderr_path=folder / "stderr.log", **env)
         _BESIDE[item.nodeid] = SimpleNamespace(process=process, folder=folder, started=time.monotonic())
@@ -80,8 +77,7 @@ def pytest_collection_finish(session):
 
 def pytest_sessionfinish(session):
     """Whatever a ``beside_the_suite`` command left running (its test failed or never ran) is stopped."""
-    if _BESIDE_SERVICES is not None:
-        _BESIDE_SERVICES.stop_all()
+    _BESIDE_SERVICES.stop_all()
     for started in _BESIDE.values():
         shutil.rmtree(started.folder, ignore_errors=True)
 
@@ -228,6 +224,9 @@ class BackgroundServices:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         psutil.wait_procs(alive, timeout=10)
+
+
+_BESIDE_SERVICES = BackgroundServices()  # the beside_the_suite commands (pytest_collection_finish)
 
 
 @pytest.fixture(scope="module")
