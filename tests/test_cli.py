@@ -293,3 +293,17 @@ def test_serve_flags_reach_the_config_as_typed():
                                       "--api-keys-file", "/keys #prod", "--max-batch-size", "4"])
     serve = load_config(None, _serve_flag_overrides(args)).serve
     assert (serve.host, serve.port, serve.api_keys_file, serve.max_batch_size) == ("::", 8100, "/keys #prod", 4)
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path, buffered):
+    """`centernet-ray config demo | head -1`: when the reader of stdout is gone before the command
+    writes, the command stops with status 1 and nothing on stderr (it showed a BrokenPipeError
+    traceback, which the CLI keeps for faults of the program). Block-buffered stdout fails at the
+    last flush, unbuffered at the first write."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "" if buffered else "1"}
+    process = subprocess.Popen([sys.executable, "-m", "centernet_ray", "config", "demo"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader leaves before the command's first line
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 1 and stderr == "", stderr[-2000:]
