@@ -162,8 +162,9 @@ def run_tags(config: Config, source: str, dataset: Mapping[str, Any] | None = No
     in ``mlflow.source.name``), the code version, the model, the
     dataset (``dataset``: ``fingerprint``, ``train_images``, ``val_images``, ``classes``) and the
     versions of Ray and torch."""
+    from importlib.metadata import version  # Ray's version without importing Ray into the core
+
     import mlflow
-    import ray
     import torch
 
     from centernet_ray import __version__
@@ -172,7 +173,7 @@ def run_tags(config: Config, source: str, dataset: Mapping[str, Any] | None = No
             "mlflow.source.type": "JOB" if running_as_ray_job() else "LOCAL",
             "centernet_ray.backbone": config.model.backbone, "centernet_ray.version": __version__,
             "centernet_ray.dataset": config.data.root or config.data.train_annotations or "synthetic shapes",
-            "ray.version": ray.__version__, "torch.version": torch.__version__, "mlflow.version": mlflow.__version__}
+            "ray.version": version("ray"), "torch.version": torch.__version__, "mlflow.version": mlflow.__version__}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
