@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pickle
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_CONFIG_FILE = "config.yaml"  # the run's config beside its checkpoint: read without the weights
+DATA_LOCATIONS_FILE = "data_locations.json"  # the dataset's locations as the command gave them, beside it too
 SCHEMA_VERSION = 1
 
 # What a run may change when it resumes under its name: how long it trains, how it is evaluated,
@@ -53,6 +55,35 @@ RESUMABLE_SETTINGS = frozenset({
     "data.root", "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
     "model.pretrained",
 })
+
+
+# Where the dataset is, as the command gave it: the run's config holds these paths made absolute,
+# which a resume may change (see above), but a relative path as written names the same files from
+# another folder or another session of a Ray job, and a rerun under the same name with another dataset
+# would otherwise resume (or, finished, report) the run trained on the first.
+DATA_LOCATION_KEYS = ("data.root", "data.train_images", "data.train_annotations", "data.val_images",
+                      "data.val_annotations")
+
+
+def given_data_locations(config: Config) -> dict[str, str]:
+    """``DATA_LOCATION_KEYS`` of ``config`` as the command gave them (call it before
+    ``storage.with_absolute_paths``): local paths normalised (``./data/`` is ``data``), URIs as they
+    are, unset ones empty."""
+    flat = config.flatten()
+    return {key: _normalised_location(flat[key]) for key in DATA_LOCATION_KEYS}
+
+
+def _normalised_location(value: Any) -> str:
+    if not value:
+        return ""
+    return str(value) if storage.is_uri(value) else os.path.normpath(str(value))
+
+
+def changed_data_locations(trained: dict[str, str], given: dict[str, str]) -> list[str]:
+    """The dataset locations (``key: old -> new``) a rerun gives differently from the run it would
+    resume (``trained``: the run's ``DATA_LOCATIONS_FILE``)."""
+    return [f"{key}: {trained[key]!r} -> {given.get(key, '')!r}" for key in DATA_LOCATION_KEYS
+            if key in trained and trained[key] != given.get(key, "")]
 
 
 def learned_settings(config: Config) -> dict[str, Any]:

@@ -92,8 +92,25 @@ def test_a_resume_may_change_how_long_and_how_fast_a_run_trains_not_what_it_lear
     trained = load_config("demo")
     same = load_config("demo", ["train.epochs=20", "train.time_limit=900", "data.preprocess_max_actors=8",
                                 "train.eval_every=1", "tracking.experiment=other", "serve.port=9000",
-                                "data.root=/elsewhere/shapes", "model.pretrained=/other/folder/w.pth"])
+                                "model.pretrained=/other/folder/w.pth"])
     assert changed_settings(trained, same) == []
     changed = load_config("demo", ["loss.alpha=3", "train.num_workers=4", "model.head_conv=16"])
     assert changed_settings(trained, changed) == ["loss.alpha: 2.0 -> 3.0", "model.head_conv: 32 -> 16",
                                                   "train.num_workers: 2 -> 4"]
+
+
+def test_the_dataset_s_locations_are_compared_as_the_command_gave_them():
+    """Relative paths as written (normalised), URIs as they are; a location the run's file does not
+    hold (written by an older version) is not compared."""
+    from centernet_ray.checkpoint import changed_data_locations, given_data_locations
+    from centernet_ray.config import load_config
+
+    given = given_data_locations(load_config("demo", ["data.root=./coco/", "data.val_annotations=s3://b/ann/val.json"]))
+    assert given == {"data.root": "coco", "data.train_images": "", "data.train_annotations": "", "data.val_images": "",
+                     "data.val_annotations": "s3://b/ann/val.json"}
+    assert changed_data_locations(given, given_data_locations(load_config("demo", [
+        "data.root=coco", "data.val_annotations=s3://b/ann/val.json"]))) == []
+    assert changed_data_locations(given, given_data_locations(load_config("demo", [
+        "data.root=coco2017", "data.val_annotations=s3://b/ann/val.json"]))) == ["data.root: 'coco' -> 'coco2017'"]
+    assert changed_data_locations({"data.root": "coco"}, given_data_locations(load_config("demo", [
+        "data.root=coco", "data.val_annotations=s3://b/other.json"]))) == []

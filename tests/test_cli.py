@@ -212,6 +212,44 @@ def test_a_finished_run_is_answered_from_its_records_before_ray_starts(tmp_path,
         main(["train", *common, "train.epochs=3"])
 
 
+def test_a_rerun_on_another_dataset_is_refused_and_the_same_relative_path_elsewhere_is_not(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """The finished run `done` was trained on `data.root=data` as its command wrote it (its config
+    beside the checkpoint has the absolute path of where it ran). The same command from another
+    folder (a Ray job's next session: `data` is another absolute path there) is its rerun and is
+    answered from its records; the same settings on another dataset are refused before Ray starts,
+    naming the location, instead of being answered with the other dataset's run. A run from before
+    the dataset's locations were kept beside its checkpoints is not checked on them."""
+    from centernet_ray import storage
+    from centernet_ray.checkpoint import DATA_LOCATIONS_FILE, RUN_CONFIG_FILE, given_data_locations
+    from centernet_ray.config import load_config
+    from centernet_ray.ray_compat import TRAIN_SNAPSHOT_FILE
+
+    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: pytest.fail("Ray started"))
+    runs, first, second = tmp_path / "runs", tmp_path / "first", tmp_path / "second"
+    common = ["demo", f"train.storage_path={runs}", "train.run_name=done", "train.epochs=1"]
+    trained = load_config("demo", [*common[1:], "data.root=./data/"])
+    (runs / "done" / "epoch_0001").mkdir(parents=True)
+    record = {"checkpoint_dir_name": "epoch_0001", "metrics": {"epoch": 1, "AP": 0.5, "mlflow_run_id": "abc"}}
+    (runs / "done" / TRAIN_SNAPSHOT_FILE).write_text(json.dumps({"checkpoint_results": [record],
+                                                                 "latest_checkpoint_result": record}))
+    first.mkdir(), second.mkdir()
+    monkeypatch.chdir(first)  # where the run trained: its config holds first/data
+    (runs / "done" / "epoch_0001" / RUN_CONFIG_FILE).write_text(storage.with_absolute_paths(trained).to_yaml())
+    (runs / "done" / "epoch_0001" / DATA_LOCATIONS_FILE).write_text(json.dumps(given_data_locations(trained)))
+
+    monkeypatch.chdir(second)
+    assert main(["train", *common, "data.root=data"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, "data.root=/elsewhere/shapes"]) == 2
+    err = capsys.readouterr().err
+    assert "trained with other settings (data.root: 'data' -> '/elsewhere/shapes')" in err and "not the dataset" in err
+    assert main(["train", *common]) == 2  # the synthetic shapes are another dataset too
+    assert "(data.root: 'data' -> '')" in capsys.readouterr().err
+    (runs / "done" / "epoch_0001" / DATA_LOCATIONS_FILE).unlink()  # a run from before: checked on its settings only
+    assert main(["train", *common, "data.root=/elsewhere/shapes"]) == 0
+
+
 def test_bad_arguments_exit_2_with_a_message_that_names_them(tmp_path, capsys, monkeypatch):
     """Every command: status 2 and one line for what the user gave wrong, before anything starts
     (export's status 1 stays "the check failed")."""

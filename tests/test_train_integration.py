@@ -163,6 +163,8 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     changed = with_overrides(config.to_dict(), ["loss.alpha=3", "train.lr=0.002"])
     with pytest.raises(UserInputError, match=r"other settings \(loss.alpha: 2.0 -> 3.0; train.lr: 0.001 -> 0.002\)"):
         run_training(changed)  # refused before the ingest: it would have reported the old run as this one
+    with pytest.raises(UserInputError, match=r"other settings \(data.root: '[^']+' -> '/elsewhere/shapes'\)"):
+        run_training(with_overrides(config.to_dict(), ["data.root=/elsewhere/shapes"]))  # nor on another dataset
 
 
 @pytest.mark.parametrize("failure", [FailOnce(0), Die()], ids=["raises", "process_dies"])

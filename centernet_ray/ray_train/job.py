@@ -22,7 +22,8 @@ from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from centernet_ray import ray_compat, ray_runtime, storage
-from centernet_ray.checkpoint import RUN_CONFIG_FILE, changed_settings
+from centernet_ray.checkpoint import (DATA_LOCATIONS_FILE, RUN_CONFIG_FILE, changed_data_locations, changed_settings,
+                                      given_data_locations)
 from centernet_ray.config import Config, ConfigError, check_batch_norm_batch, config_from_dict
 from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
@@ -83,12 +84,13 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     ``started_at`` (``time.time()``, default now) is when ``train.time_limit`` started counting;
     ``launch`` names this start of the job in MLflow (``new_launch()``; see ``RunTracker``)."""
     started_at = time.time() if started_at is None else started_at
+    data_locations = given_data_locations(config)
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
     # directory is Ray's session folder.
     config = storage.with_absolute_paths(config)
     check_batch_norm_batch(config)
     storage.require_bucket(storage.default_storage_path(config))  # Ray Train's writes there would end in a traceback
-    check_resumable(config)  # all before the ingest, which can take long
+    check_resumable(config, data_locations)  # all before the ingest, which can take long
     check_pretrained_file(config)
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     sources = split_sources(config.data)
@@ -118,6 +120,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                         mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=tags, mlflow_datasets=dataset_inputs,
                         mlflow_launch=launch,
                         callbacks=list(worker_callbacks or []), eval_images=ingested["val"].rows,
+                        data_locations=data_locations,
                         deadline=None if config.train.time_limit is None else started_at + config.train.time_limit)
     if inputs.deadline is not None:
         log.info("time limit: %.0f s, %.0f s left for training after start-up and data (at most %d epochs)",
@@ -149,11 +152,13 @@ def check_pretrained_file(config: Config) -> None:
         raise UserInputError(message)
 
 
-def check_resumable(config: Config) -> None:
+def check_resumable(config: Config, data_locations: dict[str, str]) -> None:
     """Refuse to resume the run of this name (``train.storage_path``/``train.run_name``) with
-    settings it was not trained with (``checkpoint.changed_settings``): the rerun would report or
-    continue the old run as if it were the new one. Runs whose checkpoints predate the config file
-    beside them are not checked."""
+    settings it was not trained with (``checkpoint.changed_settings``) or on a dataset given
+    elsewhere (``data_locations``: ``checkpoint.given_data_locations`` of the command's config):
+    the rerun would report or continue the old run as if it were the new one. ``config`` with
+    absolute paths. Runs whose checkpoints predate the files beside them are not checked (on what
+    those lack)."""
     run_dir = run_folder(config)
     latest = ray_compat.train_resume_checkpoint(run_dir)
     if latest is None:
@@ -167,12 +172,16 @@ def check_resumable(config: Config) -> None:
         log.warning("not comparing with the settings of the run in %s (%s)", run_dir, exc)
         return
     changed = changed_settings(trained, config)
+    locations = storage.join(run_dir, latest, DATA_LOCATIONS_FILE)
+    if storage.exists(locations):
+        changed += changed_data_locations(json.loads(storage.read_bytes(locations)), data_locations)
     if changed:
         raise UserInputError(
             f"{run_dir} holds a run of this name trained with other settings ({'; '.join(changed[:6])}"
             f"{'; ...' if len(changed) > 6 else ''}): a rerun resumes a run as it was. Give the new settings a "
             f"run of their own (train.run_name=...), or delete {run_dir} to start this name over. A resume may "
-            "change train.epochs, train.time_limit, evaluation, checkpointing and data-loading settings.")
+            "change train.epochs, train.time_limit, evaluation, checkpointing and data-loading settings, not the "
+            "dataset.")
 
 
 def _best_checkpoint(result: Result) -> Checkpoint | None:
@@ -195,13 +204,14 @@ def best_recorded_checkpoint(kept: list[tuple[str, dict[str, Any]]], latest: str
     return _best_by_score(kept, latest)
 
 
-def finished_run(config: Config, started: float) -> TrainSummary | None:
+def finished_run(config: Config, started: float, data_locations: dict[str, str]) -> TrainSummary | None:
     """The answer to a rerun of a finished run: its summary when Ray Train's records of the run of
     this name (``train.storage_path``/``train.run_name``) say it has nothing left to train
     (``budget.run_finished``), else None. No ingest, no workers (no GPU nodes to scale up for it),
     no Ray needed, nothing logged to the MLflow run; with ``tracking.registered_model`` its
     checkpoint is registered and promoted as after training (``_register``). ``config`` with
-    absolute paths; ``started``: ``time.perf_counter()`` when the rerun started."""
+    absolute paths; ``started``: ``time.perf_counter()`` when the rerun started; ``data_locations``:
+    the dataset as the command gave it (``check_resumable``)."""
     run_dir = run_folder(config)
     latest, kept = ray_compat.train_checkpoint_records(run_dir)
     if latest is None:
@@ -210,7 +220,7 @@ def finished_run(config: Config, started: float) -> TrainSummary | None:
     epochs = int(metrics.get("epoch", 0))
     if not run_finished(epochs, metrics, config.train.epochs):
         return None
-    check_resumable(config)  # a rerun with other settings is refused, finished or not
+    check_resumable(config, data_locations)  # a rerun with other settings is refused, finished or not
     longer = ("it finished at its time budget's plan: a longer run needs its own train.run_name"
               if resumed_plan(metrics) else "a larger train.epochs trains it on")
     log.info("training run %s finished after epoch %d (%s): reported from its checkpoints, not retrained; %s",
@@ -251,7 +261,7 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     ``train.time_limit`` started counting (the CLI: when the command started)."""
     started, launch = time.perf_counter(), new_launch()
     absolute = storage.with_absolute_paths(config)
-    finished = finished_run(absolute, started)
+    finished = finished_run(absolute, started, given_data_locations(config))
     if finished is not None:
         return finished
     check_batch_norm_batch(config)  # before Ray starts: answered at once
