@@ -81,9 +81,13 @@ def find(name_or_path: str | Path, what: str = "config file") -> Path | Traversa
 
 def read_yaml(name_or_path: str | Path, what: str = "config file") -> Any:
     """The parsed content of a YAML file or shipped name; missing or malformed is a :class:`UserInputError`."""
-    source = find(name_or_path, what)
+    return parse_yaml(find(name_or_path, what).read_text(), name_or_path)
+
+
+def parse_yaml(text: str, name_or_path: str | Path) -> Any:
+    """``text`` (read from ``name_or_path``) parsed; malformed is a :class:`UserInputError`."""
     try:
-        return yaml.safe_load(source.read_text())
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserInputError(f"{name_or_path} is not valid YAML: {exc}") from exc
 

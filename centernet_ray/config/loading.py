@@ -22,10 +22,17 @@ from centernet_ray.errors import UserInputError
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
-    """The parsed content of a YAML file or a shipped name (``config_files.read_yaml``); a missing
-    or malformed file is a :class:`ConfigError`."""
+    """The parsed content of a YAML file or a shipped name; a missing or malformed file is a
+    :class:`ConfigError`."""
+    return read_yaml_text(path, what)[1]
+
+
+def read_yaml_text(path: str | Path, what: str = "config file") -> tuple[str, Any]:
+    """(the text, its parsed content) of a YAML file or a shipped name, read once; a missing or
+    malformed file is a :class:`ConfigError`."""
     try:
-        return config_files.read_yaml(path, what)
+        text = config_files.find(path, what).read_text()
+        return text, config_files.parse_yaml(text, path)
     except UserInputError as exc:
         raise ConfigError(str(exc)) from exc
 

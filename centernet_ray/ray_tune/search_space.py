@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from centernet_ray.config import Config, ConfigError, config_from_dict, read_yaml
+from centernet_ray.config import Config, ConfigError, config_from_dict
+from centernet_ray.config.loading import read_yaml_text
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None, "grid": None}
 
@@ -52,7 +53,8 @@ class Dimension:
 @dataclass(frozen=True)
 class SearchSpace:
     dimensions: tuple[Dimension, ...]
-    source: str
+    source: str  # the file's path or shipped name, as given
+    text: str  # the file as it was read: what the sweep logs, whatever becomes of the file meanwhile
 
     @property
     def searched(self) -> tuple[Dimension, ...]:
@@ -78,11 +80,13 @@ class SearchSpace:
 
 
 def load_search_space(path: str | Path, base: Config) -> SearchSpace:
-    """Read and validate a search-space file against ``base`` (the trials' base config)."""
-    raw = read_yaml(path, "search space file")
+    """Read and validate a search-space file against ``base`` (the trials' base config). Read once:
+    the sweep logs the text it parsed, not what the file holds later (edited while the sweep runs,
+    or a relative path no longer found from the folder the command runs in)."""
+    text, raw = read_yaml_text(path, "search space file")
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path} must map config keys to distributions, e.g. 'loss.alpha: {{uniform: [1.0, 3.0]}}'")
-    return SearchSpace(tuple(parse_dimension(str(key), spec, base, path) for key, spec in raw.items()), str(path))
+    return SearchSpace(tuple(parse_dimension(str(key), spec, base, path) for key, spec in raw.items()), str(path), text)
 
 
 def parse_dimension(key: str, spec: Any, base: Config, source: str | Path = "search space") -> Dimension:

@@ -15,7 +15,6 @@ from typing import Any
 
 from ray.tune import Callback
 
-from centernet_ray.config import files as config_files
 from centernet_ray.config import Config
 from centernet_ray.ray_tune.report import SweepSummary, format_table, planned_epochs, short, trained_its_plan
 from centernet_ray.ray_tune.search_space import SearchSpace
@@ -49,7 +48,7 @@ class SweepTracker:
         for key, value in {**tune_params, **space_params}.items():
             self.client.log_param(self.run_id, key, str(value)[:500])
         self._log_text("base_config.yaml", config.to_yaml())
-        self._log_text("search_space.yaml", config_files.find(space.source, "search space file").read_text())
+        self._log_text("search_space.yaml", space.text)
         log.info("MLflow sweep run %s at %s", self.run_id, tracking_uri(config))
 
     def _log_text(self, file_name: str, text: str) -> None:
