@@ -69,8 +69,11 @@ def ray_cluster(background_services, free_ports, tmp_path_factory):
     ports = iter(free_ports(3 + 3 * 6))
     gcs, dashboard, client = next(ports), next(ports), next(ports)
     # Ray's unix sockets live under the temp dir and their paths must stay under 108 characters:
-    # pytest's tmp_path is too deep, so a short directory under /tmp.
+    # pytest's tmp_path is too deep, so a short directory under /tmp. One per node, as on a real
+    # cluster: a node unpacks a job's working_dir into its session folder, deleting what is there,
+    # and in a shared one it deleted the folder the job's driver on the head was running in.
     temp_dir = Path(tempfile.mkdtemp(prefix="rayjobs-"))
+    node_temp_dirs = [temp_dir]
     logs = tmp_path_factory.mktemp("ray_cluster")
     address = f"http://127.0.0.1:{dashboard}"
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
@@ -96,8 +99,10 @@ def ray_cluster(background_services, free_ports, tmp_path_factory):
         # waiting for their own node's record (Ray's 30 s, with the raylet registered after 2 s)
         for pool, cpus in (("cpu", 4), ("gpu", 2)):
             log = logs / f"{pool}.log"
+            node_temp_dirs.append(Path(tempfile.mkdtemp(prefix=f"rayjobs-{pool}-")))
             node = _ray_start(background_services, log, {**env, "RAY_OVERRIDE_LABELS": json.dumps({POOL_LABEL: pool})},
-                              ports, f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}")
+                              ports, f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}",
+                              f"--temp-dir={node_temp_dirs[-1]}")
             while "Ray runtime started" not in log.read_text():
                 assert node.poll() is None, f"`ray start` of the {pool} pool exited:\n{log.read_text()}"
                 assert time.monotonic() < deadline, f"the {pool} pool's node did not start in 120 s:\n{log.read_text()}"
@@ -108,7 +113,8 @@ def ray_cluster(background_services, free_ports, tmp_path_factory):
         yield cluster
     finally:
         background_services.stop_all()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        for folder in node_temp_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +345,68 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     assert {"centernet_ray", "tests", "tune", "pyproject.toml"} <= shipped, shipped
     assert (unpacked / "centernet_ray" / "configs" / "demo.yaml").is_file()
     assert not shipped & {".venv", ".git", "data", "outputs", "mlflow.db"}, shipped
+
+
+def test_a_submitted_sweep_nests_every_trial_under_its_run_on_the_mlflow_server(
+        ray_cluster, mlflow_server, object_store, background_services, monkeypatch, tmp_path):
+    """The README's `ray job submit --working-dir . -- python -m tune.sweep ... train.storage_path=s3://...
+    tracking.tracking_uri=http://...`: two one-epoch trials at once (the default config and one
+    sample, no scheduler) with `cluster.node_pools=true`, the sweep's storage in the bucket. The job
+    SUCCEEDS; the trials' train workers ran on the GPU node; Tune's experiment and the best config
+    are in the bucket, and the best config loads from there; the sweep's run and both trials' runs
+    are on the server, the trials as its children, each FINISHED with its COCO stats and checkpoint."""
+    from mlflow import MlflowClient
+    from ray.job_submission import JobStatus
+
+    from centernet_ray.config import load_config
+
+    summary_path = tmp_path / "sweep.json"
+    submission_id = f"centernet-sweep-{secrets.token_hex(4)}"
+    overrides = ["data.root=s3://coco/shapes", "train.storage_path=s3://coco/sweeps",
+                 f"tracking.tracking_uri={mlflow_server.uri}", "tune.name=server-sweep",
+                 "tracking.experiment=server-sweep",  # the session's server: the train job's experiment too
+                 "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.scheduler=none", "train.epochs=1",
+                 "train.batch_size=4", "tracking.system_metrics=false", "cluster.node_pools=true"]
+    entrypoint = ["python", "-m", "tune.sweep", "tests/tiny_tune.yaml", *overrides, "--summary-json", summary_path]
+    result = _submit(ray_cluster, entrypoint, env=background_services.env(**ray_cluster.env), options=(
+        "--submission-id", submission_id, "--working-dir", REPO,
+        "--runtime-env-json", json.dumps({"excludes": [".git"], "env_vars": object_store.env})))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    client = _jobs_client(ray_cluster)
+    deadline = time.monotonic() + 420
+    while not client.get_job_status(submission_id).is_terminal():
+        if time.monotonic() > deadline:  # fail below with the logs so far
+            client.stop_job(submission_id)
+            break
+        time.sleep(2)
+    info = client.get_job_info(submission_id)
+    assert info.status == JobStatus.SUCCEEDED, (
+        f"job {info.status}: {info.message}\n--- job logs ---\n{client.get_job_logs(submission_id)}")
+    summary = json.loads(summary_path.read_text())
+    trials = summary["trials"]
+    assert [t["status"] for t in trials] == ["finished", "finished"] and trials[0]["is_default"], trials
+
+    where = {node_id: pool for pool, node_id in ray_cluster.node_ids.items()}
+    workers = [a for a in _state(ray_cluster, "actors", job_id=info.job_id) if a.class_name == "RayTrainWorker"]
+    assert len(workers) == 2 and {where.get(a.node_id, "head") for a in workers} == {"gpu"}, workers
+    assert summary["best"]["config_path"] == "s3://coco/sweeps/server-sweep/best_config.yaml", summary
+    for name, value in object_store.env.items():  # what the job's runtime_env gave its processes
+        monkeypatch.setenv(name, value)
+    best = load_config(summary["best"]["config_path"])  # a config in the bucket loads as a path would
+    assert best.train.run_name == "server-sweep-best" and best.data.root == "s3://coco/shapes"
+
+    tracking = MlflowClient(mlflow_server.uri)
+    parent = tracking.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["centernet_ray.role"] == "sweep"
+    assert parent.data.tags["mlflow.source.type"] == "JOB"
+    children = tracking.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_id for r in children) == sorted(t["mlflow_run_id"] for t in trials)
+    assert parent.data.tags["mlflow.source.name"].startswith("centernet-ray tune tiny_tune data.root="), parent.data.tags
+    for run in children:
+        assert run.info.status == "FINISHED" and "val/AP50" in run.data.metrics
+        assert run.data.tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
+        assert "checkpoint" in {a.path for a in tracking.list_artifacts(run.info.run_id)}
 
 
 def test_writing_to_a_bucket_that_does_not_exist_is_a_one_line_error(object_store, monkeypatch, capsys):
