@@ -167,6 +167,30 @@ def _jobs_client(ray_cluster):
     return JobSubmissionClient(ray_cluster.address, headers={"Authorization": f"Bearer {ray_cluster.token}"})
 
 
+def _run_job_from_the_repo(ray_cluster, background_services, object_store, submission_id: str,
+                           entrypoint: list) -> "ray.job_submission.JobDetails":
+    """`ray job submit --working-dir <repo>` of ``entrypoint`` (without .git; the S3 settings of
+    ``object_store`` in its runtime_env), waited for up to 7 minutes; its details once it SUCCEEDED,
+    else the failure with its logs."""
+    from ray.job_submission import JobStatus
+
+    result = _submit(ray_cluster, entrypoint, env=background_services.env(**ray_cluster.env), options=(
+        "--submission-id", submission_id, "--working-dir", REPO,
+        "--runtime-env-json", json.dumps({"excludes": [".git"], "env_vars": object_store.env})))
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = _jobs_client(ray_cluster)
+    deadline = time.monotonic() + 420
+    while not client.get_job_status(submission_id).is_terminal():
+        if time.monotonic() > deadline:  # fail below with the logs so far
+            client.stop_job(submission_id)
+            break
+        time.sleep(2)
+    info = client.get_job_info(submission_id)
+    assert info.status == JobStatus.SUCCEEDED, (
+        f"job {info.status}: {info.message}\n--- job logs ---\n{client.get_job_logs(submission_id)}")
+    return info
+
+
 def test_submission_without_the_right_token_is_rejected(ray_cluster, background_services, tmp_path):
     """Auth is on: the CLI without any token (and a HOME without ~/.ray/auth_token) gets 401, a
     wrong token gets 403, and no job was created."""
@@ -197,7 +221,6 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     import pyarrow.fs as pafs
     import torch
     from mlflow import MlflowClient
-    from ray.job_submission import JobStatus
 
     from centernet_ray.config import load_config
 
@@ -207,21 +230,7 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
                  "tracking.system_metrics_interval_s=1", "tracking.registered_model=shapes",
                  "cluster.node_pools=true", "train.num_workers=2", "data.preprocess_max_actors=2"]
     entrypoint = ["python", "-m", "centernet_ray", "train", TINY_CONFIG, *overrides, "--summary-json", summary_path]
-    result = _submit(ray_cluster, entrypoint, env=background_services.env(**ray_cluster.env), options=(
-        "--submission-id", submission_id, "--working-dir", REPO,
-        "--runtime-env-json", json.dumps({"excludes": [".git"], "env_vars": object_store.env})))
-    assert result.returncode == 0, result.stdout + result.stderr
-
-    client = _jobs_client(ray_cluster)
-    deadline = time.monotonic() + 420
-    while not client.get_job_status(submission_id).is_terminal():
-        if time.monotonic() > deadline:  # fail below with the logs so far
-            client.stop_job(submission_id)
-            break
-        time.sleep(2)
-    info = client.get_job_info(submission_id)
-    assert info.status == JobStatus.SUCCEEDED, (
-        f"job {info.status}: {info.message}\n--- job logs ---\n{client.get_job_logs(submission_id)}")
+    info = _run_job_from_the_repo(ray_cluster, background_services, object_store, submission_id, entrypoint)
     summary = json.loads(summary_path.read_text())
     assert summary["epochs"] == 1 and 0.0 <= summary["AP"] <= 1.0 and summary["mlflow_run_id"], summary
     assert summary["checkpoint"] == "s3://coco/runs/tiny/epoch_0001", summary
@@ -356,7 +365,6 @@ def test_a_submitted_sweep_nests_every_trial_under_its_run_on_the_mlflow_server(
     are in the bucket, and the best config loads from there; the sweep's run and both trials' runs
     are on the server, the trials as its children, each FINISHED with its COCO stats and checkpoint."""
     from mlflow import MlflowClient
-    from ray.job_submission import JobStatus
 
     from centernet_ray.config import load_config
 
@@ -368,21 +376,7 @@ def test_a_submitted_sweep_nests_every_trial_under_its_run_on_the_mlflow_server(
                  "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.scheduler=none", "train.epochs=1",
                  "train.batch_size=4", "tracking.system_metrics=false", "cluster.node_pools=true"]
     entrypoint = ["python", "-m", "tune.sweep", "tests/tiny_tune.yaml", *overrides, "--summary-json", summary_path]
-    result = _submit(ray_cluster, entrypoint, env=background_services.env(**ray_cluster.env), options=(
-        "--submission-id", submission_id, "--working-dir", REPO,
-        "--runtime-env-json", json.dumps({"excludes": [".git"], "env_vars": object_store.env})))
-    assert result.returncode == 0, result.stdout + result.stderr
-
-    client = _jobs_client(ray_cluster)
-    deadline = time.monotonic() + 420
-    while not client.get_job_status(submission_id).is_terminal():
-        if time.monotonic() > deadline:  # fail below with the logs so far
-            client.stop_job(submission_id)
-            break
-        time.sleep(2)
-    info = client.get_job_info(submission_id)
-    assert info.status == JobStatus.SUCCEEDED, (
-        f"job {info.status}: {info.message}\n--- job logs ---\n{client.get_job_logs(submission_id)}")
+    info = _run_job_from_the_repo(ray_cluster, background_services, object_store, submission_id, entrypoint)
     summary = json.loads(summary_path.read_text())
     trials = summary["trials"]
     assert [t["status"] for t in trials] == ["finished", "finished"] and trials[0]["is_default"], trials
