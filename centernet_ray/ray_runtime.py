@@ -85,16 +85,40 @@ def warn_if_node_local(path: str, what: str) -> None:
                     "or a mount every node shares", what, path, nodes)
 
 
+def job_working_dir() -> Path | None:
+    """The folder this process runs in when it is a Ray job's entrypoint started in the job's
+    working_dir: the copy Ray unpacks under its session's ``runtime_resources`` and deletes with it
+    (or sooner, once no job uses it). None otherwise."""
+    if not running_as_ray_job():
+        return None
+    folder = Path.cwd()
+    return folder if "runtime_resources" in folder.parts else None
+
+
+def warn_if_in_job_working_dir(path: str, what: str, fix: str) -> None:
+    """Log a warning when ``path`` (absolute, or a URI naming it such as ``sqlite:////...``) is inside
+    this Ray job's working_dir (:func:`job_working_dir`): what is written there is lost with it.
+    ``what`` names the setting, ``fix`` says what to set instead."""
+    folder = job_working_dir()
+    if folder is not None and str(folder) in str(path):
+        log.warning("%s %s is inside this Ray job's working_dir, a copy Ray deletes with its session: %s",
+                    what, path, fix)
+
+
+def warn_if_storage_in_job_working_dir(path: str, what: str = "train.storage_path") -> None:
+    """:func:`warn_if_in_job_working_dir` for where a run or sweep keeps its checkpoints and state."""
+    warn_if_in_job_working_dir(path, what, "set train.storage_path (or CENTERNET_RAY_STORAGE in the job's "
+                               "runtime_env) to a bucket URI or a lasting path")
+
+
 def warn_if_node_local_tracking(uri: str) -> None:
     """Log a warning when the MLflow store ``uri`` is a SQLite file or a folder but the cluster has
     several nodes: rank 0 of a training run, each Tune trial and each Serve replica may run on
     another node and would write to (or read from) that node's own copy."""
     if not is_node_local_store(uri):
         return
-    if running_as_ray_job() and "runtime_resources" in str(Path.cwd()) and str(Path.cwd()) in uri:
-        log.warning("the MLflow store %s is inside this Ray job's working_dir, a copy Ray deletes with its "
-                    "session: set tracking.tracking_uri (or MLFLOW_TRACKING_URI in the job's runtime_env) to a "
-                    "tracking server or a lasting path", uri)
+    warn_if_in_job_working_dir(uri, "the MLflow store", "set tracking.tracking_uri (or MLFLOW_TRACKING_URI in the "
+                               "job's runtime_env) to a tracking server or a lasting path")
     nodes = _alive_nodes()
     if nodes > 1:
         log.warning("the MLflow store %s is on one node's disk, but this cluster has %d nodes: runs would land "

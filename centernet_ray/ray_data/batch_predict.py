@@ -26,7 +26,7 @@ from centernet_ray.detector import Detector
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
 from centernet_ray.ray_data.pipeline import PipelineReport, preprocess_stage, read_rows
-from centernet_ray.ray_runtime import warn_if_no_node_matches
+from centernet_ray.ray_runtime import warn_if_in_job_working_dir, warn_if_no_node_matches
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     checkpoint = _pinned(checkpoint, tracking_uri) if is_mlflow_uri(checkpoint) else storage.absolute(checkpoint)
     images, parquet = storage.absolute(images or "") or None, storage.absolute(parquet or "") or None
     output, annotations = storage.absolute(output), storage.absolute(annotations or "") or None
+    warn_if_in_job_working_dir(output, "predict's --output", "give a bucket URI or a lasting path")
     state = read_checkpoint(checkpoint, tracking_uri)  # the config and classes; the actors load the weights
     config, category_ids = with_overrides(state["config"], overrides), state["category_ids"]
     ground_truth = json.loads(storage.read_bytes(annotations)) if annotations else None

@@ -30,7 +30,8 @@ from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, training_datasets
-from centernet_ray.ray_runtime import warn_if_node_local, warn_if_node_local_tracking
+from centernet_ray.ray_runtime import (warn_if_node_local, warn_if_node_local_tracking,
+                                      warn_if_storage_in_job_working_dir)
 from centernet_ray.ray_train.loop import (CHECKPOINT_SCORE, DatasetFacts, LoopInputs, WorkerCallback,
                                          train_loop_per_worker)
 from centernet_ray.tracking import (DatasetInput, command_line, describe_run, end_running_launch_runs,
@@ -96,6 +97,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
     warn_if_node_local(storage.default_storage_path(config), "train.storage_path")
+    warn_if_storage_in_job_working_dir(storage.default_storage_path(config))
     warn_if_node_local_tracking(config.tracking.tracking_uri)
     ensure_experiment(config)
     dataset_facts = {"fingerprint": ingested["train"].fingerprint, "train_images": ingested["train"].rows,

@@ -16,7 +16,7 @@ from centernet_ray.checkpoint import learned_settings
 from centernet_ray.config import Config, ConfigError, check_batch_norm_batch
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
-from centernet_ray.ray_runtime import warn_if_node_local_tracking
+from centernet_ray.ray_runtime import warn_if_node_local_tracking, warn_if_storage_in_job_working_dir
 from centernet_ray.ray_tune.report import SweepSummary, TrialRecord, best_config, records_from_results
 from centernet_ray.ray_tune.search_space import SearchSpace, apply_params
 from centernet_ray.ray_tune.sweep_tracking import SweepTracker, TrialRunCloser
@@ -167,6 +167,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     storage.require_bucket(root)  # Tune's own writes there would end in a traceback
     experiment = storage.join(root, name)
     warn_if_node_local_tracking(config.tracking.tracking_uri)
+    warn_if_storage_in_job_working_dir(root, "the sweep's train.storage_path")
     state_uri = storage.join(experiment, SWEEP_STATE_FILE)
     restoring = tune.Tuner.can_restore(experiment)
     state = json.loads(storage.read_bytes(state_uri)) if restoring and storage.exists(state_uri) else {}
