@@ -327,6 +327,25 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     assert {a.path for a in tracking.list_artifacts(run.info.run_id, "onnx")} == {"onnx/model.onnx", "onnx/export.json"}
     assert tracking.get_run(run.info.run_id).data.metrics["export/passed"] == 1.0
 
+    # The champion at work: `ray job submit -- python -m pipelines.predict` (the job form of
+    # `centernet-ray predict`) with models:/shapes@champion from the server, scoring the validation
+    # images in the bucket and writing there; with the run's node pools, its preprocessing ran on the
+    # CPU node and its model's actors on the GPU node.
+    predict_id = f"centernet-predict-{secrets.token_hex(4)}"
+    predicted = _run_job_from_the_repo(ray_cluster, background_services, object_store, predict_id, [
+        "python", "-m", "pipelines.predict", "--checkpoint", "models:/shapes@champion", "--tracking-uri",
+        mlflow_server.uri, "--images", "s3://coco/shapes/images/val", "--annotations",
+        "s3://coco/shapes/annotations/instances_val.json", "--output", "s3://coco/predictions"])
+    scores = json.loads(object_store.filesystem.open_input_file("coco/predictions/metrics.json").read())
+    assert scores["eval_images"] == 12.0 and 0.0 <= scores["AP50"] <= 1.0, scores
+    detections = json.loads(object_store.filesystem.open_input_file("coco/predictions/detections.json").read())
+    assert len(detections) == 12 * 100 and {d["category_id"] for d in detections} <= {1, 2, 3, 4}
+    workers = [a for a in _state(ray_cluster, "actors", job_id=predicted.job_id) if a.class_name.startswith("MapWorker(")
+               and a.node_id is not None]
+    model_actors = [a for a in workers if "DetectorActor" in a.class_name]
+    assert model_actors and {where.get(a.node_id) for a in model_actors} == {"gpu"}, workers
+    assert {where.get(a.node_id) for a in workers if a not in model_actors} <= {"cpu"}, workers
+
     # The same command again, here (a process without Ray and with the job's S3 settings): the
     # finished run is answered from Ray Train's records in the bucket, without workers, naming the
     # same checkpoint by the same URI; registering it again finds the run's version 1.
