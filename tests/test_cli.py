@@ -208,6 +208,11 @@ def test_a_finished_run_is_answered_from_its_records_before_ray_starts(tmp_path,
     summary = json.loads(out.read_text())
     assert (summary["epochs"], summary["AP"], summary["mlflow_run_id"]) == (2, 0.3, "abc")
     assert summary["checkpoint"] == str(run / "epoch_0001")  # the best by its own AP, not the latest
+    assert (summary["checkpoint_epoch"], summary["checkpoint_AP"]) == (1, 0.4)  # and the table says which it is
+    table = capsys.readouterr().out.splitlines()
+    assert table[-3:] == [f"    ckpt  {run / 'epoch_0001'}",
+                          "          the best by its own AP: epoch 1, AP 0.4000 (the stats are epoch 2's)",
+                          "  mlflow  abc"], table
     with pytest.raises(AssertionError, match="Ray started"):  # a raised train.epochs trains on
         main(["train", *common, "train.epochs=3"])
 

@@ -219,13 +219,15 @@ def test_the_best_checkpoint_by_its_own_ap_is_kept_beside_the_latest(ray_session
                                                 checkpoint_config=checkpoint_config()))
     result = trainer.fit()
     assert sorted(path.name for path in (tmp_path / "kept").glob("epoch_*")) == ["epoch_0001", "epoch_0002", "epoch_0004"]
-    assert Path(_best_checkpoint(result).path).name == "epoch_0001"  # what the run's summary names
+    best, reported = _best_checkpoint(result)
+    assert Path(best.path).name == "epoch_0001" and reported["AP"] == 0.5  # what the run's summary names
     # ...while a rerun resumes from the latest, which an interrupted run's message names
     assert ray_compat.train_resume_checkpoint(str(tmp_path / "kept")) == "epoch_0004"
     latest, kept = ray_compat.train_checkpoint_records(str(tmp_path / "kept"))  # what a finished run's rerun reads
     assert latest[0] == "epoch_0004" and latest[1]["epoch"] == 4 and sorted(name for name, _ in kept) == [
         "epoch_0001", "epoch_0002", "epoch_0004"]
-    assert best_recorded_checkpoint(kept, latest[0]) == "epoch_0001"
+    recorded, recorded_metrics = best_recorded_checkpoint(kept, latest)
+    assert recorded == "epoch_0001" and (recorded_metrics["epoch"], recorded_metrics["AP"]) == (1, 0.5)
 
 
 def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_resumes_it(ray_session, tiny_config, tmp_path):

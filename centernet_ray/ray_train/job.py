@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -55,11 +55,22 @@ class TrainSummary:
     epochs: int
     dropped_rows: dict[str, int]
     promotion: str | None = None  # with tracking.registered_model: what the registry did and why
+    # what was reported with ``checkpoint`` (its epoch, its AP): the best by its own AP, maybe not the last
+    checkpoint_metrics: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {**self.stats, "checkpoint": self.checkpoint, "mlflow_run_id": self.mlflow_run_id,
                 "wall_seconds": round(self.wall_seconds, 2), "epochs": self.epochs, "dropped_rows": self.dropped_rows,
-                "promotion": self.promotion}
+                "promotion": self.promotion, "checkpoint_epoch": self.checkpoint_metrics.get("epoch"),
+                "checkpoint_AP": self.checkpoint_metrics.get("AP")}
+
+    def best_is_not_the_last(self) -> str | None:
+        """When the checkpoint named is not the last epoch's (whose evaluation the stats are): which
+        one it is, in words; else None."""
+        epoch, ap = self.checkpoint_metrics.get("epoch"), self.checkpoint_metrics.get("AP")
+        if epoch is None or ap is None or int(epoch) == self.epochs:
+            return None
+        return f"the best by its own AP: epoch {int(epoch)}, AP {float(ap):.4f} (the stats are epoch {self.epochs}'s)"
 
 
 def default_run_name(config: Config) -> str:
@@ -186,23 +197,25 @@ def check_resumable(config: Config, data_locations: dict[str, str]) -> None:
             "dataset.")
 
 
-def _best_checkpoint(result: Result) -> Checkpoint | None:
-    """The kept checkpoint with the best :data:`CHECKPOINT_SCORE`, else the latest (checkpoints of a
-    run written before the score existed have none)."""
-    return _best_by_score(result.best_checkpoints or [], result.checkpoint)
+def _best_checkpoint(result: Result) -> tuple[Checkpoint | None, dict[str, Any]]:
+    """(the kept checkpoint with the best :data:`CHECKPOINT_SCORE`, the metrics reported with it),
+    else the latest (checkpoints of a run written before the score existed have none)."""
+    return _best_by_score(result.best_checkpoints or [], (result.checkpoint, result.metrics or {}))
 
 
-def _best_by_score(candidates: list[tuple[Any, dict[str, Any]]], fallback: Any) -> Any:
-    """Of (checkpoint, its metrics) pairs, the checkpoint with the best :data:`CHECKPOINT_SCORE`
-    (the first of a tie), else ``fallback``."""
-    scored = [(metrics[CHECKPOINT_SCORE], checkpoint) for checkpoint, metrics in candidates if CHECKPOINT_SCORE in metrics]
-    return max(scored, key=lambda pair: pair[0])[1] if scored else fallback
+def _best_by_score(candidates: list[tuple[Any, dict[str, Any]]],
+                   fallback: tuple[Any, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """Of (checkpoint, its metrics) pairs, the one with the best :data:`CHECKPOINT_SCORE` (the first
+    of a tie), else ``fallback``."""
+    scored = [pair for pair in candidates if CHECKPOINT_SCORE in pair[1]]
+    return max(scored, key=lambda pair: pair[1][CHECKPOINT_SCORE]) if scored else fallback
 
 
-def best_recorded_checkpoint(kept: list[tuple[str, dict[str, Any]]], latest: str) -> str:
-    """Of Ray Train's records of the kept checkpoints (``ray_compat.train_checkpoint_records``), the
-    folder name of the one with the best :data:`CHECKPOINT_SCORE`, else ``latest``: the records'
-    counterpart of ``_best_checkpoint``."""
+def best_recorded_checkpoint(kept: list[tuple[str, dict[str, Any]]],
+                             latest: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """Of Ray Train's records of the kept checkpoints (``ray_compat.train_checkpoint_records``), (the
+    folder name, the metrics) of the one with the best :data:`CHECKPOINT_SCORE`, else ``latest``:
+    the records' counterpart of ``_best_checkpoint``."""
     return _best_by_score(kept, latest)
 
 
@@ -227,9 +240,10 @@ def finished_run(config: Config, started: float, data_locations: dict[str, str])
               if resumed_plan(metrics) else "a larger train.epochs trains it on")
     log.info("training run %s finished after epoch %d (%s): reported from its checkpoints, not retrained; %s",
              default_run_name(config), epochs, run_dir, longer)
+    best, best_metrics = best_recorded_checkpoint(kept, latest)
     summary = TrainSummary({stat: float(metrics.get(stat, math.nan)) for stat in STAT_NAMES},
-                           storage.join(run_dir, best_recorded_checkpoint(kept, name)), metrics.get("mlflow_run_id"),
-                           time.perf_counter() - started, epochs, {})
+                           storage.join(run_dir, best), metrics.get("mlflow_run_id"),
+                           time.perf_counter() - started, epochs, {}, checkpoint_metrics=best_metrics)
     _register(config, summary)
     return summary
 
@@ -279,14 +293,14 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
         if previous_handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, previous_handler)
     metrics = result.metrics or {}
-    checkpoint = _best_checkpoint(result)
+    checkpoint, checkpoint_metrics = _best_checkpoint(result)
     stats = {name: float(metrics.get(name, math.nan)) for name in STAT_NAMES}
     dropped = ray.get(report.get.remote())["counts"]
     where = None
     if checkpoint is not None:  # named as a rerun names it: Ray's Checkpoint.path drops a storage URI's scheme
         where = storage.join(run_folder(absolute), PurePosixPath(checkpoint.path).name)
     summary = TrainSummary(stats, where, metrics.get("mlflow_run_id"), time.perf_counter() - started,
-                           int(metrics.get("epoch", 0)), dropped)
+                           int(metrics.get("epoch", 0)), dropped, checkpoint_metrics=checkpoint_metrics)
     _register(absolute, summary)
     if summary.mlflow_run_id:
         describe_run(config, summary.mlflow_run_id, summary_markdown(summary, config, source or command_line()))
@@ -334,7 +348,10 @@ def format_summary(summary: TrainSummary) -> str:
     lines = ["", "training summary", "-" * 40]
     lines += [f"{name:>8}  {summary.stats[name]:.4f}" for name in STAT_NAMES]
     lines += ["-" * 40, f"{'epochs':>8}  {summary.epochs}", f"{'wall':>8}  {summary.wall_seconds:.1f} s",
-              f"{'ckpt':>8}  {summary.checkpoint}", f"{'mlflow':>8}  {summary.mlflow_run_id}"]
+              f"{'ckpt':>8}  {summary.checkpoint}"]
+    if summary.best_is_not_the_last():
+        lines.append(f"{'':>8}  {summary.best_is_not_the_last()}")
+    lines.append(f"{'mlflow':>8}  {summary.mlflow_run_id}")
     if summary.dropped_rows:
         lines.append(f"{'dropped':>8}  {summary.dropped_rows}")
     if summary.promotion:
@@ -349,7 +366,8 @@ def summary_markdown(summary: TrainSummary, config: Config, command: str) -> str
              f"({config.train.num_workers} worker(s), global batch {config.train.batch_size * config.train.num_workers}).",
              "", "| stat | value |", "|---|---|"]
     lines += [f"| {name} | {summary.stats[name]:.4f} |" for name in STAT_NAMES]
-    lines += ["", f"Checkpoint: `{summary.checkpoint}`"]
+    lines += ["", f"Checkpoint: `{summary.checkpoint}`" + (f" ({summary.best_is_not_the_last()})"
+                                                             if summary.best_is_not_the_last() else "")]
     if summary.dropped_rows:
         lines.append(f"Dropped by preprocessing: {summary.dropped_rows}")
     if summary.promotion:
