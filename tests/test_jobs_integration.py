@@ -336,6 +336,8 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
         "python", "-m", "pipelines.predict", "--checkpoint", "models:/shapes@champion", "--tracking-uri",
         mlflow_server.uri, "--images", "s3://coco/shapes/images/val", "--annotations",
         "s3://coco/shapes/annotations/instances_val.json", "--output", "s3://coco/predictions"])
+    # the alias is read once, as the version it names then: every actor loads that one
+    assert "predict: models:/shapes@champion is version shapes/1" in _jobs_client(ray_cluster).get_job_logs(predict_id)
     scores = json.loads(object_store.filesystem.open_input_file("coco/predictions/metrics.json").read())
     assert scores["eval_images"] == 12.0 and 0.0 <= scores["AP50"] <= 1.0, scores
     detections = json.loads(object_store.filesystem.open_input_file("coco/predictions/detections.json").read())
