@@ -81,13 +81,15 @@ def find(name_or_path: str | Path, what: str = "config file") -> Path | Traversa
 
 def read_yaml(name_or_path: str | Path, what: str = "config file") -> Any:
     """The parsed content of a YAML file or shipped name; missing or malformed is a :class:`UserInputError`."""
-    return parse_yaml(find(name_or_path, what).read_text(), name_or_path)
+    return read_yaml_text(name_or_path, what)[1]
 
 
-def parse_yaml(text: str, name_or_path: str | Path) -> Any:
-    """``text`` (read from ``name_or_path``) parsed; malformed is a :class:`UserInputError`."""
+def read_yaml_text(name_or_path: str | Path, what: str = "config file") -> tuple[str, Any]:
+    """(the text, its parsed content) of a YAML file or shipped name, read once; missing or malformed
+    is a :class:`UserInputError`."""
+    text = find(name_or_path, what).read_text()
     try:
-        return yaml.safe_load(text)
+        return text, yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserInputError(f"{name_or_path} is not valid YAML: {exc}") from exc
 

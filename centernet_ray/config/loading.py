@@ -31,8 +31,7 @@ def read_yaml_text(path: str | Path, what: str = "config file") -> tuple[str, An
     """(the text, its parsed content) of a YAML file or a shipped name, read once; a missing or
     malformed file is a :class:`ConfigError`."""
     try:
-        text = config_files.find(path, what).read_text()
-        return text, config_files.parse_yaml(text, path)
+        return config_files.read_yaml_text(path, what)
     except UserInputError as exc:
         raise ConfigError(str(exc)) from exc
 

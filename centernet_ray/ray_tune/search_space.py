@@ -53,7 +53,6 @@ class Dimension:
 @dataclass(frozen=True)
 class SearchSpace:
     dimensions: tuple[Dimension, ...]
-    source: str  # the file's path or shipped name, as given
     text: str  # the file as it was read: what the sweep logs, whatever becomes of the file meanwhile
 
     @property
@@ -86,7 +85,7 @@ def load_search_space(path: str | Path, base: Config) -> SearchSpace:
     text, raw = read_yaml_text(path, "search space file")
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path} must map config keys to distributions, e.g. 'loss.alpha: {{uniform: [1.0, 3.0]}}'")
-    return SearchSpace(tuple(parse_dimension(str(key), spec, base, path) for key, spec in raw.items()), str(path), text)
+    return SearchSpace(tuple(parse_dimension(str(key), spec, base, path) for key, spec in raw.items()), text)
 
 
 def parse_dimension(key: str, spec: Any, base: Config, source: str | Path = "search space") -> Dimension:
