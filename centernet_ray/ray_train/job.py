@@ -349,8 +349,8 @@ def format_summary(summary: TrainSummary) -> str:
     lines += [f"{name:>8}  {summary.stats[name]:.4f}" for name in STAT_NAMES]
     lines += ["-" * 40, f"{'epochs':>8}  {summary.epochs}", f"{'wall':>8}  {summary.wall_seconds:.1f} s",
               f"{'ckpt':>8}  {summary.checkpoint}"]
-    if summary.best_is_not_the_last():
-        lines.append(f"{'':>8}  {summary.best_is_not_the_last()}")
+    which = summary.best_is_not_the_last()
+    lines += [f"{'':>8}  {which}"] if which else []
     lines.append(f"{'mlflow':>8}  {summary.mlflow_run_id}")
     if summary.dropped_rows:
         lines.append(f"{'dropped':>8}  {summary.dropped_rows}")
@@ -366,8 +366,8 @@ def summary_markdown(summary: TrainSummary, config: Config, command: str) -> str
              f"({config.train.num_workers} worker(s), global batch {config.train.batch_size * config.train.num_workers}).",
              "", "| stat | value |", "|---|---|"]
     lines += [f"| {name} | {summary.stats[name]:.4f} |" for name in STAT_NAMES]
-    lines += ["", f"Checkpoint: `{summary.checkpoint}`" + (f" ({summary.best_is_not_the_last()})"
-                                                             if summary.best_is_not_the_last() else "")]
+    which = summary.best_is_not_the_last()
+    lines += ["", f"Checkpoint: `{summary.checkpoint}`" + (f" ({which})" if which else "")]
     if summary.dropped_rows:
         lines.append(f"Dropped by preprocessing: {summary.dropped_rows}")
     if summary.promotion:
