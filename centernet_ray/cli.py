@@ -388,15 +388,13 @@ def main(argv: list[str] | None = None) -> int:
                 "export": _cmd_export, "serve": _cmd_serve, "train": _cmd_train, "tune": _cmd_tune}
     try:
         status = handlers[args.command](args)
-        sys.stdout.flush()  # inside the try: a reader that left shows up at the last write
+        sys.stdout.flush()  # inside the try: a reader that left (`... | head`) shows up at the last write
         return status
     except (UserInputError, FileNotFoundError) as exc:
         # A mistake in what the user gave: the message says what to change. Anything else is a fault
         # of the program or its environment and keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # The reader of stdout went away (`centernet-ray config demo | head`): stop quietly, as `cat`
-        # does. stdout goes to /dev/null so that Python's own flush at exit does not fail again.
+    except BrokenPipeError:  # stop quietly, as `cat` does; to /dev/null, Python's flush at exit cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
