@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_CONFIG_FILE = "config.yaml"  # the run's config beside its checkpoint: read without the weights
-DATA_LOCATIONS_FILE = "data_locations.json"  # the dataset's locations as the command gave them, beside it too
+DATA_LOCATIONS_FILE = "data_locations.json"  # the dataset as the command gave it (below), beside it too
 SCHEMA_VERSION = 1
 
 # What a run may change when it resumes under its name: how long it trains, how it is evaluated,
@@ -84,6 +84,26 @@ def changed_data_locations(trained: dict[str, str], given: dict[str, str]) -> li
     resume (``trained``: the run's ``DATA_LOCATIONS_FILE``)."""
     return [f"{key}: {trained[key]!r} -> {given.get(key, '')!r}" for key in DATA_LOCATION_KEYS
             if key in trained and trained[key] != given.get(key, "")]
+
+
+# The same locations may hold other files by the time of a rerun (annotations fixed or regenerated in
+# place): DATA_LOCATIONS_FILE keeps the sha256 of each split's annotation file too, under these keys
+# (not for the synthetic default, whose files follow from its settings). Images changed in place are
+# not detected: hashing every image would be an ingest.
+ANNOTATIONS_SHA256_KEYS = {"train": "data.train_annotations.sha256", "val": "data.val_annotations.sha256"}
+
+
+def changed_annotations(trained: dict[str, str], current: dict[str, tuple[str, str | None]]) -> list[str]:
+    """The annotation files whose content differs from the run's (``trained``: its
+    ``DATA_LOCATIONS_FILE``; ``current``: split -> (the file's location, its sha256 now, None when
+    it cannot be read), for the splits ``trained`` has a sha256 of)."""
+    changed = []
+    for split, key in ANNOTATIONS_SHA256_KEYS.items():
+        if key in trained and split in current and current[split][1] not in (None, trained[key]):
+            location, digest = current[split]
+            changed.append(f"{location} changed since the run trained on it (sha256 {trained[key][:12]} -> "
+                           f"{digest[:12]})")
+    return changed
 
 
 def learned_settings(config: Config) -> dict[str, Any]:

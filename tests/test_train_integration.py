@@ -1,5 +1,7 @@
 """The training job on a real local Ray: 2-worker CPU DDP, failure + resume, rerun, Ctrl+C, checkpoints."""
 
+import hashlib
+import json
 import math
 import os
 import signal
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from centernet_ray.checkpoint import load_checkpoint, model_from_checkpoint
+from centernet_ray.checkpoint import (ANNOTATIONS_SHA256_KEYS, DATA_LOCATIONS_FILE, load_checkpoint,
+                                      model_from_checkpoint)
 from centernet_ray.config import load_config
 from centernet_ray.ray_train.loop import CHECKPOINT_SCORE, WorkerCallback, checkpoint_score
 
@@ -125,6 +128,9 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     assert rank0 == [0, 0, 1, 1]
 
     state = load_checkpoint(summary.checkpoint)  # weights_only=True inside
+    kept = json.loads((Path(summary.checkpoint) / DATA_LOCATIONS_FILE).read_text())  # what a rerun compares
+    assert kept[ANNOTATIONS_SHA256_KEYS["val"]] == hashlib.sha256(
+        Path(config.data.root, "annotations", "instances_val.json").read_bytes()).hexdigest()
     assert state["epoch"] in (1, 2) and state["class_names"] == ["circle", "rectangle", "triangle", "cross"]
     assert state["metrics"][CHECKPOINT_SCORE] == state["metrics"]["AP"]  # ranked by its own weights' AP
     restored = model_from_checkpoint(summary.checkpoint)

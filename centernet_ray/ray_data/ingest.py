@@ -51,6 +51,7 @@ class IngestResult:
     bytes_written: int
     reused: bool  # True when an identical earlier ingest was found and nothing was rewritten
     fingerprint: str = ""  # sha256 of the annotation file, the image location and the shard size
+    annotations_sha256: str = ""  # sha256 of the annotation file alone: the same file wherever it is
 
 
 def check_image(data: bytes) -> str | None:
@@ -65,11 +66,19 @@ def check_image(data: bytes) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _fingerprint(annotation_bytes: bytes, images: str, shard_size: int) -> str:
+def _fingerprint(annotations_digest: Any, images: str, shard_size: int) -> str:
+    """``annotations_digest`` (the annotation file's ``hashlib.sha256``, left as it is) extended with
+    the image location and the shard size."""
     fs, path = storage.resolve(images)  # "/data/x" and "file:///data/x" are the same input
-    digest = hashlib.sha256(annotation_bytes)
+    digest = annotations_digest.copy()
     digest.update(f"|{fs.type_name}:{path}|{shard_size}|v{FORMAT_VERSION}".encode())
     return digest.hexdigest()
+
+
+def annotations_sha256(annotations: str) -> str:
+    """The sha256 of the annotation file at ``annotations`` (a path or URI), as the ingest records it
+    (``IngestResult.annotations_sha256``)."""
+    return hashlib.sha256(storage.read_bytes(annotations)).hexdigest()
 
 
 def read_manifest(output: str) -> dict | None:
@@ -168,13 +177,15 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
         raise UserInputError(f"shard_size must be >= 1; got {shard_size}")
     storage.require_bucket(output)
     annotation_bytes = storage.read_bytes(annotations)
-    fingerprint = _fingerprint(annotation_bytes, str(images), shard_size)
+    annotations_digest = hashlib.sha256(annotation_bytes)
+    fingerprint = _fingerprint(annotations_digest, str(images), shard_size)
+    identity = dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest())
     previous = read_manifest(output)
     if previous and previous.get("fingerprint") == fingerprint and not force:
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
         return IngestResult(output, previous["rows"], previous["shards"], previous["category_ids"],
                             previous["class_names"], previous["report"], previous["bytes_written"], reused=True,
-                            fingerprint=fingerprint)
+                            **identity)
 
     dataset = parse_coco(json.loads(annotation_bytes), str(annotations))
     del annotation_bytes
@@ -205,7 +216,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     level = logging.WARNING if report.examples else logging.INFO
     log.log(level, "ingest: %s -> %s: %s", annotations, output, report.summary())
     return IngestResult(output, rows, shards, dataset.category_ids, dataset.class_names, counts, written, reused=False,
-                        fingerprint=fingerprint)
+                        **identity)
 
 
 def ingest_splits(config: DataConfig, label_selector: dict[str, str] | None = None) -> dict[str, IngestResult]:
