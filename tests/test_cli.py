@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -210,7 +211,9 @@ def test_a_finished_run_is_answered_from_its_records_before_ray_starts(tmp_path,
     assert (summary["epochs"], summary["AP"], summary["mlflow_run_id"]) == (2, 0.3, "abc")
     assert summary["checkpoint"] == str(run / "epoch_0001")  # the best by its own AP, not the latest
     assert (summary["checkpoint_epoch"], summary["checkpoint_AP"]) == (1, 0.4)  # and the table says which it is
+    assert summary["trained"] is False  # wall_seconds is this command's, which trained nothing
     table = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"    wall  \d+\.\d s \(not trained again: the finished run's records\)", table[-4]), table
     assert table[-3:] == [f"    ckpt  {run / 'epoch_0001'}",
                           "          the best by its own AP: epoch 1, AP 0.4000 (the stats are epoch 2's)",
                           "  mlflow  abc"], table

@@ -137,7 +137,7 @@ def test_config_trains_through_the_cli_and_reports_coco_stats(configs, tiny_data
         assert json.loads((root / f"predicted-{run_id}" / "detections.json").read_text())
 
     summary = json.loads(summary_path.read_text())
-    assert summary["epochs"] == 1 and summary["mlflow_run_id"]
+    assert summary["epochs"] == 1 and summary["mlflow_run_id"] and summary["trained"] is True
     for name in STAT_NAMES:  # COCOeval gives -1 for an area range without ground truth
         assert not math.isnan(summary[name]) and (0.0 <= summary[name] <= 1.0 or summary[name] == -1.0), name
     state = load_checkpoint(summary["checkpoint"])  # torch.load(weights_only=True) inside

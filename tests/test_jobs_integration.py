@@ -366,6 +366,7 @@ def test_a_submitted_train_job_succeeds_and_tracks_everything_on_the_mlflow_serv
     assert [again[key] for key in ("checkpoint", "epochs", "mlflow_run_id", "AP")] == [
         summary[key] for key in ("checkpoint", "epochs", "mlflow_run_id", "AP")], (again, summary)
     assert again["promotion"] == summary["promotion"], again
+    assert summary["trained"] is True and again["trained"] is False
 
     # The package the job ran in: the repo without .venv (.gitignore) and .git (excludes).
     package = info.runtime_env["working_dir"].rsplit("/", 1)[-1].removesuffix(".zip")

@@ -58,10 +58,12 @@ class TrainSummary:
     promotion: str | None = None  # with tracking.registered_model: what the registry did and why
     # what was reported with ``checkpoint`` (its epoch, its AP): the best by its own AP, maybe not the last
     checkpoint_metrics: dict[str, Any] = field(default_factory=dict)
+    trained: bool = True  # False: a finished run's rerun, answered from its records (``finished_run``)
 
     def to_json(self) -> dict[str, Any]:
         return {**self.stats, "checkpoint": self.checkpoint, "mlflow_run_id": self.mlflow_run_id,
-                "wall_seconds": round(self.wall_seconds, 2), "epochs": self.epochs, "dropped_rows": self.dropped_rows,
+                "wall_seconds": round(self.wall_seconds, 2), "trained": self.trained, "epochs": self.epochs,
+                "dropped_rows": self.dropped_rows,
                 "promotion": self.promotion, "checkpoint_epoch": self.checkpoint_metrics.get("epoch"),
                 "checkpoint_AP": self.checkpoint_metrics.get("AP")}
 
@@ -273,7 +275,7 @@ def finished_run(config: Config, started: float, data_locations: dict[str, str])
     best, best_metrics = best_recorded_checkpoint(kept, latest)
     summary = TrainSummary({stat: float(metrics.get(stat, math.nan)) for stat in STAT_NAMES},
                            storage.join(run_dir, best), metrics.get("mlflow_run_id"),
-                           time.perf_counter() - started, epochs, {}, checkpoint_metrics=best_metrics)
+                           time.perf_counter() - started, epochs, {}, checkpoint_metrics=best_metrics, trained=False)
     _register(config, summary)
     return summary
 
@@ -377,8 +379,8 @@ def _interrupted(config: Config, launch: str) -> TrainingInterrupted:
 def format_summary(summary: TrainSummary) -> str:
     lines = ["", "training summary", "-" * 40]
     lines += [f"{name:>8}  {summary.stats[name]:.4f}" for name in STAT_NAMES]
-    lines += ["-" * 40, f"{'epochs':>8}  {summary.epochs}", f"{'wall':>8}  {summary.wall_seconds:.1f} s",
-              f"{'ckpt':>8}  {summary.checkpoint}"]
+    wall = f"{summary.wall_seconds:.1f} s" + ("" if summary.trained else " (not trained again: the finished run's records)")
+    lines += ["-" * 40, f"{'epochs':>8}  {summary.epochs}", f"{'wall':>8}  {wall}", f"{'ckpt':>8}  {summary.checkpoint}"]
     which = summary.best_is_not_the_last()
     lines += [f"{'':>8}  {which}"] if which else []
     lines.append(f"{'mlflow':>8}  {summary.mlflow_run_id}")
