@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pickle
 import tempfile
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RUN_CONFIG_FILE = "config.yaml"  # the run's config beside its checkpoint: read without the weights
-DATA_LOCATIONS_FILE = "data_locations.json"  # the dataset as the command gave it (below), beside it too
+DATA_LOCATIONS_FILE = "data_locations.json"  # the dataset it trains on (data.identity.dataset_record), beside it too
 SCHEMA_VERSION = 1
 
 # What a run may change when it resumes under its name: how long it trains, how it is evaluated,
@@ -55,55 +54,6 @@ RESUMABLE_SETTINGS = frozenset({
     "data.root", "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
     "model.pretrained",
 })
-
-
-# Where the dataset is, as the command gave it: the run's config holds these paths made absolute,
-# which a resume may change (see above), but a relative path as written names the same files from
-# another folder or another session of a Ray job, and a rerun under the same name with another dataset
-# would otherwise resume (or, finished, report) the run trained on the first.
-DATA_LOCATION_KEYS = ("data.root", "data.train_images", "data.train_annotations", "data.val_images",
-                      "data.val_annotations")
-
-
-def given_data_locations(config: Config) -> dict[str, str]:
-    """``DATA_LOCATION_KEYS`` of ``config`` as the command gave them (call it before
-    ``storage.with_absolute_paths``): local paths normalised (``./data/`` is ``data``), URIs as they
-    are, unset ones empty."""
-    flat = config.flatten()
-    return {key: _normalised_location(flat[key]) for key in DATA_LOCATION_KEYS}
-
-
-def _normalised_location(value: Any) -> str:
-    if not value:
-        return ""
-    return str(value) if storage.is_uri(value) else os.path.normpath(str(value))
-
-
-def changed_data_locations(trained: dict[str, str], given: dict[str, str]) -> list[str]:
-    """The dataset locations (``key: old -> new``) a rerun gives differently from the run it would
-    resume (``trained``: the run's ``DATA_LOCATIONS_FILE``)."""
-    return [f"{key}: {trained[key]!r} -> {given.get(key, '')!r}" for key in DATA_LOCATION_KEYS
-            if key in trained and trained[key] != given.get(key, "")]
-
-
-# The same locations may hold other files by the time of a rerun (annotations fixed or regenerated in
-# place): DATA_LOCATIONS_FILE keeps the sha256 of each split's annotation file too, under these keys
-# (not for the synthetic default, whose files follow from its settings). Images changed in place are
-# not detected: hashing every image would be an ingest.
-ANNOTATIONS_SHA256_KEYS = {"train": "data.train_annotations.sha256", "val": "data.val_annotations.sha256"}
-
-
-def changed_annotations(trained: dict[str, str], current: dict[str, tuple[str, str | None]]) -> list[str]:
-    """The annotation files whose content differs from the run's (``trained``: its
-    ``DATA_LOCATIONS_FILE``; ``current``: split -> (the file's location, its sha256 now, None when
-    it cannot be read), for the splits ``trained`` has a sha256 of)."""
-    changed = []
-    for split, key in ANNOTATIONS_SHA256_KEYS.items():
-        if key in trained and split in current and current[split][1] not in (None, trained[key]):
-            location, digest = current[split]
-            changed.append(f"{location} changed since the run trained on it (sha256 {trained[key][:12]} -> "
-                           f"{digest[:12]})")
-    return changed
 
 
 def learned_settings(config: Config) -> dict[str, Any]:

@@ -97,35 +97,3 @@ def test_a_resume_may_change_how_long_and_how_fast_a_run_trains_not_what_it_lear
     changed = load_config("demo", ["loss.alpha=3", "train.num_workers=4", "model.head_conv=16"])
     assert changed_settings(trained, changed) == ["loss.alpha: 2.0 -> 3.0", "model.head_conv: 32 -> 16",
                                                   "train.num_workers: 2 -> 4"]
-
-
-def test_the_dataset_s_locations_are_compared_as_the_command_gave_them():
-    """Relative paths as written (normalised), URIs as they are; a location the run's file does not
-    hold (written by an older version) is not compared."""
-    from centernet_ray.checkpoint import changed_data_locations, given_data_locations
-    from centernet_ray.config import load_config
-
-    given = given_data_locations(load_config("demo", ["data.root=./coco/", "data.val_annotations=s3://b/ann/val.json"]))
-    assert given == {"data.root": "coco", "data.train_images": "", "data.train_annotations": "", "data.val_images": "",
-                     "data.val_annotations": "s3://b/ann/val.json"}
-    assert changed_data_locations(given, given_data_locations(load_config("demo", [
-        "data.root=coco", "data.val_annotations=s3://b/ann/val.json"]))) == []
-    assert changed_data_locations(given, given_data_locations(load_config("demo", [
-        "data.root=coco2017", "data.val_annotations=s3://b/ann/val.json"]))) == ["data.root: 'coco' -> 'coco2017'"]
-    assert changed_data_locations({"data.root": "coco"}, given_data_locations(load_config("demo", [
-        "data.root=coco", "data.val_annotations=s3://b/other.json"]))) == []
-
-
-def test_annotation_files_are_compared_by_their_sha256_where_the_run_kept_one():
-    """A split whose annotation file now has another sha256 is named with both digests' first 12
-    characters; one the run kept no sha256 of (the synthetic default, an older run) or that cannot be
-    read now (None) is not compared."""
-    from centernet_ray.checkpoint import ANNOTATIONS_SHA256_KEYS, changed_annotations
-
-    trained = {"data.root": "coco", ANNOTATIONS_SHA256_KEYS["train"]: "a" * 64, ANNOTATIONS_SHA256_KEYS["val"]: "b" * 64}
-    same = {"train": ("/d/train.json", "a" * 64), "val": ("s3://b/val.json", "b" * 64)}
-    assert changed_annotations(trained, same) == []
-    assert changed_annotations(trained, {**same, "val": ("s3://b/val.json", "c" * 64)}) == [
-        "s3://b/val.json changed since the run trained on it (sha256 bbbbbbbbbbbb -> cccccccccccc)"]
-    assert changed_annotations(trained, {**same, "train": ("/d/train.json", None)}) == []
-    assert changed_annotations({"data.root": "coco"}, {"train": ("/d/train.json", "c" * 64)}) == []

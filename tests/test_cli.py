@@ -230,8 +230,9 @@ def test_a_rerun_on_another_dataset_is_refused_and_the_same_relative_path_elsewh
     naming the location, instead of being answered with the other dataset's run. A run from before
     the dataset's locations were kept beside its checkpoints is not checked on them."""
     from centernet_ray import storage
-    from centernet_ray.checkpoint import DATA_LOCATIONS_FILE, RUN_CONFIG_FILE, given_data_locations
+    from centernet_ray.checkpoint import DATA_LOCATIONS_FILE, RUN_CONFIG_FILE
     from centernet_ray.config import load_config
+    from centernet_ray.data.identity import given_data_locations
     from centernet_ray.ray_compat import TRAIN_SNAPSHOT_FILE
 
     monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: pytest.fail("Ray started"))
@@ -252,7 +253,7 @@ def test_a_rerun_on_another_dataset_is_refused_and_the_same_relative_path_elsewh
     capsys.readouterr()
     assert main(["train", *common, "data.root=/elsewhere/shapes"]) == 2
     err = capsys.readouterr().err
-    assert "trained with other settings (data.root: 'data' -> '/elsewhere/shapes')" in err and "not the dataset" in err
+    assert "trained with other settings or data (data.root: 'data' -> '/elsewhere/shapes')" in err and "not the dataset" in err
     assert main(["train", *common]) == 2  # the synthetic shapes are another dataset too
     assert "(data.root: 'data' -> '')" in capsys.readouterr().err
     (runs / "done" / "epoch_0001" / DATA_LOCATIONS_FILE).unlink()  # a run from before: checked on its settings only
@@ -262,19 +263,17 @@ def test_a_rerun_on_another_dataset_is_refused_and_the_same_relative_path_elsewh
 def test_a_rerun_on_annotations_changed_in_place_is_refused_and_the_synthetic_default_is_not_hashed(
         tmp_path, capsys, monkeypatch, caplog):
     """The finished run `done` trained on `data.root=mydata`; its record beside the checkpoint is what
-    the job keeps (``job.dataset_record``: the locations and each annotation file's sha256, from the
-    ingest). Its rerun is answered from its records; after the val annotations are regenerated in
-    place (another seed), the same command is refused, naming the file, before Ray starts; with the
-    file gone it is not compared (a warning says so). A run of the synthetic default keeps no sha256."""
-    from types import SimpleNamespace
-
+    the job keeps (``dataset_record``: the locations and each annotation file's sha256, from the
+    ingest). Its rerun is answered from its records; after the dataset is regenerated in place
+    (another seed), the same command is refused, naming both annotation files, before Ray starts;
+    with the files gone they are not compared (a warning says so). A run of the synthetic default
+    keeps no sha256."""
     from centernet_ray import storage
-    from centernet_ray.checkpoint import ANNOTATIONS_SHA256_KEYS, DATA_LOCATIONS_FILE, RUN_CONFIG_FILE, given_data_locations
+    from centernet_ray.checkpoint import DATA_LOCATIONS_FILE, RUN_CONFIG_FILE
     from centernet_ray.config import load_config
+    from centernet_ray.data.identity import ANNOTATIONS_SHA256_KEYS, annotations_sha256, dataset_record, given_data_locations
     from centernet_ray.data.synthetic import write_shapes_dataset
     from centernet_ray.ray_compat import TRAIN_SNAPSHOT_FILE
-    from centernet_ray.ray_data.ingest import annotations_sha256
-    from centernet_ray.ray_train.job import dataset_record
 
     monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: pytest.fail("Ray started"))
     monkeypatch.chdir(tmp_path)
@@ -288,10 +287,8 @@ def test_a_rerun_on_annotations_changed_in_place_is_refused_and_the_synthetic_de
                                                                  "latest_checkpoint_result": record}))
     (runs / "done" / "epoch_0001" / RUN_CONFIG_FILE).write_text(storage.with_absolute_paths(trained).to_yaml())
     annotations = {split: tmp_path / "mydata" / "annotations" / f"instances_{split}.json" for split in ("train", "val")}
-    ingested = {split: SimpleNamespace(annotations_sha256=annotations_sha256(str(path)))
-                for split, path in annotations.items()}
-    kept = dataset_record(given_data_locations(trained), ingested)
-    assert kept[ANNOTATIONS_SHA256_KEYS["val"]] == hashlib.sha256(annotations["val"].read_bytes()).hexdigest()
+    kept = dataset_record(given_data_locations(trained), {split: hashlib.sha256(path.read_bytes()).hexdigest()
+                                                          for split, path in annotations.items()})
     (runs / "done" / "epoch_0001" / DATA_LOCATIONS_FILE).write_text(json.dumps(kept))
 
     assert main(["train", *common]) == 0
@@ -300,12 +297,12 @@ def test_a_rerun_on_annotations_changed_in_place_is_refused_and_the_synthetic_de
     assert main(["train", *common]) == 2
     err = capsys.readouterr().err
     old, new = kept[ANNOTATIONS_SHA256_KEYS["train"]][:12], annotations_sha256(str(annotations["train"]))[:12]
-    assert (f"trained with other annotations ({annotations['train']} changed since the run trained on it (sha256 "
-            f"{old} -> {new}); {annotations['val']} changed") in err and "not the dataset" in err, err
+    assert (f"trained with other settings or data ({annotations['train']}: other content (sha256 {old} -> {new}); "
+            f"{annotations['val']}: other content") in err and "not the dataset" in err, err
     annotations["train"].unlink(), annotations["val"].unlink()
-    with caplog.at_level("WARNING", logger="centernet_ray.ray_train.job"):
+    with caplog.at_level("WARNING", logger="centernet_ray.data.identity"):
         assert main(["train", *common]) == 0
-    assert f"not comparing {annotations['train']} with the annotations the run trained on" in caplog.text
+    assert f"not comparing {annotations['train']} with the annotations recorded for this name" in caplog.text
     assert dataset_record(given_data_locations(load_config("demo")), {}) == given_data_locations(load_config("demo"))
 
 

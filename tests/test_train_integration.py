@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from centernet_ray.checkpoint import (ANNOTATIONS_SHA256_KEYS, DATA_LOCATIONS_FILE, load_checkpoint,
-                                      model_from_checkpoint)
+from centernet_ray.checkpoint import DATA_LOCATIONS_FILE, load_checkpoint, model_from_checkpoint
 from centernet_ray.config import load_config
+from centernet_ray.data.identity import ANNOTATIONS_SHA256_KEYS
 from centernet_ray.ray_train.loop import CHECKPOINT_SCORE, WorkerCallback, checkpoint_score
 
 pytestmark = pytest.mark.integration
@@ -167,9 +167,9 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     longer = run_training(with_overrides(config.to_dict(), ["train.epochs=3"]), [EpochLog(epoch_log)])
     assert longer.epochs == 3 and sorted(epoch_log.read_text().splitlines()) == ["0 2", "1 2"]  # it may train longer
     changed = with_overrides(config.to_dict(), ["loss.alpha=3", "train.lr=0.002"])
-    with pytest.raises(UserInputError, match=r"other settings \(loss.alpha: 2.0 -> 3.0; train.lr: 0.001 -> 0.002\)"):
+    with pytest.raises(UserInputError, match=r"other settings or data \(loss.alpha: 2.0 -> 3.0; train.lr: 0.001 -> 0.002\)"):
         run_training(changed)  # refused before the ingest: it would have reported the old run as this one
-    with pytest.raises(UserInputError, match=r"other settings \(data.root: '[^']+' -> '/elsewhere/shapes'\)"):
+    with pytest.raises(UserInputError, match=r"other settings or data \(data.root: '[^']+' -> '/elsewhere/shapes'\)"):
         run_training(with_overrides(config.to_dict(), ["data.root=/elsewhere/shapes"]))  # nor on another dataset
 
 

@@ -75,12 +75,6 @@ def _fingerprint(annotations_digest: Any, images: str, shard_size: int) -> str:
     return digest.hexdigest()
 
 
-def annotations_sha256(annotations: str) -> str:
-    """The sha256 of the annotation file at ``annotations`` (a path or URI), as the ingest records it
-    (``IngestResult.annotations_sha256``)."""
-    return hashlib.sha256(storage.read_bytes(annotations)).hexdigest()
-
-
 def read_manifest(output: str) -> dict | None:
     path = storage.join(output, MANIFEST)
     if not storage.exists(path):

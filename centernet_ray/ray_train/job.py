@@ -22,14 +22,14 @@ from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
 from centernet_ray import ray_compat, ray_runtime, storage
-from centernet_ray.checkpoint import (ANNOTATIONS_SHA256_KEYS, DATA_LOCATIONS_FILE, RUN_CONFIG_FILE,
-                                      changed_annotations, changed_data_locations, changed_settings,
-                                      given_data_locations)
+from centernet_ray.checkpoint import DATA_LOCATIONS_FILE, RUN_CONFIG_FILE, changed_settings
 from centernet_ray.config import Config, ConfigError, check_batch_norm_batch, config_from_dict
+from centernet_ray.data.identity import (changed_data_locations, changed_dataset, dataset_record,
+                                         given_data_locations)
 from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import STAT_NAMES
-from centernet_ray.ray_data.ingest import IngestResult, annotations_sha256, ingest_splits
+from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, training_datasets
 from centernet_ray.ray_runtime import (warn_if_node_local, warn_if_node_local_tracking,
                                       warn_if_storage_in_job_working_dir)
@@ -136,7 +136,8 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                         mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=tags, mlflow_datasets=dataset_inputs,
                         mlflow_launch=launch,
                         callbacks=list(worker_callbacks or []), eval_images=ingested["val"].rows,
-                        data_locations=dataset_record(data_locations, ingested),
+                        data_locations=dataset_record(data_locations, {split: result.annotations_sha256
+                                                                       for split, result in ingested.items()}),
                         deadline=None if config.train.time_limit is None else started_at + config.train.time_limit)
     if inputs.deadline is not None:
         log.info("time limit: %.0f s, %.0f s left for training after start-up and data (at most %d epochs)",
@@ -168,39 +169,13 @@ def check_pretrained_file(config: Config) -> None:
         raise UserInputError(message)
 
 
-def dataset_record(data_locations: dict[str, str], ingested: dict[str, IngestResult]) -> dict[str, str]:
-    """What ``DATA_LOCATIONS_FILE`` keeps of the dataset a run trains on: its locations as the command
-    gave them, and unless it is the synthetic default (no location given), the sha256 of each
-    split's annotation file (``checkpoint.ANNOTATIONS_SHA256_KEYS``)."""
-    if not any(data_locations.values()):
-        return dict(data_locations)
-    return {**data_locations, **{key: ingested[split].annotations_sha256 for split, key in ANNOTATIONS_SHA256_KEYS.items()}}
-
-
-def _current_annotations(config: Config, trained: dict[str, str]) -> dict[str, tuple[str, str | None]]:
-    """split -> (its annotation file's location, its sha256 now or None when it cannot be read), for
-    the splits whose sha256 the run kept (``trained``: its ``DATA_LOCATIONS_FILE``)."""
-    splits = [split for split, key in ANNOTATIONS_SHA256_KEYS.items() if key in trained]
-    sources = split_sources(config.data) if splits else {}
-    current = {}
-    for split in splits:
-        location = sources[split].annotations
-        try:
-            current[split] = (location, annotations_sha256(location))
-        except OSError as exc:  # gone, or unreadable from here: the ingest says so if it needs the file
-            log.warning("not comparing %s with the annotations the run trained on: %s", location, exc)
-            current[split] = (location, None)
-    return current
-
-
 def check_resumable(config: Config, data_locations: dict[str, str]) -> None:
     """Refuse to resume the run of this name (``train.storage_path``/``train.run_name``) with
-    settings it was not trained with (``checkpoint.changed_settings``), on a dataset given
-    elsewhere (``data_locations``: ``checkpoint.given_data_locations`` of the command's config) or
-    on annotation files whose content changed since (``checkpoint.changed_annotations``: each is
-    read once more for its sha256): the rerun would report or continue the old run as if it were
-    the new one. ``config`` with absolute paths. Runs whose checkpoints predate the files beside
-    them are not checked (on what those lack)."""
+    settings it was not trained with (``checkpoint.changed_settings``) or on another dataset
+    (``data.identity.changed_dataset``: given elsewhere, or annotation files with other content;
+    ``data_locations``: ``given_data_locations`` of the command's config): the rerun would report
+    or continue the old run as if it were the new one. ``config`` with absolute paths. Runs whose
+    checkpoints predate the files beside them are not checked (on what those lack)."""
     run_dir = run_folder(config)
     latest = ray_compat.train_resume_checkpoint(run_dir)
     if latest is None:
@@ -213,17 +188,16 @@ def check_resumable(config: Config, data_locations: dict[str, str]) -> None:
     except ConfigError as exc:  # written by another version of the schema
         log.warning("not comparing with the settings of the run in %s (%s)", run_dir, exc)
         return
-    changed, what = changed_settings(trained, config), "settings"
-    locations = storage.join(run_dir, latest, DATA_LOCATIONS_FILE)
-    if storage.exists(locations):
-        trained_on = json.loads(storage.read_bytes(locations))
-        changed += changed_data_locations(trained_on, data_locations)
-        if not changed:  # the same settings and locations: are they the same files?
-            changed, what = changed_annotations(trained_on, _current_annotations(config, trained_on)), "annotations"
+    changed = changed_settings(trained, config)
+    dataset = storage.join(run_dir, latest, DATA_LOCATIONS_FILE)
+    if storage.exists(dataset):  # the annotation files are read only when nothing else differs
+        recorded = json.loads(storage.read_bytes(dataset))
+        changed += (changed_data_locations(recorded, data_locations) if changed else
+                    changed_dataset(recorded, data_locations, config.data))
     if changed:
         raise UserInputError(
-            f"{run_dir} holds a run of this name trained with other {what} ({'; '.join(changed[:6])}"
-            f"{'; ...' if len(changed) > 6 else ''}): a rerun resumes a run as it was. Give the new {what} a "
+            f"{run_dir} holds a run of this name trained with other settings or data ({'; '.join(changed[:6])}"
+            f"{'; ...' if len(changed) > 6 else ''}): a rerun resumes a run as it was. Give the new settings a "
             f"run of their own (train.run_name=...), or delete {run_dir} to start this name over. A resume may "
             "change train.epochs, train.time_limit, evaluation, checkpointing and data-loading settings, not the "
             "dataset.")

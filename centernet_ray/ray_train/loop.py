@@ -88,7 +88,7 @@ class LoopInputs:
     mlflow_datasets: list[DatasetInput] = field(default_factory=list)
     mlflow_launch: str | None = None  # this start of the job, whatever its attempts (tracking.RunTracker)
     callbacks: list[WorkerCallback] = field(default_factory=list)
-    # the dataset as given (job.dataset_record: its locations, its annotations' sha256), kept beside each checkpoint
+    # the dataset it trains on (data.identity.dataset_record), kept beside each checkpoint
     data_locations: dict[str, str] = field(default_factory=dict)
 
 
