@@ -9,6 +9,7 @@ Both run in a fresh directory with no MLflow settings, as a new user runs them: 
 every trial's run must be in that directory's `mlflow.db`, where `mlflow ui` looks.
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -100,6 +101,13 @@ def test_an_interrupted_sweep_resumes_and_completes_the_rest_without_repeating_a
     analysis = ExperimentAnalysis(str(Path(summary.best_config_path).parent))
     rows = analysis.trial_dataframes[first.trial_id]
     assert list(rows["epoch"]) == [1, 2]
+    # the resume was compared with the dataset the sweep started on (a changed one is refused: test_tuning.py)
+    from centernet_ray.data.identity import ANNOTATIONS_SHA256_KEYS
+    from centernet_ray.ray_tune.sweep import SWEEP_STATE_FILE
+
+    state = json.loads((Path(summary.best_config_path).parent / SWEEP_STATE_FILE).read_text())
+    annotations = Path(state["dataset"]["data.root"], "annotations", "instances_train.json")
+    assert state["dataset"][ANNOTATIONS_SHA256_KEYS["train"]] == hashlib.sha256(annotations.read_bytes()).hexdigest()
 
 
 def test_asha_stops_the_clearly_worse_trials_after_their_first_evaluation(interrupted_then_resumed):

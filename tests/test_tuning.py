@@ -294,6 +294,39 @@ def test_a_sweep_resumes_only_with_the_settings_it_started_with(tmp_path):
     check_resume(old_state, sweep_settings(load_config(None, ["tune.num_samples=4", "train.batch_size=8"]), space), "s")
 
 
+def test_a_sweep_resumes_only_on_the_dataset_it_started_on(tmp_path, monkeypatch):
+    """Its finished trials would be ranked with trials trained on other data: a resume given the
+    dataset elsewhere, or whose annotation files now hold other content, is refused before the
+    ingest; the same relative path from another folder is the same dataset."""
+    from centernet_ray import storage
+    from centernet_ray.data.identity import annotations_sha256, dataset_record, given_data_locations
+    from centernet_ray.data.synthetic import write_shapes_dataset
+    from centernet_ray.ray_tune.sweep import check_same_dataset
+
+    def resume(folder: Path, *overrides: str) -> None:
+        monkeypatch.chdir(folder)
+        config = load_config(None, list(overrides))
+        check_same_dataset(saved, given_data_locations(config), storage.with_absolute_paths(config), "s")
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, seed in ((first, 1), (second, 1)):
+        write_shapes_dataset(folder / "shapes", num_train=2, num_val=2, image_size=64, seed=seed)
+    started = load_config(None, ["data.root=shapes"])
+    annotations = {split: first / "shapes" / "annotations" / f"instances_{split}.json" for split in ("train", "val")}
+    saved = json.loads(json.dumps({"mlflow_run_id": "r", "dataset": dataset_record(
+        given_data_locations(started), {split: annotations_sha256(str(path)) for split, path in annotations.items()})}))
+    resume(first, "data.root=shapes")
+    resume(second, "data.root=./shapes/")  # its job's next session, say: the same files elsewhere
+    with pytest.raises(ConfigError, match=r"sweep s was started on another dataset \(data.root: 'shapes' -> "
+                                          r"'/elsewhere'\): resume it on the same dataset"):
+        resume(first, "data.root=/elsewhere")
+    write_shapes_dataset(first / "shapes", num_train=2, num_val=2, image_size=64, seed=2)
+    with pytest.raises(ConfigError, match=rf"\({annotations['train']}: other content \(sha256 [0-9a-f]{{12}} -> "):
+        resume(first, "data.root=shapes")
+    saved.pop("dataset")  # a state file from before: nothing to compare
+    resume(first, "data.root=/elsewhere")
+
+
 def test_a_sweep_whose_trials_could_draw_a_batch_too_small_for_batch_norm_is_refused_before_it_starts(tmp_path):
     """config.check_batch_norm_batch for what trials may draw: the smallest listed value or a range's
     lower bound of train.batch_size and data.input_size; the base config when a trial trains it."""

@@ -14,6 +14,7 @@ from ray import tune
 from centernet_ray import storage
 from centernet_ray.checkpoint import learned_settings
 from centernet_ray.config import Config, ConfigError, check_batch_norm_batch
+from centernet_ray.data.identity import changed_dataset, dataset_record, given_data_locations
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_runtime import warn_if_node_local_tracking, warn_if_storage_in_job_working_dir
@@ -106,6 +107,17 @@ def check_resume(saved: dict[str, Any], settings: dict[str, Any], name: str) -> 
                           "another tune.name")
 
 
+def check_same_dataset(saved: dict[str, Any], data_locations: dict[str, str], config: Config, name: str) -> None:
+    """Refuse to resume sweep ``name`` on another dataset than the one it started on (``saved``: its
+    state file's; ``data_locations``: ``given_data_locations`` of the command's config; ``config``
+    with absolute paths): its finished trials would be ranked with trials trained on other data.
+    A state file from before the dataset was saved has none: nothing to compare."""
+    changed = changed_dataset(saved["dataset"], data_locations, config.data) if "dataset" in saved else []
+    if changed:
+        raise ConfigError(f"sweep {name} was started on another dataset ({'; '.join(changed)}): resume it on the "
+                          "same dataset, or start a new sweep under another tune.name")
+
+
 def check_sweep(config: Config, space: SearchSpace) -> None:
     """Settings a sweep would otherwise run to the end with and then have nothing to show for: an
     objective no evaluation reports, and what would make ASHA's rungs (epochs of one schedule)
@@ -157,6 +169,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     """Run (or resume: same ``tune.name`` and ``train.storage_path``) the sweep to the end.
     ``source``: the command, shown as the MLflow source of the sweep's run and its trials' runs."""
     started = time.perf_counter()
+    data_locations = given_data_locations(config)  # as the command gave them, before they are made absolute
     # Paths and the MLflow store resolved in the user's directory: trials run in Ray's session folder,
     # and every trial's run must land in the sweep's store, nested under its run. The space's fixed
     # values are every trial's: the epochs the scheduler and the statuses count are theirs.
@@ -173,6 +186,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     state = json.loads(storage.read_bytes(state_uri)) if restoring and storage.exists(state_uri) else {}
     settings = sweep_settings(config, space)
     check_resume(state, settings, name)  # before the ingest, which can take long
+    check_same_dataset(state, data_locations, config, name)
     # once, here: concurrent trials would otherwise race to ingest
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     include_default = config.tune.include_default and not space.has_grid()
@@ -186,7 +200,9 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     tags = run_tags(config, source, {"fingerprint": ingested["train"].fingerprint, "train_images": ingested["train"].rows,
                                      "val_images": ingested["val"].rows})
     tracker = SweepTracker(config, name, space, run_id=state.get("mlflow_run_id"), tags=tags)
-    storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": tracker.run_id, "settings": settings}).encode())
+    dataset = dataset_record(data_locations, {split: result.annotations_sha256 for split, result in ingested.items()})
+    storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": tracker.run_id, "settings": settings,
+                                               "dataset": dataset}).encode())
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), storage_root=root, sweep_name=name,
