@@ -33,7 +33,8 @@ CONFIG = ROOT / "tests" / "tiny_tune.yaml"
 def sweep_paths(tmp_path_factory):
     base = tmp_path_factory.mktemp("sweep")
     dataset = write_shapes_dataset(base / "shapes", num_train=320, num_val=32, image_size=64, seed=3)
-    overrides = [f"data.root={dataset}", f"data.parquet_dir={base / 'parquet'}", f"train.storage_path={base / 'runs'}",
+    # the dataset by a relative path, as a user in its folder gives it (both commands run in `base`)
+    overrides = [f"data.root={dataset.name}", f"data.parquet_dir={base / 'parquet'}", f"train.storage_path={base / 'runs'}",
                  f"tune.search_space={ROOT / 'tests' / 'tiny_space.yaml'}"]
     return base, overrides
 
@@ -102,12 +103,18 @@ def test_an_interrupted_sweep_resumes_and_completes_the_rest_without_repeating_a
     rows = analysis.trial_dataframes[first.trial_id]
     assert list(rows["epoch"]) == [1, 2]
     # the resume was compared with the dataset the sweep started on (a changed one is refused: test_tuning.py)
+    from centernet_ray.checkpoint import DATA_LOCATIONS_FILE
     from centernet_ray.data.identity import ANNOTATIONS_SHA256_KEYS
     from centernet_ray.ray_tune.sweep import SWEEP_STATE_FILE
 
     state = json.loads((Path(summary.best_config_path).parent / SWEEP_STATE_FILE).read_text())
-    annotations = Path(state["dataset"]["data.root"], "annotations", "instances_train.json")
+    annotations = Path(summary.best_config_path).parents[2] / "shapes" / "annotations" / "instances_train.json"
     assert state["dataset"][ANNOTATIONS_SHA256_KEYS["train"]] == hashlib.sha256(annotations.read_bytes()).hexdigest()
+    # ...and each trial's checkpoints keep the sweep command's locations, relative as given, not the absolute
+    # paths its config has: a sweep resumed in another folder (its Ray job's next session) would refuse them
+    for trial in summary.trials:
+        kept = json.loads((Path(trial.checkpoint) / DATA_LOCATIONS_FILE).read_text())
+        assert kept["data.root"] == "shapes" and kept == state["dataset"], (kept, state["dataset"])
 
 
 def test_asha_stops_the_clearly_worse_trials_after_their_first_evaluation(interrupted_then_resumed):

@@ -89,7 +89,8 @@ def checkpoint_config() -> CheckpointConfig:
 def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None, worker_callbacks: list[WorkerCallback] | None = None,
                   threads_per_worker: int | None = None, mlflow_parent_run_id: str | None = None,
                   mlflow_tags: dict[str, str] | None = None, source: str | None = None,
-                  started_at: float | None = None, launch: str) -> tuple[TorchTrainer, Any]:
+                  started_at: float | None = None, data_locations: dict[str, str] | None = None,
+                  launch: str) -> tuple[TorchTrainer, Any]:
     """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report.
 
     ``callbacks`` are Ray Train ``UserCallback``s (a Tune trial passes its report callback);
@@ -97,9 +98,12 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     cores divided among the workers; ``mlflow_parent_run_id`` nests the run's MLflow run under a
     sweep's run; ``source`` is the command shown as the run's source (default: this process's);
     ``started_at`` (``time.time()``, default now) is when ``train.time_limit`` started counting;
-    ``launch`` names this start of the job in MLflow (``new_launch()``; see ``RunTracker``)."""
+    ``data_locations``: the dataset's locations as the command gave them (``given_data_locations``),
+    default ``config``'s (a sweep's trials get the sweep command's: theirs are made absolute where
+    the sweep runs, which a resumed sweep may not); ``launch`` names this start of the job in MLflow
+    (``new_launch()``; see ``RunTracker``)."""
     started_at = time.time() if started_at is None else started_at
-    data_locations = given_data_locations(config)
+    data_locations = given_data_locations(config) if data_locations is None else data_locations
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
     # directory is Ray's session folder.
     config = storage.with_absolute_paths(config)

@@ -207,7 +207,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=config.to_dict(), storage_root=root, sweep_name=name,
                              metric=config.tune.metric, parent_run_id=tracker.run_id,
-                             concurrent_trials=max_concurrent, source=source),
+                             concurrent_trials=max_concurrent, source=source, data_locations=data_locations),
         {"CPU": TRIAL_DRIVER_CPUS})
     try:
         if restoring:  # Tune restores the run config (our callbacks included) from the sweep's start

@@ -51,8 +51,11 @@ def trial_config(base: Config, params: dict[str, Any], storage_root: str, sweep_
 
 
 def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str, sweep_name: str,
-              metric: str, parent_run_id: str | None, concurrent_trials: int = 1, source: str | None = None) -> None:
-    """Tune's trainable: train ``base`` + ``params`` to the end (or until the scheduler stops it)."""
+              metric: str, parent_run_id: str | None, concurrent_trials: int = 1, source: str | None = None,
+              data_locations: dict[str, str] | None = None) -> None:
+    """Tune's trainable: train ``base`` + ``params`` to the end (or until the scheduler stops it).
+    ``data_locations``: the dataset's locations as the sweep's command gave them (``base`` has them
+    made absolute), which the trial's checkpoints keep and a restored trial is compared on."""
     import ray.tune
     from ray.data import DataContext
 
@@ -68,5 +71,6 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str
     threads = max(1, (os.cpu_count() or 1) // (config.train.num_workers * concurrent_trials))
     launch = new_launch()
     trainer, _ = build_trainer(config, threads_per_worker=threads, callbacks=[EvaluationReports(metric)],
-                               mlflow_parent_run_id=parent_run_id, mlflow_tags=tags, source=source, launch=launch)
+                               mlflow_parent_run_id=parent_run_id, mlflow_tags=tags, source=source,
+                               data_locations=data_locations, launch=launch)
     fit(trainer, config, launch)
