@@ -26,6 +26,7 @@ from torch import nn
 
 from centernet_ray import storage
 from centernet_ray.config import Config, config_from_dict
+from centernet_ray.data.identity import DATA_LOCATION_KEYS
 from centernet_ray.errors import UserInputError
 from centernet_ray.model import CenterNet, build_model
 
@@ -43,7 +44,8 @@ SCHEMA_VERSION = 1
 # checkpointed and fed, where it runs, and where its files are (local paths are made absolute where
 # the command runs, which differs between the folders of a shared storage path and between the
 # sessions of a Ray job; the backbone's start is in the checkpoint's weights). Everything else in
-# these sections is what it learns.
+# these sections is what it learns. The dataset's locations are compared apart, as the command gave
+# them, with its annotation files' content (data/identity.py).
 RESUME_COMPARED_SECTIONS = ("model", "loss", "targets", "data", "train")
 RESUMABLE_SETTINGS = frozenset({
     "train.epochs", "train.time_limit", "train.max_failures", "train.eval_every", "train.eval_flip_test",
@@ -51,8 +53,7 @@ RESUMABLE_SETTINGS = frozenset({
     "data.preprocess_compute", "data.preprocess_batch_size", "data.preprocess_min_actors",
     "data.preprocess_max_actors", "data.preprocess_num_cpus", "data.prefetch_batches", "data.cache",
     "data.cache_force", "data.parquet_dir", "data.shard_size", "data.shuffle_buffer_batches",
-    "data.root", "data.train_images", "data.train_annotations", "data.val_images", "data.val_annotations",
-    "model.pretrained",
+    *DATA_LOCATION_KEYS, "model.pretrained",
 })
 
 

@@ -17,6 +17,7 @@ def test_the_dataset_s_locations_are_compared_as_the_command_gave_them():
         "data.root=coco2017", "data.val_annotations=s3://b/ann/val.json"]))) == ["data.root: 'coco' -> 'coco2017'"]
     assert changed_data_locations({"data.root": "coco"}, given_data_locations(load_config("demo", [
         "data.root=coco", "data.val_annotations=s3://b/other.json"]))) == []
+    assert given_data_locations(load_config("demo", ["data.root=s3://b/coco/"]))["data.root"] == "s3://b/coco"
 
 
 def test_annotation_files_are_compared_by_their_sha256_where_the_run_kept_one():

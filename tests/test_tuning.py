@@ -314,7 +314,7 @@ def test_a_sweep_resumes_only_on_the_dataset_it_started_on(tmp_path, monkeypatch
     started = load_config(None, ["data.root=shapes"])
     annotations = {split: first / "shapes" / "annotations" / f"instances_{split}.json" for split in ("train", "val")}
     saved = json.loads(json.dumps({"mlflow_run_id": "r", "dataset": dataset_record(
-        given_data_locations(started), {split: annotations_sha256(str(path)) for split, path in annotations.items()})}))
+        started.data, given_data_locations(started), {split: annotations_sha256(str(path)) for split, path in annotations.items()})}))
     resume(first, "data.root=shapes")
     resume(second, "data.root=./shapes/")  # its job's next session, say: the same files elsewhere
     with pytest.raises(ConfigError, match=r"sweep s was started on another dataset \(data.root: 'shapes' -> "

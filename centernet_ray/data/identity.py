@@ -18,7 +18,8 @@ from typing import Any
 
 from centernet_ray import storage
 from centernet_ray.config import Config, DataConfig
-from centernet_ray.data.sources import split_sources
+from centernet_ray.data.sources import split_sources, uses_synthetic_data
+from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ def given_data_locations(config: Config) -> dict[str, str]:
 def _normalised_location(value: Any) -> str:
     if not value:
         return ""
-    return str(value) if storage.is_uri(value) else os.path.normpath(str(value))
+    if storage.is_uri(value):  # s3://b/coco/ is s3://b/coco
+        return str(value).rstrip("/") if not str(value).endswith("://") else str(value)
+    return os.path.normpath(str(value))
 
 
 def annotations_sha256(location: str) -> str:
@@ -46,11 +49,13 @@ def annotations_sha256(location: str) -> str:
     return hashlib.sha256(storage.read_bytes(location)).hexdigest()
 
 
-def dataset_record(data_locations: dict[str, str], annotations_sha256_by_split: dict[str, str]) -> dict[str, str]:
+def dataset_record(data: DataConfig, data_locations: dict[str, str],
+                   annotations_sha256_by_split: dict[str, str]) -> dict[str, str]:
     """What a run (beside each checkpoint) or a sweep (in its state) keeps of its dataset: its
-    locations as given (``given_data_locations``) and, unless it is the synthetic default (no
-    location given), each split's annotation sha256 (split -> hex digest, from the ingest)."""
-    if not any(data_locations.values()):
+    locations as given (``given_data_locations``) and, unless ``data`` trains on the synthetic
+    shapes (``sources.uses_synthetic_data``), each split's annotation sha256 (split -> hex digest,
+    from the ingest)."""
+    if uses_synthetic_data(data):
         return dict(data_locations)
     return {**data_locations, **{key: annotations_sha256_by_split[split] for split, key in ANNOTATIONS_SHA256_KEYS.items()}}
 
@@ -92,7 +97,7 @@ def _current_annotations(data: DataConfig, recorded: dict[str, str]) -> dict[str
         location = sources[split].annotations
         try:
             current[split] = (location, annotations_sha256(location))
-        except OSError as exc:  # gone, or unreadable from here: the ingest says so if it needs the file
+        except (OSError, UserInputError) as exc:  # gone, unreadable or its bucket unknown here: the ingest says so if it needs it
             log.warning("not comparing %s with the annotations recorded for this name: %s", location, exc)
             current[split] = (location, None)
     return current

@@ -16,12 +16,19 @@ class SplitSource:
     parquet: str  # where the ingested shards go
 
 
+def uses_synthetic_data(config: DataConfig) -> bool:
+    """Whether ``config`` trains on the synthetic shapes: no ``root``, and no split with both its
+    images and its annotations given."""
+    explicit = ((config.train_images, config.train_annotations), (config.val_images, config.val_annotations))
+    return not config.root and not any(all(pair) for pair in explicit)
+
+
 def split_sources(config: DataConfig) -> dict[str, SplitSource]:
-    """``{"train": ..., "val": ...}`` for ``config``; generates the synthetic dataset when
-    ``root`` and the explicit paths are empty."""
+    """``{"train": ..., "val": ...}`` for ``config``; generates the synthetic dataset when it uses
+    it (``uses_synthetic_data``)."""
     explicit = {"train": (config.train_images, config.train_annotations), "val": (config.val_images, config.val_annotations)}
     root = config.root
-    if not root and not any(all(pair) for pair in explicit.values()):
+    if uses_synthetic_data(config):
         root = str(ensure_shapes_dataset(config.synthetic_train_images, config.synthetic_val_images,
                                          config.synthetic_image_size))
     sources = {}

@@ -173,13 +173,13 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     annotation_bytes = storage.read_bytes(annotations)
     annotations_digest = hashlib.sha256(annotation_bytes)
     fingerprint = _fingerprint(annotations_digest, str(images), shard_size)
-    identity = dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest())
+    digests = dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest())
     previous = read_manifest(output)
     if previous and previous.get("fingerprint") == fingerprint and not force:
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
         return IngestResult(output, previous["rows"], previous["shards"], previous["category_ids"],
                             previous["class_names"], previous["report"], previous["bytes_written"], reused=True,
-                            **identity)
+                            **digests)
 
     dataset = parse_coco(json.loads(annotation_bytes), str(annotations))
     del annotation_bytes
@@ -210,7 +210,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     level = logging.WARNING if report.examples else logging.INFO
     log.log(level, "ingest: %s -> %s: %s", annotations, output, report.summary())
     return IngestResult(output, rows, shards, dataset.category_ids, dataset.class_names, counts, written, reused=False,
-                        **identity)
+                        **digests)
 
 
 def ingest_splits(config: DataConfig, label_selector: dict[str, str] | None = None) -> dict[str, IngestResult]:

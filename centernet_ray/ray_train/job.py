@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import ray
@@ -140,8 +140,8 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                         mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=tags, mlflow_datasets=dataset_inputs,
                         mlflow_launch=launch,
                         callbacks=list(worker_callbacks or []), eval_images=ingested["val"].rows,
-                        data_locations=dataset_record(data_locations, {split: result.annotations_sha256
-                                                                       for split, result in ingested.items()}),
+                        dataset_record=dataset_record(config.data, data_locations,
+                                                      {split: result.annotations_sha256 for split, result in ingested.items()}),
                         deadline=None if config.train.time_limit is None else started_at + config.train.time_limit)
     if inputs.deadline is not None:
         log.info("time limit: %.0f s, %.0f s left for training after start-up and data (at most %d epochs)",
@@ -193,9 +193,9 @@ def check_resumable(config: Config, data_locations: dict[str, str]) -> None:
         log.warning("not comparing with the settings of the run in %s (%s)", run_dir, exc)
         return
     changed = changed_settings(trained, config)
-    dataset = storage.join(run_dir, latest, DATA_LOCATIONS_FILE)
-    if storage.exists(dataset):  # the annotation files are read only when nothing else differs
-        recorded = json.loads(storage.read_bytes(dataset))
+    record_path = storage.join(run_dir, latest, DATA_LOCATIONS_FILE)
+    if storage.exists(record_path):  # the annotation files are read only when nothing else differs
+        recorded = json.loads(storage.read_bytes(record_path))
         changed += (changed_data_locations(recorded, data_locations) if changed else
                     changed_dataset(recorded, data_locations, config.data))
     if changed:
@@ -232,8 +232,9 @@ def best_recorded_checkpoint(kept: list[tuple[str, dict[str, Any]]],
 def finished_run(config: Config, started: float, data_locations: dict[str, str]) -> TrainSummary | None:
     """The answer to a rerun of a finished run: its summary when Ray Train's records of the run of
     this name (``train.storage_path``/``train.run_name``) say it has nothing left to train
-    (``budget.run_finished``), else None. No ingest, no workers (no GPU nodes to scale up for it),
-    no Ray needed, nothing logged to the MLflow run; with ``tracking.registered_model`` its
+    (``budget.run_finished``), else None. No ingest (the annotation files are read once, to compare
+    them with the run's: ``check_resumable``), no workers (no GPU nodes to scale up for it), no Ray
+    needed, nothing logged to the MLflow run; with ``tracking.registered_model`` its
     checkpoint is registered and promoted as after training (``_register``). ``config`` with
     absolute paths; ``started``: ``time.perf_counter()`` when the rerun started; ``data_locations``:
     the dataset as the command gave it (``check_resumable``)."""

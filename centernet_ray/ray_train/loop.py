@@ -89,7 +89,7 @@ class LoopInputs:
     mlflow_launch: str | None = None  # this start of the job, whatever its attempts (tracking.RunTracker)
     callbacks: list[WorkerCallback] = field(default_factory=list)
     # the dataset it trains on (data.identity.dataset_record), kept beside each checkpoint
-    data_locations: dict[str, str] = field(default_factory=dict)
+    dataset_record: dict[str, str] = field(default_factory=dict)
 
 
 def _draw_predictions(kept: list[KeptImage], class_names: list[str], path: Path) -> str:
@@ -338,7 +338,7 @@ def _report(engine: TrainingEngine, inputs: LoopInputs, tracker: Any, metrics: d
                                  ema=engine.ema.state_dict() if engine.ema is not None else None)
         state["mlflow_run_id"] = tracker.run_id
         dir_name = f"epoch_{epoch + 1:04d}"
-        report_checkpoint = _write_checkpoint(state, config, inputs.data_locations, dir_name)
+        report_checkpoint = _write_checkpoint(state, config, inputs.dataset_record, dir_name)
     if rank == 0 and last_epoch:
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(Path(directory) / CHECKPOINT_FILE, inference_state(state))
@@ -352,9 +352,9 @@ def _report(engine: TrainingEngine, inputs: LoopInputs, tracker: Any, metrics: d
                      checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
-def _write_checkpoint(state: dict[str, Any], config: Config, data_locations: dict[str, str],
+def _write_checkpoint(state: dict[str, Any], config: Config, dataset_record: dict[str, str],
                       dir_name: str) -> ray.train.Checkpoint:
-    """Rank 0's checkpoint (and the run's config and dataset locations, which the driver checks a
+    """Rank 0's checkpoint (and the run's config and dataset record, which the driver checks a
     resume by), written straight into the run's folder where Ray Train keeps its checkpoints, local
     or in a bucket. Ray Train's default has the worker write it to a local temporary folder that it
     then copies there: every checkpoint written twice (Hourglass-104's with its optimizer state is
@@ -365,7 +365,7 @@ def _write_checkpoint(state: dict[str, Any], config: Config, data_locations: dic
     def write() -> None:
         save_checkpoint(f"{folder}/{CHECKPOINT_FILE}", state, filesystem)
         storage.write_bytes(f"{folder}/{RUN_CONFIG_FILE}", config.to_yaml().encode(), filesystem)
-        storage.write_bytes(f"{folder}/{DATA_LOCATIONS_FILE}", json.dumps(data_locations).encode(), filesystem)
+        storage.write_bytes(f"{folder}/{DATA_LOCATIONS_FILE}", json.dumps(dataset_record).encode(), filesystem)
 
     ray_compat.with_storage_retries(write, "write the checkpoint")
     return ray.train.Checkpoint(folder, filesystem=filesystem)

@@ -18,7 +18,7 @@ from centernet_ray.data.identity import changed_dataset, dataset_record, given_d
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_runtime import warn_if_node_local_tracking, warn_if_storage_in_job_working_dir
-from centernet_ray.ray_tune.report import SweepSummary, TrialRecord, best_config, records_from_results
+from centernet_ray.ray_tune.report import SweepSummary, best_config, records_from_results
 from centernet_ray.ray_tune.search_space import SearchSpace, apply_params
 from centernet_ray.ray_tune.sweep_tracking import SweepTracker, TrialRunCloser
 from centernet_ray.ray_tune.trial import TRIAL_RUNS_DIR, run_trial
@@ -200,7 +200,8 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     tags = run_tags(config, source, {"fingerprint": ingested["train"].fingerprint, "train_images": ingested["train"].rows,
                                      "val_images": ingested["val"].rows})
     tracker = SweepTracker(config, name, space, run_id=state.get("mlflow_run_id"), tags=tags)
-    dataset = dataset_record(data_locations, {split: result.annotations_sha256 for split, result in ingested.items()})
+    dataset = dataset_record(config.data, data_locations,
+                             {split: result.annotations_sha256 for split, result in ingested.items()})
     storage.write_bytes(state_uri, json.dumps({"mlflow_run_id": tracker.run_id, "settings": settings,
                                                "dataset": dataset}).encode())
 
