@@ -184,3 +184,34 @@ def test_the_best_config_yaml_trains_unchanged_with_centernet_ray_train(interrup
     result = json.loads(out.read_text())
     assert result["epochs"] == 2 and result["AP50"] >= 0 and result["mlflow_run_id"] not in (
         t.mlflow_run_id for t in summary.trials)
+
+
+def test_a_sweep_whose_every_trial_fails_says_why_and_exits_1(ray_session, shapes_dataset, tmp_path, capsys,
+                                                              monkeypatch):
+    """Its one trial draws a batch the 24 training images cannot fill: the trial fails in its own
+    actor, after the sweep's ingest. The summary names the trial, its error's message and Tune's
+    error.txt (which exists), the command exits 1 saying every trial failed, and the sweep's MLflow
+    run ends FAILED, not FINISHED."""
+    from mlflow import MlflowClient
+
+    from centernet_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    space = tmp_path / "space.yaml"
+    space.write_text("train.batch_size: {choice: [64]}\n")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "summary.json"
+    sweep = ["tune", str(CONFIG), f"data.root={shapes_dataset}", f"data.parquet_dir={tmp_path / 'parquet'}",
+             "train.storage_path=runs", "tune.name=failing", "tune.num_samples=1", "tune.include_default=false",
+             f"tracking.tracking_uri={store}", "--search-space", str(space), "--summary-json", str(out)]
+    code = main(sweep)
+    captured = capsys.readouterr()
+    assert code == 1 and "error: every trial of sweep failing failed" in captured.err, captured.err[-2000:]
+    trial = json.loads(out.read_text())["trials"][0]
+    assert trial["status"] == "error" and Path(trial["error_file"]).is_file(), trial
+    assert (f"failed:      trial {trial['trial_id']}: centernet_ray.errors.UserInputError: 24 training images cannot "
+            f"fill one global batch of 64 (train.batch_size x train.num_workers)  (traceback: {trial['error_file']})"
+            ) in captured.out, captured.out[-3000:]
+    client = MlflowClient(store)
+    [sweep] = client.search_runs([client.get_experiment_by_name(load_config(CONFIG).tracking.experiment).experiment_id])
+    assert sweep.info.status == "FAILED" and sweep.data.metrics["num_errors"] == 1

@@ -195,6 +195,21 @@ def test_the_summary_picks_the_best_scored_trial_and_compares_it_with_the_defaul
     assert js["AP"] == 0.45 and js["checkpoint"] == "/ckpt/t1" and js["mlflow_run_id"] == "parent"
     assert [t["status"] for t in js["trials"]] == ["finished", "finished", "stopped early", "error"]
     assert js["best"]["config"] == {"loss.alpha": 2.7} and js["default"]["trial_id"] == "t0"
+    assert "failed:      trial t3: no error recorded" in text.splitlines() and not summary.all_failed
+
+
+def test_the_summary_names_each_failed_trial_with_its_error_and_a_sweep_of_only_failures_is_failed():
+    failures = [TrialRecord(f"t{i}", {"loss.alpha": 2.0}, "error", 0, {}, None, None,
+                            error=f"Traceback ...\nValueError: trial {i} broke\n", error_file=f"/runs/s/run_trial_t{i}/error.txt")
+                for i in range(7)]
+    summary = SweepSummary.build("s", failures, "AP", "max", 3.0, "parent")
+    assert summary.best is None and summary.all_failed
+    lines = format_summary(summary).splitlines()
+    assert "failed:      trial t0: ValueError: trial 0 broke  (traceback: /runs/s/run_trial_t0/error.txt)" in lines
+    assert sum(line.startswith("failed:      trial ") for line in lines) == 5
+    assert "failed:      2 more (in --summary-json's trials)" in lines
+    assert not SweepSummary.build("s", [*failures, record("ok", "finished", 0.3)], "AP", "max", 3.0, None).all_failed
+    assert not SweepSummary.build("s", [], "AP", "max", 0.0, None).all_failed
 
 
 def test_the_best_config_is_a_training_config_that_trains_under_a_new_run_name(tmp_path):
@@ -348,17 +363,26 @@ def test_a_sweep_whose_trials_could_draw_a_batch_too_small_for_batch_norm_is_ref
     check_sweep(with_overrides(small.to_dict(), ["tune.include_default=false"]), space(searched, small))
 
 
-@pytest.mark.parametrize("trial_runs, reported", [
+@pytest.mark.parametrize("experiment, reported", [
     # Tune reports the checkpoint as its filesystem's path: a bucket's has no scheme
-    ("s3://bucket/runs/sweep/trial_runs", "bucket/runs/sweep/trial_runs/a1b2c_00001/epoch_0002"),
-    ("/data/runs/sweep/trial_runs", "/data/runs/sweep/trial_runs/a1b2c_00001/epoch_0002"),
+    ("s3://bucket/runs/sweep", "bucket/runs/sweep/trial_runs/a1b2c_00001/epoch_0002"),
+    ("/data/runs/sweep", "/data/runs/sweep/trial_runs/a1b2c_00001/epoch_0002"),
 ])
-def test_a_trial_s_checkpoint_is_named_where_it_can_be_read(trial_runs, reported):
+def test_a_trial_s_checkpoint_and_error_file_are_named_where_they_can_be_read(experiment, reported):
     from types import SimpleNamespace
 
     config = load_config(Path(__file__).with_name("tiny_tune.yaml"))
     space = load_search_space(Path(__file__).with_name("tiny_space.yaml"), config)
     trial = SimpleNamespace(trial_id="a1b2c_00001", status="TERMINATED", config={"train.lr": 1e-9, "loss.alpha": 2.0},
                             last_result={"epoch": 2, "AP50": 0.5, "checkpoint_path": reported})
-    record = record_from_trial(trial, space, config, None, trial_runs)
-    assert record.checkpoint == f"{trial_runs}/a1b2c_00001/epoch_0002" and record.status == "finished"
+    record = record_from_trial(trial, space, config, None, experiment)
+    assert record.checkpoint == f"{experiment}/trial_runs/a1b2c_00001/epoch_0002" and record.status == "finished"
+    assert record.error is None and record.error_file is None
+    # a failed trial: the end of its error is kept (a traceback ends with the message), and Tune's error.txt named
+    traceback = "Traceback (most recent call last):\n" + '  File "x.py", line 1, in f\n' * 200 + "ValueError: boom\n"
+    failed = SimpleNamespace(trial_id="a1b2c_00002", status="ERROR", config=trial.config, last_result={},
+                             path=f"{experiment.removeprefix('s3://')}/run_trial_a1b2c_00002_1", get_error=lambda: traceback)
+    record = record_from_trial(failed, space, config, None, experiment)
+    assert record.status == "error" and record.error.endswith("ValueError: boom\n") and len(record.error) == 2000
+    assert record.error_message() == "ValueError: boom"
+    assert record.error_file == f"{experiment}/run_trial_a1b2c_00002_1/error.txt"

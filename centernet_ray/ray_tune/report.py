@@ -11,6 +11,7 @@ from centernet_ray import storage
 from centernet_ray.config import Config
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_tune.search_space import SearchSpace, apply_params
+from centernet_ray.ray_tune.trial import TRIAL_RUNS_DIR
 
 
 @dataclass
@@ -23,36 +24,44 @@ class TrialRecord:
     checkpoint: str | None
     mlflow_run_id: str | None
     is_default: bool = False
-    error: str | None = None
+    error: str | None = None  # the end of a failed trial's error (its traceback ends with the message)
+    error_file: str | None = None  # Tune's error.txt of a failed trial, with the whole traceback
 
     def to_json(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "config": self.params, "status": self.status, "epochs": self.epochs,
                 "metrics": self.metrics, "checkpoint": self.checkpoint, "mlflow_run_id": self.mlflow_run_id,
-                "is_default": self.is_default, "error": self.error}
+                "is_default": self.is_default, "error": self.error, "error_file": self.error_file}
+
+    def error_message(self) -> str:
+        """The last line of a failed trial's error: the exception and its message."""
+        lines = [line for line in (self.error or "").splitlines() if line.strip()]
+        return lines[-1].strip() if lines else "no error recorded"
 
 
 def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_params: dict[str, Any] | None,
-                      trial_runs: str) -> TrialRecord:
+                      experiment: str) -> TrialRecord:
     """A :class:`TrialRecord` from a Tune ``Trial`` (as loaded by ``ExperimentAnalysis``).
-    ``trial_runs``: the folder (path or URI) of the trials' Train runs, each named by its trial id,
-    which names the checkpoint; Tune's own checkpoint path has no scheme on object storage."""
+    ``experiment``: the sweep's folder (path or URI), which holds Tune's folder of each trial and
+    the trials' Train runs (``TRIAL_RUNS_DIR``), each named by its trial id, which names the
+    checkpoint; Tune's own paths have no scheme on object storage."""
     last = trial.last_result or {}
     checkpoint = last.get("checkpoint_path")
     if checkpoint:
-        checkpoint = storage.join(trial_runs, trial.trial_id, PurePosixPath(checkpoint).name)
+        checkpoint = storage.join(experiment, TRIAL_RUNS_DIR, trial.trial_id, PurePosixPath(checkpoint).name)
     params = {d.key: _plain(trial.config.get(d.key)) for d in space.dimensions}
     epochs = int(last.get("epoch", 0))
     status = {"TERMINATED": "finished", "ERROR": "error"}.get(trial.status, trial.status.lower())
     if status == "finished" and not trained_its_plan(last, config.train.epochs):
         status = "stopped early"
-    error = None
+    error = error_file = None
     if trial.status == "ERROR":
-        error = str(trial.get_error() or "see the trial's error.txt")[:2000]
+        error = str(trial.get_error() or "see the trial's error.txt")[-2000:]
+        error_file = storage.join(experiment, PurePosixPath(trial.path).name, "error.txt") if trial.path else None
     return TrialRecord(
         trial_id=trial.trial_id, params=params, status=status, epochs=epochs,
         metrics={k: float(last[k]) for k in STAT_NAMES if k in last},
         checkpoint=checkpoint, mlflow_run_id=last.get("mlflow_run_id"),
-        is_default=default_params is not None and params == default_params, error=error)
+        is_default=default_params is not None and params == default_params, error=error, error_file=error_file)
 
 
 def planned_epochs(last_result: dict[str, Any], epochs: int) -> int:
@@ -67,9 +76,9 @@ def trained_its_plan(last_result: dict[str, Any], epochs: int) -> bool:
 
 
 def records_from_results(results: Any, space: SearchSpace, config: Config, include_default: bool,
-                         trial_runs: str) -> list[TrialRecord]:
+                         experiment: str) -> list[TrialRecord]:
     """Records of every trial of a finished (or interrupted) ``Tuner.fit()``, in creation order
-    (``trial_runs``: see :func:`record_from_trial`)."""
+    (``experiment``: see :func:`record_from_trial`)."""
     from ray.tune import ExperimentAnalysis
 
     defaults = space.defaults(config) if include_default else None
@@ -78,7 +87,7 @@ def records_from_results(results: Any, space: SearchSpace, config: Config, inclu
     # the ResultGrid's filesystem with its path: on object storage the path has no scheme
     analysis = ExperimentAnalysis(results.experiment_path, storage_filesystem=results.filesystem)
     trials = sorted(analysis.trials, key=creation_order)
-    records = [record_from_trial(t, space, config, defaults, trial_runs) for t in trials]
+    records = [record_from_trial(t, space, config, defaults, experiment) for t in trials]
     seen_default = False
     for record in records:  # only the first trial with the default values is "the default trial"
         record.is_default = record.is_default and not seen_default
@@ -110,6 +119,11 @@ class SweepSummary:
     default: TrialRecord | None = None
     best_config_path: str | None = None
     searched_keys: list[str] = field(default_factory=list)
+
+    @property
+    def all_failed(self) -> bool:
+        """Every trial ended in an error: the sweep has nothing to show (the command exits 1)."""
+        return bool(self.trials) and all(t.status == "error" for t in self.trials)
 
     @classmethod
     def build(cls, name: str, trials: list[TrialRecord], metric: str, mode: str, wall_seconds: float,
@@ -170,6 +184,9 @@ def format_table(summary: SweepSummary) -> str:
     return "\n".join(lines)
 
 
+MAX_FAILURES_LISTED = 5  # failed trials the summary names, with their error's last line
+
+
 def format_summary(summary: SweepSummary) -> str:
     lines = ["", f"sweep {summary.name}: {len(summary.trials)} trials, objective {summary.metric} ({summary.mode}), "
              f"{summary.wall_seconds:.0f} s", format_table(summary), ""]
@@ -183,6 +200,12 @@ def format_summary(summary: SweepSummary) -> str:
             lines.append("the default config was the best trial")
         lines.append(f"best config: {summary.best_config_path}  (train it: centernet-ray train {summary.best_config_path})")
         lines.append(f"checkpoint:  {summary.best.checkpoint}")
+    failed = [t for t in summary.trials if t.status == "error"]
+    for trial in failed[:MAX_FAILURES_LISTED]:
+        where = f"  (traceback: {trial.error_file})" if trial.error_file else ""
+        lines.append(f"failed:      trial {trial.trial_id}: {trial.error_message()}{where}")
+    if len(failed) > MAX_FAILURES_LISTED:
+        lines.append(f"failed:      {len(failed) - MAX_FAILURES_LISTED} more (in --summary-json's trials)")
     lines.append(f"mlflow:      sweep run {summary.mlflow_run_id}")
     return "\n".join(lines)
 

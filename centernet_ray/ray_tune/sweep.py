@@ -21,7 +21,7 @@ from centernet_ray.ray_runtime import warn_if_node_local_tracking, warn_if_stora
 from centernet_ray.ray_tune.report import SweepSummary, best_config, records_from_results
 from centernet_ray.ray_tune.search_space import SearchSpace, apply_params
 from centernet_ray.ray_tune.sweep_tracking import SweepTracker, TrialRunCloser
-from centernet_ray.ray_tune.trial import TRIAL_RUNS_DIR, run_trial
+from centernet_ray.ray_tune.trial import run_trial
 from centernet_ray.tracking import command_line, run_tags
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
                                           callbacks=[TrialRunCloser(config, config.train.epochs)]),
             )
         results = tuner.fit()
-        records = records_from_results(results, space, config, include_default, storage.join(experiment, TRIAL_RUNS_DIR))
+        records = records_from_results(results, space, config, include_default, experiment)
     except Exception:
         tracker.failed()  # not left RUNNING in MLflow
         raise

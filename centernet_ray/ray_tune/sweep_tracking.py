@@ -80,7 +80,7 @@ class SweepTracker:
             from centernet_ray import storage
 
             self._log_text("best_config.yaml", storage.read_bytes(summary.best_config_path).decode())
-        self.client.set_terminated(self.run_id, "FINISHED")
+        self.client.set_terminated(self.run_id, "FAILED" if summary.all_failed else "FINISHED")
 
     def interrupted(self) -> None:
         self.client.set_terminated(self.run_id, "KILLED")
