@@ -204,6 +204,10 @@ def test_a_sweep_whose_every_trial_fails_says_why_and_exits_1(ray_session, shape
     sweep = ["tune", str(CONFIG), f"data.root={shapes_dataset}", f"data.parquet_dir={tmp_path / 'parquet'}",
              "train.storage_path=runs", "tune.name=failing", "tune.num_samples=1", "tune.include_default=false",
              f"tracking.tracking_uri={store}", "--search-space", str(space), "--summary-json", str(out)]
+    # what every trial would fail on alike is refused before the ingest, as `train` refuses it
+    assert main([*sweep, "model.pretrained=/nowhere/weights.pth"]) == 2
+    assert "error: model.pretrained: no weights file /nowhere/weights.pth here" in capsys.readouterr().err
+    assert not (tmp_path / "parquet").exists()
     code = main(sweep)
     captured = capsys.readouterr()
     assert code == 1 and "error: every trial of sweep failing failed" in captured.err, captured.err[-2000:]

@@ -18,6 +18,7 @@ from centernet_ray.data.identity import changed_dataset, dataset_record, given_d
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_runtime import warn_if_node_local_tracking, warn_if_storage_in_job_working_dir
+from centernet_ray.ray_train.job import check_pretrained_file
 from centernet_ray.ray_tune.report import SweepSummary, best_config, records_from_results
 from centernet_ray.ray_tune.search_space import SearchSpace, apply_params
 from centernet_ray.ray_tune.sweep_tracking import SweepTracker, TrialRunCloser
@@ -187,6 +188,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     settings = sweep_settings(config, space)
     check_resume(state, settings, name)  # before the ingest, which can take long
     check_same_dataset(state, data_locations, config, name)
+    check_pretrained_file(config)  # every trial would fail on it, one after another
     # once, here: concurrent trials would otherwise race to ingest
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     include_default = config.tune.include_default and not space.has_grid()
