@@ -198,9 +198,38 @@ def test_the_summary_picks_the_best_scored_trial_and_compares_it_with_the_defaul
     assert "failed:      trial t3: no error recorded" in text.splitlines() and not summary.all_failed
 
 
+def test_the_line_that_says_what_failed_is_picked_from_ray_s_error_formats():
+    """Tune's error of a trial, as Ray formats it: a task error ends with its cause's exception; Ray
+    Train lists each rank's error (the first failure is rank 0's here, the other rank's a follow-on);
+    an actor killed by Ray's memory monitor ends with advice, not with what happened."""
+    from centernet_ray.ray_tune.report import error_message
+
+    task = ("ray::ImplicitFunc.train() (pid=11, ip=10.0.0.1, actor_id=ab12, repr=run_trial)\n"
+            '  File "/app/centernet_ray/ray_train/job.py", line 125, in build_trainer\n'
+            '    raise UserInputError(f"{train_rows} training images ...")\n'
+            "centernet_ray.errors.UserInputError: 24 training images cannot fill one global batch of 64\n")
+    assert error_message(task) == "centernet_ray.errors.UserInputError: 24 training images cannot fill one global batch of 64"
+    ranks = ("ray::ImplicitFunc.train() (pid=12, ip=10.0.0.1)\n"
+             "ray.train.WorkerGroupError: Training failed due to worker errors:\n"
+             "[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+             '  File "/app/centernet_ray/ray_train/loop.py", line 300, in train_loop_per_worker\n'
+             "    loss.backward()\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n\n"
+             "[Rank 1 Error Snippet]:\nTraceback (most recent call last):\n"
+             "torch.distributed.DistBackendError: NCCL communicator was aborted on rank 1\n")
+    assert error_message(ranks) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    killed = ("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.\n"
+              "\tclass_name: RayTrainWorker\n"
+              "The actor's worker process was killed due to the node running low on memory (7.6GB / 8GB).\n"
+              "To disable worker killing, set the environment variable `RAY_memory_monitor_refresh_ms` to zero.\n")
+    assert error_message(killed) == ("The actor's worker process was killed due to the node running low on memory "
+                                     "(7.6GB / 8GB).")
+    assert error_message("something went wrong\n  and then more\n") == "and then more"
+    assert error_message("") == "no error recorded"
+
+
 def test_the_summary_names_each_failed_trial_with_its_error_and_a_sweep_of_only_failures_is_failed():
-    failures = [TrialRecord(f"t{i}", {"loss.alpha": 2.0}, "error", 0, {}, None, None,
-                            error=f"Traceback ...\nValueError: trial {i} broke\n", error_file=f"/runs/s/run_trial_t{i}/error.txt")
+    failures = [TrialRecord(f"t{i}", {"loss.alpha": 2.0}, "error", 0, {}, None, None, error="Traceback ...",
+                            error_message=f"ValueError: trial {i} broke", error_file=f"/runs/s/run_trial_t{i}/error.txt")
                 for i in range(7)]
     summary = SweepSummary.build("s", failures, "AP", "max", 3.0, "parent")
     assert summary.best is None and summary.all_failed
@@ -384,5 +413,5 @@ def test_a_trial_s_checkpoint_and_error_file_are_named_where_they_can_be_read(ex
                              path=f"{experiment.removeprefix('s3://')}/run_trial_a1b2c_00002_1", get_error=lambda: traceback)
     record = record_from_trial(failed, space, config, None, experiment)
     assert record.status == "error" and record.error.endswith("ValueError: boom\n") and len(record.error) == 2000
-    assert record.error_message() == "ValueError: boom"
+    assert record.error_message == "ValueError: boom"
     assert record.error_file == f"{experiment}/run_trial_a1b2c_00002_1/error.txt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -24,18 +25,38 @@ class TrialRecord:
     checkpoint: str | None
     mlflow_run_id: str | None
     is_default: bool = False
-    error: str | None = None  # the end of a failed trial's error (its traceback ends with the message)
+    error: str | None = None  # the end of a failed trial's error (a traceback ends with its exception)
+    error_message: str | None = None  # the line of it that says what failed (``error_message``)
     error_file: str | None = None  # Tune's error.txt of a failed trial, with the whole traceback
 
     def to_json(self) -> dict[str, Any]:
         return {"trial_id": self.trial_id, "config": self.params, "status": self.status, "epochs": self.epochs,
                 "metrics": self.metrics, "checkpoint": self.checkpoint, "mlflow_run_id": self.mlflow_run_id,
-                "is_default": self.is_default, "error": self.error, "error_file": self.error_file}
+                "is_default": self.is_default, "error": self.error, "error_message": self.error_message,
+                "error_file": self.error_file}
 
-    def error_message(self) -> str:
-        """The last line of a failed trial's error: the exception and its message."""
-        lines = [line for line in (self.error or "").splitlines() if line.strip()]
-        return lines[-1].strip() if lines else "no error recorded"
+
+# An exception as a traceback's last line prints it: a dotted class name (Ray's wrappers add their
+# cause in parentheses), then the message, if any, after a colon.
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b(?:\([\w.]*\))?(?::.*)?")
+_RANK_SNIPPET = re.compile(r"^\[Rank [\d,]+ Error Snippet\]:$", re.MULTILINE)
+
+
+def error_message(error: str) -> str:
+    """The line of a failed trial's error (``str`` of Tune's error, whole) that says what failed:
+    Ray's out-of-memory kill when it was one; else, when Ray Train lists its ranks' errors (rank
+    order, the first failure usually first), the first rank's exception; else the last exception
+    line (a wrapper's traceback ends with its cause's); else the last line."""
+    lines = [line.rstrip() for line in error.splitlines() if line.strip()]
+    out_of_memory = next((line for line in lines if "running low on memory" in line), None)
+    if out_of_memory:
+        return out_of_memory.strip()
+    snippets = _RANK_SNIPPET.split(error)
+    scope = snippets[1] if len(snippets) > 1 else error
+    exceptions = [line for line in scope.splitlines() if _EXCEPTION_LINE.fullmatch(line.rstrip())]
+    if exceptions:
+        return exceptions[-1].rstrip()
+    return lines[-1].strip() if lines else "no error recorded"
 
 
 def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_params: dict[str, Any] | None,
@@ -53,15 +74,19 @@ def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_pa
     status = {"TERMINATED": "finished", "ERROR": "error"}.get(trial.status, trial.status.lower())
     if status == "finished" and not trained_its_plan(last, config.train.epochs):
         status = "stopped early"
-    error = error_file = None
+    error = message = error_file = None
     if trial.status == "ERROR":
-        error = str(trial.get_error() or "see the trial's error.txt")[-2000:]
-        error_file = storage.join(experiment, PurePosixPath(trial.path).name, "error.txt") if trial.path else None
+        raised = trial.get_error()  # None: Tune recorded no error file in the sweep's storage
+        if raised is not None:
+            text = str(raised)
+            error, message = text[-2000:], error_message(text)
+            error_file = storage.join(experiment, PurePosixPath(trial.path).name, "error.txt")
     return TrialRecord(
         trial_id=trial.trial_id, params=params, status=status, epochs=epochs,
         metrics={k: float(last[k]) for k in STAT_NAMES if k in last},
         checkpoint=checkpoint, mlflow_run_id=last.get("mlflow_run_id"),
-        is_default=default_params is not None and params == default_params, error=error, error_file=error_file)
+        is_default=default_params is not None and params == default_params, error=error, error_message=message,
+        error_file=error_file)
 
 
 def planned_epochs(last_result: dict[str, Any], epochs: int) -> int:
@@ -203,7 +228,7 @@ def format_summary(summary: SweepSummary) -> str:
     failed = [t for t in summary.trials if t.status == "error"]
     for trial in failed[:MAX_FAILURES_LISTED]:
         where = f"  (traceback: {trial.error_file})" if trial.error_file else ""
-        lines.append(f"failed:      trial {trial.trial_id}: {trial.error_message()}{where}")
+        lines.append(f"failed:      trial {trial.trial_id}: {trial.error_message or 'no error recorded'}{where}")
     if len(failed) > MAX_FAILURES_LISTED:
         lines.append(f"failed:      {len(failed) - MAX_FAILURES_LISTED} more (in --summary-json's trials)")
     lines.append(f"mlflow:      sweep run {summary.mlflow_run_id}")
