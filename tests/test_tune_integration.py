@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from centernet_ray.config import load_config
+from centernet_ray.config import load_config, with_overrides
 from centernet_ray.data.synthetic import write_shapes_dataset
 
 pytestmark = pytest.mark.integration
@@ -208,6 +208,17 @@ def test_a_sweep_whose_every_trial_fails_says_why_and_exits_1(ray_session, shape
     assert main([*sweep, "model.pretrained=/nowhere/weights.pth"]) == 2
     assert "error: model.pretrained: no weights file /nowhere/weights.pth here" in capsys.readouterr().err
     assert not (tmp_path / "parquet").exists()
+    from centernet_ray.errors import UserInputError
+    from centernet_ray.ray_tune.search_space import load_search_space
+    from centernet_ray.ray_tune.sweep import check_pretrained_files
+
+    searched, without_default = tmp_path / "pretrained.yaml", load_config(CONFIG, ["tune.include_default=false"])
+    searched.write_text("model.pretrained: {choice: [null, /nowhere/weights.pth]}\n")  # so is a value a trial may draw
+    with pytest.raises(UserInputError, match="no weights file /nowhere/weights.pth here"):
+        check_pretrained_files(without_default, load_search_space(searched, without_default))
+    searched.write_text("model.pretrained: {choice: [null]}\n")  # and a base value no trial trains from is not
+    check_pretrained_files(with_overrides(without_default.to_dict(), ["model.pretrained=/nowhere/weights.pth"]),
+                           load_search_space(searched, without_default))
     code = main(sweep)
     captured = capsys.readouterr()
     assert code == 1 and "error: every trial of sweep failing failed" in captured.err, captured.err[-2000:]

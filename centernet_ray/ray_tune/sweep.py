@@ -18,7 +18,6 @@ from centernet_ray.data.identity import changed_dataset, dataset_record, given_d
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_runtime import warn_if_node_local_tracking, warn_if_storage_in_job_working_dir
-from centernet_ray.ray_train.job import check_pretrained_file
 from centernet_ray.ray_tune.report import SweepSummary, best_config, records_from_results
 from centernet_ray.ray_tune.search_space import SearchSpace, apply_params
 from centernet_ray.ray_tune.sweep_tracking import SweepTracker, TrialRunCloser
@@ -140,6 +139,20 @@ def check_sweep(config: Config, space: SearchSpace) -> None:
 BATCH_NORM_KEYS = ("train.batch_size", "data.input_size")  # what config.check_batch_norm_batch reads
 
 
+def check_pretrained_files(config: Config, space: SearchSpace) -> None:
+    """``job.check_pretrained_file`` for each ``model.pretrained`` a trial may train from: each listed
+    value when it is searched (a choice or grid), and the base config's when a trial trains it
+    unchanged (``tune.include_default``) or it is not searched. Needs Ray up (it counts the nodes)."""
+    from centernet_ray.ray_train.job import check_pretrained_file  # the training job's imports: only here
+
+    searched = next((d for d in space.searched if d.key == "model.pretrained"), None)
+    if searched is None or (config.tune.include_default and not space.has_grid()):
+        check_pretrained_file(config)
+    if searched is not None and searched.kind in ("choice", "grid"):
+        for value in searched.args:
+            check_pretrained_file(apply_params(config, {"model.pretrained": value}))
+
+
 def check_batch_norm_batches(config: Config, space: SearchSpace) -> None:
     """``check_batch_norm_batch`` for the smallest batch and input a trial may draw (each listed value
     of a searched key, a range's lower bound), and for the base config when a trial trains it
@@ -188,7 +201,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     settings = sweep_settings(config, space)
     check_resume(state, settings, name)  # before the ingest, which can take long
     check_same_dataset(state, data_locations, config, name)
-    check_pretrained_file(config)  # every trial would fail on it, one after another
+    check_pretrained_files(config, space)  # every trial would fail on it, one after another
     # once, here: concurrent trials would otherwise race to ingest
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     include_default = config.tune.include_default and not space.has_grid()
