@@ -139,6 +139,12 @@ def check_sweep(config: Config, space: SearchSpace) -> None:
 BATCH_NORM_KEYS = ("train.batch_size", "data.input_size")  # what config.check_batch_norm_batch reads
 
 
+def trains_the_default(config: Config, space: SearchSpace) -> bool:
+    """Whether a trial trains the base config's values of the searched keys (``tune.include_default``;
+    a space with ``grid:`` entries enumerates its own trials instead)."""
+    return config.tune.include_default and not space.has_grid()
+
+
 def check_pretrained_files(config: Config, space: SearchSpace) -> None:
     """``job.check_pretrained_file`` for each ``model.pretrained`` a trial may train from: each listed
     value when it is searched (a choice or grid), and the base config's when a trial trains it
@@ -146,7 +152,7 @@ def check_pretrained_files(config: Config, space: SearchSpace) -> None:
     from centernet_ray.ray_train.job import check_pretrained_file  # the training job's imports: only here
 
     searched = next((d for d in space.searched if d.key == "model.pretrained"), None)
-    if searched is None or (config.tune.include_default and not space.has_grid()):
+    if searched is None or trains_the_default(config, space):
         check_pretrained_file(config)
     if searched is not None and searched.kind in ("choice", "grid"):
         for value in searched.args:
@@ -158,7 +164,7 @@ def check_batch_norm_batches(config: Config, space: SearchSpace) -> None:
     of a searched key, a range's lower bound), and for the base config when a trial trains it
     unchanged (``tune.include_default``) or nothing of it is searched."""
     searched = {d.key: d for d in space.searched if d.key in BATCH_NORM_KEYS}
-    if not searched or (config.tune.include_default and not space.has_grid()):
+    if not searched or trains_the_default(config, space):
         check_batch_norm_batch(config)
     smallest = {}
     for key, dimension in searched.items():
@@ -204,7 +210,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     check_pretrained_files(config, space)  # every trial would fail on it, one after another
     # once, here: concurrent trials would otherwise race to ingest
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
-    include_default = config.tune.include_default and not space.has_grid()
+    include_default = trains_the_default(config, space)
     if config.tune.include_default and space.has_grid():
         log.info("the search space has grid: entries; the default config is not added as a trial of its own")
     max_concurrent = derive_max_concurrent(config, ray.cluster_resources())
