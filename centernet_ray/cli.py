@@ -246,10 +246,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_and_report(run: Callable[[], Any], interrupted: type[Exception], format_summary: Callable[[Any], str],
-                    summary_path: Path | None, failure: Callable[[Any], str | None] = lambda summary: None) -> int:
+                    summary_path: Path | None) -> int:
     """Run a training run or a sweep and return the exit status: 0 with its summary printed (and its
-    ``to_json()`` written to ``summary_path``), 1 so when ``failure(summary)`` says what failed, 130
-    on Ctrl+C (``interrupted``) with how to resume.
+    ``to_json()`` written to ``summary_path``), 1 so when its ``failure()`` says what failed, 130 on
+    Ctrl+C (``interrupted``) with how to resume.
     A local Ray the command started is stopped before either is printed: the late lines Ray's log
     monitor relays from its processes then come above, not after."""
     from centernet_ray.ray_runtime import stop_local_ray
@@ -264,8 +264,7 @@ def _run_and_report(run: Callable[[], Any], interrupted: type[Exception], format
     print(format_summary(summary))
     if summary_path:
         summary_path.write_text(json.dumps(summary.to_json(), indent=2, default=str))
-    failed = failure(summary)
-    if failed:
+    if failed := summary.failure():
         print(f"error: {failed}", file=sys.stderr)
     return 1 if failed else 0
 
@@ -284,9 +283,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     check_sweep(space.with_fixed(config), space)  # before Ray starts: a bad setting answers at once
     summary_path = _summary_path(args.summary_json)
     init_ray()
-    return _run_and_report(lambda: run_sweep(config, space, source=args.source), SweepInterrupted, format_summary,
-                           summary_path, lambda summary: f"every trial of sweep {summary.name} failed (above: why)"
-                           if summary.all_failed else None)
+    return _run_and_report(lambda: run_sweep(config, space, source=args.source), SweepInterrupted, format_summary, summary_path)
 
 
 def _serve_flag_overrides(args: argparse.Namespace) -> list[str]:

@@ -67,6 +67,11 @@ class TrainSummary:
                 "promotion": self.promotion, "checkpoint_epoch": self.checkpoint_metrics.get("epoch"),
                 "checkpoint_AP": self.checkpoint_metrics.get("AP")}
 
+    def failure(self) -> str | None:
+        """What failed, for the command's exit status (as ``SweepSummary.failure``): nothing, since a
+        run that fails raises instead of returning a summary."""
+        return None
+
     def best_is_not_the_last(self) -> str | None:
         """When the checkpoint named is not the last epoch's (whose evaluation the stats are): which
         one it is, in words; else None."""

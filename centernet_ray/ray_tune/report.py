@@ -147,8 +147,12 @@ class SweepSummary:
 
     @property
     def all_failed(self) -> bool:
-        """Every trial ended in an error: the sweep has nothing to show (the command exits 1)."""
+        """Every trial ended in an error: the sweep has nothing to show (its MLflow run ends FAILED)."""
         return bool(self.trials) and all(t.status == "error" for t in self.trials)
+
+    def failure(self) -> str | None:
+        """What the command says on stderr when it exits 1 (every trial failed), else None."""
+        return f"every trial of sweep {self.name} failed (above: why)" if self.all_failed else None
 
     @classmethod
     def build(cls, name: str, trials: list[TrialRecord], metric: str, mode: str, wall_seconds: float,
