@@ -24,8 +24,7 @@ from ray.train.torch import TorchTrainer
 from centernet_ray import ray_compat, ray_runtime, storage
 from centernet_ray.checkpoint import DATA_LOCATIONS_FILE, RUN_CONFIG_FILE, changed_settings
 from centernet_ray.config import Config, ConfigError, check_batch_norm_batch, config_from_dict
-from centernet_ray.data.identity import (changed_data_locations, changed_dataset, dataset_record,
-                                         given_data_locations)
+from centernet_ray.data.identity import changed_dataset, dataset_record, given_data_locations
 from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import STAT_NAMES
@@ -199,10 +198,8 @@ def check_resumable(config: Config, data_locations: dict[str, str]) -> None:
         return
     changed = changed_settings(trained, config)
     record_path = storage.join(run_dir, latest, DATA_LOCATIONS_FILE)
-    if storage.exists(record_path):  # the annotation files are read only when nothing else differs
-        recorded = json.loads(storage.read_bytes(record_path))
-        changed += (changed_data_locations(recorded, data_locations) if changed else
-                    changed_dataset(recorded, data_locations, config.data))
+    if storage.exists(record_path):
+        changed += changed_dataset(json.loads(storage.read_bytes(record_path)), data_locations, config.data)
     if changed:
         raise UserInputError(
             f"{run_dir} holds a run of this name trained with other settings or data ({'; '.join(changed[:6])}"
