@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import pickle
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from centernet_ray.config import Config, config_from_dict
 from centernet_ray.data.identity import DATA_LOCATION_KEYS
 from centernet_ray.errors import UserInputError
 from centernet_ray.model import CenterNet, build_model
+from centernet_ray.torch_files import load_torch_file
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -118,12 +118,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         location = storage.join(location, CHECKPOINT_FILE)
     if not storage.exists(location):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    with storage.open_random_access(location) as handle:
-        try:
-            state = torch.load(handle, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:  # weights_only refused an object: loading it could run code
-            raise UserInputError(f"{path} is not a centernet-ray checkpoint: it holds Python objects beyond "
-                                 f"tensors and plain data, which are not loaded ({str(exc).splitlines()[0]})") from None
+    state = load_torch_file(location, map_location, what="a centernet-ray checkpoint")
     if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
         raise UserInputError(f"{path} is not a centernet-ray checkpoint (schema {SCHEMA_VERSION})")
     return state

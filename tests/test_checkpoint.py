@@ -5,6 +5,7 @@ from centernet_ray.checkpoint import (checkpoint_state, inference_state, load_ch
                                       save_checkpoint)
 from centernet_ray.config import load_config
 from centernet_ray.detector import Detector
+from centernet_ray.errors import UserInputError
 from centernet_ray.model import build_model
 
 
@@ -71,6 +72,13 @@ def test_foreign_or_missing_checkpoints_are_refused(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "absent.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "other.pt").read_bytes()[:200])  # a copy cut short
+    with pytest.raises(UserInputError, match=r"cut.pt is not a centernet-ray checkpoint: not a readable torch.save "
+                                             r"file \(truncated, or another format: RuntimeError: "):
+        load_checkpoint(tmp_path / "cut.pt")
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(UserInputError, match=r"notes.pt is not a centernet-ray checkpoint: not a readable"):
+        load_checkpoint(tmp_path / "notes.pt")
 
 
 def test_detector_returns_boxes_in_original_pixels(untrained_checkpoint):
