@@ -97,11 +97,11 @@ def test_a_resume_may_change_how_long_and_how_fast_a_run_trains_not_what_it_lear
     from centernet_ray.checkpoint import changed_settings
     from centernet_ray.config import load_config
 
-    trained = load_config("demo")
-    same = load_config("demo", ["train.epochs=20", "train.time_limit=900", "data.preprocess_max_actors=8",
-                                "train.eval_every=1", "tracking.experiment=other", "serve.port=9000",
-                                "model.pretrained=/other/folder/w.pth"])
+    trained = load_config("coco_resnet18")
+    same = load_config("coco_resnet18", ["train.epochs=20", "train.time_limit=900", "data.preprocess_max_actors=8",
+                                         "train.eval_every=1", "tracking.experiment=other", "serve.port=9000",
+                                         "model.pretrained=/other/folder/w.pth"])
     assert changed_settings(trained, same) == []
-    changed = load_config("demo", ["loss.alpha=3", "train.num_workers=4", "model.head_conv=16"])
-    assert changed_settings(trained, changed) == ["loss.alpha: 2.0 -> 3.0", "model.head_conv: 32 -> 16",
-                                                  "train.num_workers: 2 -> 4"]
+    changed = load_config("coco_resnet18", ["loss.alpha=3", "train.num_workers=2", "model.head_conv=16"])
+    assert changed_settings(trained, changed) == ["loss.alpha: 2.0 -> 3.0", "model.head_conv: 64 -> 16",
+                                                  "train.num_workers: 4 -> 2"]

@@ -157,6 +157,12 @@ def test_user_errors_are_one_line_and_program_faults_keep_their_traceback(tmp_pa
     assert main(["train", "coco_dla34_1x", f"train.storage_path={tmp_path / 'runs'}"]) == 2
     assert (f"model.pretrained: no weights file {tmp_path / 'weights' / 'dla34-ba72cf86.pth'}"
             in capsys.readouterr().err)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "dla34-ba72cf86.pth").write_bytes(b"<html>404 Not Found</html>")  # a failed download
+    assert main(["train", "coco_dla34_1x", f"train.storage_path={tmp_path / 'runs'}"]) == 2  # loaded before the ingest
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'weights' / 'dla34-ba72cf86.pth'} is not DLA-34 weights: not a "
+                          "torch.save file (Unsupported operand 60)") and err.count("\n") == 1, err
 
     monkeypatch.setattr(cli, "_cmd_config", broken)
     with pytest.raises(ValueError, match="internal invariant"):  # not swallowed into "error: ..."

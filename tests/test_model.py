@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from centernet_ray.config import ModelConfig
+from centernet_ray.config import ConfigError, ModelConfig, load_config
 from centernet_ray.losses import CenterNetLoss
-from centernet_ray.model import HEATMAP_PRIOR_BIAS, build_model, load_pretrained_backbone
+from centernet_ray.errors import UserInputError
+from centernet_ray.model import HEATMAP_PRIOR_BIAS, build_model
+from centernet_ray.model.pretrained import load_resnet_imagenet
 from centernet_ray.model.resnet import resnet_trunk
 
 
@@ -43,13 +45,31 @@ def test_pretrained_weights_load_from_a_local_file(tmp_path):
     assert torch.equal(from_uri.backbone[0].weight, reference.conv1.weight)
 
 
-def test_pretrained_weights_that_do_not_fit_raise(tmp_path):
+def test_pretrained_weights_that_do_not_fit_are_refused_naming_what_and_load_nothing(tmp_path):
     import torchvision
 
-    path = tmp_path / "resnet50.pth"
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
-    with pytest.raises(RuntimeError):
-        load_pretrained_backbone(resnet_trunk("resnet18"), "resnet18", str(path))
+    trunk = resnet_trunk("resnet18")
+    before = trunk[0].weight.clone()
+    resnet50 = tmp_path / "resnet50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), resnet50)
+    with pytest.raises(UserInputError, match=r"resnet50.pth does not fit resnet18 \(expected torchvision's resnet18 "
+                       r"weights\): unexpected \(198\): layer1\.0\.conv3\.weight, .*; wrong shape \(23\): "
+                       r"layer1\.0\.conv1\.weight \(64, 64, 1, 1\) \(the model's \(64, 64, 3, 3\)\)"):
+        load_resnet_imagenet(trunk, "resnet18", str(resnet50))
+    assert torch.equal(trunk[0].weight, before)  # nothing was half-loaded
+
+    truncated = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:4096])  # an interrupted download
+    with pytest.raises(UserInputError, match=r"resnet18.pth is not resnet18 weights: not a readable torch.save file "
+                       r"\(truncated, or another format: RuntimeError: PytorchStreamReader failed"):
+        load_resnet_imagenet(trunk, "resnet18", str(truncated))
+
+    not_weights = tmp_path / "steps.pth"
+    torch.save({"steps": [1, 2, 3]}, not_weights)
+    with pytest.raises(UserInputError, match="steps.pth is not resnet18 weights: it holds a dict that is not a "
+                                             "state dict of tensors"):
+        load_resnet_imagenet(trunk, "resnet18", str(not_weights))
 
 
 def test_unknown_pretrained_name_says_what_is_valid():
@@ -91,8 +111,9 @@ def test_backbone_width_scales_channels_and_parameters():
     assert 3.5 < count(full) / count(half) < 4.5  # conv parameters scale with width squared
     assert half.backbone[7][1].conv2.out_channels == 256
     assert half(torch.randn(1, 3, 64, 64))["heatmap"].shape == (1, 2, 16, 16)
-    with pytest.raises(ValueError, match="standard width"):
-        build_model(ModelConfig(width=0.5, pretrained="IMAGENET1K_V1"), 2)
+    with pytest.raises(ConfigError, match=r"model.pretrained: ImageNet weights fit the standard width only "
+                                          r"\(model.width=1.0\); got width=0.5"):
+        load_config(None, ["model.width=0.5", "model.pretrained=IMAGENET1K_V1"])
 
 
 def test_resdcn_up_convs_start_as_the_official_fill_up_weights_leaves_them():

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from centernet_ray.model.dla import DLA34, DLAUpNeck, load_dla34_imagenet
+from centernet_ray.model.dla import DLA34, DLAUpNeck
+from centernet_ray.model.pretrained import load_dla34_imagenet
 
 pytestmark = pytest.mark.heavy_model
 

@@ -205,14 +205,15 @@ def test_a_sweep_whose_every_trial_fails_says_why_and_exits_1(ray_session, shape
              "train.storage_path=runs", "tune.name=failing", "tune.num_samples=1", "tune.include_default=false",
              f"tracking.tracking_uri={store}", "--search-space", str(space), "--summary-json", str(out)]
     # what every trial would fail on alike is refused before the ingest, as `train` refuses it
-    assert main([*sweep, "model.pretrained=/nowhere/weights.pth"]) == 2
+    assert main([*sweep, "model.width=1.0", "model.pretrained=/nowhere/weights.pth"]) == 2  # ImageNet's width
     assert "error: model.pretrained: no weights file /nowhere/weights.pth here" in capsys.readouterr().err
     assert not (tmp_path / "parquet").exists()
     from centernet_ray.errors import UserInputError
     from centernet_ray.ray_tune.search_space import load_search_space
     from centernet_ray.ray_tune.sweep import check_pretrained_files
 
-    searched, without_default = tmp_path / "pretrained.yaml", load_config(CONFIG, ["tune.include_default=false"])
+    searched = tmp_path / "pretrained.yaml"
+    without_default = load_config(CONFIG, ["tune.include_default=false", "model.width=1.0"])
     searched.write_text("model.pretrained: {choice: [null, /nowhere/weights.pth]}\n")  # so is a value a trial may draw
     with pytest.raises(UserInputError, match="no weights file /nowhere/weights.pth here"):
         check_pretrained_files(without_default, load_search_space(searched, without_default))

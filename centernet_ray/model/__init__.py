@@ -7,22 +7,16 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
-import torchvision
 from torch import nn
 
-from centernet_ray import storage
 from centernet_ray.config import ModelConfig
-from centernet_ray.errors import UserInputError
-from centernet_ray.model.dla import DLA34, DLAUpNeck, load_dla34_imagenet
+from centernet_ray.model.dla import DLA34, DLAUpNeck
 from centernet_ray.model.heads import HEATMAP_PRIOR_BIAS, _head
 from centernet_ray.model.hourglass import HourglassCenterNet
+from centernet_ray.model.pretrained import load_dla34_imagenet, load_resnet_imagenet
 from centernet_ray.model.resnet import UpConvNeck, resnet_channels, resnet_trunk
 from centernet_ray.targets import OUTPUT_STRIDE
-
-log = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_MEAN", "IMAGE_STD", "OUTPUT_STRIDE", "CenterNet", "build_model"]
 
@@ -60,47 +54,29 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
         raise ValueError(f"num_classes must be >= 1; got {num_classes}")
     if config.backbone == "hourglass104":
         return HourglassCenterNet(num_classes, config.head_conv)
+    trunk = build_trunk(config)
+    if config.backbone == "dla34":
+        neck = DLAUpNeck(trunk.channels, deformable=config.deformable)
+    else:
+        neck = UpConvNeck(resnet_channels(_resnet_arch(config), config.width), tuple(config.neck_channels),
+                          config.deformable, config.lateral)
+    return CenterNet(trunk, neck, num_classes, config.head_conv)
+
+
+def build_trunk(config: ModelConfig) -> nn.Module:
+    """The backbone trunk of a ResNet/ResDCN or DLA-34 CenterNet, with ``config.pretrained``'s weights
+    loaded: a ``UserInputError`` says what does not fit when they do not."""
     if config.backbone == "dla34":
         trunk = DLA34()
         if config.pretrained:
             load_dla34_imagenet(trunk, config.pretrained)
-        return CenterNet(trunk, DLAUpNeck(trunk.channels, deformable=config.deformable), num_classes, config.head_conv)
-    arch = config.backbone.replace("resdcn", "resnet")  # ResDCN = the ResNet with the deformable neck
-    backbone = resnet_trunk(arch, config.width)
-    neck = UpConvNeck(resnet_channels(arch, config.width), tuple(config.neck_channels), config.deformable,
-                      config.lateral)
-    if config.pretrained:
-        if config.width != 1.0:
-            raise UserInputError(f"model.pretrained needs the standard width (model.width=1.0); got {config.width}")
-        load_pretrained_backbone(backbone, arch, config.pretrained)
-    return CenterNet(backbone, neck, num_classes, config.head_conv)
+        return trunk
+    arch = _resnet_arch(config)
+    trunk = resnet_trunk(arch, config.width)
+    if config.pretrained:  # at model.width 1.0 (ModelConfig refuses weights for another width)
+        load_resnet_imagenet(trunk, arch, config.pretrained)
+    return trunk
 
 
-def load_pretrained_backbone(backbone: nn.Sequential, arch: str, source: str) -> None:
-    """Load ImageNet weights into a ``resnet_trunk``: a file, local or a URI (a torchvision-style
-    state dict, read with ``weights_only=True``), or a torchvision weights name such as ``IMAGENET1K_V1``."""
-    if storage.is_file(source):
-        with storage.open_random_access(source) as handle:
-            state = torch.load(handle, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-    else:
-        try:
-            weights = torchvision.models.get_model_weights(arch)[source] if source != "DEFAULT" \
-                else torchvision.models.get_model_weights(arch).DEFAULT
-        except KeyError as exc:
-            names = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
-            raise UserInputError(f"model.pretrained={source!r} is neither an existing file nor a torchvision "
-                                 f"weights name for {arch} ({names}, DEFAULT)") from exc
-        state = weights.get_state_dict(progress=False)
-    # resnet_trunk is nn.Sequential over (conv1, bn1, relu, maxpool, layer1..4): rename the keys.
-    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    renamed = {}
-    for key, value in state.items():
-        head, _, rest = key.partition(".")
-        if head in names:
-            renamed[f"{names.index(head)}.{rest}"] = value
-    result = backbone.load_state_dict(renamed, strict=False)
-    if result.missing_keys:
-        raise UserInputError(f"pretrained weights {source!r} do not fit {arch}: missing {result.missing_keys[:5]}")
-    log.info("loaded pretrained %s backbone weights from %s", arch, source)
+def _resnet_arch(config: ModelConfig) -> str:
+    return config.backbone.replace("resdcn", "resnet")  # ResDCN = the ResNet with the deformable neck

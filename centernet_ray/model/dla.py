@@ -2,23 +2,19 @@
 
 ``DLA34`` maps [B, 3, H, W] to its six levels' outputs (strides 1 to 32); ``DLAUpNeck`` fuses levels
 2..5 back to one [B, 64, H/4, W/4] map. Module names follow the DLA authors' code, so their ImageNet
-weights (``dla34-ba72cf86.pth``) load by key with ``load_dla34_imagenet``.
+weights (``dla34-ba72cf86.pth``) load by key (``pretrained.load_dla34_imagenet``).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from centernet_ray import storage
 from centernet_ray.errors import UserInputError
 from centernet_ray.model.blocks import BasicBlock, bilinear_kernel
 from centernet_ray.model.deform import ModulatedDeformConv
-
-log = logging.getLogger(__name__)
 
 DLA34_CHANNELS = (16, 32, 64, 128, 256, 512)
 INPUT_MULTIPLE = 32  # five stride-2 steps; any other side would leave levels that no longer align
@@ -125,37 +121,6 @@ class DLA34(nn.Module):
             x = level(x)
             levels.append(x)
         return levels
-
-
-def load_dla34_imagenet(trunk: DLA34, path: str) -> None:
-    """Load the DLA authors' ImageNet weights (a copy of ``dla34-ba72cf86.pth``, local or a URI) into ``trunk``.
-
-    Accepts a bare state dict or ``{"state_dict": ...}``, with or without a "module." prefix; the
-    classifier (``fc.*``) is dropped. Raises ``ValueError`` naming the keys when the file does not fit.
-    """
-    with storage.open_random_access(path) as handle:
-        state = torch.load(handle, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):  # a file that does not fit, like any other: one error type for callers
-        raise UserInputError(  # noqa: TRY004
-            f"{path} holds a {type(state).__name__}, not a state dict of DLA-34 weights")
-    state = {key.removeprefix("module."): value for key, value in state.items()}
-    state = {key: value for key, value in state.items() if not key.startswith("fc.")}
-    expected = trunk.state_dict()
-    # files saved before PyTorch 0.4.1 have no BN step counters; load_state_dict fills them in
-    missing = [key for key in expected if key not in state and not key.endswith("num_batches_tracked")]
-    unexpected = [key for key in state if key not in expected]
-    mismatched = [f"{key} {tuple(value.shape)} (DLA34 has {tuple(expected[key].shape)})"
-                  for key, value in state.items() if key in expected and value.shape != expected[key].shape]
-    if missing or unexpected or mismatched:
-        problems = [f"{name} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-                    for name, keys in (("missing", missing), ("unexpected", unexpected),
-                                       ("wrong shape", mismatched)) if keys]
-        raise UserInputError(f"{path} does not fit DLA34 (expected dla34-ba72cf86.pth from the DLA authors): "
-                             + "; ".join(problems))
-    trunk.load_state_dict(state)
-    log.info("loaded ImageNet DLA-34 weights from %s", path)
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, deformable: bool) -> nn.Sequential:
