@@ -44,3 +44,17 @@ def test_build_app_rejects_a_missing_checkpoint_and_unknown_keys(untrained_check
         build_app({})
     with pytest.raises(ConfigError, match="unknown key 'serve.max_batch'"):
         build_app({"checkpoint": str(untrained_checkpoint), "max_batch": 4})
+
+
+def test_a_replica_runs_on_a_gpu_only_when_ray_gave_it_one(monkeypatch):
+    """Ray leaves CUDA_VISIBLE_DEVICES alone for an actor of num_gpus=0: on a GPU node such a replica
+    sees every GPU, and must not take one a training worker holds."""
+    import torch
+
+    from centernet_ray.ray_serve.app import replica_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node, whatever this machine is
+    monkeypatch.setattr("ray.get_gpu_ids", lambda: [])  # serve.num_gpus=0: no GPU reserved for the replica
+    assert replica_device() == torch.device("cpu")
+    monkeypatch.setattr("ray.get_gpu_ids", lambda: [0])  # serve.num_gpus=1
+    assert replica_device() == torch.device("cuda")

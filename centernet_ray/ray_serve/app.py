@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -59,13 +60,20 @@ class ServedState:
 SHUTDOWN_OPTIONS = {"graceful_shutdown_timeout_s": 10.0}
 
 
+def replica_device() -> torch.device:
+    """CUDA when Ray gave this replica a GPU (``serve.num_gpus`` > 0), else the CPU. Not whether the
+    node has one: Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for an actor that asked for no GPU, so
+    such a replica sees every GPU of its node, ones that training workers or other replicas hold."""
+    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+
 @serve.deployment(name="DetectionModel")
 class DetectionModel:
     """One model replica: batches of letterboxed images in, detections (original pixels) out."""
 
     def __init__(self, flip_test: bool = False, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
                  tracking_uri: str | None = None, poll_s: float = 0.0, amp: str = "none") -> None:
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = replica_device()
         self.flip_test, self.tracking_uri, self.poll_s, self.amp = flip_test, tracking_uri, poll_s, amp
         self.max_batch_size = max_batch_size
         self.detect_batch.set_max_batch_size(max_batch_size)
