@@ -2,6 +2,7 @@
 re-letterbox after a swap to another input size."""
 
 import asyncio
+import json
 
 import numpy as np
 import pytest
@@ -179,7 +180,8 @@ def test_serve_forever_shuts_serve_down_on_sigint_and_sigterm(monkeypatch, signu
 
 def test_a_fault_behind_a_valid_request_is_a_counted_json_500_not_a_bare_one():
     """The model replica failing (here: its handle raises) is the endpoint's fault: the client gets
-    JSON as for every other error, and the errors metric counts it as internal_error."""
+    JSON as for every other error, and the errors metric counts it as internal_error; with no replica
+    answering at all, /metadata is such a 500 and /healthz a JSON 503 (the probe's "not ready")."""
     import io
 
     from PIL import Image
@@ -209,6 +211,23 @@ def test_a_fault_behind_a_valid_request_is_a_counted_json_500_not_a_bare_one():
     assert response.status_code == 500 and response.media_type == "application/json"
     assert b'"status":500' in response.body and b"CUDA" not in response.body  # the traceback is in the log only
     assert answered == [("/detect", 500, "internal_error")]
+
+    class GoneModel:
+        class metadata:  # noqa: N801
+            @staticmethod
+            async def remote():
+                raise RuntimeError("ActorDiedError: the replica's process died")
+
+    ingress.model = GoneModel()
+    health = asyncio.run(ingress.healthz())
+    assert health.status_code == 503 and health.media_type == "application/json"
+    assert json.loads(health.body) == {"error": "unavailable: the model replica did not answer (the endpoint's log "
+                                                "has why)", "status": 503}
+    metadata = asyncio.run(ingress.metadata(_request([])[0]))
+    assert metadata.status_code == 500 and json.loads(metadata.body)["status"] == 500
+    assert answered[1:] == [("/metadata", 500, "internal_error")]
+    ingress.model = FailingModel()  # a replica that answers again: healthy
+    assert json.loads(asyncio.run(ingress.healthz()).body) == {"status": "ok", "model": "v1"}
 
 
 def test_a_moved_alias_whose_version_fails_to_load_is_not_loaded_again_at_every_poll(monkeypatch):

@@ -239,10 +239,7 @@ class DetectionAPI:
         try:
             response = await self._answer(image, params)
         except Exception:  # a fault of the endpoint, not of the request: counted, logged, a JSON 500
-            log.exception("POST /detect failed")
-            self.metrics.answered("/detect", 500, "internal_error")
-            return JSONResponse({"error": "internal error: the endpoint's log has the traceback", "status": 500},
-                                status_code=500)
+            return self._internal_error("POST", "/detect")
         self.metrics.answered("/detect", 200)
         self.metrics.latency_ms.observe(1e3 * (time.perf_counter() - started))
         return response
@@ -267,10 +264,23 @@ class DetectionAPI:
         png = await asyncio.to_thread(detections_png, image, boxes, classes, labels, [d["score"] for d in detections])
         return Response(png, media_type="image/png")
 
+    def _internal_error(self, method: str, route: str) -> Response:
+        """The answer to a request the endpoint failed (the model replica raised or is gone): the
+        traceback to the log, a count, and JSON like every other error."""
+        log.exception("%s %s failed", method, route)
+        self.metrics.answered(route, 500, "internal_error")
+        return JSONResponse({"error": "internal error: the endpoint's log has the traceback", "status": 500},
+                            status_code=500)
+
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        metadata = await self.model.metadata.remote()
-        return {"status": "ok", "model": metadata["model_version"]}
+    async def healthz(self) -> Response:
+        try:
+            metadata = await self.model.metadata.remote()
+        except Exception:  # whatever the replica raised, the endpoint cannot answer: a probe's 503
+            log.exception("GET /healthz: the model replica did not answer")
+            return JSONResponse({"error": "unavailable: the model replica did not answer (the endpoint's log has "
+                                          "why)", "status": 503}, status_code=503)
+        return JSONResponse({"status": "ok", "model": metadata["model_version"]})
 
     @api.get("/metadata")
     async def metadata(self, request: Request) -> Response:
@@ -279,8 +289,12 @@ class DetectionAPI:
         except RequestError as exc:
             self.metrics.answered("/metadata", exc.status, exc.kind)
             return _error(exc)
+        try:
+            metadata = await self.model.metadata.remote()
+        except Exception:  # a fault of the endpoint, as in /detect
+            return self._internal_error("GET", "/metadata")
         self.metrics.answered("/metadata", 200)
-        return JSONResponse({**await self.model.metadata.remote(), "max_body_bytes": self.settings.max_body_bytes,
+        return JSONResponse({**metadata, "max_body_bytes": self.settings.max_body_bytes,
                              "max_image_pixels": self.settings.max_image_pixels,
                              "default_score_threshold": self.settings.score_threshold,
                              "max_detections": self.settings.max_detections,
