@@ -4,10 +4,63 @@ A :class:`UserInputError` (a bad config, a missing or foreign file, an unusable 
 argument) is reported by the CLI as its message alone, with exit status 2: the message says what to
 change. Every other exception is a fault of the program or its environment and keeps its traceback.
 It derives from ``ValueError``, so callers that catch ``ValueError`` keep working.
+
+An error raised in another process (a Tune trial, a Serve replica) reaches the driver as text:
+``error_message`` finds the line that says what failed, and ``user_error_text`` whether that line is
+a ``UserInputError``, to be reported as one.
 """
 
 from __future__ import annotations
 
+import builtins
+import importlib
+import re
+
 
 class UserInputError(ValueError):
     """Something the user gave is wrong; the message says what and how to fix it."""
+
+
+# An exception as a traceback's last line prints it: a dotted class name (Ray's wrappers add their
+# cause in parentheses), then the message, if any, after a colon.
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b(?:\([\w.]*\))?(?::.*)?")
+_RANK_SNIPPET = re.compile(r"^\[Rank [\d,]+ Error Snippet\]:$", re.MULTILINE)
+
+
+def error_message(error: str) -> str:
+    """The line of an error from another process that says what failed (``error``: its whole text,
+    such as ``str`` of a failed Tune trial's error or the message of a Serve replica that could not start):
+    Ray's out-of-memory kill when it was one; else, when Ray Train lists its ranks' errors (rank
+    order, the first failure usually first), the first rank's exception; else the last exception
+    line (a wrapper's traceback ends with its cause's); else the last line."""
+    lines = [line.rstrip() for line in error.splitlines() if line.strip()]
+    out_of_memory = next((line for line in lines if "running low on memory" in line), None)
+    if out_of_memory:
+        return out_of_memory.strip()
+    snippets = _RANK_SNIPPET.split(error)
+    scope = snippets[1] if len(snippets) > 1 else error
+    exceptions = [line for line in scope.splitlines() if _EXCEPTION_LINE.fullmatch(line.rstrip())]
+    if exceptions:
+        return exceptions[-1].rstrip()
+    return lines[-1].strip() if lines else "no error recorded"
+
+
+def user_error_text(line: str) -> str | None:
+    """The message of an exception line (``error_message``'s) that names a ``UserInputError`` (or a
+    subclass: ``ConfigError``, ...) or a ``FileNotFoundError``; None for any other exception."""
+    match = re.fullmatch(r"([A-Za-z_][\w.]*): (.+)", line.strip())
+    if not match:
+        return None
+    name, message = match.groups()
+    module_name, _, class_name = name.rpartition(".")
+    if not module_name:
+        found = getattr(builtins, class_name, None)
+    elif module_name.split(".")[0] == "centernet_ray":  # only the project's modules are imported for it
+        try:
+            found = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            found = None
+    else:
+        found = None
+    is_user_error = isinstance(found, type) and issubclass(found, (UserInputError, FileNotFoundError))
+    return message if is_user_error else None

@@ -202,7 +202,7 @@ def test_the_line_that_says_what_failed_is_picked_from_ray_s_error_formats():
     """Tune's error of a trial, as Ray formats it: a task error ends with its cause's exception; Ray
     Train lists each rank's error (the first failure is rank 0's here, the other rank's a follow-on);
     an actor killed by Ray's memory monitor ends with advice, not with what happened."""
-    from centernet_ray.ray_tune.report import error_message
+    from centernet_ray.errors import error_message
 
     task = ("ray::ImplicitFunc.train() (pid=11, ip=10.0.0.1, actor_id=ab12, repr=run_trial)\n"
             '  File "/app/centernet_ray/ray_train/job.py", line 125, in build_trainer\n'

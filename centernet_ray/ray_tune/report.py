@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 from centernet_ray import storage
 from centernet_ray.config import Config
+from centernet_ray.errors import error_message
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.ray_tune.search_space import SearchSpace, apply_params
 from centernet_ray.ray_tune.trial import TRIAL_RUNS_DIR
@@ -34,29 +34,6 @@ class TrialRecord:
                 "metrics": self.metrics, "checkpoint": self.checkpoint, "mlflow_run_id": self.mlflow_run_id,
                 "is_default": self.is_default, "error": self.error, "error_message": self.error_message,
                 "error_file": self.error_file}
-
-
-# An exception as a traceback's last line prints it: a dotted class name (Ray's wrappers add their
-# cause in parentheses), then the message, if any, after a colon.
-_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)\b(?:\([\w.]*\))?(?::.*)?")
-_RANK_SNIPPET = re.compile(r"^\[Rank [\d,]+ Error Snippet\]:$", re.MULTILINE)
-
-
-def error_message(error: str) -> str:
-    """The line of a failed trial's error (``str`` of Tune's error, whole) that says what failed:
-    Ray's out-of-memory kill when it was one; else, when Ray Train lists its ranks' errors (rank
-    order, the first failure usually first), the first rank's exception; else the last exception
-    line (a wrapper's traceback ends with its cause's); else the last line."""
-    lines = [line.rstrip() for line in error.splitlines() if line.strip()]
-    out_of_memory = next((line for line in lines if "running low on memory" in line), None)
-    if out_of_memory:
-        return out_of_memory.strip()
-    snippets = _RANK_SNIPPET.split(error)
-    scope = snippets[1] if len(snippets) > 1 else error
-    exceptions = [line for line in scope.splitlines() if _EXCEPTION_LINE.fullmatch(line.rstrip())]
-    if exceptions:
-        return exceptions[-1].rstrip()
-    return lines[-1].strip() if lines else "no error recorded"
 
 
 def record_from_trial(trial: Any, space: SearchSpace, config: Config, default_params: dict[str, Any] | None,
