@@ -113,15 +113,46 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], filesystem: pafs.Fi
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint file (or a directory holding ``checkpoint.pt``) with ``weights_only=True``."""
+    location = checkpoint_file(path)
+    state = load_torch_file(location, map_location, what="a centernet-ray checkpoint")
+    if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
+        raise UserInputError(f"{path} is not a centernet-ray checkpoint (schema {SCHEMA_VERSION})")
+    return state
+
+
+def checkpoint_file(path: str | Path) -> str:
+    """The checkpoint file ``path`` names: itself, or the ``checkpoint.pt`` in the folder it names.
+    ``FileNotFoundError`` when there is none; a ``UserInputError`` for a folder without one (a run's
+    folder: the error names its checkpoints)."""
     location = str(path)
     if storage.exists(storage.join(location, CHECKPOINT_FILE)):
         location = storage.join(location, CHECKPOINT_FILE)
     if not storage.exists(location):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    state = load_torch_file(location, map_location, what="a centernet-ray checkpoint")
-    if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
-        raise UserInputError(f"{path} is not a centernet-ray checkpoint (schema {SCHEMA_VERSION})")
-    return state
+    if not storage.is_file(location):
+        raise UserInputError(_not_a_checkpoint_folder(path))
+    return location
+
+
+def check_model_source(source: str, tracking_uri: str | None = None) -> None:
+    """Refuse a ``source`` (as ``load_served_model`` takes it) that names nothing to load: no
+    checkpoint at the path, a folder without one, or no such MLflow model, version or alias.
+    Reads no weights and downloads nothing: for a driver before it starts what will load them."""
+    if is_mlflow_uri(source):
+        resolve_model_uri(source, tracking_uri)
+    else:
+        checkpoint_file(source)
+
+
+def _not_a_checkpoint_folder(folder: str | Path) -> str:
+    """What a folder without ``checkpoint.pt`` is, for the error: a training run's folder names its
+    checkpoints (``epoch_NNNN/``), to pick from."""
+    held = sorted({name.split("/")[0] for name in storage.file_names(folder)
+                   if name.endswith(f"/{CHECKPOINT_FILE}") and name.count("/") == 1})
+    if not held:
+        return f"{folder} holds no {CHECKPOINT_FILE}: give a checkpoint file or a folder that holds one"
+    return (f"{folder} is a training run's folder, not one of its checkpoints: give one of "
+            f"{', '.join(held)} (its summary names the best), e.g. {storage.join(str(folder), held[-1])}")
 
 
 @dataclass

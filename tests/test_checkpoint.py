@@ -76,6 +76,16 @@ def test_foreign_or_missing_checkpoints_are_refused(tmp_path):
     with pytest.raises(UserInputError, match=r"cut.pt is not a centernet-ray checkpoint: not a readable torch.save "
                                              r"file \(truncated, or another format: RuntimeError: "):
         load_checkpoint(tmp_path / "cut.pt")
+    run = tmp_path / "runs" / "centernet-resnet18"  # a run's folder given for one of its checkpoints
+    for epoch in (4, 5):
+        (run / f"epoch_000{epoch}").mkdir(parents=True)
+        (run / f"epoch_000{epoch}" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(UserInputError, match=r"centernet-resnet18 is a training run's folder, not one of its "
+                                             r"checkpoints: give one of epoch_0004, epoch_0005 \(its summary names "
+                                             r"the best\), e.g. .*centernet-resnet18/epoch_0005$"):
+        load_checkpoint(run)
+    with pytest.raises(UserInputError, match="runs holds no checkpoint.pt: give a checkpoint file or a folder"):
+        load_checkpoint(tmp_path / "runs")
     (tmp_path / "notes.pt").write_text("hello")
     with pytest.raises(UserInputError, match=r"notes.pt is not a centernet-ray checkpoint: not a readable"):
         load_checkpoint(tmp_path / "notes.pt")

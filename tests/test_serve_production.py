@@ -295,3 +295,35 @@ def test_redeploying_with_another_checkpoint_loses_no_request(ray_session, train
         assert requests.get(f"{url}/metadata", timeout=30).json()["replica"] != before["replica"]
     finally:
         serve.delete(APP_NAME)
+
+
+def test_a_checkpoint_the_replicas_cannot_load_is_a_one_line_error_not_a_deploy_traceback(ray_session, serve_port,
+                                                                                        tmp_path):
+    """What names no checkpoint is refused before Serve deploys anything (a run's folder, a missing
+    path, a model the registry does not have); a file that is no checkpoint fails in the replica, and
+    `centernet-ray serve` reports the replica's own error (a UserInputError: one line, exit 2), not
+    Serve's "Failed to update the deployments" traceback."""
+    from ray import serve
+
+    from centernet_ray.config import load_config
+    from centernet_ray.errors import UserInputError
+    from centernet_ray.ray_serve.launch import APP_NAME, start_app
+
+    config = load_config(None, [f"serve.port={serve_port}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    run = tmp_path / "centernet-resnet18"
+    (run / "epoch_0003").mkdir(parents=True)
+    (run / "epoch_0003" / "checkpoint.pt").write_text("hello")  # a file that is no torch.save file
+    before = set(serve.status().applications)
+    refused = {str(run): "is a training run's folder, not one of its checkpoints: give one of epoch_0003",
+               str(tmp_path / "absent.pt"): "no checkpoint at",
+               "models:/nothing@champion": "models:/nothing@champion: Registered Model with name=nothing not found"}
+    for source, message in refused.items():
+        with pytest.raises((UserInputError, FileNotFoundError), match=message):
+            start_app(config, source)
+        assert set(serve.status().applications) == before  # nothing was deployed
+    try:
+        with pytest.raises(UserInputError, match=r"^the model replica could not start: .*epoch_0003/checkpoint.pt is "
+                                                 r"not a centernet-ray checkpoint: not a readable torch.save file"):
+            start_app(config, str(run / "epoch_0003"))
+    finally:
+        serve.delete(APP_NAME)

@@ -9,8 +9,9 @@ import signal
 import threading
 
 from centernet_ray import storage
-from centernet_ray.checkpoint import is_mlflow_uri
+from centernet_ray.checkpoint import check_model_source, is_mlflow_uri
 from centernet_ray.config import Config
+from centernet_ray.errors import UserInputError, error_message, user_error_text
 from centernet_ray.ray_runtime import joins_a_cluster, warn_if_node_local_tracking
 from centernet_ray.ray_serve.auth import ApiKeys
 from centernet_ray.tracking import tracking_uri
@@ -32,11 +33,49 @@ def start_app(config: Config, checkpoint: str, flip_test: bool = False) -> str:
     if is_mlflow_uri(checkpoint):
         warn_if_node_local_tracking(tracking_uri(config))
     keys_required = ApiKeys.load(settings.api_keys_file).required  # a bad keys file fails here, in one line
+    check_source(checkpoint, tracking_uri(config))
     serve.start(http_options={"host": settings.host, "port": settings.port})
     args = {**dataclasses.asdict(settings), "checkpoint": checkpoint, "flip_test": flip_test,
             "tracking_uri": tracking_uri(config), "api_keys_required": keys_required}
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    try:
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
+    except RuntimeError as exc:  # Serve's "Deploying application centernet failed": a replica could not start
+        raise _deploy_failure(exc) from exc
     return f"http://{settings.host}:{settings.port}"
+
+
+def check_source(checkpoint: str, store: str) -> None:
+    """``check_model_source`` before Serve starts (a replica would fail on it, three times, after a
+    ~15 s start); a path missing here only warns on a cluster, whose nodes may have it."""
+    import ray
+
+    try:
+        check_model_source(checkpoint, store)
+    except FileNotFoundError as exc:
+        if storage.is_uri(checkpoint) or sum(node["Alive"] for node in ray.nodes()) <= 1:
+            raise
+        log.warning("%s here: the replicas read it on their nodes", exc)
+
+
+def _deploy_failure(exc: RuntimeError) -> Exception:
+    """What to raise when the application failed to deploy: the error of the replica that could not
+    start, which Serve keeps in the deployment's status, not in its own exception (a
+    ``UserInputError`` when it was one: a checkpoint that is no checkpoint, a file missing on the
+    replica's node). On a cluster the failed application is deleted, not left retrying there."""
+    from ray import serve
+
+    applications = serve.status().applications
+    deployments = applications[APP_NAME].deployments.values() if APP_NAME in applications else []
+    messages = [deployment.message for deployment in deployments if deployment.message]
+    if joins_a_cluster():
+        serve.delete(APP_NAME)
+    if not messages:
+        return exc
+    line = error_message(messages[0])
+    user_error = user_error_text(line)
+    if user_error is not None:
+        return UserInputError(f"the model replica could not start: {user_error}")
+    return RuntimeError(f"{exc} The model replica's error: {line}")
 
 
 def metrics_url() -> str | None:
