@@ -63,7 +63,9 @@ def _radius_roots(h: Any, w: Any, o: float, formula: str, sqrt: Callable[[Any], 
 
 @functools.lru_cache(maxsize=512)
 def gaussian_kernel(radius: int) -> np.ndarray:
-    """[2r+1, 2r+1] float32 Gaussian with sigma = (2r+1)/6, peak exactly 1, tails below eps*max zeroed.
+    """[2r+1, 2r+1] float32 Gaussian with sigma = (2r+1)/6, peak exactly 1. Its smallest values, the
+    corners, are exp(-36 r^2 / (2r+1)^2) > e^-9: the official code's zeroing of values below
+    eps * max never applies, and is left out.
 
     Cached and read-only: every object of the same radius shares one kernel.
     """
@@ -71,7 +73,6 @@ def gaussian_kernel(radius: int) -> np.ndarray:
     sigma = diameter / 6.0
     grid = np.arange(-radius, radius + 1, dtype=np.float64)
     kernel = np.exp(-(grid[None, :] ** 2 + grid[:, None] ** 2) / (2 * sigma * sigma))
-    kernel[kernel < np.finfo(np.float64).eps * kernel.max()] = 0.0
     kernel = kernel.astype(np.float32)
     kernel.flags.writeable = False
     return kernel

@@ -43,10 +43,14 @@ def test_kernel_values_follow_sigma_of_diameter_over_six():
     assert gaussian_kernel(0).tolist() == [[1.0]]
 
 
-def test_kernel_tails_below_eps_are_zero():
-    kernel = gaussian_kernel(40)
-    nonzero = kernel[kernel > 0]
-    assert nonzero.min() >= np.finfo(np.float64).eps * 0.99
+def test_kernel_corners_are_the_hand_value_and_no_tail_is_cut():
+    """A corner is at distance^2 2r^2: exp(-2r^2 / (2 sigma^2)) = exp(-36 r^2 / (2r+1)^2), which tends
+    to e^-9 = 1.2e-4, far above the eps (2.2e-16) below which the official code zeroes values."""
+    for radius in (1, 40, 500):
+        kernel = gaussian_kernel(radius)
+        corner = math.exp(-36 * radius**2 / (2 * radius + 1) ** 2)
+        assert kernel[0, 0] == pytest.approx(corner, rel=1e-6) and kernel[-1, -1] == kernel[0, 0]
+        assert kernel.min() == kernel[0, 0] > math.exp(-9)
 
 
 def test_gaussian_is_clipped_at_the_borders():
@@ -149,3 +153,16 @@ def test_render_targets_is_bit_for_bit_encode_targets_per_image(formula, min_ove
                                        min_overlap, formula)
             for key in ("heatmap", "index", "mask", "size", "offset"):
                 np.testing.assert_array_equal(rendered[key][b].numpy(), reference[key], err_msg=f"{seed} {b} {key}")
+
+
+def test_a_32_px_box_draws_the_official_radius_8_gaussian():
+    """Worked by hand from the official gaussian_radius (min_overlap 0.7, h = w = 32): the third root,
+    (-2*0.7*64 + sqrt((2*0.7*64)^2 + 4*4*0.7*0.3*1024)) / 2 = (-89.6 + 107.09) / 2 = 8.746, is the
+    smallest and truncates to 8; sigma = 17/6."""
+    out = encode_targets(np.array([[0.0, 0.0, 32.0, 32.0]]), np.array([0]), num_classes=1, output_size=(40, 40))
+    heat, sigma = out["heatmap"][0], 17 / 6
+    assert heat[16, 16] == 1.0
+    assert heat[16, 24] == pytest.approx(math.exp(-64 / (2 * sigma**2)), rel=1e-6)  # 8 px right: the edge
+    assert heat[24, 24] == pytest.approx(math.exp(-128 / (2 * sigma**2)), rel=1e-6)  # the corner
+    assert heat[16, 25] == 0.0 and heat[25, 16] == 0.0  # 9 px away: outside the radius
+    assert (heat > 0).sum() == 17 * 17
