@@ -50,7 +50,14 @@ def test_augmentation_depends_on_seed_epoch_and_image_only(val_rows):
     next_epoch = Preprocessor((64, 64), 8, True, seed=1, epoch=1)(val_rows)
     assert np.array_equal(first["image"], again["image"]) and np.array_equal(first["boxes"], again["boxes"])
     assert not np.array_equal(first["image"], next_epoch["image"])
+    other_seed = Preprocessor((64, 64), 8, True, seed=2, epoch=0)(val_rows)
+    assert not np.array_equal(first["image"], other_seed["image"])
     assert sample_seed(1, 0, 5) != sample_seed(1, 0, 6)
+    # "image only": an image's augmentation does not depend on its place in the batch
+    reversed_rows = {key: value[::-1] for key, value in val_rows.items()}
+    backwards = Preprocessor((64, 64), 8, True, seed=1, epoch=0)(reversed_rows)
+    by_id = {int(i): image for i, image in zip(backwards["image_id"], backwards["image"])}
+    assert all(np.array_equal(by_id[int(i)], image) for i, image in zip(first["image_id"], first["image"]))
 
 
 def test_corrupt_images_and_broken_boxes_are_dropped_and_reported(val_rows):
@@ -79,9 +86,11 @@ def test_max_objects_zero_drops_boxes_silently_for_inference(val_rows):
     assert out["boxes"].shape == (len(val_rows["image_id"]), 0, 4) and not preprocessor.counts
 
 
-def test_render_targets_equals_encode_targets_per_image(val_rows):
+@pytest.mark.parametrize("method", ["loop", "vectorised"])  # the CPU's renderer and the accelerators'
+def test_render_targets_equals_encode_targets_per_image(val_rows, method):
     out = Preprocessor((64, 64), 8, True)(val_rows)
-    targets = render_targets(out["boxes"], out["classes"], out["num_boxes"], 4, (16, 16), 8, 0.5, "exact")
+    targets = render_targets(out["boxes"], out["classes"], out["num_boxes"], 4, (16, 16), 8, 0.5, "exact",
+                             method=method)
     for j in range(len(out["image_id"])):
         count = out["num_boxes"][j]
         ref = encode_targets(out["boxes"][j, :count], out["classes"][j, :count], 4, (16, 16), 8, 0.5, "exact")
@@ -93,8 +102,8 @@ def test_check_image_accepts_images_and_names_the_problem_otherwise():
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32)).save(buffer, format="JPEG")
     assert check_image(buffer.getvalue()) is None
-    assert check_image(buffer.getvalue()[: len(buffer.getvalue()) // 2]) is not None  # truncated
-    assert check_image(b"nope") is not None
+    assert check_image(buffer.getvalue()[: len(buffer.getvalue()) // 2]) == "OSError: Truncated File Read"
+    assert check_image(b"nope") == "UnidentifiedImageError: 4 bytes in no format Pillow reads"
 
 
 @pytest.mark.parametrize("preset", ["flip", "none", "centernet", "centernet_official"])

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from centernet_ray import storage
 from centernet_ray.config import DataConfig
@@ -62,6 +62,8 @@ def check_image(data: bytes) -> str | None:
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
         return None
+    except UnidentifiedImageError:  # its message names Pillow's stream object, not the file
+        return f"UnidentifiedImageError: {len(data)} bytes in no format Pillow reads"
     except Exception as exc:  # Pillow raises many types for bad bytes; all mean "unreadable"
         return f"{type(exc).__name__}: {exc}"
 
