@@ -1,10 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
 from centernet_ray.checkpoint import (checkpoint_state, inference_state, load_checkpoint, model_from_checkpoint,
                                       save_checkpoint)
 from centernet_ray.config import load_config
-from centernet_ray.detector import Detector
+from centernet_ray.detector import Detector, letterbox_batch
 from centernet_ray.errors import UserInputError
 from centernet_ray.model import build_model
 
@@ -101,6 +102,16 @@ def test_detector_returns_boxes_in_original_pixels(untrained_checkpoint):
     assert (found[0].scores[:-1] >= found[0].scores[1:]).all()
     flip_detector = Detector(loaded.model, (64, 64), flip_test=True)
     assert len(flip_detector.detect_images(images[:1], k=5)[0].scores) == 5
+    # each box goes through its image's input-to-original mapping: identity, then x2 and shifted by
+    # (5, 7), in an original large enough that nothing is clipped
+    batch = letterbox_batch(images[:1], (64, 64))
+    identity, scaled = torch.tensor([[[1.0, 0, 0], [0, 1, 0]]]), torch.tensor([[[2.0, 0, 5], [0, 2, 7]]])
+    large = torch.tensor([[1000, 1000]])
+    plain = detector.detect(batch.images, identity, large, k=20)[0]
+    moved = detector.detect(batch.images, scaled, large, k=20)[0]
+    np.testing.assert_allclose(moved.boxes, 2 * plain.boxes + np.array([5, 7, 5, 7]), rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(moved.scores, plain.scores)
+    assert plain.boxes[:, 2:].max() <= 64  # the network input's pixels: 16x16 output map x stride 4
 
 
 def test_a_resume_may_change_how_long_and_how_fast_a_run_trains_not_what_it_learns():

@@ -147,7 +147,8 @@ def test_user_errors_are_one_line_and_program_faults_keep_their_traceback(tmp_pa
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")  # a checkpoint of something else
     assert main(["predict", "--checkpoint", str(tmp_path / "other.pt"), "--images", str(tmp_path),
                  "--output", str(tmp_path / "out")]) == 2
-    assert "is not a centernet-ray checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "is not a centernet-ray checkpoint" in err and err.count("\n") == 1, err
 
     def broken(args):
         raise ValueError("an internal invariant broke")  # e.g. from torch, deep inside a command

@@ -68,18 +68,6 @@ def test_bad_files_raise_config_errors(tmp_path):
         config_from_dict({"model": 3})
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_shipped_configs_load(name):
-    load_config(CONFIGS / name)
-
-
-def test_coco_resnet18_config_follows_the_official_recipe():
-    config = load_config(CONFIGS / "coco_resnet18.yaml")
-    assert config.data.input_size == (512, 512) and config.train.epochs == 140
-    assert config.train.lr_steps == (90, 120) and config.train.optimizer == "adam"
-    assert resolve_learning_rate(config.train) == pytest.approx(5e-4 * config.train.batch_size * config.train.num_workers / 128)
-
-
 def test_node_pools_are_off_by_default_and_give_ray_label_selectors_when_on():
     assert load_config(None).cluster.data_selector() is None and load_config(None).cluster.train_selector() is None
     cluster = load_config(None, ["cluster.node_pools=true", "cluster.gpu_pool=a100"]).cluster

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -106,14 +108,19 @@ def test_boxes_to_original_reorders_mirrored_corners():
     torch.testing.assert_close(mapped[0, 0], torch.tensor([52.0, 4.0, 60.0, 8.0]))
 
 
-def test_flip_fusion_of_a_symmetric_input_equals_the_plain_output():
-    logits = torch.randn(1, 3, 8, 8)
-    logits = (logits + logits.flip(-1)) / 2
-    size = torch.rand(1, 2, 8, 8)
-    size = (size + size.flip(-1)) / 2
-    outputs = {"heatmap": logits, "size": size, "offset": torch.rand(1, 2, 8, 8)}
-    mirrored = {"heatmap": logits.flip(-1), "size": size.flip(-1), "offset": torch.rand(1, 2, 8, 8)}
-    fused = fuse_flip(outputs, mirrored)
-    torch.testing.assert_close(fused["heatmap"], torch.sigmoid(logits))
-    torch.testing.assert_close(fused["size"], size)
-    assert fused["offset"] is outputs["offset"]
+def test_flip_fusion_mirrors_the_flipped_outputs_back_before_averaging():
+    """One row of 4 output pixels, hand-computed: the image's peak logit 2 at x=1, the mirrored
+    image's peak logit 1 at its x=1, which is x=2 of the image (the official code's
+    ``(hm[0:1] + flip_tensor(hm[1:2])) / 2`` on probabilities)."""
+    logits = torch.tensor([[[[0.0, 2.0, 0.0, 0.0]]]])
+    mirrored_logits = torch.tensor([[[[0.0, 1.0, 0.0, 0.0]]]])
+    size = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]], [[10.0, 20.0, 30.0, 40.0]]]])
+    mirrored_size = torch.tensor([[[[5.0, 6.0, 7.0, 8.0]], [[50.0, 60.0, 70.0, 80.0]]]])
+    offset = torch.rand(1, 2, 1, 4)
+    fused = fuse_flip({"heatmap": logits, "size": size, "offset": offset},
+                      {"heatmap": mirrored_logits, "size": mirrored_size, "offset": torch.rand(1, 2, 1, 4)})
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected_heat = [0.5, (sigmoid(2) + 0.5) / 2, (0.5 + sigmoid(1)) / 2, 0.5]
+    torch.testing.assert_close(fused["heatmap"], torch.tensor([[[expected_heat]]]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(fused["size"], torch.tensor([[[[4.5, 4.5, 4.5, 4.5]], [[45.0, 45.0, 45.0, 45.0]]]]))
+    assert fused["offset"] is offset  # the mirrored image's offsets are not mirrored offsets: not used

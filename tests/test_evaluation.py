@@ -43,11 +43,15 @@ def test_empty_detections_score_as_coco_eval_scores_a_detection_that_finds_nothi
     assert np.isnan(per_class[-1]) and np.all(per_class[:-1] == 0.0)  # was 0 for the class without objects
 
 
-def test_wrong_class_scores_zero_and_half_found_scores_between(ground_truth):
+def test_wrong_class_scores_zero_and_half_found_scores_the_hand_value(ground_truth):
+    """Half found: one of class 5's two objects, exactly, and none of class 9's. Class 5's precision is
+    1 up to recall 0.5: 51 of COCOeval's 101 recall points (0, 0.01, ..., 0.5), so its AP is 51/101
+    at every IoU threshold; class 9's is 0; the AP stat is their mean, 51/202."""
     wrong = [dict(d, category_id=9 if d["category_id"] == 5 else 5) for d in perfect(ground_truth)]
     assert coco_evaluate(coco_from_dict(ground_truth), wrong)["AP"] == 0.0
     half = coco_evaluate(coco_from_dict(ground_truth), perfect(ground_truth)[:1])
-    assert 0.0 < half["AP"] < 1.0
+    assert half["AP"] == pytest.approx(51 / 202, abs=1e-9) and half["AP50"] == pytest.approx(51 / 202, abs=1e-9)
+    assert half["AR100"] == pytest.approx(0.25, abs=1e-9)  # recall 1/2 and 0 per class
 
 
 def test_evaluate_reads_a_json_path_and_rejects_unknown_images(ground_truth, tmp_path):

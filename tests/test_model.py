@@ -23,7 +23,7 @@ def test_deformable_neck_runs_and_backpropagates():
     out = model(torch.randn(2, 3, 64, 64))
     out["heatmap"].sum().backward()
     offsets = model.neck.stages[0][0].offset_mask.weight
-    assert out["heatmap"].shape == (2, 2, 16, 16) and offsets.grad is not None
+    assert out["heatmap"].shape == (2, 2, 16, 16) and offsets.grad.abs().sum() > 0
 
 
 def test_heatmap_bias_starts_at_prior():

@@ -46,7 +46,7 @@ def test_predict_writes_coco_results_and_scores_the_images_it_read(ray_session, 
 def test_predict_rejects_a_bad_override_before_starting_work(untrained_checkpoint, tmp_path, capsys):
     code = main(["predict", "--checkpoint", str(untrained_checkpoint), "--images", str(tmp_path), "--output",
                  str(tmp_path / "out"), "data.preprocess_compute=threads"])
-    assert code != 0 and "data.preprocess_compute must be one of" in capsys.readouterr().err
+    assert code == 2 and "data.preprocess_compute must be one of" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -173,8 +173,9 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
         run_training(with_overrides(config.to_dict(), ["data.root=/elsewhere/shapes"]))  # nor on another dataset
 
 
-@pytest.mark.parametrize("failure", [FailOnce(0), Die()], ids=["raises", "process_dies"])
-def test_a_failed_run_ends_failed_in_mlflow_not_running(ray_session, tiny_config, tmp_path, failure):
+@pytest.mark.parametrize("failure, error", [(FailOnce(0), "injected failure at epoch 0"),
+                                            (Die(), "health check failed|died")], ids=["raises", "process_dies"])
+def test_a_failed_run_ends_failed_in_mlflow_not_running(ray_session, tiny_config, tmp_path, failure, error):
     """No retries left: the run's MLflow run is marked FAILED, by rank 0 when the loop raises and by
     the driver when the worker's process is gone."""
     from mlflow import MlflowClient
@@ -184,7 +185,9 @@ def test_a_failed_run_ends_failed_in_mlflow_not_running(ray_session, tiny_config
 
     config = with_overrides(tiny_config.to_dict(), ["train.num_workers=1", "train.max_failures=0",
                                                     "train.run_name=fails"])
-    with pytest.raises(Exception):
+    import ray.train
+
+    with pytest.raises(ray.train.TrainingFailedError, match=error):  # the worker's failure, not a setup error
         run_training(config, [failure])
     client = MlflowClient(config.tracking.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])

@@ -98,6 +98,7 @@ def test_decode_image_converts_any_mode_to_rgb(mode, tmp_path):
     Image.fromarray(np.full((5, 7, 3), 100, dtype=np.uint8)).convert(mode).save(path)
     decoded = decode_image(path)
     assert decoded.shape == (3, 5, 7) and decoded.dtype == torch.uint8
+    assert (decoded.int() - 100).abs().max() <= 2  # grey 100 in every channel ("P": the web palette's 102)
 
 
 def test_decode_image_rejects_garbage_truncation_and_bombs(tmp_path):
