@@ -188,7 +188,8 @@ class TrainConfig:
     checkpoint_every: int = _ranged(10, ge=1)
     seed: int = _ranged(0, ge=0)  # augmentation draws are numpy SeedSequence([seed, epoch, image id])
     max_failures: int = _ranged(1, ge=-1)  # worker failures survived by restarting from the last checkpoint
-    storage_path: str = ""  # checkpoints and Tune results (path or URI); empty = $CENTERNET_RAY_STORAGE or ./outputs
+    # checkpoints and Tune results (path or URI); empty = $CENTERNET_RAY_STORAGE or ./outputs/ray_results
+    storage_path: str = ""
     run_name: str = ""
 
     def __post_init__(self) -> None:
