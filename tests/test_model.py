@@ -72,6 +72,18 @@ def test_pretrained_weights_that_do_not_fit_are_refused_naming_what_and_load_not
         load_resnet_imagenet(trunk, "resnet18", str(not_weights))
 
 
+def test_a_weights_name_is_checked_without_downloading_anything():
+    from centernet_ray.model.pretrained import check_weights_name
+
+    check_weights_name(load_config(None, ["model.pretrained=IMAGENET1K_V1"]).model)  # resnet18's
+    check_weights_name(load_config(None, ["model.backbone=resdcn18", "model.pretrained=DEFAULT"]).model)
+    with pytest.raises(UserInputError, match=r"'IMAGENET1K_V3' is neither an existing file nor a torchvision weights "
+                                             r"name for resnet18 \(IMAGENET1K_V1, DEFAULT\)"):
+        check_weights_name(load_config(None, ["model.pretrained=IMAGENET1K_V3"]).model)
+    with pytest.raises(UserInputError, match="dla34 loads the DLA authors' ImageNet weights from a file"):
+        check_weights_name(load_config(None, ["model.backbone=dla34", "model.pretrained=IMAGENET1K_V1"]).model)
+
+
 def test_unknown_pretrained_name_says_what_is_valid():
     with pytest.raises(ValueError, match="IMAGENET1K_V1"):
         build_model(ModelConfig(pretrained="NOT_A_WEIGHT"), 2)

@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from centernet_ray import storage
+from centernet_ray.config import ModelConfig
 from centernet_ray.errors import UserInputError
 from centernet_ray.torch_files import load_torch_file
 
@@ -32,14 +33,7 @@ def load_resnet_imagenet(backbone: nn.Sequential, arch: str, source: str) -> Non
     if storage.is_file(source):
         state = read_state_dict(source, f"{arch} weights")
     else:
-        try:
-            weights = torchvision.models.get_model_weights(arch)[source] if source != "DEFAULT" \
-                else torchvision.models.get_model_weights(arch).DEFAULT
-        except KeyError as exc:
-            names = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
-            raise UserInputError(f"model.pretrained={source!r} is neither an existing file nor a torchvision "
-                                 f"weights name for {arch} ({names}, DEFAULT)") from exc
-        state = weights.get_state_dict(progress=False)
+        state = torchvision_weights(arch, source).get_state_dict(progress=False)
     renamed = {}
     for key, value in state.items():
         head, _, rest = key.partition(".")
@@ -54,6 +48,27 @@ def _torchvision_resnet_key(key: str) -> str:
     """A ``resnet_trunk`` key as torchvision names it: ``4.0.conv1.weight`` -> ``layer1.0.conv1.weight``."""
     index, _, rest = key.partition(".")
     return f"{RESNET_TRUNK_NAMES[int(index)]}.{rest}"
+
+
+def torchvision_weights(arch: str, name: str) -> torchvision.models.WeightsEnum:
+    """torchvision's ImageNet weights of ``arch`` called ``name`` (``IMAGENET1K_V1``, ``DEFAULT``, ...),
+    without downloading them."""
+    try:
+        return torchvision.models.get_model_weights(arch)[name] if name != "DEFAULT" \
+            else torchvision.models.get_model_weights(arch).DEFAULT
+    except KeyError as exc:
+        names = ", ".join(w.name for w in torchvision.models.get_model_weights(arch))
+        raise UserInputError(f"model.pretrained={name!r} is neither an existing file nor a torchvision "
+                             f"weights name for {arch} ({names}, DEFAULT)") from exc
+
+
+def check_weights_name(config: ModelConfig) -> None:
+    """Refuse a ``model.pretrained`` that is a name (not a path) the backbone has no weights of:
+    torchvision's names for ResNets; DLA-34 takes a file only. Downloads nothing."""
+    if config.backbone == "dla34":
+        raise UserInputError(f"model.pretrained={config.pretrained!r}: dla34 loads the DLA authors' ImageNet weights "
+                             "from a file (a path to a copy of dla34-ba72cf86.pth), not a torchvision weights name")
+    torchvision_weights(config.backbone.replace("resdcn", "resnet"), config.pretrained)
 
 
 def load_dla34_imagenet(trunk: nn.Module, path: str) -> None:

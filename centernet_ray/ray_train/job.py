@@ -29,6 +29,7 @@ from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.model import build_trunk
+from centernet_ray.model.pretrained import check_weights_name
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, training_datasets
 from centernet_ray.ray_runtime import (warn_if_node_local, warn_if_node_local_tracking,
@@ -166,11 +167,15 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
 
 
 def check_pretrained_file(config: Config) -> None:
-    """A ``model.pretrained`` file is loaded here into the model's trunk, so that weights that do not
-    fit it (another architecture, a truncated copy) are refused before the ingest, not by every worker
-    after it. A file missing here is refused on a Ray of one machine, where the workers read it, and
-    warned about on a cluster, whose GPU nodes may have it while this one does not."""
+    """``model.pretrained`` checked here, before the ingest, not by every worker after it: a weights
+    name the backbone has none of is refused; a file is loaded into the model's trunk, so that
+    weights that do not fit it (another architecture, a truncated copy) are refused. A file missing
+    here is refused on a Ray of one machine, where the workers read it, and warned about on a
+    cluster, whose GPU nodes may have it while this one does not."""
+    if not config.model.pretrained:
+        return
     if not storage.names_a_weights_file(config.model.pretrained):
+        check_weights_name(config.model)
         return
     if storage.is_file(config.model.pretrained):
         build_trunk(config.model)  # a ResNet-18's weights are 45 MB, DLA-34's 63 MB: read in well under a second
