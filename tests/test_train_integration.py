@@ -173,11 +173,24 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
         run_training(with_overrides(config.to_dict(), ["data.root=/elsewhere/shapes"]))  # nor on another dataset
 
 
-@pytest.mark.parametrize("failure, error", [(FailOnce(0), "injected failure at epoch 0"),
+class RefuseWhatItWasGiven(WorkerCallback):
+    """Rank 0 raises a ``UserInputError`` at the start of epoch 0, as a worker does on what the user
+    gave it."""
+
+    def on_epoch_start(self, epoch: int, rank: int, resumed: bool) -> None:
+        from centernet_ray.errors import UserInputError
+
+        if rank == 0:
+            raise UserInputError("injected: what the user gave cannot be trained on")
+
+
+@pytest.mark.parametrize("failure, error", [(RefuseWhatItWasGiven(), "^injected: what the user gave cannot be "
+                                                                    "trained on$"),
                                             (Die(), "health check failed|died")], ids=["raises", "process_dies"])
 def test_a_failed_run_ends_failed_in_mlflow_not_running(ray_session, tiny_config, tmp_path, failure, error):
     """No retries left: the run's MLflow run is marked FAILED, by rank 0 when the loop raises and by
-    the driver when the worker's process is gone."""
+    the driver when the worker's process is gone. A UserInputError a worker raised is raised as
+    itself (the CLI's one-line error), not inside Ray Train's error of every rank."""
     from mlflow import MlflowClient
 
     from centernet_ray.config import with_overrides
@@ -187,7 +200,10 @@ def test_a_failed_run_ends_failed_in_mlflow_not_running(ray_session, tiny_config
                                                     "train.run_name=fails"])
     import ray.train
 
-    with pytest.raises(ray.train.TrainingFailedError, match=error):  # the worker's failure, not a setup error
+    from centernet_ray.errors import UserInputError
+
+    raised = UserInputError if isinstance(failure, RefuseWhatItWasGiven) else ray.train.TrainingFailedError
+    with pytest.raises(raised, match=error):  # the worker's failure, not a setup error
         run_training(config, [failure])
     client = MlflowClient(config.tracking.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(config.tracking.experiment).experiment_id])

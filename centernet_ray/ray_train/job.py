@@ -341,13 +341,21 @@ def fit(trainer: TorchTrainer, config: Config, launch: str) -> Result:
     died, killed or out of memory, could not end it)."""
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as exc:
         end_running_launch_runs(config, launch, "FAILED")
-        raise
+        raise worker_user_error(exc) or exc
     if result.error is not None:
         end_running_launch_runs(config, launch, "FAILED")
-        raise result.error
+        raise worker_user_error(result.error) or result.error
     return result
+
+
+def worker_user_error(error: BaseException) -> UserInputError | None:
+    """The ``UserInputError`` a training worker raised (the lowest rank's), when that is why the run
+    failed: the CLI then says it in one line, as when the driver raises it, not inside Ray Train's
+    ``WorkerGroupError`` with every rank's traceback, truncated."""
+    failures = getattr(error, "worker_failures", None) or {}
+    return next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], UserInputError)), None)
 
 
 def _interrupted(config: Config, launch: str) -> TrainingInterrupted:
