@@ -10,6 +10,7 @@ import ray
 import ray.data
 
 from centernet_ray.console import is_terminal
+from centernet_ray.errors import UserInputError
 from centernet_ray.ray_compat import SINGLE_NODE_TRAIN_ENV
 from centernet_ray.storage import is_node_local_store, is_uri
 from centernet_ray.tracking import running_as_ray_job
@@ -68,6 +69,16 @@ def use_single_node_train_env() -> None:
     set: call before starting that Ray, whose processes inherit them."""
     for name, value in SINGLE_NODE_TRAIN_ENV.items():
         os.environ.setdefault(name, value)
+
+
+def refuse_or_warn_missing(path: str, message: str) -> None:
+    """A file that Ray's processes will read at ``path`` is missing here: a ``UserInputError`` saying
+    ``message`` when they would miss it too (a URI is the same everywhere; a Ray this command
+    started is this machine), else, on a cluster joined, whose nodes may hold it at that path, a
+    warning."""
+    if is_uri(path) or not joins_a_cluster():
+        raise UserInputError(message)
+    log.warning("%s", message)
 
 
 def _alive_nodes() -> int:

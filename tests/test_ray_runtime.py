@@ -34,3 +34,22 @@ def test_outputs_inside_a_ray_job_s_working_dir_are_warned_about_with_the_fix(tm
         "tracking.tracking_uri (or MLFLOW_TRACKING_URI in the job's runtime_env) to a tracking server or a lasting path",
         f"predict's --output {working_dir / 'predictions'} is inside this Ray job's working_dir, a copy Ray deletes "
         "with its session: give a bucket URI or a lasting path"]
+
+
+def test_a_file_missing_here_is_refused_unless_a_joined_cluster_s_nodes_may_have_it(monkeypatch, caplog):
+    """A URI is missing for every node, and a Ray this command starts is this machine: refused. On a
+    cluster joined (RAY_ADDRESS, or a Ray job), the workers' nodes may hold a local path: a warning."""
+    import pytest
+
+    from centernet_ray.errors import UserInputError
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv(RAY_JOB_ENV, raising=False)
+    with pytest.raises(UserInputError, match="^no /w/dla34.pth$"):
+        ray_runtime.refuse_or_warn_missing("/w/dla34.pth", "no /w/dla34.pth")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(UserInputError, match="^no s3://b/dla34.pth$"):
+        ray_runtime.refuse_or_warn_missing("s3://b/dla34.pth", "no s3://b/dla34.pth")
+    with caplog.at_level(logging.WARNING, logger="centernet_ray.ray_runtime"):
+        ray_runtime.refuse_or_warn_missing("/w/dla34.pth", "no /w/dla34.pth here")
+    assert [record.getMessage() for record in caplog.records] == ["no /w/dla34.pth here"]

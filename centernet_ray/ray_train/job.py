@@ -32,7 +32,7 @@ from centernet_ray.model import build_trunk
 from centernet_ray.model.pretrained import check_weights_name
 from centernet_ray.ray_data.ingest import ingest_splits
 from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, training_datasets
-from centernet_ray.ray_runtime import (warn_if_node_local, warn_if_node_local_tracking,
+from centernet_ray.ray_runtime import (refuse_or_warn_missing, warn_if_node_local, warn_if_node_local_tracking,
                                       warn_if_storage_in_job_working_dir)
 from centernet_ray.ray_train.loop import (CHECKPOINT_SCORE, DatasetFacts, LoopInputs, WorkerCallback,
                                          train_loop_per_worker)
@@ -170,8 +170,8 @@ def check_pretrained_file(config: Config) -> None:
     """``model.pretrained`` checked here, before the ingest, not by every worker after it: a weights
     name the backbone has none of is refused; a file is loaded into the model's trunk, so that
     weights that do not fit it (another architecture, a truncated copy) are refused. A file missing
-    here is refused on a Ray of one machine, where the workers read it, and warned about on a
-    cluster, whose GPU nodes may have it while this one does not."""
+    here is refused where the workers would miss it too (a URI, or a Ray this command started), and
+    warned about on a cluster joined, whose GPU nodes may have it while this one does not."""
     if not config.model.pretrained:
         return
     if not storage.names_a_weights_file(config.model.pretrained):
@@ -180,12 +180,9 @@ def check_pretrained_file(config: Config) -> None:
     if storage.is_file(config.model.pretrained):
         build_trunk(config.model)  # a ResNet-18's weights are 45 MB, DLA-34's 63 MB: read in well under a second
         return
-    message = (f"model.pretrained: no weights file {config.model.pretrained} here (every training worker reads "
-               "it at that path; model.pretrained=null trains the backbone from scratch)")
-    if sum(node["Alive"] for node in ray.nodes()) > 1:
-        log.warning("%s", message)
-    else:
-        raise UserInputError(message)
+    refuse_or_warn_missing(config.model.pretrained, f"model.pretrained: no weights file {config.model.pretrained} "
+                           "here (every training worker reads it at that path; model.pretrained=null trains the "
+                           "backbone from scratch)")
 
 
 def check_resumable(config: Config, data_locations: dict[str, str]) -> None:

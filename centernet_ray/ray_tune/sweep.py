@@ -148,7 +148,7 @@ def trains_the_default(config: Config, space: SearchSpace) -> bool:
 def check_pretrained_files(config: Config, space: SearchSpace) -> None:
     """``job.check_pretrained_file`` for each ``model.pretrained`` a trial may train from: each listed
     value when it is searched (a choice or grid), and the base config's when a trial trains it
-    unchanged (``tune.include_default``) or it is not searched. Needs Ray up (it counts the nodes)."""
+    unchanged (``tune.include_default``) or it is not searched."""
     from centernet_ray.ray_train.job import check_pretrained_file  # the training job's imports: only here
 
     searched = next((d for d in space.searched if d.key == "model.pretrained"), None)
