@@ -139,7 +139,15 @@ def check_model_source(source: str, tracking_uri: str | None = None) -> None:
     checkpoint at the path, a folder without one, or no such MLflow model, version or alias.
     Reads no weights and downloads nothing: for a driver before it starts what will load them."""
     if is_mlflow_uri(source):
-        resolve_model_uri(source, tracking_uri)
+        run_id, _ = resolve_model_uri(source, tracking_uri)
+        if source.startswith("runs:/"):  # resolved without a request: ask for the run
+            from mlflow import MlflowClient
+            from mlflow.exceptions import MlflowException
+
+            try:
+                MlflowClient(tracking_uri).get_run(run_id)
+            except MlflowException as exc:
+                raise UserInputError(f"{source}: {exc.message} (store: {tracking_uri or 'the default'})") from None
     else:
         checkpoint_file(source)
 

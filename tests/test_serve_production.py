@@ -316,7 +316,8 @@ def test_a_checkpoint_the_replicas_cannot_load_is_a_one_line_error_not_a_deploy_
     before = set(serve.status().applications)
     refused = {str(run): "is a training run's folder, not one of its checkpoints: give one of epoch_0003",
                str(tmp_path / "absent.pt"): "no checkpoint at",
-               "models:/nothing@champion": "models:/nothing@champion: Registered Model with name=nothing not found"}
+               "models:/nothing@champion": "models:/nothing@champion: Registered Model with name=nothing not found",
+               "runs:/0123456789abcdef/model": "runs:/0123456789abcdef/model: Run with id=0123456789abcdef not found"}
     for source, message in refused.items():
         with pytest.raises((UserInputError, FileNotFoundError), match=message):
             start_app(config, source)

@@ -276,8 +276,10 @@ class DetectionAPI:
     async def healthz(self) -> Response:
         try:
             metadata = await self.model.metadata.remote()
-        except Exception:  # whatever the replica raised, the endpoint cannot answer: a probe's 503
-            log.exception("GET /healthz: the model replica did not answer")
+        except Exception as exc:  # whatever the replica raised, the endpoint cannot answer: a probe's 503
+            # one line, not a traceback per probe: probes come every few seconds while it is down
+            log.warning("GET /healthz: the model replica did not answer: %s: %s", type(exc).__name__,
+                        (str(exc).splitlines() or [""])[0])
             return JSONResponse({"error": "unavailable: the model replica did not answer (the endpoint's log has "
                                           "why)", "status": 503}, status_code=503)
         return JSONResponse({"status": "ok", "model": metadata["model_version"]})

@@ -12,7 +12,7 @@ from centernet_ray import storage
 from centernet_ray.checkpoint import check_model_source, is_mlflow_uri
 from centernet_ray.config import Config
 from centernet_ray.errors import UserInputError, error_message, user_error_text
-from centernet_ray.ray_runtime import joins_a_cluster, warn_if_node_local_tracking
+from centernet_ray.ray_runtime import joins_a_cluster, refuse_or_warn_missing, warn_if_node_local_tracking
 from centernet_ray.ray_serve.auth import ApiKeys
 from centernet_ray.tracking import tracking_uri
 
@@ -32,46 +32,48 @@ def start_app(config: Config, checkpoint: str, flip_test: bool = False) -> str:
         settings = dataclasses.replace(settings, api_keys_file=storage.absolute(settings.api_keys_file))
     if is_mlflow_uri(checkpoint):
         warn_if_node_local_tracking(tracking_uri(config))
+    else:  # replicas run in Ray's session folder: name the file from here
+        checkpoint = storage.absolute(checkpoint)
     keys_required = ApiKeys.load(settings.api_keys_file).required  # a bad keys file fails here, in one line
     check_source(checkpoint, tracking_uri(config))
     serve.start(http_options={"host": settings.host, "port": settings.port})
     args = {**dataclasses.asdict(settings), "checkpoint": checkpoint, "flip_test": flip_test,
             "tracking_uri": tracking_uri(config), "api_keys_required": keys_required}
+    was_running = APP_NAME in serve.status().applications  # a cluster's app this deploy updates
     try:
         serve.run(build_app(args), name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as exc:  # Serve's "Deploying application centernet failed": a replica could not start
-        raise _deploy_failure(exc) from exc
+        raise _deploy_failure(exc, delete=joins_a_cluster() and not was_running) from exc
     return f"http://{settings.host}:{settings.port}"
 
 
 def check_source(checkpoint: str, store: str) -> None:
     """``check_model_source`` before Serve starts (a replica would fail on it, three times, after a
-    ~15 s start); a path missing here only warns on a cluster, whose nodes may have it."""
-    import ray
-
+    ~15 s start); a path missing here only warns on a cluster joined, whose nodes may have it."""
     try:
         check_model_source(checkpoint, store)
     except FileNotFoundError as exc:
-        if storage.is_uri(checkpoint) or sum(node["Alive"] for node in ray.nodes()) <= 1:
-            raise
-        log.warning("%s here: the replicas read it on their nodes", exc)
+        refuse_or_warn_missing(checkpoint, f"{exc} here (the replicas read it on their nodes)")
 
 
-def _deploy_failure(exc: RuntimeError) -> Exception:
+def _deploy_failure(exc: RuntimeError, delete: bool) -> Exception:
     """What to raise when the application failed to deploy: the error of the replica that could not
     start, which Serve keeps in the deployment's status, not in its own exception (a
     ``UserInputError`` when it was one: a checkpoint that is no checkpoint, a file missing on the
-    replica's node). On a cluster the failed application is deleted, not left retrying there."""
+    replica's node). ``delete``: the application this command created on a cluster is deleted, not
+    left retrying there; one it updated keeps the replicas Serve kept through the failed update."""
     from ray import serve
+    from ray.serve.schema import DeploymentStatus
 
     applications = serve.status().applications
-    deployments = applications[APP_NAME].deployments.values() if APP_NAME in applications else []
-    messages = [deployment.message for deployment in deployments if deployment.message]
-    if joins_a_cluster():
+    deployments = applications[APP_NAME].deployments if APP_NAME in applications else {}
+    failed = [deployment.message for name, deployment in sorted(deployments.items(), key=lambda item: item[0] != "DetectionModel")
+              if deployment.message and deployment.status in (DeploymentStatus.DEPLOY_FAILED, DeploymentStatus.UNHEALTHY)]
+    if delete:
         serve.delete(APP_NAME)
-    if not messages:
+    if not failed:
         return exc
-    line = error_message(messages[0])
+    line = error_message(failed[0])
     user_error = user_error_text(line)
     if user_error is not None:
         return UserInputError(f"the model replica could not start: {user_error}")
