@@ -1,4 +1,4 @@
-"""The one exception type for mistakes in what the user gave us.
+"""The one exception type for mistakes in what the user gave us, and reading errors of other processes for them.
 
 A :class:`UserInputError` (a bad config, a missing or foreign file, an unusable dataset, a wrong
 argument) is reported by the CLI as its message alone, with exit status 2: the message says what to
@@ -13,8 +13,8 @@ a ``UserInputError``, to be reported as one.
 from __future__ import annotations
 
 import builtins
-import importlib
 import re
+import sys
 
 
 class UserInputError(ValueError):
@@ -55,12 +55,7 @@ def user_error_text(line: str) -> str | None:
     module_name, _, class_name = name.rpartition(".")
     if not module_name:
         found = getattr(builtins, class_name, None)
-    elif module_name.split(".")[0] == "centernet_ray":  # only the project's modules are imported for it
-        try:
-            found = getattr(importlib.import_module(module_name), class_name, None)
-        except ImportError:
-            found = None
-    else:
-        found = None
+    else:  # a module already imported here (the project's errors are): nothing is imported for a name
+        found = getattr(sys.modules.get(module_name), class_name, None)
     is_user_error = isinstance(found, type) and issubclass(found, (UserInputError, FileNotFoundError))
     return message if is_user_error else None

@@ -17,6 +17,11 @@ from centernet_ray import storage
 from centernet_ray.errors import UserInputError
 
 
+# What torch's readers say in the RuntimeError of bytes that are no torch.save file (zip reader,
+# legacy pickle reader), as opposed to other RuntimeErrors while loading.
+READER_FAILURES = ("PytorchStreamReader", "inline_container", "unexpected EOF", "magic number", "zip archive")
+
+
 def load_torch_file(uri: str | Path, map_location: str | torch.device = "cpu", what: str = "a torch.save file") -> Any:
     """The object ``torch.save`` wrote to ``uri`` (local path or URI), read with ``weights_only=True``;
     ``what`` the file should be, for the error (``"a centernet-ray checkpoint"``)."""
@@ -31,9 +36,11 @@ def load_torch_file(uri: str | Path, map_location: str | torch.device = "cpu", w
             raise UserInputError(f"{uri} is not {what}: not a torch.save file ({detail})") from None
         except (RuntimeError, EOFError, KeyError) as exc:  # what torch's zip and legacy readers raise on
             # bytes that are not a torch.save file: a truncated copy, a text file, another archive
+            if isinstance(exc, RuntimeError) and not any(sign in str(exc) for sign in READER_FAILURES):
+                raise  # not the file's bytes: e.g. the allocator out of memory for a large checkpoint
             first_line = (str(exc).splitlines() or [""])[0]
             raise UserInputError(f"{uri} is not {what}: not a readable torch.save file (truncated, or "
-                                 f"another format: {type(exc).__name__}: {first_line})") from exc
+                                 f"another format: {type(exc).__name__}: {first_line}); copy it again") from exc
 
 
 def _unpickler_error(message: str) -> str:

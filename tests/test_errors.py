@@ -4,6 +4,8 @@ from centernet_ray.errors import user_error_text
 
 
 def test_an_error_line_is_the_user_s_when_it_names_a_user_input_error_or_a_missing_file():
+    import centernet_ray.config  # noqa: F401 - as in the CLI, which has the config's errors imported
+
     assert user_error_text("centernet_ray.errors.UserInputError: /x/bad.pt is not a centernet-ray checkpoint") == \
         "/x/bad.pt is not a centernet-ray checkpoint"
     assert user_error_text("centernet_ray.config.schema.ConfigError: unknown key 'loss.alhpa'") == \

@@ -112,6 +112,15 @@ def test_imagenet_weights_load_exactly(tmp_path, layout):
     _assert_same_weights(reference, trunk)
 
 
+def test_a_weights_file_missing_on_a_worker_s_node_names_the_node():
+    import socket
+
+    from centernet_ray.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=f"no weights file /nowhere/dla34.pth on {socket.gethostname()} "):
+        load_dla34_imagenet(DLA34(), "/nowhere/dla34.pth")
+
+
 def test_weights_with_a_wrong_shape_are_refused_by_name(tmp_path):
     state = _official_style_state(DLA34())
     state["level5.root.conv.weight"] = torch.zeros(512, 1024, 1, 1)

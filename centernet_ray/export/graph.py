@@ -22,6 +22,7 @@ from centernet_ray.data.transforms import normalize_images
 from centernet_ray.decode import decode
 from centernet_ray.errors import UserInputError
 from centernet_ray.model import IMAGE_MEAN, IMAGE_STD, OUTPUT_STRIDE
+from centernet_ray.model.resnet import resnet_arch
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def _check_runtime_support(path: Path, loaded: LoadedModel) -> None:
     except Exception as exc:  # onnxruntime raises its own error types (NOT_IMPLEMENTED, INVALID_GRAPH, ...)
         hint = ""
         if loaded.config.model.deformable:
-            plain = loaded.config.model.backbone.replace("resdcn", "resnet")
+            plain = resnet_arch(loaded.config.model.backbone)
             hint = (f"; this model uses deformable convolutions: train the plain-conv variant "
                     f"(model.backbone={plain} model.deformable=false) to export it")
         raise UserInputError(f"onnxruntime cannot run the exported {path.name}: {exc}{hint}") from exc

@@ -15,10 +15,10 @@ from centernet_ray.model.dla import DLA34, DLAUpNeck
 from centernet_ray.model.heads import HEATMAP_PRIOR_BIAS, _head
 from centernet_ray.model.hourglass import HourglassCenterNet
 from centernet_ray.model.pretrained import load_dla34_imagenet, load_resnet_imagenet
-from centernet_ray.model.resnet import UpConvNeck, resnet_channels, resnet_trunk
+from centernet_ray.model.resnet import UpConvNeck, resnet_arch, resnet_channels, resnet_trunk
 from centernet_ray.targets import OUTPUT_STRIDE
 
-__all__ = ["IMAGE_MEAN", "IMAGE_STD", "OUTPUT_STRIDE", "CenterNet", "build_model"]
+__all__ = ["IMAGE_MEAN", "IMAGE_STD", "OUTPUT_STRIDE", "CenterNet", "build_model", "build_trunk"]
 
 # ImageNet statistics used by torchvision's pretrained backbones; images are normalised with them.
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -58,7 +58,7 @@ def build_model(config: ModelConfig, num_classes: int) -> nn.Module:
     if config.backbone == "dla34":
         neck = DLAUpNeck(trunk.channels, deformable=config.deformable)
     else:
-        neck = UpConvNeck(resnet_channels(_resnet_arch(config), config.width), tuple(config.neck_channels),
+        neck = UpConvNeck(resnet_channels(resnet_arch(config.backbone), config.width), tuple(config.neck_channels),
                           config.deformable, config.lateral)
     return CenterNet(trunk, neck, num_classes, config.head_conv)
 
@@ -71,12 +71,8 @@ def build_trunk(config: ModelConfig) -> nn.Module:
         if config.pretrained:
             load_dla34_imagenet(trunk, config.pretrained)
         return trunk
-    arch = _resnet_arch(config)
+    arch = resnet_arch(config.backbone)
     trunk = resnet_trunk(arch, config.width)
     if config.pretrained:  # at model.width 1.0 (ModelConfig refuses weights for another width)
         load_resnet_imagenet(trunk, arch, config.pretrained)
     return trunk
-
-
-def _resnet_arch(config: ModelConfig) -> str:
-    return config.backbone.replace("resdcn", "resnet")  # ResDCN = the ResNet with the deformable neck

@@ -9,6 +9,7 @@ loaded.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable, Mapping
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from centernet_ray import storage
 from centernet_ray.config import ModelConfig
 from centernet_ray.errors import UserInputError
+from centernet_ray.model.resnet import resnet_arch
 from centernet_ray.torch_files import load_torch_file
 
 log = logging.getLogger(__name__)
@@ -39,8 +41,8 @@ def load_resnet_imagenet(backbone: nn.Sequential, arch: str, source: str) -> Non
         head, _, rest = key.partition(".")
         if head in RESNET_TRUNK_NAMES:
             renamed[f"{RESNET_TRUNK_NAMES.index(head)}.{rest}"] = value
-    load_fitting(backbone, renamed, f"{source} does not fit {arch} (expected torchvision's {arch} weights)",
-                 _torchvision_resnet_key)
+    load_fitting(backbone, renamed, f"{source} does not fit {arch} (expected torchvision's {arch} weights; "
+                 "model.pretrained=null trains from scratch)", _torchvision_resnet_key)
     log.info("loaded pretrained %s backbone weights from %s", arch, source)
 
 
@@ -68,7 +70,7 @@ def check_weights_name(config: ModelConfig) -> None:
     if config.backbone == "dla34":
         raise UserInputError(f"model.pretrained={config.pretrained!r}: dla34 loads the DLA authors' ImageNet weights "
                              "from a file (a path to a copy of dla34-ba72cf86.pth), not a torchvision weights name")
-    torchvision_weights(config.backbone.replace("resdcn", "resnet"), config.pretrained)
+    torchvision_weights(resnet_arch(config.backbone), config.pretrained)
 
 
 def load_dla34_imagenet(trunk: nn.Module, path: str) -> None:
@@ -81,12 +83,16 @@ def load_dla34_imagenet(trunk: nn.Module, path: str) -> None:
     state = read_state_dict(path, "DLA-34 weights")
     state = {key.removeprefix("module."): value for key, value in state.items()}
     state = {key: value for key, value in state.items() if not key.startswith("fc.")}
-    load_fitting(trunk, state, f"{path} does not fit DLA34 (expected dla34-ba72cf86.pth from the DLA authors)")
+    load_fitting(trunk, state, f"{path} does not fit DLA34 (expected dla34-ba72cf86.pth from the DLA authors; "
+                 "model.pretrained=null trains from scratch)")
     log.info("loaded ImageNet DLA-34 weights from %s", path)
 
 
 def read_state_dict(source: str, what: str) -> Mapping[str, torch.Tensor]:
     """The state dict in the ``torch.save`` file at ``source``: bare or under ``"state_dict"``."""
+    if not storage.is_file(source):  # here: on a cluster, a node without the file the driver found
+        raise UserInputError(f"model.pretrained: no weights file {source} on {socket.gethostname()} (every training "
+                             "worker reads it at that path: copy it there, or use an s3:// or gs:// URI)")
     state = load_torch_file(source, "cpu", what)
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]

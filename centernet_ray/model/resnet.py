@@ -12,6 +12,11 @@ from centernet_ray.model.deform import ModulatedDeformConv
 RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
 
+def resnet_arch(backbone: str) -> str:
+    """torchvision's ResNet under a ``model.backbone``: ResDCN is the ResNet with the deformable neck."""
+    return backbone.replace("resdcn", "resnet")
+
+
 def resnet_channels(name: str, width: float = 1.0) -> tuple[int, int, int, int]:
     """Channels of the stride 4, 8, 16 and 32 features of ``resnet_trunk(name, width)``."""
     if name not in RESNET_CHANNELS:
