@@ -14,7 +14,13 @@ from centernet_ray.cli import main
 def test_data_synth_writes_the_coco_layout(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path), "--train-images", "3", "--val-images", "2", "--image-size", "64"]) == 0
     assert len(list((tmp_path / "images" / "train").glob("*.jpg"))) == 3
-    assert (tmp_path / "annotations" / "instances_val.json").is_file()
+    from PIL import Image
+
+    val_images = sorted((tmp_path / "images" / "val").glob("*.jpg"))
+    assert len(val_images) == 2 and all(Image.open(path).size == (64, 64) for path in val_images)
+    val = json.loads((tmp_path / "annotations" / "instances_val.json").read_text())
+    assert sorted(image["file_name"] for image in val["images"]) == [path.name for path in val_images]
+    assert val["annotations"] and {a["image_id"] for a in val["annotations"]} <= {i["id"] for i in val["images"]}
 
 
 def test_data_check_and_show(shapes_dataset, tmp_path, capsys):
@@ -23,7 +29,11 @@ def test_data_check_and_show(shapes_dataset, tmp_path, capsys):
     assert main(["data", "check", "--annotations", ann, "--images", images]) == 0
     assert "images: 12" in capsys.readouterr().out
     assert main(["data", "show", "--annotations", ann, "--images", images, "--out", str(tmp_path / "g.png"), "--count", "4"]) == 0
-    assert (tmp_path / "g.png").stat().st_size > 0
+    from PIL import Image
+
+    side = Image.open(next((shapes_dataset / "images" / "val").iterdir())).width  # the shapes are square
+    with Image.open(tmp_path / "g.png") as grid:  # 4 images in a row, 2 px apart and around (make_grid)
+        assert grid.format == "PNG" and grid.size == (4 * (side + 2) + 2, side + 4)
 
 
 def test_eval_scores_ground_truth_as_perfect(shapes_dataset, tmp_path):
@@ -51,7 +61,11 @@ def test_data_commands_and_eval_take_uris_as_they_take_paths(shapes_dataset, tmp
     out = capsys.readouterr().out
     assert "images: 12" in out and "missing_images: 0" in out, out
     assert main(["data", "show", "--annotations", ann, "--images", images, "--out", f"file://{tmp_path}/g.png", "--count", "2"]) == 0
-    assert (tmp_path / "g.png").stat().st_size > 0
+    from PIL import Image
+
+    side = Image.open(next((shapes_dataset / "images" / "val").iterdir())).width  # the shapes are square
+    with Image.open(tmp_path / "g.png") as grid:  # 4 images in a row, 2 px apart and around (make_grid)
+        assert grid.format == "PNG" and grid.size == (4 * (side + 2) + 2, side + 4)
     gt = json.loads((shapes_dataset / "annotations" / "instances_val.json").read_text())
     detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                   for a in gt["annotations"]]
