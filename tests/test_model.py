@@ -53,7 +53,8 @@ def test_pretrained_weights_that_do_not_fit_are_refused_naming_what_and_load_not
     resnet50 = tmp_path / "resnet50.pth"
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), resnet50)
     with pytest.raises(UserInputError, match=r"resnet50.pth does not fit resnet18 \(expected torchvision's resnet18 "
-                       r"weights; model.pretrained=null trains from scratch\): unexpected \(198\): layer1\.0\.conv3\.weight, .*; wrong shape \(23\): "
+                       r"weights; model.pretrained=null trains from scratch\): unexpected \(198\): "
+                       r"layer1\.0\.conv3\.weight, .*; wrong shape \(23\): "
                        r"layer1\.0\.conv1\.weight \(64, 64, 1, 1\) \(the model's \(64, 64, 3, 3\)\)"):
         load_resnet_imagenet(trunk, "resnet18", str(resnet50))
     assert torch.equal(trunk[0].weight, before)  # nothing was half-loaded

@@ -49,7 +49,8 @@ class ModelConfig:
                               f"has a fixed architecture (got width={self.width}, lateral={self.lateral})")
         if resnet and self.pretrained and self.width != 1.0:
             raise ConfigError(f"model.pretrained: ImageNet weights fit the standard width only (model.width=1.0); "
-                              f"got width={self.width}: set model.pretrained=null to train a narrower ResNet from scratch")
+                              f"got width={self.width}: set model.pretrained=null to train a narrower ResNet "
+                              "from scratch")
         if self.backbone == "hourglass104" and self.pretrained:
             raise ConfigError("model.pretrained: there are no ImageNet weights for hourglass104 (the official "
                               "recipe trains it from CornerNet's detector weights); leave it null")

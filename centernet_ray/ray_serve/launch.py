@@ -67,8 +67,9 @@ def _deploy_failure(exc: RuntimeError, delete: bool) -> Exception:
 
     applications = serve.status().applications
     deployments = applications[APP_NAME].deployments if APP_NAME in applications else {}
-    failed = [deployment.message for name, deployment in sorted(deployments.items(), key=lambda item: item[0] != "DetectionModel")
-              if deployment.message and deployment.status in (DeploymentStatus.DEPLOY_FAILED, DeploymentStatus.UNHEALTHY)]
+    failing = (DeploymentStatus.DEPLOY_FAILED, DeploymentStatus.UNHEALTHY)
+    model_first = sorted(deployments.items(), key=lambda item: item[0] != "DetectionModel")
+    failed = [deployment.message for _, deployment in model_first if deployment.message and deployment.status in failing]
     if delete:
         serve.delete(APP_NAME)
     if not failed:
