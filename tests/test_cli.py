@@ -64,8 +64,8 @@ def test_data_commands_and_eval_take_uris_as_they_take_paths(shapes_dataset, tmp
     from PIL import Image
 
     side = Image.open(next((shapes_dataset / "images" / "val").iterdir())).width  # the shapes are square
-    with Image.open(tmp_path / "g.png") as grid:  # 4 images in a row, 2 px apart and around (make_grid)
-        assert grid.format == "PNG" and grid.size == (4 * (side + 2) + 2, side + 4)
+    with Image.open(tmp_path / "g.png") as grid:  # the 2 images, written through the file:// URI
+        assert grid.format == "PNG" and grid.size == (2 * (side + 2) + 2, side + 4)
     gt = json.loads((shapes_dataset / "annotations" / "instances_val.json").read_text())
     detections = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
                   for a in gt["annotations"]]
