@@ -139,15 +139,7 @@ def check_model_source(source: str, tracking_uri: str | None = None) -> None:
     checkpoint at the path, a folder without one, or no such MLflow model, version or alias.
     Reads no weights and downloads nothing: for a driver before it starts what will load them."""
     if is_mlflow_uri(source):
-        run_id, _ = resolve_model_uri(source, tracking_uri)
-        if source.startswith("runs:/"):  # resolved without a request: ask for the run
-            from mlflow import MlflowClient
-            from mlflow.exceptions import MlflowException
-
-            try:
-                MlflowClient(tracking_uri).get_run(run_id)
-            except MlflowException as exc:
-                raise UserInputError(f"{source}: {exc.message} (store: {tracking_uri or 'the default'})") from None
+        resolve_model_uri(source, tracking_uri)
     else:
         checkpoint_file(source)
 
@@ -228,16 +220,18 @@ def read_checkpoint(source: str, tracking_uri: str | None = None) -> dict:
 
 def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, str]:
     """The training run behind an MLflow model URI and a version label (``name/3``, or the URI for
-    ``runs:/``), read from the registry without downloading anything."""
+    ``runs:/``), read from the tracking store without downloading anything; a ``UserInputError``
+    when the store has no such run, model, version or alias."""
     from mlflow import MlflowClient
-
-    if uri.startswith("runs:/"):
-        return uri[len("runs:/"):].split("/")[0], uri
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri)
-    name, _, ref = uri[len("models:/"):].partition("@")
     try:
+        if uri.startswith("runs:/"):
+            run_id = uri[len("runs:/"):].split("/")[0]
+            client.get_run(run_id)
+            return run_id, uri
+        name, _, ref = uri[len("models:/"):].partition("@")
         if ref:
             model_version = client.get_model_version_by_alias(name, ref)
         else:
@@ -245,7 +239,7 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, s
             if not number:
                 raise UserInputError(f"{uri}: name a version or an alias, e.g. models:/{name}@champion or models:/{name}/1")
             model_version = client.get_model_version(name, number)
-    except MlflowException as exc:  # no such model, version or alias in this store
+    except MlflowException as exc:  # no such run, model, version or alias in this store
         raise UserInputError(f"{uri}: {exc.message} (store: {tracking_uri or 'the default'})") from None
     if not model_version.run_id:
         raise UserInputError(f"{uri} has no source run to take the checkpoint from")

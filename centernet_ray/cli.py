@@ -283,7 +283,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     check_sweep(space.with_fixed(config), space)  # before Ray starts: a bad setting answers at once
     summary_path = _summary_path(args.summary_json)
     init_ray()
-    return _run_and_report(lambda: run_sweep(config, space, source=args.source), SweepInterrupted, format_summary, summary_path)
+    return _run_and_report(lambda: run_sweep(config, space, source=args.source), SweepInterrupted, format_summary,
+                           summary_path)
 
 
 def _serve_flag_overrides(args: argparse.Namespace) -> list[str]:

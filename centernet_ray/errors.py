@@ -5,9 +5,10 @@ argument) is reported by the CLI as its message alone, with exit status 2: the m
 change. Every other exception is a fault of the program or its environment and keeps its traceback.
 It derives from ``ValueError``, so callers that catch ``ValueError`` keep working.
 
-An error raised in another process (a Tune trial, a Serve replica) reaches the driver as text:
-``error_message`` finds the line that says what failed, and ``user_error_text`` whether that line is
-a ``UserInputError``, to be reported as one.
+An error raised in another process reaches the driver as text (a Tune trial's, a Serve replica's) or
+as Ray Train's error of its workers: ``error_message`` finds the line that says what failed,
+``user_error_text`` whether that line is a ``UserInputError``, to be reported as one, and
+``worker_user_error`` the ``UserInputError`` a training worker raised.
 """
 
 from __future__ import annotations
@@ -59,3 +60,12 @@ def user_error_text(line: str) -> str | None:
         found = getattr(sys.modules.get(module_name), class_name, None)
     is_user_error = isinstance(found, type) and issubclass(found, (UserInputError, FileNotFoundError))
     return message if is_user_error else None
+
+
+def worker_user_error(error: BaseException) -> UserInputError | None:
+    """The ``UserInputError`` a training worker raised (the lowest rank's), when that is why a Ray
+    Train run failed (its ``WorkerGroupError`` keeps each rank's exception in ``worker_failures``):
+    the CLI then says it in one line, as when the driver raises it, not inside Ray Train's error
+    with every rank's traceback, truncated."""
+    failures = getattr(error, "worker_failures", None) or {}
+    return next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], UserInputError)), None)

@@ -32,7 +32,7 @@ RESNET_TRUNK_NAMES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "la
 def load_resnet_imagenet(backbone: nn.Sequential, arch: str, source: str) -> None:
     """Load ImageNet weights into a ``resnet_trunk`` of ``arch`` ("resnet18", ...): a file, local or a
     URI (a torchvision-style state dict), or a torchvision weights name such as ``IMAGENET1K_V1``."""
-    if storage.is_file(source):
+    if storage.names_a_weights_file(source):
         state = read_state_dict(source, f"{arch} weights")
     else:
         state = torchvision_weights(arch, source).get_state_dict(progress=False)

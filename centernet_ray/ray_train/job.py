@@ -26,7 +26,7 @@ from centernet_ray.checkpoint import DATA_LOCATIONS_FILE, RUN_CONFIG_FILE, chang
 from centernet_ray.config import Config, ConfigError, check_batch_norm_batch, config_from_dict
 from centernet_ray.data.identity import changed_dataset, dataset_record, given_data_locations
 from centernet_ray.data.sources import split_sources
-from centernet_ray.errors import UserInputError
+from centernet_ray.errors import UserInputError, worker_user_error
 from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.model import build_trunk
 from centernet_ray.model.pretrained import check_weights_name
@@ -338,21 +338,13 @@ def fit(trainer: TorchTrainer, config: Config, launch: str) -> Result:
     died, killed or out of memory, could not end it)."""
     try:
         result = trainer.fit()
+        error = result.error
     except Exception as exc:
+        error = exc
+    if error is not None:
         end_running_launch_runs(config, launch, "FAILED")
-        raise worker_user_error(exc) or exc
-    if result.error is not None:
-        end_running_launch_runs(config, launch, "FAILED")
-        raise worker_user_error(result.error) or result.error
+        raise worker_user_error(error) or error
     return result
-
-
-def worker_user_error(error: BaseException) -> UserInputError | None:
-    """The ``UserInputError`` a training worker raised (the lowest rank's), when that is why the run
-    failed: the CLI then says it in one line, as when the driver raises it, not inside Ray Train's
-    ``WorkerGroupError`` with every rank's traceback, truncated."""
-    failures = getattr(error, "worker_failures", None) or {}
-    return next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], UserInputError)), None)
 
 
 def _interrupted(config: Config, launch: str) -> TrainingInterrupted:
