@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Callable
 
 import ray
 import ray.data
@@ -79,6 +80,33 @@ def refuse_or_warn_missing(path: str, message: str) -> None:
     if is_uri(path) or not joins_a_cluster():
         raise UserInputError(message)
     log.warning("%s", message)
+
+
+def check_resources(need: dict[str, float], what: str, fix: Callable[[str, float], str]) -> None:
+    """Refuse ``need`` (Ray resources in all, e.g. ``{"GPU": 2.0}``) where this command's own Ray has
+    less: Ray would wait for them for ever (Ray Train retries its workers' start every minute, Serve
+    keeps a replica pending). On a cluster joined, whose autoscaler may start such nodes, warn.
+    ``what`` names who asks (plural verb); ``fix(resource, amount the Ray has)`` says what setting
+    asks for less."""
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources()
+    short = [name for name, amount in need.items() if amount > total.get(name, 0.0)]
+    if not short:
+        return
+    asked = " and ".join(_amount(need[name], name) for name in short)
+    has = " and ".join(_amount(total.get(name, 0.0), name) for name in short)
+    fixes = "; ".join(fix(name, total.get(name, 0.0)) for name in short)
+    if joins_a_cluster():
+        log.warning("%s need %s, but this cluster has %s now: they wait until nodes with them join (an autoscaler "
+                    "starts them), or %s", what, asked, has, fixes)
+        return
+    raise UserInputError(f"{what} need {asked}, but the Ray this command started has {has}: {fixes}; or run on a "
+                         "cluster that has them (RAY_ADDRESS, or `ray job submit`)")
+
+
+def _amount(amount: float, resource: str) -> str:
+    return f"{amount:g} {resource}" + ("" if amount == 1 else "s")
 
 
 def _alive_nodes() -> int:

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import ray
 
 from centernet_ray.checkpoint import load_checkpoint, model_from_state
 from centernet_ray.cli import main
@@ -116,14 +117,20 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("configs", [_param(configs) for configs in _jobs()])
-def test_config_trains_through_the_cli_and_reports_coco_stats(configs, tiny_data, ray_session, tmp_path, monkeypatch):
+def test_config_trains_through_the_cli_and_reports_coco_stats(configs, tiny_data, ray_session, tmp_path, monkeypatch,
+                                                              capsys, caplog):
     """...and its MLflow run is where the user looks: no tracking settings, so `./mlflow.db` of the
-    directory the command ran in (the workers run in Ray's session folder)."""
+    directory the command ran in (the workers run in Ray's session folder). Before that, a config
+    that trains on GPUs, as shipped, is refused in one line by this Ray of no GPU, before the ingest
+    (Ray Train would retry its workers' start every minute for ever); on a cluster joined, whose
+    autoscaler may start GPU nodes, it is a warning."""
     config = configs[0]
     dataset, root = tiny_data
     monkeypatch.chdir(root)  # relative data paths, as a user types them: the workers run elsewhere
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     overrides = _overrides(str(dataset.relative_to(root)), str(tmp_path / "runs"), config.stem, _input_side(config))
+    if load_config(config).train.use_gpu and not ray.cluster_resources().get("GPU"):
+        _assert_gpu_workers_are_refused_here_and_waited_for_on_a_cluster(config, overrides, monkeypatch, capsys, caplog)
     summary_path = tmp_path / "summary.json"
     assert main(["train", str(config), *overrides, "--summary-json", str(summary_path)]) == 0
     run_id = json.loads(summary_path.read_text())["mlflow_run_id"]
@@ -148,3 +155,26 @@ def test_config_trains_through_the_cli_and_reports_coco_stats(configs, tiny_data
     assert type(restored.model).__name__ == ("HourglassCenterNet" if expected.model.backbone == "hourglass104"
                                              else "CenterNet")
 
+
+def _assert_gpu_workers_are_refused_here_and_waited_for_on_a_cluster(config, overrides, monkeypatch, capsys, caplog):
+    import logging
+
+    from centernet_ray.ray_train.job import check_workers_fit
+
+    shipped = [override for override in overrides if override not in ("train.use_gpu=false", "train.num_workers=1")]
+    shipped.append(f"data.parquet_dir=refused-{config.stem}")  # "parquet" holds the runs' before this one
+    workers = load_config(config).train.num_workers
+    assert main(["train", str(config), *shipped]) == 2
+    assert capsys.readouterr().err == (
+        f"error: the {workers} training worker(s) (train.num_workers={workers}, train.use_gpu=true) need {workers} "
+        f"GPU{'s' if workers > 1 else ''}, but the Ray this command started has 0 GPUs: set train.use_gpu=false to "
+        "train on the CPU; or run on a cluster that has them (RAY_ADDRESS, or `ray job submit`)\n")
+    assert not Path(f"refused-{config.stem}").exists()  # refused before the ingest
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # as a cluster joined: its autoscaler may start GPU nodes
+    with caplog.at_level(logging.WARNING, logger="centernet_ray.ray_runtime"):
+        check_workers_fit(load_config(config, shipped))
+    assert [record.getMessage() for record in caplog.records] == [
+        f"the {workers} training worker(s) (train.num_workers={workers}, train.use_gpu=true) need {workers} "
+        f"GPU{'s' if workers > 1 else ''}, but this cluster has 0 GPUs now: they wait until nodes with them join (an "
+        "autoscaler starts them), or set train.use_gpu=false to train on the CPU"]
+    monkeypatch.delenv("RAY_ADDRESS")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 
 pytestmark = pytest.mark.integration
 
@@ -322,6 +323,14 @@ def test_a_checkpoint_the_replicas_cannot_load_is_a_one_line_error_not_a_deploy_
         with pytest.raises((UserInputError, FileNotFoundError), match=message):
             start_app(config, source)
         assert set(serve.status().applications) == before  # nothing was deployed
+    if not ray.cluster_resources().get("GPU"):  # nor for replicas this Ray has no GPU for: they would pend for ever
+        on_gpus = load_config(None, [f"serve.port={serve_port}", "serve.num_replicas=2", "serve.num_gpus=0.5"])
+        with pytest.raises(UserInputError, match=re.escape(
+                "the 2 model replica(s) (serve.num_replicas=2, serve.num_gpus=0.5) need 1 GPU, but the Ray this "
+                "command started has 0 GPUs: set serve.num_gpus=0 (--num-gpus 0) to serve on the CPU; or run on a "
+                "cluster")):
+            start_app(on_gpus, str(run / "epoch_0003"))
+        assert set(serve.status().applications) == before
     try:
         with pytest.raises(UserInputError, match=r"^the model replica could not start: .*epoch_0003/checkpoint.pt is "
                                                  r"not a centernet-ray checkpoint: not a readable torch.save file"):

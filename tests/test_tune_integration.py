@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from centernet_ray.config import load_config, with_overrides
 from centernet_ray.data.synthetic import write_shapes_dataset
@@ -208,6 +209,11 @@ def test_a_sweep_whose_every_trial_fails_says_why_and_exits_1(ray_session, shape
     assert main([*sweep, "model.width=1.0", "model.pretrained=/nowhere/weights.pth"]) == 2  # ImageNet's width
     assert "error: model.pretrained: no weights file /nowhere/weights.pth here" in capsys.readouterr().err
     assert not (tmp_path / "parquet").exists()
+    if not ray.cluster_resources().get("GPU"):  # and trials whose workers this Ray has no GPUs for
+        assert main([*sweep, "train.use_gpu=true"]) == 2
+        assert ("error: the 1 training worker(s) (train.num_workers=1, train.use_gpu=true) need 1 GPU, but the Ray "
+                "this command started has 0 GPUs: set train.use_gpu=false" in capsys.readouterr().err)
+        assert not (tmp_path / "parquet").exists()
     from centernet_ray.errors import UserInputError
     from centernet_ray.ray_tune.search_space import load_search_space
     from centernet_ray.ray_tune.sweep import check_pretrained_files

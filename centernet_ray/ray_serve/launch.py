@@ -10,9 +10,10 @@ import threading
 
 from centernet_ray import storage
 from centernet_ray.checkpoint import check_model_source, is_mlflow_uri
-from centernet_ray.config import Config
+from centernet_ray.config import Config, ServeConfig
 from centernet_ray.errors import UserInputError, error_message, user_error_text
-from centernet_ray.ray_runtime import joins_a_cluster, refuse_or_warn_missing, warn_if_node_local_tracking
+from centernet_ray.ray_runtime import (check_resources, joins_a_cluster, refuse_or_warn_missing,
+                                      warn_if_node_local_tracking)
 from centernet_ray.ray_serve.auth import ApiKeys
 from centernet_ray.tracking import tracking_uri
 
@@ -35,6 +36,7 @@ def start_app(config: Config, checkpoint: str, flip_test: bool = False) -> str:
     else:  # replicas run in Ray's session folder: name the file from here
         checkpoint = storage.absolute(checkpoint)
     keys_required = ApiKeys.load(settings.api_keys_file).required  # a bad keys file fails here, in one line
+    check_replicas_fit(settings)
     check_source(checkpoint, tracking_uri(config))
     serve.start(http_options={"host": settings.host, "port": settings.port})
     args = {**dataclasses.asdict(settings), "checkpoint": checkpoint, "flip_test": flip_test,
@@ -54,6 +56,16 @@ def check_source(checkpoint: str, store: str) -> None:
         check_model_source(checkpoint, store)
     except FileNotFoundError as exc:
         refuse_or_warn_missing(checkpoint, f"{exc} here (the replicas read it on their nodes)")
+
+
+def check_replicas_fit(settings: ServeConfig) -> None:
+    """The model replicas' GPUs (``serve.num_gpus`` each) refused where the Ray this command started has
+    fewer: Serve would keep the replicas pending for ever."""
+    if settings.num_gpus > 0:
+        check_resources({"GPU": settings.num_replicas * settings.num_gpus},
+                        f"the {settings.num_replicas} model replica(s) (serve.num_replicas={settings.num_replicas}, "
+                        f"serve.num_gpus={settings.num_gpus:g})",
+                        lambda _resource, _has: "set serve.num_gpus=0 (--num-gpus 0) to serve on the CPU")
 
 
 def _deploy_failure(exc: RuntimeError, delete: bool) -> Exception:

@@ -114,6 +114,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     # directory is Ray's session folder.
     config = storage.with_absolute_paths(config)
     check_batch_norm_batch(config)
+    check_workers_fit(config)
     storage.require_bucket(storage.default_storage_path(config))  # Ray Train's writes there would end in a traceback
     check_resumable(config, data_locations)  # all before the ingest, which can take long
     check_pretrained_file(config)
@@ -152,18 +153,39 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     if inputs.deadline is not None:
         log.info("time limit: %.0f s, %.0f s left for training after start-up and data (at most %d epochs)",
                  config.train.time_limit, inputs.deadline - time.time(), config.train.epochs)
-    scaling = ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
-                            label_selector=config.cluster.train_selector())
     run = RunConfig(
         name=default_run_name(config), storage_path=storage.default_storage_path(config),
         checkpoint_config=checkpoint_config(),
         failure_config=FailureConfig(max_failures=config.train.max_failures),
         callbacks=callbacks or None,
     )
-    trainer = TorchTrainer(functools.partial(train_loop_per_worker, inputs), scaling_config=scaling,
+    trainer = TorchTrainer(functools.partial(train_loop_per_worker, inputs), scaling_config=scaling_config(config),
                            datasets=datasets, dataset_config=CenterNetDataConfig(config.cluster.data_selector()),
                            run_config=run)
     return trainer, report
+
+
+def scaling_config(config: Config) -> ScalingConfig:
+    """The training run's workers: ``train.num_workers``, each on a GPU or a CPU (``train.use_gpu``)."""
+    return ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
+                         label_selector=config.cluster.train_selector())
+
+
+def check_workers_fit(config: Config) -> None:
+    """The workers' resources (one GPU each with ``train.use_gpu``, else one CPU) refused where the Ray
+    this command started lacks them, before the ingest: Ray Train would retry their start for ever."""
+    train = config.train
+    ray_runtime.check_resources(
+        scaling_config(config).total_resources,
+        f"the {train.num_workers} training worker(s) (train.num_workers={train.num_workers}, "
+        f"train.use_gpu={str(train.use_gpu).lower()})",
+        _fewer_workers)
+
+
+def _fewer_workers(resource: str, has: float) -> str:
+    if resource != "GPU":
+        return "lower train.num_workers"
+    return "set train.use_gpu=false to train on the CPU" + (f", or train.num_workers={int(has)}" if has >= 1 else "")
 
 
 def check_pretrained_file(config: Config) -> None:

@@ -159,6 +159,14 @@ def check_pretrained_files(config: Config, space: SearchSpace) -> None:
             check_pretrained_file(apply_params(config, {"model.pretrained": value}))
 
 
+def check_trial_workers_fit(config: Config) -> None:
+    """``job.check_workers_fit`` for a trial's training run: a sweep on a Ray that cannot start one
+    would wait for ever."""
+    from centernet_ray.ray_train.job import check_workers_fit  # the training job's imports: only here
+
+    check_workers_fit(config)
+
+
 def check_batch_norm_batches(config: Config, space: SearchSpace) -> None:
     """``check_batch_norm_batch`` for the smallest batch and input a trial may draw (each listed value
     of a searched key, a range's lower bound), and for the base config when a trial trains it
@@ -208,6 +216,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     check_resume(state, settings, name)  # before the ingest, which can take long
     check_same_dataset(state, data_locations, config, name)
     check_pretrained_files(config, space)  # every trial would fail on it, one after another
+    check_trial_workers_fit(config)
     # once, here: concurrent trials would otherwise race to ingest
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     include_default = trains_the_default(config, space)
