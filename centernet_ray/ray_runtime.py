@@ -166,12 +166,20 @@ def warn_if_node_local_tracking(uri: str) -> None:
                     "every node mounts", uri, nodes)
 
 
-def warn_if_no_node_matches(selector: dict[str, str] | None, what: str) -> None:
-    """Log a warning when no alive node carries the labels ``selector`` asks for (``cluster.node_pools``
-    on a cluster without those pools): ``what`` would wait for such a node, e.g. from the autoscaler."""
+def check_node_labels(selector: dict[str, str] | None, what: str,
+                      fix: str = "set cluster.node_pools=false to run anywhere") -> None:
+    """Refuse ``selector`` (``cluster.node_pools``' labels) where no node of the Ray this command
+    started carries them: ``what`` would wait for such a node for ever. On a cluster joined, whose
+    autoscaler may start one, warn. ``fix`` says how to ask for no labels."""
     if not selector or not ray.is_initialized():
         return
     labels = [node.get("Labels") or {} for node in ray.nodes() if node.get("Alive")]
-    if not any(all(node.get(key) == value for key, value in selector.items()) for node in labels):
-        log.warning("no node of this cluster has the labels %s that %s needs (cluster.node_pools): it waits until "
-                    "one joins; set cluster.node_pools=false to run anywhere", selector, what)
+    if any(all(node.get(key) == value for key, value in selector.items()) for node in labels):
+        return
+    if joins_a_cluster():
+        log.warning("no node of this cluster has the labels %s that %s need (cluster.node_pools): they wait until "
+                    "one joins; %s", selector, what, fix)
+        return
+    raise UserInputError(f"no node of the Ray this command started has the labels {selector} that {what} need "
+                         f"(cluster.node_pools): {fix}; or run on a cluster whose nodes carry them (RAY_ADDRESS, "
+                         "or `ray job submit`)")

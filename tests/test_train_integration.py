@@ -340,3 +340,36 @@ def test_a_resumed_attempt_keeps_its_recorded_plan_until_its_budget_makes_its_ow
     assert (schedule.epochs, schedule.last_epoch_steps) == (11, 2) and engine.schedule.epochs == pytest.approx(32 / 3)
     assert not schedule.ends_after(5) and schedule.budget.timing  # epoch 6 trained, 6 stamps: no plan yet
     assert (schedule.epochs, schedule.last_epoch_steps) == (11, 2) and engine.schedule.epochs == pytest.approx(32 / 3)
+
+
+def test_node_pools_no_node_of_this_ray_carries_are_refused_before_the_ingest(ray_session, shapes_dataset, tmp_path,
+                                                                             capsys, caplog, monkeypatch):
+    """`cluster.node_pools=true` (`--node-pools` for `data ingest`) on a Ray this command started,
+    whose one node has no pool label: its tasks and workers would be pending for ever, so the
+    command says so in one line and exits 2, ingesting nothing. On a cluster joined, whose
+    autoscaler may start a labelled node, it is a warning."""
+    import logging
+
+    from centernet_ray.cli import main
+    from centernet_ray.ray_runtime import check_node_labels
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "demo", "cluster.node_pools=true", f"data.root={shapes_dataset}", "data.train_images=",
+                 "data.train_annotations=", "data.val_images=", "data.val_annotations=", "data.parquet_dir=parquet",
+                 "train.storage_path=runs", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
+    assert capsys.readouterr().err == (
+        "error: no node of the Ray this command started has the labels {'centernet-ray/pool': 'gpu'} that the training "
+        "workers need (cluster.node_pools): set cluster.node_pools=false to run anywhere; or run on a cluster whose "
+        "nodes carry them (RAY_ADDRESS, or `ray job submit`)\n")
+    assert main(["data", "ingest", "--images", str(shapes_dataset / "images" / "train"), "--annotations",
+                 str(shapes_dataset / "annotations" / "instances_train.json"), "--out", "parquet", "--node-pools"]) == 2
+    assert capsys.readouterr().err.startswith("error: no node of the Ray this command started has the labels "
+                                              "{'centernet-ray/pool': 'cpu'} that the ingest's tasks need "
+                                              "(cluster.node_pools): leave out --node-pools to run anywhere; ")
+    assert not (tmp_path / "parquet").exists() and not (tmp_path / "runs").exists()
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # as a cluster joined
+    with caplog.at_level(logging.WARNING, logger="centernet_ray.ray_runtime"):
+        check_node_labels({"centernet-ray/pool": "gpu"}, "the training workers")
+    assert [record.getMessage() for record in caplog.records] == [
+        "no node of this cluster has the labels {'centernet-ray/pool': 'gpu'} that the training workers need "
+        "(cluster.node_pools): they wait until one joins; set cluster.node_pools=false to run anywhere"]

@@ -26,7 +26,7 @@ from centernet_ray.detector import Detector
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
 from centernet_ray.ray_data.pipeline import PipelineReport, preprocess_stage, read_rows
-from centernet_ray.ray_runtime import warn_if_in_job_working_dir, warn_if_no_node_matches
+from centernet_ray.ray_runtime import check_node_labels, warn_if_in_job_working_dir
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         dataset = ray.data.from_items(rows)
     else:
         dataset, id_to_path = read_rows(parquet, batch_size), {}
-    warn_if_no_node_matches(config.cluster.data_selector(), "preprocessing")
-    warn_if_no_node_matches(config.cluster.train_selector(), "the model actors")
+    check_node_labels(config.cluster.data_selector(), "the preprocessing tasks")
+    check_node_labels(config.cluster.train_selector(), "the model actors")
     report = PipelineReport.remote()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     # the training pipeline's preprocessing stage (compute strategy, CPUs, node pool), at this batch size

@@ -172,14 +172,17 @@ def scaling_config(config: Config) -> ScalingConfig:
 
 
 def check_workers_fit(config: Config) -> None:
-    """The workers' resources (one GPU each with ``train.use_gpu``, else one CPU) refused where the Ray
-    this command started lacks them, before the ingest: Ray Train would retry their start for ever."""
+    """The workers' resources (one GPU each with ``train.use_gpu``, else one CPU) and the node pools'
+    labels (``cluster.node_pools``) refused where the Ray this command started lacks them, before the
+    ingest: Ray Train would retry the workers' start for ever, Ray Data keep its tasks pending."""
     train = config.train
     ray_runtime.check_resources(
         scaling_config(config).total_resources,
         f"the {train.num_workers} training worker(s) (train.num_workers={train.num_workers}, "
         f"train.use_gpu={str(train.use_gpu).lower()})",
         _fewer_workers)
+    ray_runtime.check_node_labels(config.cluster.train_selector(), "the training workers")
+    ray_runtime.check_node_labels(config.cluster.data_selector(), "the data stages")
 
 
 def _fewer_workers(resource: str, has: float) -> str:
