@@ -331,6 +331,14 @@ def test_a_checkpoint_the_replicas_cannot_load_is_a_one_line_error_not_a_deploy_
                 "cluster")):
             start_app(on_gpus, str(run / "epoch_0003"))
         assert set(serve.status().applications) == before
+    cpus = int(ray.cluster_resources()["CPU"])  # and replicas that, with the ingress, want more CPUs than it has
+    too_many = load_config(None, [f"serve.port={serve_port}", f"serve.num_replicas={cpus}"])
+    with pytest.raises(UserInputError, match=re.escape(
+            f"the {cpus} model replica(s) (serve.num_replicas={cpus}, serve.num_gpus=0) need {cpus + 1} CPUs, but the "
+            f"Ray this command started has {cpus} CPUs: lower serve.num_replicas (--replicas; the ingress takes a CPU "
+            "too)")):
+        start_app(too_many, str(run / "epoch_0003"))
+    assert set(serve.status().applications) == before
     try:
         with pytest.raises(UserInputError, match=r"^the model replica could not start: .*epoch_0003/checkpoint.pt is "
                                                  r"not a centernet-ray checkpoint: not a readable torch.save file"):

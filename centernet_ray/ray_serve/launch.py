@@ -59,13 +59,15 @@ def check_source(checkpoint: str, store: str) -> None:
 
 
 def check_replicas_fit(settings: ServeConfig) -> None:
-    """The model replicas' GPUs (``serve.num_gpus`` each) refused where the Ray this command started has
-    fewer: Serve would keep the replicas pending for ever."""
-    if settings.num_gpus > 0:
-        check_resources({"GPU": settings.num_replicas * settings.num_gpus},
-                        f"the {settings.num_replicas} model replica(s) (serve.num_replicas={settings.num_replicas}, "
-                        f"serve.num_gpus={settings.num_gpus:g})",
-                        lambda _resource, _has: "set serve.num_gpus=0 (--num-gpus 0) to serve on the CPU")
+    """The model replicas' resources (one CPU and ``serve.num_gpus`` each, one CPU for the ingress)
+    refused where the Ray this command started has fewer: Serve would keep the replicas pending for
+    ever."""
+    need = {"CPU": settings.num_replicas + 1.0, "GPU": settings.num_replicas * settings.num_gpus}
+    check_resources({name: amount for name, amount in need.items() if amount > 0},
+                    f"the {settings.num_replicas} model replica(s) (serve.num_replicas={settings.num_replicas}, "
+                    f"serve.num_gpus={settings.num_gpus:g})",
+                    lambda resource, _has: ("set serve.num_gpus=0 (--num-gpus 0) to serve on the CPU" if resource == "GPU"
+                                            else "lower serve.num_replicas (--replicas; the ingress takes a CPU too)"))
 
 
 def _deploy_failure(exc: RuntimeError, delete: bool) -> Exception:
