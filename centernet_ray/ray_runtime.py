@@ -60,9 +60,12 @@ def stop_local_ray() -> None:
 
 
 def joins_a_cluster() -> bool:
-    """Whether :func:`init_ray` joins a running cluster (``RAY_ADDRESS``, or a Ray job's driver),
-    which other users' work may share, rather than starting a Ray of this process's own."""
-    return bool(os.environ.get("RAY_ADDRESS")) or running_as_ray_job()
+    """Whether this process works on a Ray started elsewhere, which other users' work may share and an
+    autoscaler may grow: :func:`init_ray` joins one (``RAY_ADDRESS``, or a Ray job's driver), or this
+    is one of Ray's actors (a Tune trial's driver), not the command that started its Ray."""
+    if os.environ.get("RAY_ADDRESS") or running_as_ray_job():
+        return True
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 def use_single_node_train_env() -> None:
@@ -94,8 +97,8 @@ def check_resources(need: dict[str, float], what: str, fix: Callable[[str, float
     short = [name for name, amount in need.items() if amount > total.get(name, 0.0)]
     if not short:
         return
-    asked = " and ".join(_amount(need[name], name) for name in short)
-    has = " and ".join(_amount(total.get(name, 0.0), name) for name in short)
+    asked = " and ".join(counted(need[name], name) for name in short)
+    has = " and ".join(counted(total.get(name, 0.0), name) for name in short)
     fixes = "; ".join(fix(name, total.get(name, 0.0)) for name in short)
     if joins_a_cluster():
         log.warning("%s need %s, but this cluster has %s now: they wait until nodes with them join (an autoscaler "
@@ -105,8 +108,9 @@ def check_resources(need: dict[str, float], what: str, fix: Callable[[str, float
                          "cluster that has them (RAY_ADDRESS, or `ray job submit`)")
 
 
-def _amount(amount: float, resource: str) -> str:
-    return f"{amount:g} {resource}" + ("" if amount == 1 else "s")
+def counted(amount: float, noun: str) -> str:
+    """``2 GPUs``, ``1 GPU``, ``0.5 GPUs``, ``1 training worker``."""
+    return f"{amount:g} {noun}" + ("" if amount == 1 else "s")
 
 
 def _alive_nodes() -> int:
@@ -168,18 +172,19 @@ def warn_if_node_local_tracking(uri: str) -> None:
 
 def check_node_labels(selector: dict[str, str] | None, what: str,
                       fix: str = "set cluster.node_pools=false to run anywhere") -> None:
-    """Refuse ``selector`` (``cluster.node_pools``' labels) where no node of the Ray this command
-    started carries them: ``what`` would wait for such a node for ever. On a cluster joined, whose
-    autoscaler may start one, warn. ``fix`` says how to ask for no labels."""
+    """Refuse ``selector`` (``cluster.node_pools``' label) where no node of the Ray this command
+    started carries it: ``what`` would wait for such a node for ever. On a cluster joined, whose
+    autoscaler may start one, warn. ``fix`` says how to ask for no label."""
     if not selector or not ray.is_initialized():
         return
-    labels = [node.get("Labels") or {} for node in ray.nodes() if node.get("Alive")]
-    if any(all(node.get(key) == value for key, value in selector.items()) for node in labels):
+    nodes = [node.get("Labels") or {} for node in ray.nodes() if node.get("Alive")]
+    if any(all(node.get(key) == value for key, value in selector.items()) for node in nodes):
         return
+    label = ", ".join(f"{key}={value}" for key, value in selector.items())
     if joins_a_cluster():
-        log.warning("no node of this cluster has the labels %s that %s need (cluster.node_pools): they wait until "
-                    "one joins; %s", selector, what, fix)
+        log.warning("no node of this cluster has the label %s that %s need (cluster.node_pools): they wait until "
+                    "one joins; %s", label, what, fix)
         return
-    raise UserInputError(f"no node of the Ray this command started has the labels {selector} that {what} need "
-                         f"(cluster.node_pools): {fix}; or run on a cluster whose nodes carry them (RAY_ADDRESS, "
+    raise UserInputError(f"no node of the Ray this command started has the label {label} that {what} need "
+                         f"(cluster.node_pools): {fix}; or run on a cluster whose nodes carry it (RAY_ADDRESS, "
                          "or `ray job submit`)")

@@ -163,18 +163,19 @@ def _assert_gpu_workers_are_refused_here_and_waited_for_on_a_cluster(config, ove
 
     shipped = [override for override in overrides if override not in ("train.use_gpu=false", "train.num_workers=1")]
     shipped.append(f"data.parquet_dir=refused-{config.stem}")  # "parquet" holds the runs' before this one
-    workers = load_config(config).train.num_workers
+    count = load_config(config).train.num_workers  # the shipped configs' are all above 1
+    workers, gpus = f"{count} training workers (train.num_workers={count}, train.use_gpu=true)", f"{count} GPUs"
     assert main(["train", str(config), *shipped]) == 2
     assert capsys.readouterr().err == (
-        f"error: the {workers} training worker(s) (train.num_workers={workers}, train.use_gpu=true) need {workers} "
-        f"GPU{'s' if workers > 1 else ''}, but the Ray this command started has 0 GPUs: set train.use_gpu=false to "
-        "train on the CPU; or run on a cluster that has them (RAY_ADDRESS, or `ray job submit`)\n")
+        f"error: {workers} and the preprocessing need {gpus}, but the Ray this command started has 0 GPUs: set "
+        "train.use_gpu=false to train on the CPU; or run on a cluster that has them (RAY_ADDRESS, or `ray job "
+        "submit`)\n")
     assert not Path(f"refused-{config.stem}").exists()  # refused before the ingest
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # as a cluster joined: its autoscaler may start GPU nodes
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="centernet_ray.ray_runtime"):
         check_workers_fit(load_config(config, shipped))
     assert [record.getMessage() for record in caplog.records] == [
-        f"the {workers} training worker(s) (train.num_workers={workers}, train.use_gpu=true) need {workers} "
-        f"GPU{'s' if workers > 1 else ''}, but this cluster has 0 GPUs now: they wait until nodes with them join (an "
-        "autoscaler starts them), or set train.use_gpu=false to train on the CPU"]
+        f"{workers} and the preprocessing need {gpus}, but this cluster has 0 GPUs now: they wait until nodes with "
+        "them join (an autoscaler starts them), or set train.use_gpu=false to train on the CPU"]
     monkeypatch.delenv("RAY_ADDRESS")

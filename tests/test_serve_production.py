@@ -324,19 +324,20 @@ def test_a_checkpoint_the_replicas_cannot_load_is_a_one_line_error_not_a_deploy_
             start_app(config, source)
         assert set(serve.status().applications) == before  # nothing was deployed
     if not ray.cluster_resources().get("GPU"):  # nor for replicas this Ray has no GPU for: they would pend for ever
-        on_gpus = load_config(None, [f"serve.port={serve_port}", "serve.num_replicas=2", "serve.num_gpus=0.5"])
-        with pytest.raises(UserInputError, match=re.escape(
-                "the 2 model replica(s) (serve.num_replicas=2, serve.num_gpus=0.5) need 1 GPU, but the Ray this "
-                "command started has 0 GPUs: set serve.num_gpus=0 (--num-gpus 0) to serve on the CPU; or run on a "
-                "cluster")):
-            start_app(on_gpus, str(run / "epoch_0003"))
-        assert set(serve.status().applications) == before
+        for replicas, gpus, need in ((2, 0.5, "1 GPU"), (3, 0.6, "3 GPUs")):  # Ray packs fractions within one GPU
+            on_gpus = load_config(None, [f"serve.port={serve_port}", f"serve.num_replicas={replicas}",
+                                         f"serve.num_gpus={gpus}"])
+            with pytest.raises(UserInputError, match=re.escape(
+                    f"{replicas} model replicas (serve.num_replicas={replicas}, serve.num_gpus={gpus}) and the "
+                    f"ingress need {need}, but the Ray this command started has 0 GPUs: set serve.num_gpus=0 "
+                    "(--num-gpus 0) to serve on the CPU; or run on a cluster")):
+                start_app(on_gpus, str(run / "epoch_0003"))
+            assert set(serve.status().applications) == before
     cpus = int(ray.cluster_resources()["CPU"])  # and replicas that, with the ingress, want more CPUs than it has
     too_many = load_config(None, [f"serve.port={serve_port}", f"serve.num_replicas={cpus}"])
     with pytest.raises(UserInputError, match=re.escape(
-            f"the {cpus} model replica(s) (serve.num_replicas={cpus}, serve.num_gpus=0) need {cpus + 1} CPUs, but the "
-            f"Ray this command started has {cpus} CPUs: lower serve.num_replicas (--replicas; the ingress takes a CPU "
-            "too)")):
+            f"{cpus} model replicas (serve.num_replicas={cpus}, serve.num_gpus=0) and the ingress need {cpus + 1} "
+            f"CPUs, but the Ray this command started has {cpus} CPUs: lower serve.num_replicas (--replicas)")):
         start_app(too_many, str(run / "epoch_0003"))
     assert set(serve.status().applications) == before
     try:

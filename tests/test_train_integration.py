@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 
 from centernet_ray.checkpoint import DATA_LOCATIONS_FILE, load_checkpoint, model_from_checkpoint
@@ -358,18 +359,44 @@ def test_node_pools_no_node_of_this_ray_carries_are_refused_before_the_ingest(ra
                  "data.train_annotations=", "data.val_images=", "data.val_annotations=", "data.parquet_dir=parquet",
                  "train.storage_path=runs", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]) == 2
     assert capsys.readouterr().err == (
-        "error: no node of the Ray this command started has the labels {'centernet-ray/pool': 'gpu'} that the training "
+        "error: no node of the Ray this command started has the label centernet-ray/pool=gpu that the training "
         "workers need (cluster.node_pools): set cluster.node_pools=false to run anywhere; or run on a cluster whose "
-        "nodes carry them (RAY_ADDRESS, or `ray job submit`)\n")
+        "nodes carry it (RAY_ADDRESS, or `ray job submit`)\n")
     assert main(["data", "ingest", "--images", str(shapes_dataset / "images" / "train"), "--annotations",
                  str(shapes_dataset / "annotations" / "instances_train.json"), "--out", "parquet", "--node-pools"]) == 2
-    assert capsys.readouterr().err.startswith("error: no node of the Ray this command started has the labels "
-                                              "{'centernet-ray/pool': 'cpu'} that the ingest's tasks need "
+    assert capsys.readouterr().err.startswith("error: no node of the Ray this command started has the label "
+                                              "centernet-ray/pool=cpu that the ingest's tasks need "
                                               "(cluster.node_pools): leave out --node-pools to run anywhere; ")
     assert not (tmp_path / "parquet").exists() and not (tmp_path / "runs").exists()
-    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # as a cluster joined
+    # a Tune trial's driver is a Ray actor: its Ray was started elsewhere (the sweep's command checked it), and
+    # on a cluster its autoscaler may yet start a labelled node
+    checker = ray.remote(num_cpus=0)(LabelChecker).remote()
+    assert ray.get(checker.check.remote()) == (
+        "no node of this cluster has the label centernet-ray/pool=gpu that the training workers need "
+        "(cluster.node_pools): they wait until one joins; set cluster.node_pools=false to run anywhere")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster joined
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="centernet_ray.ray_runtime"):
         check_node_labels({"centernet-ray/pool": "gpu"}, "the training workers")
     assert [record.getMessage() for record in caplog.records] == [
-        "no node of this cluster has the labels {'centernet-ray/pool': 'gpu'} that the training workers need "
+        "no node of this cluster has the label centernet-ray/pool=gpu that the training workers need "
         "(cluster.node_pools): they wait until one joins; set cluster.node_pools=false to run anywhere"]
+
+
+class LabelChecker:
+    """A Ray actor, as a Tune trial's driver is: what ``check_node_labels`` does there."""
+
+    def check(self) -> str:
+        """The warning logged instead of a refusal (or "no warning")."""
+        import logging
+
+        from centernet_ray.ray_runtime import check_node_labels
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                self.message = record.getMessage()
+
+        keep = Keep()
+        logging.getLogger("centernet_ray.ray_runtime").addHandler(keep)
+        check_node_labels({"centernet-ray/pool": "gpu"}, "the training workers")
+        return getattr(keep, "message", "no warning")

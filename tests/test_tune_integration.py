@@ -211,12 +211,13 @@ def test_a_sweep_whose_every_trial_fails_says_why_and_exits_1(ray_session, shape
     assert not (tmp_path / "parquet").exists()
     if not ray.cluster_resources().get("GPU"):  # and trials whose workers this Ray has no GPUs for
         assert main([*sweep, "train.use_gpu=true"]) == 2
-        assert ("error: the 1 training worker(s) (train.num_workers=1, train.use_gpu=true) need 1 GPU, but the Ray "
-                "this command started has 0 GPUs: set train.use_gpu=false" in capsys.readouterr().err)
+        assert ("error: 1 training worker (train.num_workers=1, train.use_gpu=true), the preprocessing and the "
+                "trial's driver need 1 GPU, but the Ray this command started has 0 GPUs: set train.use_gpu=false"
+                in capsys.readouterr().err)
         assert not (tmp_path / "parquet").exists()
     from centernet_ray.errors import UserInputError
     from centernet_ray.ray_tune.search_space import load_search_space
-    from centernet_ray.ray_tune.sweep import check_pretrained_files
+    from centernet_ray.ray_tune.sweep import check_pretrained_files, check_trial_workers_fit
 
     searched = tmp_path / "pretrained.yaml"
     without_default = load_config(CONFIG, ["tune.include_default=false", "model.width=1.0"])
@@ -226,6 +227,16 @@ def test_a_sweep_whose_every_trial_fails_says_why_and_exits_1(ray_session, shape
     searched.write_text("model.pretrained: {choice: [null]}\n")  # and a base value no trial trains from is not
     check_pretrained_files(with_overrides(without_default.to_dict(), ["model.pretrained=/nowhere/weights.pth"]),
                            load_search_space(searched, without_default))
+    cpus = int(ray.cluster_resources()["CPU"])  # a number of workers the space lists, which no trial could start with
+    workers = tmp_path / "workers.yaml"
+    workers.write_text(f"train.num_workers: {{choice: [1, {cpus}]}}\n")
+    base = load_config(CONFIG)
+    with pytest.raises(UserInputError, match=f"^{cpus} training workers \\(train.num_workers={cpus}, "
+                                             f"train.use_gpu=false\\), the preprocessing and the trial's driver need "
+                                             f"{cpus + 1.1:g} CPUs"):
+        check_trial_workers_fit(base, load_search_space(workers, base))
+    workers.write_text(f"train.num_workers: {{choice: [1, {cpus - 2}]}}\n")  # the most leaving a task and the driver room
+    check_trial_workers_fit(base, load_search_space(workers, base))
     code = main(sweep)
     captured = capsys.readouterr()
     assert code == 1 and "error: every trial of sweep failing failed" in captured.err, captured.err[-2000:]

@@ -18,7 +18,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig as TrainDataConfig
 
 from centernet_ray import storage
-from centernet_ray.config import LETTERBOX_PRESETS, Config
+from centernet_ray.config import LETTERBOX_PRESETS, Config, DataConfig
 from centernet_ray.console import is_terminal
 from centernet_ray.ray_compat import execution_options
 from centernet_ray.ray_data.ingest import read_manifest
@@ -172,6 +172,12 @@ def preprocessor_arguments(config: Config, *, train: bool, max_objects: int | No
     return dict(input_size=data.input_size, train=train, augment=data.augment, scale_range=data.scale_range,
                 flip_prob=data.flip_prob, color_jitter=data.color_jitter, seed=config.train.seed,
                 max_objects=config.targets.max_objects if max_objects is None else max_objects)
+
+
+def preprocessing_min_cpus(data: DataConfig) -> float:
+    """The CPUs the preprocessing stage cannot run with fewer of: its minimum of actors, or one task,
+    at ``data.preprocess_num_cpus`` each."""
+    return data.preprocess_num_cpus * (data.preprocess_min_actors if data.preprocess_compute == "actors" else 1)
 
 
 def preprocess_stage(rows: ray.data.Dataset, config: Config, *, train: bool, report: Any = None, clock: Any = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 import threading
 
@@ -12,7 +13,7 @@ from centernet_ray import storage
 from centernet_ray.checkpoint import check_model_source, is_mlflow_uri
 from centernet_ray.config import Config, ServeConfig
 from centernet_ray.errors import UserInputError, error_message, user_error_text
-from centernet_ray.ray_runtime import (check_resources, joins_a_cluster, refuse_or_warn_missing,
+from centernet_ray.ray_runtime import (check_resources, counted, joins_a_cluster, refuse_or_warn_missing,
                                       warn_if_node_local_tracking)
 from centernet_ray.ray_serve.auth import ApiKeys
 from centernet_ray.tracking import tracking_uri
@@ -61,13 +62,15 @@ def check_source(checkpoint: str, store: str) -> None:
 def check_replicas_fit(settings: ServeConfig) -> None:
     """The model replicas' resources (one CPU and ``serve.num_gpus`` each, one CPU for the ingress)
     refused where the Ray this command started has fewer: Serve would keep the replicas pending for
-    ever."""
-    need = {"CPU": settings.num_replicas + 1.0, "GPU": settings.num_replicas * settings.num_gpus}
+    ever. Ray packs a fraction of a GPU within one GPU: replicas of 0.6 take one GPU each."""
+    replicas, gpus = settings.num_replicas, settings.num_gpus
+    per_gpu = math.floor(1 / gpus) if 0 < gpus < 1 else 0
+    need = {"CPU": replicas + 1.0, "GPU": math.ceil(replicas / per_gpu) if per_gpu else replicas * gpus}
     check_resources({name: amount for name, amount in need.items() if amount > 0},
-                    f"the {settings.num_replicas} model replica(s) (serve.num_replicas={settings.num_replicas}, "
-                    f"serve.num_gpus={settings.num_gpus:g})",
+                    f"{counted(replicas, 'model replica')} (serve.num_replicas={replicas}, serve.num_gpus={gpus:g}) "
+                    "and the ingress",
                     lambda resource, _has: ("set serve.num_gpus=0 (--num-gpus 0) to serve on the CPU" if resource == "GPU"
-                                            else "lower serve.num_replicas (--replicas; the ingress takes a CPU too)"))
+                                            else "lower serve.num_replicas (--replicas)"))
 
 
 def _deploy_failure(exc: RuntimeError, delete: bool) -> Exception:

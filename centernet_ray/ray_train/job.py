@@ -31,7 +31,8 @@ from centernet_ray.evaluation import STAT_NAMES
 from centernet_ray.model import build_trunk
 from centernet_ray.model.pretrained import check_weights_name
 from centernet_ray.ray_data.ingest import ingest_splits
-from centernet_ray.ray_data.pipeline import CenterNetDataConfig, EpochClock, PipelineReport, training_datasets
+from centernet_ray.ray_data.pipeline import (CenterNetDataConfig, EpochClock, PipelineReport, preprocessing_min_cpus,
+                                             training_datasets)
 from centernet_ray.ray_runtime import (refuse_or_warn_missing, warn_if_node_local, warn_if_node_local_tracking,
                                       warn_if_storage_in_job_working_dir)
 from centernet_ray.ray_train.loop import (CHECKPOINT_SCORE, DatasetFacts, LoopInputs, WorkerCallback,
@@ -171,23 +172,27 @@ def scaling_config(config: Config) -> ScalingConfig:
                          label_selector=config.cluster.train_selector())
 
 
-def check_workers_fit(config: Config) -> None:
-    """The workers' resources (one GPU each with ``train.use_gpu``, else one CPU) and the node pools'
-    labels (``cluster.node_pools``) refused where the Ray this command started lacks them, before the
-    ingest: Ray Train would retry the workers' start for ever, Ray Data keep its tasks pending."""
+def check_workers_fit(config: Config, trial_driver_cpus: float = 0.0) -> None:
+    """What the run needs of Ray at once, refused where the Ray this command started lacks it, before
+    the ingest (Ray Train would retry the workers' start for ever, Ray Data keep its tasks pending):
+    the workers (one GPU each with ``train.use_gpu``, else one CPU), the preprocessing stage's least
+    CPUs, ``trial_driver_cpus`` (a Tune trial's driver) and the node pools' labels."""
     train = config.train
-    ray_runtime.check_resources(
-        scaling_config(config).total_resources,
-        f"the {train.num_workers} training worker(s) (train.num_workers={train.num_workers}, "
-        f"train.use_gpu={str(train.use_gpu).lower()})",
-        _fewer_workers)
+    need = dict(scaling_config(config).total_resources)
+    need["CPU"] = need.get("CPU", 0.0) + preprocessing_min_cpus(config.data) + trial_driver_cpus
+    workers = (f"{ray_runtime.counted(train.num_workers, 'training worker')} (train.num_workers={train.num_workers}, "
+               f"train.use_gpu={str(train.use_gpu).lower()})")
+    who = (f"{workers}, the preprocessing and the trial's driver" if trial_driver_cpus
+           else f"{workers} and the preprocessing")
+    ray_runtime.check_resources(need, who, _asks_for_less)
     ray_runtime.check_node_labels(config.cluster.train_selector(), "the training workers")
     ray_runtime.check_node_labels(config.cluster.data_selector(), "the data stages")
 
 
-def _fewer_workers(resource: str, has: float) -> str:
+def _asks_for_less(resource: str, has: float) -> str:
     if resource != "GPU":
-        return "lower train.num_workers"
+        return ("lower train.num_workers, or the preprocessing's CPUs (data.preprocess_num_cpus, "
+                "data.preprocess_min_actors)")
     return "set train.use_gpu=false to train on the CPU" + (f", or train.num_workers={int(has)}" if has >= 1 else "")
 
 

@@ -159,12 +159,19 @@ def check_pretrained_files(config: Config, space: SearchSpace) -> None:
             check_pretrained_file(apply_params(config, {"model.pretrained": value}))
 
 
-def check_trial_workers_fit(config: Config) -> None:
-    """``job.check_workers_fit`` for a trial's training run: a sweep on a Ray that cannot start one
-    would wait for ever."""
+def check_trial_workers_fit(config: Config, space: SearchSpace) -> None:
+    """``job.check_workers_fit`` for a trial's training run (its driver's CPUs included), for each
+    value of ``train.num_workers`` and ``train.use_gpu`` the space lists: a sweep whose trials the
+    Ray it started cannot start would wait for ever."""
     from centernet_ray.ray_train.job import check_workers_fit  # the training job's imports: only here
 
-    check_workers_fit(config)
+    searched = [d for d in space.searched if d.key in ("train.num_workers", "train.use_gpu")]
+    trials = [config] if not searched or trains_the_default(config, space) else []
+    for dimension in searched:
+        if dimension.kind in ("choice", "grid"):
+            trials += [apply_params(config, {dimension.key: value}) for value in dimension.args]
+    for trial in trials:
+        check_workers_fit(trial, trial_driver_cpus=TRIAL_DRIVER_CPUS)
 
 
 def check_batch_norm_batches(config: Config, space: SearchSpace) -> None:
@@ -216,7 +223,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     check_resume(state, settings, name)  # before the ingest, which can take long
     check_same_dataset(state, data_locations, config, name)
     check_pretrained_files(config, space)  # every trial would fail on it, one after another
-    check_trial_workers_fit(config)
+    check_trial_workers_fit(config, space)
     # once, here: concurrent trials would otherwise race to ingest
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
     include_default = trains_the_default(config, space)
