@@ -1,4 +1,6 @@
-"""Connecting to Ray: an existing cluster when one is given, else a local Ray sized for the machine."""
+"""Connecting to Ray (an existing cluster when one is given, else a local Ray sized for the machine),
+and what a command checks of that Ray before its work: the resources and node labels it asks for,
+and where its processes read and write."""
 
 from __future__ import annotations
 
