@@ -116,6 +116,7 @@ def tiny_data(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)  # every config's MLflow artifacts: Hourglass-104's checkpoint alone is 2.3 GB
 
 
+@pytest.mark.timeout(600)  # a shipped GPU config not refused here would wait for a GPU for ever: fail, not hang
 @pytest.mark.parametrize("configs", [_param(configs) for configs in _jobs()])
 def test_config_trains_through_the_cli_and_reports_coco_stats(configs, tiny_data, ray_session, tmp_path, monkeypatch,
                                                               capsys, caplog):

@@ -298,6 +298,7 @@ def test_redeploying_with_another_checkpoint_loses_no_request(ray_session, train
         serve.delete(APP_NAME)
 
 
+@pytest.mark.timeout(300)  # replicas Ray cannot place, if deployed, would keep serve.run waiting: fail, not hang
 def test_a_checkpoint_the_replicas_cannot_load_is_a_one_line_error_not_a_deploy_traceback(ray_session, serve_port,
                                                                                         tmp_path):
     """What names no checkpoint is refused before Serve deploys anything (a run's folder, a missing

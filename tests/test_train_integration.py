@@ -343,6 +343,7 @@ def test_a_resumed_attempt_keeps_its_recorded_plan_until_its_budget_makes_its_ow
     assert (schedule.epochs, schedule.last_epoch_steps) == (11, 2) and engine.schedule.epochs == pytest.approx(32 / 3)
 
 
+@pytest.mark.timeout(240)  # without the refusal the commands wait for a labelled node for ever: fail, not hang
 def test_node_pools_no_node_of_this_ray_carries_are_refused_before_the_ingest(ray_session, shapes_dataset, tmp_path,
                                                                              capsys, caplog, monkeypatch):
     """`cluster.node_pools=true` (`--node-pools` for `data ingest`) on a Ray this command started,

@@ -187,6 +187,7 @@ def test_the_best_config_yaml_trains_unchanged_with_centernet_ray_train(interrup
         t.mlflow_run_id for t in summary.trials)
 
 
+@pytest.mark.timeout(400)  # a sweep on workers this Ray cannot start, not refused, would wait for ever: fail
 def test_a_sweep_whose_every_trial_fails_says_why_and_exits_1(ray_session, shapes_dataset, tmp_path, capsys,
                                                               monkeypatch):
     """Its one trial draws a batch the 24 training images cannot fill: the trial fails in its own
