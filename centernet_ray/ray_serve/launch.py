@@ -4,9 +4,11 @@ shut it down cleanly on SIGTERM (what Kubernetes sends) or SIGINT (Ctrl+C)."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import signal
+import socket
 import threading
 
 from centernet_ray import storage
@@ -39,6 +41,8 @@ def start_app(config: Config, checkpoint: str, flip_test: bool = False) -> str:
     keys_required = ApiKeys.load(settings.api_keys_file).required  # a bad keys file fails here, in one line
     check_replicas_fit(settings)
     check_source(checkpoint, tracking_uri(config))
+    if not joins_a_cluster() and not serve.status().proxies:  # Serve's proxy will bind here, on this machine
+        check_port_free(settings.host, settings.port)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     args = {**dataclasses.asdict(settings), "checkpoint": checkpoint, "flip_test": flip_test,
             "tracking_uri": tracking_uri(config), "api_keys_required": keys_required}
@@ -57,6 +61,30 @@ def check_source(checkpoint: str, store: str) -> None:
         check_model_source(checkpoint, store)
     except FileNotFoundError as exc:
         refuse_or_warn_missing(checkpoint, f"{exc} here (the replicas read it on their nodes)")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse ``host:port`` where Serve's HTTP proxy could not listen: a port another program holds, a
+    host that is not this machine's. The proxy would fail on it after Serve's start, in a traceback
+    and the controller's retries. Bound as uvicorn binds it (``SO_REUSEADDR``: a port whose last
+    connections are closing is free to it)."""
+    where = f"cannot serve on {host}:{port}"
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UserInputError(f"{where}: {exc.strerror}: give --host (serve.host) an address or name of this "
+                             "machine (0.0.0.0 for all of its addresses)") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            fix = {errno.EADDRINUSE: "another program listens there: give another --port (serve.port), or stop it",
+                   errno.EACCES: "ports below 1024 need privileges: give a port above 1023 (--port, serve.port)",
+                   errno.EADDRNOTAVAIL: "no address of this machine: give --host (serve.host) one of its addresses "
+                                        "(0.0.0.0 for all)"}.get(exc.errno, "give another --host or --port")
+            raise UserInputError(f"{where}: {exc.strerror}: {fix}") from None
 
 
 def check_replicas_fit(settings: ServeConfig) -> None:
