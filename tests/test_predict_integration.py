@@ -50,6 +50,7 @@ def test_predict_rejects_a_bad_override_before_starting_work(untrained_checkpoin
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.timeout(300)  # actors that starve the preprocessing, if not refused, wait for ever: fail, not hang
 def test_predict_accepts_any_pillow_image_and_reports_unreadable_files(ray_session, untrained_checkpoint, tmp_path, capsys):
     images = tmp_path / "mixed"
     images.mkdir()
@@ -67,3 +68,13 @@ def test_predict_accepts_any_pillow_image_and_reports_unreadable_files(ray_sessi
     assert "4 images" in printed and "unreadable_images': 1" in printed
     ids = json.loads((out / "images.json").read_text())
     assert len(ids) == 5 and {d["image_id"] for d in json.loads((out / "detections.json").read_text())} <= {int(i) for i in ids}
+    # model actors that, beside the preprocessing, want more CPUs than this Ray has would hold every CPU
+    # while the preprocessing waited for one, for ever: refused before the work, saying how many fit
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    assert main(["predict", "--checkpoint", str(untrained_checkpoint), "--images", str(images), "--output",
+                 str(tmp_path / "refused"), "--actors", str(cpus), "data.preprocess_compute=tasks"]) == 2
+    assert ray_session.cluster_resources().get("GPU") or capsys.readouterr().err == (  # with GPUs, those are short too
+        f"error: {cpus} model actors (--actors {cpus}) and the preprocessing need {cpus + 1} CPUs, but the Ray this "
+        f"command started has {cpus} CPUs: lower --actors (at most {cpus - 1} fit); or run on a cluster that has them "
+        "(RAY_ADDRESS, or `ray job submit`)\n")
+    assert not (tmp_path / "refused").exists()

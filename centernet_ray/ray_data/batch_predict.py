@@ -20,13 +20,13 @@ import torch
 from centernet_ray import storage
 from centernet_ray.checkpoint import (is_mlflow_uri, load_served_model, names_an_alias, read_checkpoint,
                                       resolve_model_uri)
-from centernet_ray.config import with_overrides
+from centernet_ray.config import Config, with_overrides
 from centernet_ray.data.coco import parse_coco
 from centernet_ray.detector import Detector
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
-from centernet_ray.ray_data.pipeline import PipelineReport, preprocess_stage, read_rows
-from centernet_ray.ray_runtime import check_node_labels, warn_if_in_job_working_dir
+from centernet_ray.ray_data.pipeline import PipelineReport, preprocess_stage, preprocessing_min_cpus, read_rows
+from centernet_ray.ray_runtime import check_node_labels, check_resources, counted, warn_if_in_job_working_dir
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,21 @@ def _pinned(checkpoint: str, tracking_uri: str) -> str:
     return f"models:/{version}"
 
 
+def check_actors_fit(config: Config, num_actors: int, use_gpu: bool) -> None:
+    """The model actors (one CPU each, as Ray Data's default, and a GPU each with ``use_gpu``) and the
+    preprocessing stage's least CPUs, refused where the Ray this command started has fewer: the
+    actors would hold every CPU while the preprocessing waited for one, for ever."""
+    preprocessing = preprocessing_min_cpus(config.data)
+    need = {"CPU": num_actors + preprocessing, "GPU": float(num_actors) if use_gpu else 0.0}
+
+    def fewer_actors(resource: str, has: float) -> str:
+        most = int(has - preprocessing) if resource == "CPU" else int(has)
+        return f"lower --actors (at most {most} fit)" if most >= 1 else "lower data.preprocess_num_cpus"
+
+    check_resources({name: amount for name, amount in need.items() if amount > 0},
+                    f"{counted(num_actors, 'model actor')} (--actors {num_actors}) and the preprocessing", fewer_actors)
+
+
 def run_predict(checkpoint: str, output: str, images: str | None = None, parquet: str | None = None,
                 annotations: str | None = None, batch_size: int = 16, num_actors: int = 1,
                 k: int = 100, score_threshold: float = 0.0, flip_test: bool = False,
@@ -145,8 +160,9 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         dataset, id_to_path = read_rows(parquet, batch_size), {}
     check_node_labels(config.cluster.data_selector(), "the preprocessing tasks")
     check_node_labels(config.cluster.train_selector(), "the model actors")
-    report = PipelineReport.remote()
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    check_actors_fit(config, num_actors, use_gpu)
+    report = PipelineReport.remote()
     # the training pipeline's preprocessing stage (compute strategy, CPUs, node pool), at this batch size
     preprocessed = preprocess_stage(dataset, config, train=False, report=report, batch_size=batch_size, max_objects=0,
                                     label_selector=config.cluster.data_selector())
