@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 import logging
 import math
 import signal
@@ -66,25 +67,30 @@ def check_source(checkpoint: str, store: str) -> None:
 def check_port_free(host: str, port: int) -> None:
     """Refuse ``host:port`` where Serve's HTTP proxy could not listen: a port another program holds, a
     host that is not this machine's. The proxy would fail on it after Serve's start, in a traceback
-    and the controller's retries. Bound as uvicorn binds it (``SO_REUSEADDR``: a port whose last
-    connections are closing is free to it)."""
+    and the controller's retries. The probe is the proxy's socket (IPv6 for an IPv6 address, else
+    IPv4; ``SO_REUSEADDR``, so a port whose last connections are closing is free) without the
+    proxy's ``SO_REUSEPORT``, so that a port another Serve holds is refused too, not shared with it."""
     where = f"cannot serve on {host}:{port}"
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                         flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise UserInputError(f"{where}: {exc.strerror}: give --host (serve.host) an address or name of this "
-                             "machine (0.0.0.0 for all of its addresses)") from None
-    with socket.socket(family, kind) as probe:
+    with socket.socket(socket.AF_INET6 if _is_ipv6_address(host) else socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(address)
+            probe.bind((host, port))
+        except socket.gaierror as exc:
+            raise UserInputError(f"{where}: {exc.strerror}: give --host (serve.host) an address or name of this "
+                                 "machine (0.0.0.0 for all of its addresses)") from None
         except OSError as exc:
             fix = {errno.EADDRINUSE: "another program listens there: give another --port (serve.port), or stop it",
                    errno.EACCES: "ports below 1024 need privileges: give a port above 1023 (--port, serve.port)",
                    errno.EADDRNOTAVAIL: "no address of this machine: give --host (serve.host) one of its addresses "
                                         "(0.0.0.0 for all)"}.get(exc.errno, "give another --host or --port")
             raise UserInputError(f"{where}: {exc.strerror}: {fix}") from None
+
+
+def _is_ipv6_address(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:  # a name: the proxy binds it as IPv4
+        return False
 
 
 def check_replicas_fit(settings: ServeConfig) -> None:
