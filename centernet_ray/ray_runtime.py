@@ -92,7 +92,7 @@ def check_resources(need: dict[str, float], what: str, fix: Callable[[str, float
     less: Ray would wait for them for ever (Ray Train retries its workers' start every minute, Serve
     keeps a replica pending). On a cluster joined, whose autoscaler may start such nodes, warn.
     ``what`` names who asks (plural verb); ``fix(resource, amount the Ray has)`` says what setting
-    asks for less."""
+    asks for less. An amount of 0 asks for nothing."""
     if not ray.is_initialized():
         return
     total = ray.cluster_resources()

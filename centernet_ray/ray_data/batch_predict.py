@@ -123,8 +123,8 @@ def check_actors_fit(config: Config, num_actors: int, use_gpu: bool) -> None:
         most = int(has - preprocessing) if resource == "CPU" else int(has)
         return f"lower --actors (at most {most} fit)" if most >= 1 else "lower data.preprocess_num_cpus"
 
-    check_resources({name: amount for name, amount in need.items() if amount > 0},
-                    f"{counted(num_actors, 'model actor')} (--actors {num_actors}) and the preprocessing", fewer_actors)
+    check_resources(need, f"{counted(num_actors, 'model actor')} (--actors {num_actors}) and the preprocessing",
+                    fewer_actors)
 
 
 def run_predict(checkpoint: str, output: str, images: str | None = None, parquet: str | None = None,

@@ -100,11 +100,14 @@ def check_replicas_fit(settings: ServeConfig) -> None:
     replicas, gpus = settings.num_replicas, settings.num_gpus
     per_gpu = math.floor(1 / gpus) if 0 < gpus < 1 else 0
     need = {"CPU": replicas + 1.0, "GPU": math.ceil(replicas / per_gpu) if per_gpu else replicas * gpus}
-    check_resources({name: amount for name, amount in need.items() if amount > 0},
-                    f"{counted(replicas, 'model replica')} (serve.num_replicas={replicas}, serve.num_gpus={gpus:g}) "
-                    "and the ingress",
-                    lambda resource, _has: ("set serve.num_gpus=0 (--num-gpus 0) to serve on the CPU" if resource == "GPU"
-                                            else "lower serve.num_replicas (--replicas)"))
+    check_resources(need, f"{counted(replicas, 'model replica')} (serve.num_replicas={replicas}, "
+                          f"serve.num_gpus={gpus:g}) and the ingress", _fewer_replicas)
+
+
+def _fewer_replicas(resource: str, _has: float) -> str:
+    if resource == "GPU":
+        return "set serve.num_gpus=0 (--num-gpus 0) to serve on the CPU"
+    return "lower serve.num_replicas (--replicas)"
 
 
 def _deploy_failure(exc: RuntimeError, delete: bool) -> Exception:
