@@ -160,7 +160,7 @@ def test_config_trains_through_the_cli_and_reports_coco_stats(configs, tiny_data
 def _assert_gpu_workers_are_refused_here_and_waited_for_on_a_cluster(config, overrides, monkeypatch, capsys, caplog):
     import logging
 
-    from centernet_ray.ray_train.job import check_workers_fit
+    from centernet_ray.ray_train.preflight import check_workers_fit
 
     shipped = [override for override in overrides if override not in ("train.use_gpu=false", "train.num_workers=1")]
     shipped.append(f"data.parquet_dir=refused-{config.stem}")  # "parquet" holds the runs' before this one

@@ -146,10 +146,10 @@ def trains_the_default(config: Config, space: SearchSpace) -> bool:
 
 
 def check_pretrained_files(config: Config, space: SearchSpace) -> None:
-    """``job.check_pretrained_file`` for each ``model.pretrained`` a trial may train from: each listed
+    """``preflight.check_pretrained_file`` for each ``model.pretrained`` a trial may train from: each listed
     value when it is searched (a choice or grid), and the base config's when a trial trains it
     unchanged (``tune.include_default``) or it is not searched."""
-    from centernet_ray.ray_train.job import check_pretrained_file  # the training job's imports: only here
+    from centernet_ray.ray_train.preflight import check_pretrained_file  # its imports (the model zoo): only here
 
     searched = next((d for d in space.searched if d.key == "model.pretrained"), None)
     if searched is None or trains_the_default(config, space):
@@ -160,10 +160,10 @@ def check_pretrained_files(config: Config, space: SearchSpace) -> None:
 
 
 def check_trial_workers_fit(config: Config, space: SearchSpace) -> None:
-    """``job.check_workers_fit`` for a trial's training run (its driver's CPUs included), for each
+    """``preflight.check_workers_fit`` for a trial's training run (its driver's CPUs included), for each
     value of ``train.num_workers`` and ``train.use_gpu`` the space lists: a sweep whose trials the
     Ray it started cannot start would wait for ever."""
-    from centernet_ray.ray_train.job import check_workers_fit  # the training job's imports: only here
+    from centernet_ray.ray_train.preflight import check_workers_fit  # its imports (the model zoo): only here
 
     searched = [d for d in space.searched if d.key in ("train.num_workers", "train.use_gpu")]
     trials = [config] if not searched or trains_the_default(config, space) else []
