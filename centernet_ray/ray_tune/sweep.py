@@ -145,18 +145,24 @@ def trains_the_default(config: Config, space: SearchSpace) -> bool:
     return config.tune.include_default and not space.has_grid()
 
 
+def trial_configs(config: Config, space: SearchSpace, keys: tuple[str, ...]) -> list[Config]:
+    """The configs, as far as ``keys`` go, that a trial may train: one per value the space lists for
+    a searched key (a choice or grid), and the base config when a trial trains it unchanged
+    (``tune.include_default``) or none of ``keys`` is searched."""
+    searched = [d for d in space.searched if d.key in keys]
+    configs = [config] if not searched or trains_the_default(config, space) else []
+    for dimension in searched:
+        if dimension.kind in ("choice", "grid"):
+            configs += [apply_params(config, {dimension.key: value}) for value in dimension.args]
+    return configs
+
+
 def check_pretrained_files(config: Config, space: SearchSpace) -> None:
-    """``preflight.check_pretrained_file`` for each ``model.pretrained`` a trial may train from: each listed
-    value when it is searched (a choice or grid), and the base config's when a trial trains it
-    unchanged (``tune.include_default``) or it is not searched."""
+    """``preflight.check_pretrained_file`` for each ``model.pretrained`` a trial may train from."""
     from centernet_ray.ray_train.preflight import check_pretrained_file  # its imports (the model zoo): only here
 
-    searched = next((d for d in space.searched if d.key == "model.pretrained"), None)
-    if searched is None or trains_the_default(config, space):
-        check_pretrained_file(config)
-    if searched is not None and searched.kind in ("choice", "grid"):
-        for value in searched.args:
-            check_pretrained_file(apply_params(config, {"model.pretrained": value}))
+    for trial in trial_configs(config, space, ("model.pretrained",)):
+        check_pretrained_file(trial)
 
 
 def check_trial_workers_fit(config: Config, space: SearchSpace) -> None:
@@ -165,12 +171,7 @@ def check_trial_workers_fit(config: Config, space: SearchSpace) -> None:
     Ray it started cannot start would wait for ever."""
     from centernet_ray.ray_train.preflight import check_workers_fit  # its imports (the model zoo): only here
 
-    searched = [d for d in space.searched if d.key in ("train.num_workers", "train.use_gpu")]
-    trials = [config] if not searched or trains_the_default(config, space) else []
-    for dimension in searched:
-        if dimension.kind in ("choice", "grid"):
-            trials += [apply_params(config, {dimension.key: value}) for value in dimension.args]
-    for trial in trials:
+    for trial in trial_configs(config, space, ("train.num_workers", "train.use_gpu")):
         check_workers_fit(trial, trial_driver_cpus=TRIAL_DRIVER_CPUS)
 
 
