@@ -54,6 +54,35 @@ def test_ingest_is_idempotent_and_reads_file_uris(shapes_dataset, tmp_path):
     assert not by_uri.reused and pq.read_table(tmp_path / "fresh").equals(pq.read_table(tmp_path / "pq"))
 
 
+def test_images_fixed_in_place_after_the_report_are_ingested_by_the_rerun(shapes_dataset, tmp_path, caplog):
+    """The ingest reports an unreadable and a missing image; the user mends both and reruns: the
+    rerun reads them (it used to find the same annotation file and reuse the shards without them)."""
+    root, instances = broken_copy(shapes_dataset, tmp_path)
+    args = (str(root / "images"), str(root / "instances.json"), str(tmp_path / "pq"))
+    first = ingest_coco(*args)
+    assert first.report["unreadable_images"] == 1 and first.report["missing_images"] == 1 and first.rows == 10
+    assert ingest_coco(*args).reused  # nothing changed: nothing is read again
+    for image in instances["images"][:2]:
+        shutil.copy(shapes_dataset / "images" / "val" / image["file_name"], root / "images" / image["file_name"])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="centernet_ray.ray_data.ingest"):
+        mended = ingest_coco(*args)
+    assert not mended.reused and mended.rows == 12 and pq.read_table(tmp_path / "pq").num_rows == 12
+    assert mended.report["unreadable_images"] == 0 and mended.report["missing_images"] == 0
+    assert "holds an earlier ingest, and the image files changed since: ingesting again" in caplog.text
+    assert mended.annotations_sha256 == first.annotations_sha256 and mended.fingerprint != first.fingerprint
+    assert ingest_coco(*args).reused
+
+
+@pytest.mark.parametrize("inside", ["parquet", "."])
+def test_shards_written_among_the_images_are_not_taken_for_changed_images(shapes_dataset, tmp_path, inside):
+    images = tmp_path / "images"
+    shutil.copytree(shapes_dataset / "images" / "val", images)
+    args = (str(images), str(shapes_dataset / "annotations" / "instances_val.json"), str(images / inside))
+    assert not ingest_coco(*args).reused
+    assert ingest_coco(*args).reused
+
+
 def test_an_image_that_cannot_be_read_stops_the_ingest_rather_than_being_dropped_for_good(shapes_dataset, tmp_path):
     """Only a missing file is dropped; another read failure (here: a directory where the image should
     be; on object storage, throttling or a timeout) would otherwise be frozen into the manifest."""

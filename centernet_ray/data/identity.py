@@ -6,7 +6,8 @@ first. Locations are compared as written, not as absolute paths: a relative path
 files from another folder or another session of a Ray job. The same locations may hold other files
 by the time of a rerun (annotations fixed or regenerated in place), hence the annotation files'
 sha256 (not kept for the synthetic default, whose files follow from its settings). Images changed in
-place are not detected: hashing every image would be an ingest.
+place do not refuse a rerun (hashing every image would be an ingest): the ingest finds them by its
+listing of the image files and ingests them again, and a resumed run trains on them.
 """
 
 from __future__ import annotations

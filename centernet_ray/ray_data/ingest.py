@@ -6,8 +6,10 @@ Ray Data task per shard on the CPU pool (or in this process when Ray is not runn
 One row per usable image: ``image_id``, ``file_name``, ``width``, ``height``, ``image`` (the
 original encoded bytes), ``boxes`` (flat float32 x1, y1, x2, y2, ... in image pixels) and
 ``labels`` (int32 contiguous class indices). ``_manifest.json`` beside the shards holds the class
-list, the shard names, the counts of everything dropped and a fingerprint of the input: rerunning
-on the same input finds the fingerprint and rewrites nothing.
+list, the shard names, the counts of everything dropped and a fingerprint of the input (the
+annotation file's content, the image location, a listing of the image files by name, size and
+modification time, the shard size): rerunning on the same input finds the fingerprint and rewrites
+nothing, while images added, fixed or removed since are ingested again.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +53,7 @@ class IngestResult:
     report: dict[str, int]
     bytes_written: int
     reused: bool  # True when an identical earlier ingest was found and nothing was rewritten
-    fingerprint: str = ""  # sha256 of the annotation file, the image location and the shard size
+    fingerprint: str = ""  # sha256 of the annotation file, the image location and listing, and the shard size
     annotations_sha256: str = ""  # sha256 of the annotation file alone: the same file wherever it is
 
 
@@ -68,13 +71,43 @@ def check_image(data: bytes) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def _fingerprint(annotations_digest: Any, images: str, shard_size: int) -> str:
+def _fingerprint(annotations_digest: Any, images: str, images_listing: str, shard_size: int) -> str:
     """``annotations_digest`` (the annotation file's ``hashlib.sha256``, left as it is) extended with
-    the image location and the shard size."""
+    the image location, its listing (``images_listing``) and the shard size."""
     fs, path = storage.resolve(images)  # "/data/x" and "file:///data/x" are the same input
     digest = annotations_digest.copy()
-    digest.update(f"|{fs.type_name}:{path}|{shard_size}|v{FORMAT_VERSION}".encode())
+    digest.update(f"|{fs.type_name}:{path}|{images_listing}|{shard_size}|v{FORMAT_VERSION}".encode())
     return digest.hexdigest()
+
+
+def images_listing(images: str, output: str) -> str:
+    """The sha256 of the files under ``images`` as one listing gives them (name, size, modification
+    time), without reading any: an image added, removed or replaced in place (a corrupt one fixed)
+    changes it. The ingest's own files are left out should ``output`` lie among the images."""
+    images_fs, images_path = storage.resolve(images)
+    output_fs, output_path = storage.resolve(output)
+    inside = posixpath.relpath(output_path, images_path) if output_fs.type_name == images_fs.type_name else ".."
+
+    def is_output(name: str) -> bool:
+        if inside == ".":  # the shards written beside the images
+            return "/" not in name and (name == MANIFEST or name.startswith("part-"))
+        return inside != ".." and not inside.startswith("../") and name.startswith(inside + "/")
+
+    digest = hashlib.sha256()
+    for name, (size, mtime_ns) in sorted(storage.file_stats(images).items()):
+        if not is_output(name):
+            digest.update(f"{name}\0{size}\0{mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _changes(previous: dict, annotations_sha256: str, listing: str) -> str:
+    """What differs from the earlier ingest's manifest ``previous``, in words."""
+    changed = [what for what, key, value in (("the annotation file", "annotations_sha256", annotations_sha256),
+                                             ("the image files", "images_listing", listing))
+               if key in previous and previous[key] != value]
+    if changed:
+        return f"an earlier ingest, and {' and '.join(changed)} changed since"
+    return "an ingest of another input or shard size"
 
 
 def read_manifest(output: str) -> dict | None:
@@ -174,7 +207,8 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     storage.require_bucket(output)
     annotation_bytes = storage.read_bytes(annotations)
     annotations_digest = hashlib.sha256(annotation_bytes)
-    fingerprint = _fingerprint(annotations_digest, str(images), shard_size)
+    listing = images_listing(str(images), output)
+    fingerprint = _fingerprint(annotations_digest, str(images), listing, shard_size)
     digests = dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest())
     previous = read_manifest(output)
     if previous and previous.get("fingerprint") == fingerprint and not force:
@@ -182,6 +216,8 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
         return IngestResult(output, previous["rows"], previous["shards"], previous["category_ids"],
                             previous["class_names"], previous["report"], previous["bytes_written"], reused=True,
                             **digests)
+    if previous and not force:
+        log.info("ingest: %s holds %s: ingesting again", output, _changes(previous, digests["annotations_sha256"], listing))
 
     dataset = parse_coco(json.loads(annotation_bytes), str(annotations))
     del annotation_bytes
@@ -205,6 +241,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     counts = report.counts()
     manifest = {
         "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "images": str(images),
+        "annotations_sha256": digests["annotations_sha256"], "images_listing": listing,
         "annotations": str(annotations), "rows": rows, "shards": shards, "category_ids": dataset.category_ids,
         "class_names": dataset.class_names, "report": counts, "examples": report.examples, "bytes_written": written,
     }
