@@ -84,6 +84,25 @@ class CtrlC(WorkerCallback):
             time.sleep(60)
 
 
+class SecondCommand(WorkerCallback):
+    """Rank 0, at the start of ``epoch``, runs ``centernet-ray train CONFIG`` (``config_file``) as a
+    second terminal would, on the run being trained, and writes its exit status and stderr to ``out``."""
+
+    def __init__(self, config_file: Path, epoch: int, out: Path) -> None:
+        self.config_file, self.epoch, self.out = str(config_file), epoch, str(out)
+
+    def on_epoch_start(self, epoch: int, rank: int, resumed: bool) -> None:
+        if epoch == self.epoch and rank == 0 and not resumed:
+            import contextlib
+            import io
+
+            from centernet_ray.cli import main
+
+            with contextlib.redirect_stderr(io.StringIO()) as stderr:
+                status = main(["train", self.config_file])
+            Path(self.out).write_text(f"{status}\n{stderr.getvalue()}")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def callbacks_travel_by_value():
     """The workers cannot import this test module: ship its callback classes inside the pickle."""
@@ -259,20 +278,30 @@ def test_the_best_checkpoint_by_its_own_ap_is_kept_beside_the_latest(ray_session
 def test_ctrl_c_stops_the_run_says_how_to_resume_and_the_rerun_resumes_it(ray_session, tiny_config, tmp_path):
     """Ctrl+C in the second epoch: Ray Train aborts the run (and exits from inside ``fit``); the job
     says where its latest checkpoint is and marks its MLflow run KILLED; the same command again
-    trains the second epoch only, into the same MLflow run, which ends FINISHED."""
+    trains the second epoch only, into the same MLflow run, which ends FINISHED. The same command
+    started in a second terminal while the run trains is refused, and Ctrl+C frees the run's folder."""
     from mlflow import MlflowClient
 
     from centernet_ray.config import with_overrides
     from centernet_ray import ray_compat
+    from centernet_ray.lease import LEASE_FILE
     from centernet_ray.ray_train.job import TrainingInterrupted, run_training
 
     config = with_overrides(tiny_config.to_dict(), ["train.num_workers=1", "train.run_name=ctrl-c"])
     epoch_log = tmp_path / "epochs.txt"
+    (tmp_path / "ctrl-c.yaml").write_text(config.to_yaml())
+    second = tmp_path / "second.txt"
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as interrupted:
-        run_training(config, [EpochLog(epoch_log), CtrlC(os.getpid(), 1, tmp_path / "runs" / "ctrl-c" /
-                                                         ray_compat.TRAIN_SNAPSHOT_FILE)])
+        run_training(config, [EpochLog(epoch_log), SecondCommand(tmp_path / "ctrl-c.yaml", 1, second),
+                              CtrlC(os.getpid(), 1, tmp_path / "runs" / "ctrl-c" / ray_compat.TRAIN_SNAPSHOT_FILE)])
     assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's handler does not outlive the run
+    status, message = second.read_text().split("\n", 1)
+    assert status == "2" and message.startswith(f"error: training run ctrl-c ({tmp_path / 'runs' / 'ctrl-c'}) is in use "
+                                                 f"by another command: `") and f"(pid {os.getpid()} on " in message
+    assert "Wait for it to end, or give this run its own train.run_name." in message
+    assert len(set(message.splitlines())) == 1, message  # one line (twice here: Ray Train's workers patch print to log it)
+    assert not (tmp_path / "runs" / "ctrl-c" / LEASE_FILE).exists()
     checkpoint = tmp_path / "runs" / "ctrl-c" / "epoch_0001"
     assert f"its latest checkpoint is epoch 1 in {checkpoint}: rerun the same command to resume" in str(interrupted.value)
     client = MlflowClient(config.tracking.tracking_uri)

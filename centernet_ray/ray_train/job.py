@@ -21,7 +21,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunCo
 from ray.train import UserCallback
 from ray.train.torch import TorchTrainer
 
-from centernet_ray import ray_compat, ray_runtime, storage
+from centernet_ray import lease, ray_compat, ray_runtime, storage
 from centernet_ray.checkpoint import DATA_LOCATIONS_FILE, RUN_CONFIG_FILE, changed_settings
 from centernet_ray.config import Config, ConfigError, check_batch_norm_batch, config_from_dict
 from centernet_ray.data.identity import changed_dataset, dataset_record, given_data_locations
@@ -281,9 +281,19 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     if finished is not None:
         return finished
     check_batch_norm_batch(config)  # before Ray starts: answered at once
-    ray_runtime.init_ray()
-    trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source, started_at=started_at,
-                                    launch=launch)
+    folder = run_folder(absolute)
+    with lease.held(folder, what=f"training run {default_run_name(config)} ({folder})",
+                    instead="Give this run its own train.run_name.") as held:
+        ray_runtime.init_ray()
+        trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source,
+                                        started_at=started_at, launch=launch)
+        held.confirm()
+        return _train_and_summarise(trainer, report, config, absolute, launch, started, source)
+
+
+def _train_and_summarise(trainer: TorchTrainer, report: Any, config: Config, absolute: Config, launch: str,
+                         started: float, source: str | None) -> TrainSummary:
+    """``run_training``'s fit and summary (``absolute``: ``config`` with absolute paths)."""
     previous_handler = signal.getsignal(signal.SIGINT)  # fit() installs Ray Train's Ctrl+C handler for good
     try:
         result = fit(trainer, config, launch)

@@ -11,7 +11,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from centernet_ray import storage
+from centernet_ray import lease, storage
 from centernet_ray.checkpoint import learned_settings
 from centernet_ray.config import Config, ConfigError, check_batch_norm_batch
 from centernet_ray.data.identity import changed_dataset, dataset_record, given_data_locations
@@ -217,6 +217,17 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     experiment = storage.join(root, name)
     warn_if_node_local_tracking(config.tracking.tracking_uri)
     warn_if_storage_in_job_working_dir(root, "the sweep's train.storage_path")
+    with lease.held(experiment, what=f"sweep {name} ({experiment})",
+                    instead="Give this sweep its own tune.name.") as held:
+        return _sweep(config, space, source, data_locations, started, held)
+
+
+def _sweep(config: Config, space: SearchSpace, source: str, data_locations: dict[str, str], started: float,
+           held: lease.Lease) -> SweepSummary:
+    """``run_sweep``'s checks of the resume, ingest, Tuner and summary, while this command holds the
+    sweep's folder (``held``); ``config`` with absolute paths and the space's fixed values."""
+    name, root = sweep_name(config), storage.default_storage_path(config)
+    experiment = storage.join(root, name)
     state_uri = storage.join(experiment, SWEEP_STATE_FILE)
     restoring = tune.Tuner.can_restore(experiment)
     state = json.loads(storage.read_bytes(state_uri)) if restoring and storage.exists(state_uri) else {}
@@ -227,6 +238,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     check_trial_workers_fit(config, space)
     # once, here: concurrent trials would otherwise race to ingest
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
+    held.confirm()
     include_default = trains_the_default(config, space)
     if config.tune.include_default and space.has_grid():
         log.info("the search space has grid: entries; the default config is not added as a trial of its own")

@@ -1,0 +1,98 @@
+"""One command at a time per run folder (``centernet_ray/lease.py``): refused while held, taken over
+once its holder has been silent for ``STALE_AFTER_S``, freed on the way out."""
+
+import json
+import time
+
+import pytest
+
+from centernet_ray import lease
+from centernet_ray.errors import UserInputError
+
+
+def held(folder):
+    return lease.held(str(folder), what="training run r (folder)", instead="Give this run its own train.run_name.")
+
+
+def test_a_held_folder_refuses_a_second_command_and_is_free_once_released(tmp_path):
+    with held(tmp_path / "run") as first:
+        record = json.loads((tmp_path / "run" / lease.LEASE_FILE).read_text())
+        assert record["token"] == first.token and record["pid"] > 0 and record["host"]
+        with pytest.raises(UserInputError) as refused:
+            with held(tmp_path / "run"):
+                pass
+        message = str(refused.value)
+        assert message.startswith(f"training run r (folder) is in use by another command: `{record['command']}` "
+                                  f"(pid {record['pid']} on {record['host']}, started ")
+        assert "Wait for it to end, or give this run its own train.run_name. If that command is gone" in message
+        assert f"or delete {tmp_path / 'run' / lease.LEASE_FILE}" in message
+        assert (tmp_path / "run" / lease.LEASE_FILE).exists()  # the refused command left the holder's lease
+        first.confirm()
+    assert not (tmp_path / "run" / lease.LEASE_FILE).exists()
+    with held(tmp_path / "run"):  # free again
+        pass
+
+
+def test_a_lease_is_freed_when_the_block_raises(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with held(tmp_path):
+            raise KeyboardInterrupt
+    assert not (tmp_path / lease.LEASE_FILE).exists()
+
+
+@pytest.mark.parametrize("content", ["stale", "unreadable"])
+def test_a_lease_whose_holder_went_silent_is_taken_over_with_a_warning(tmp_path, caplog, content):
+    """A holder killed before it could clean up: its heartbeat stops, and after STALE_AFTER_S the
+    next command takes the folder; a file that is not a lease names no holder to wait for."""
+    silent_since = time.time() - lease.STALE_AFTER_S - 1
+    text = (json.dumps({"token": "old", "pid": 1, "host": "gone", "command": "centernet-ray train",
+                        "started": silent_since, "heartbeat": silent_since}) if content == "stale" else '{"tok')
+    (tmp_path / lease.LEASE_FILE).write_text(text)
+    with held(tmp_path) as taken:
+        assert json.loads((tmp_path / lease.LEASE_FILE).read_text())["token"] == taken.token
+    assert not (tmp_path / lease.LEASE_FILE).exists()
+    if content == "stale":
+        assert "taking over training run r (folder) from a command last seen 61 s ago" in caplog.text
+
+
+def test_a_lease_seen_within_the_stale_time_says_when_it_frees(tmp_path):
+    seen = time.time() - 20
+    (tmp_path / lease.LEASE_FILE).write_text(json.dumps({"token": "other", "pid": 7, "host": "h", "command": "c",
+                                                        "started": seen, "heartbeat": seen}))
+    with pytest.raises(UserInputError, match=r"last seen 20 s ago\)\. .* the folder is free (39|40) s from now"):
+        with held(tmp_path):
+            pass
+
+
+def test_two_commands_in_the_same_instant_the_one_whose_write_was_lost_is_refused(tmp_path):
+    """Both found no lease and wrote theirs: the later write lasts, and the other command, reading
+    the lease back before its work, is refused and leaves the winner's lease in place."""
+    with held(tmp_path) as lost:
+        winner = {**lost.record, "token": "winner", "pid": 99}
+        (tmp_path / lease.LEASE_FILE).write_text(json.dumps(winner))
+        with pytest.raises(UserInputError, match=r"was taken by another command that started at the same time: .*pid 99"):
+            lost.confirm()
+    assert json.loads((tmp_path / lease.LEASE_FILE).read_text())["token"] == "winner"
+
+
+def test_the_holder_renews_its_heartbeat(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    with held(tmp_path) as holding:
+        first = json.loads((tmp_path / lease.LEASE_FILE).read_text())["heartbeat"]
+        deadline = time.monotonic() + 10
+        while json.loads((tmp_path / lease.LEASE_FILE).read_text())["heartbeat"] == first:
+            assert time.monotonic() < deadline, "no heartbeat in 10 s"
+            time.sleep(0.05)
+        holding.confirm()
+
+
+def test_a_command_that_wrote_nothing_leaves_no_folder_behind(tmp_path):
+    """Refused by a check after taking the lease (its Ray lacks a GPU, say): the run folder and the
+    parents the lease created go with it; a folder that holds anything else stays."""
+    with pytest.raises(UserInputError):
+        with held(tmp_path / "outputs" / "runs" / "r"):
+            raise UserInputError("refused before its work")
+    assert list(tmp_path.iterdir()) == []
+    with held(tmp_path / "outputs" / "runs" / "r"):
+        (tmp_path / "outputs" / "runs" / "r" / "epoch_0001").mkdir()
+    assert [p.name for p in (tmp_path / "outputs" / "runs" / "r").iterdir()] == ["epoch_0001"]
