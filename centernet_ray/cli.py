@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -257,7 +260,8 @@ def _run_and_report(run: Callable[[], Any], interrupted: type[Exception], format
     from centernet_ray.ray_runtime import stop_local_ray
 
     try:
-        summary = run()
+        with sigterm_as_ctrl_c():
+            summary = run()
     except interrupted as exc:
         stop_local_ray()
         print(f"interrupted: {exc}", file=sys.stderr)
@@ -269,6 +273,22 @@ def _run_and_report(run: Callable[[], Any], interrupted: type[Exception], format
     if failed := summary.failure():
         print(f"error: {failed}", file=sys.stderr)
     return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (``ray job stop``, Kubernetes stopping a pod, ``kill``) stops the block as Ctrl+C
+    does: a run or sweep then stops resumably, its MLflow run marked and its folder's lease
+    removed, where SIGTERM's default would end the process on the spot. Only in the main thread,
+    where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -400,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         # of the program or its environment and keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C (or SIGTERM, see sigterm_as_ctrl_c) before a run's own handling began
+        print("interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # stop quietly, as `cat` does; to /dev/null, Python's flush at exit cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import ray
 import ray.data
@@ -34,7 +36,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         # instead of sending tqdm bars that the driver redraws with cursor movements.
         ray.data.DataContext.get_current().use_ray_tqdm = False
     if joins_a_cluster():
-        ray.init(log_to_driver=True)
+        _init_keeping_sigterm_handler(log_to_driver=True)
         log.info("connected to Ray cluster: %s", ray.cluster_resources())
         return
     cpus = num_cpus or max(8, os.cpu_count() or 1)
@@ -44,10 +46,21 @@ def init_ray(num_cpus: int | None = None) -> None:
     # by ASHA) is never removed, and its CPUs stay reserved until Ray stops.
     # address="local": a new local Ray even when another one runs on this machine (`ray start`, a
     # second command), which ray.init() without an address would join instead.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    _init_keeping_sigterm_handler(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     global _local_ray_started_here
     _local_ray_started_here = True
     log.info("started local Ray with %d logical CPUs on %d cores", cpus, os.cpu_count() or 1)
+
+
+def _init_keeping_sigterm_handler(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)``, keeping the SIGTERM handler this process had set: ``ray.init`` sets
+    its own (``sys.exit``; its core worker also sets a C handler, after which the process aborts at
+    exit), where the CLI's stops a run or sweep as Ctrl+C does (``cli.sigterm_as_ctrl_c``)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
+    ray.init(**kwargs)
+    if callable(handler):
+        signal.signal(signal.SIGTERM, handler)
 
 
 def stop_local_ray() -> None:

@@ -373,6 +373,37 @@ def test_an_interrupted_training_run_says_how_to_resume_and_exits_130(capsys, mo
         err.rstrip().endswith("rerun the same command to resume from it")
 
 
+@pytest.mark.parametrize("command, runner", [("train", "centernet_ray.ray_train.job.run_training"),
+                                             ("tune", "centernet_ray.ray_tune.sweep.run_sweep")])
+def test_sigterm_stops_a_run_or_sweep_as_ctrl_c_does(capsys, monkeypatch, command, runner):
+    """`ray job stop`, Kubernetes and `kill` send SIGTERM: `train` and `tune` raise SIGINT instead, so
+    the run's own Ctrl+C handler (Ray Train's, Tune's) stops it resumably (the real one:
+    test_tune_integration.py stops a sweep with SIGTERM); before there is one (Ctrl+C during the
+    ingest), the command says "interrupted" and exits 130, with no traceback."""
+    import signal
+    import time
+
+    seen = []
+
+    def run(*args, **kwargs):
+        signal.signal(signal.SIGINT, lambda signum, frame: seen.append(signum))  # the run's handler
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # Python runs the handlers between bytecodes
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # no handler of the run's yet
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: None)
+    monkeypatch.setattr(runner, run)
+    try:
+        assert main([command, "demo" if command == "train" else "tune/demo"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert seen == [signal.SIGINT] and capsys.readouterr().err == "interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler does not outlive it
+
+
 def test_the_ray_job_entry_points_print_plain_text_when_stdout_is_not_a_terminal():
     """`python -m tune.sweep` / `pipelines.ingest` / `pipelines.predict` (what `ray job submit` runs)
     make their output plain as `centernet-ray` does: their logs are read with `ray job logs`."""

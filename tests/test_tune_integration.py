@@ -1,9 +1,11 @@
-"""The sweep on a real local Ray: Ctrl+C after the first trial, resume, ASHA, nested MLflow runs, best config.
+"""The sweep on a real local Ray: stopped after the first trial, resume, ASHA, nested MLflow runs, best config.
 
 One sweep of 2 trials (tests/tiny_tune.yaml + tests/tiny_space.yaml): the first trial trains the
 default config, the sampled one has a learning rate of 1e-9 and cannot learn. The sweep runs
-as `centernet-ray tune` in a subprocess attached to the session's Ray, gets SIGINT (Ctrl+C) as soon
-as the first trial finishes, and is then resumed with the same name and storage path.
+as `centernet-ray tune` in a subprocess attached to the session's Ray, gets SIGTERM (what `ray job
+stop` and Kubernetes send; the command turns it into Ctrl+C's SIGINT, which
+test_train_integration.py sends to a training run) as soon as the first trial finishes, and is then
+resumed with the same name and storage path.
 
 Both run in a fresh directory with no MLflow settings, as a new user runs them: the sweep's run and
 every trial's run must be in that directory's `mlflow.db`, where `mlflow ui` looks.
@@ -71,7 +73,7 @@ def interrupted_then_resumed(ray_session, sweep_paths):
     try:
         finished = _wait_for_line(process, "finished after epoch 2/2", log, timeout=400)
         assert finished, "the first trial never finished:\n" + "".join(log[-60:])
-        process.send_signal(signal.SIGINT)  # Ctrl+C
+        process.send_signal(signal.SIGTERM)  # `ray job stop`: stopped as by Ctrl+C
         out, _ = process.communicate(timeout=180)
         log.append(out)
     finally:
