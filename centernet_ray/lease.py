@@ -73,6 +73,7 @@ class Lease:
     instead: str
     record: dict
     _stop: threading.Event = field(default_factory=threading.Event)
+    _heartbeat: threading.Thread | None = None
     _lost: bool = False
 
     @property
@@ -93,8 +94,8 @@ class Lease:
             try:
                 current = _read(self.path)
                 if current is not None and current["token"] != self.token:
-                    log.error("another command took %s over (this one was silent for %.0f s): %s", self.what,
-                              STALE_AFTER_S, _describe(current, time.time()))
+                    log.error("another command took %s over (this one's lease was not renewed for %.0f s): %s",
+                              self.what, STALE_AFTER_S, _describe(current, time.time()))
                     self._lost = True
                     return
                 self.record["heartbeat"] = time.time()
@@ -105,6 +106,8 @@ class Lease:
     def release(self) -> None:
         """Stop the heartbeat and remove the lease file, unless another command holds it now."""
         self._stop.set()
+        if self._heartbeat is not None:  # a renewal under way would write the file again after its removal
+            self._heartbeat.join(timeout=60)
         if self._lost:
             return
         try:
@@ -141,8 +144,8 @@ def held(folder: str, *, what: str, instead: str) -> Iterator[Lease]:
               "started": now, "heartbeat": now}
     _write(path, record)
     lease = Lease(path, what, instead, record)
-    beat = threading.Thread(target=lease._beat, name="lease-heartbeat", daemon=True)
-    beat.start()
+    lease._heartbeat = threading.Thread(target=lease._beat, name="lease-heartbeat", daemon=True)
+    lease._heartbeat.start()
     try:
         yield lease
     finally:
