@@ -178,16 +178,15 @@ def file_names(folder: str | Path) -> set[str]:
     """The files under ``folder`` (recursively), as paths relative to it with "/" separators; empty
     when it does not exist. One listing, where a check per file would be a request per file on
     object storage."""
-    return set(file_stats(folder))
+    return set(file_sizes(folder))
 
 
-def file_stats(folder: str | Path) -> dict[str, tuple[int, int | None]]:
-    """The files under ``folder`` (recursively), as ``file_names`` gives them, each with its size
-    and modification time in nanoseconds (None where the filesystem keeps none), from one listing."""
+def file_sizes(folder: str | Path) -> dict[str, int]:
+    """The files under ``folder`` (recursively), as ``file_names`` gives them, each with its size in
+    bytes, from one listing."""
     fs, path = resolve(folder)
     found = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return {posixpath.relpath(info.path, path): (info.size, info.mtime_ns)
-            for info in found if info.type == pafs.FileType.File}
+    return {posixpath.relpath(info.path, path): info.size for info in found if info.type == pafs.FileType.File}
 
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # the embedded default: a SQLite file in the command's directory

@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -72,6 +74,19 @@ def test_images_fixed_in_place_after_the_report_are_ingested_by_the_rerun(shapes
     assert "holds an earlier ingest, and the image files changed since: ingesting again" in caplog.text
     assert mended.annotations_sha256 == first.annotations_sha256 and mended.fingerprint != first.fingerprint
     assert ingest_coco(*args).reused
+
+
+def test_the_same_images_with_other_modification_times_are_the_same_input(shapes_dataset, tmp_path):
+    """As the copies of a dataset on several nodes, or the synthetic shapes each node generates: the
+    shards are reused, not written again by every trial's driver."""
+    images = tmp_path / "images"
+    shutil.copytree(shapes_dataset / "images" / "val", images)
+    args = (str(images), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
+    first = ingest_coco(*args)
+    for image in images.iterdir():
+        os.utime(image, (time.time() + 100, time.time() + 100))
+    again = ingest_coco(*args)
+    assert again.reused and again.fingerprint == first.fingerprint
 
 
 @pytest.mark.parametrize("inside", ["parquet", "."])

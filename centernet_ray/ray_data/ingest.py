@@ -7,9 +7,9 @@ One row per usable image: ``image_id``, ``file_name``, ``width``, ``height``, ``
 original encoded bytes), ``boxes`` (flat float32 x1, y1, x2, y2, ... in image pixels) and
 ``labels`` (int32 contiguous class indices). ``_manifest.json`` beside the shards holds the class
 list, the shard names, the counts of everything dropped and a fingerprint of the input (the
-annotation file's content, the image location, a listing of the image files by name, size and
-modification time, the shard size): rerunning on the same input finds the fingerprint and rewrites
-nothing, while images added, fixed or removed since are ingested again.
+annotation file's content, the image location, a listing of the image files by name and size, the
+shard size): rerunning on the same input finds the fingerprint and rewrites nothing, while images
+added, fixed or removed since are ingested again.
 """
 
 from __future__ import annotations
@@ -81,9 +81,11 @@ def _fingerprint(annotations_digest: Any, images: str, images_listing: str, shar
 
 
 def images_listing(images: str, output: str) -> str:
-    """The sha256 of the files under ``images`` as one listing gives them (name, size, modification
-    time), without reading any: an image added, removed or replaced in place (a corrupt one fixed)
-    changes it. The ingest's own files are left out should ``output`` lie among the images."""
+    """The sha256 of the files under ``images`` as one listing gives them (name and size), without
+    reading any: an image added, removed or replaced in place (a corrupt one fixed) changes it. Not
+    the modification times: copies of a dataset on several nodes, or the synthetic shapes each node
+    generates, differ in them and are the same input. The ingest's own files are left out should
+    ``output`` lie among the images."""
     images_fs, images_path = storage.resolve(images)
     output_fs, output_path = storage.resolve(output)
     inside = posixpath.relpath(output_path, images_path) if output_fs.type_name == images_fs.type_name else ".."
@@ -94,9 +96,9 @@ def images_listing(images: str, output: str) -> str:
         return inside != ".." and not inside.startswith("../") and name.startswith(inside + "/")
 
     digest = hashlib.sha256()
-    for name, (size, mtime_ns) in sorted(storage.file_stats(images).items()):
+    for name, size in sorted(storage.file_sizes(images).items()):
         if not is_output(name):
-            digest.update(f"{name}\0{size}\0{mtime_ns}\n".encode())
+            digest.update(f"{name}\0{size}\n".encode())
     return digest.hexdigest()
 
 
