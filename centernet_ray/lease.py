@@ -3,21 +3,26 @@
 Two commands on the same training run or sweep (a command started twice, a job submitted again
 while the first still runs) would both resume from the same checkpoints, overwrite each other's
 and report two MLflow runs for one name, and each would end "successfully". The first command
-writes ``_running.json`` into the folder and rewrites it every ``HEARTBEAT_S`` seconds; a second
+writes ``_running.lease`` into the folder and rewrites it every ``HEARTBEAT_S`` seconds; a second
 one finds it fresh and is refused, naming the holder. A holder that ended without removing it
-(killed, its node lost) stops rewriting it: ``STALE_AFTER_S`` after its last heartbeat the next
-command takes the folder over, with a warning. Works on any storage the project writes (a local
-path, a bucket): a file written and read back, no locking primitive needed. Two commands starting
-within the same instant can both write it; the one whose write did not last is refused when it
-reads the lease back (``Lease.confirm``) before its work.
+(killed, its node lost) stops rewriting it: a command that finds it ``STALE_AFTER_S`` old watches
+it for two heartbeats, and takes the folder over, with a warning, only if it did not change (so a
+clock that differs between hosts cannot make a live holder look dead). A holder that finds its
+lease taken stops its work as Ctrl+C would. Works on any storage the project writes (a local path,
+a bucket): a file written and read back, no locking primitive needed. Two commands starting within
+the same instant can both write it; the one whose write did not last is refused when it reads the
+lease back (``Lease.confirm``) before its work. (Not ``.json``: Tune copies a sweep folder's
+``.json`` files down on a resume and up again later, which would put an old lease back.)
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import logging
 import os
+import posixpath
 import socket
 import sys
 import threading
@@ -33,13 +38,14 @@ from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-LEASE_FILE = "_running.json"
+LEASE_FILE = "_running.lease"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
 
 
 def _read(path: str) -> dict | None:
-    """The lease at ``path``, or None when there is none (or it is not one: half-written, foreign)."""
+    """The lease at ``path``, or None when there is none (or it is not one: foreign, or cut short by
+    a crash mid-write of the file it is moved from)."""
     try:
         record = json.loads(storage.read_bytes(path))
     except FileNotFoundError:
@@ -62,6 +68,24 @@ def _describe(record: dict, now: float) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started", now)))
     return (f"`{record.get('command', '?')}` (pid {record.get('pid', '?')} on {record.get('host', '?')}, "
             f"started {started}, last seen {max(0.0, now - record.get('heartbeat', now)):.0f} s ago)")
+
+
+def _in_use(what: str, holder: dict, now: float, instead: str, path: str, frees_in: float | None) -> UserInputError:
+    when = (f"the folder is free {frees_in:.0f} s from now" if frees_in is not None else
+            f"the folder is free once its lease has not been renewed for {STALE_AFTER_S:.0f} s")
+    return UserInputError(
+        f"{what} is in use by another command: {_describe(holder, now)}. Wait for it to end, or "
+        f"{instead[0].lower()}{instead[1:]} If that command is gone (killed before it could clean up), {when}, "
+        f"or delete {path}")
+
+
+def check_free(folder: str, *, what: str, instead: str) -> None:
+    """Raise ``UserInputError`` when another command holds ``folder`` and renewed its lease in the
+    last ``STALE_AFTER_S`` seconds (reads only; ``held`` takes the folder)."""
+    path = storage.join(folder, LEASE_FILE)
+    holder, now = _read(path), time.time()
+    if holder is not None and now - holder.get("heartbeat", 0.0) < STALE_AFTER_S:
+        raise _in_use(what, holder, now, instead, path, STALE_AFTER_S - (now - holder.get("heartbeat", 0.0)))
 
 
 @dataclass
@@ -94,13 +118,15 @@ class Lease:
             try:
                 current = _read(self.path)
                 if current is not None and current["token"] != self.token:
-                    log.error("another command took %s over (this one's lease was not renewed for %.0f s): %s",
-                              self.what, STALE_AFTER_S, _describe(current, time.time()))
                     self._lost = True
+                    log.error("another command took %s over (this one's lease was not renewed for %.0f s): %s. "
+                              "Stopping this one as Ctrl+C would: two commands would overwrite each other's "
+                              "checkpoints", self.what, STALE_AFTER_S, _describe(current, time.time()))
+                    _thread.interrupt_main()  # the run's Ctrl+C handler stops it (Ray Train's, Tune's)
                     return
                 self.record["heartbeat"] = time.time()
                 _write(self.path, self.record)
-            except OSError as exc:  # storage briefly unreachable: the next beat tries again
+            except Exception as exc:  # storage briefly unreachable, say: the next beat tries again
                 log.warning("could not renew the lease %s: %s", self.path, exc)
 
     def release(self) -> None:
@@ -120,25 +146,34 @@ class Lease:
                         "heartbeat): %s", self.path, STALE_AFTER_S, exc)
 
 
+def _wait_for_a_silent_holder(path: str, holder: dict, what: str, instead: str) -> None:
+    """``holder`` looked stale by this machine's clock: watch it for two heartbeats, and raise
+    ``UserInputError`` if it was renewed (its clock differs from ours: it is alive)."""
+    log.info("%s: its lease looks stale (%s); watching it for %.0f s before taking the folder over", what,
+             _describe(holder, time.time()), 2 * HEARTBEAT_S)
+    time.sleep(2 * HEARTBEAT_S)
+    now = _read(path)
+    if now is not None and (now["token"] != holder["token"] or now.get("heartbeat") != holder.get("heartbeat")):
+        raise _in_use(what, now, time.time(), instead, path, None)
+
+
 @contextlib.contextmanager
 def held(folder: str, *, what: str, instead: str) -> Iterator[Lease]:
     """Hold ``folder`` (a path or URI) while the block runs: refused with a ``UserInputError`` when
-    another command holds it and was seen in the last ``STALE_AFTER_S`` seconds. ``what`` names the
-    folder's contents in messages ("training run centernet-resnet18 in outputs/..."); ``instead``
-    says what to do rather than wait (give the run its own name)."""
+    another command holds it and renewed its lease in the last ``STALE_AFTER_S`` seconds, or does so
+    while this one watches a stale-looking lease. ``what`` names the folder's contents in messages
+    ("training run centernet-resnet18 (outputs/...)"); ``instead`` says what to do rather than wait
+    (give the run its own name). Should another command take the folder over while the block runs,
+    the main thread is interrupted as by Ctrl+C."""
+    check_free(folder, what=what, instead=instead)
     path = storage.join(folder, LEASE_FILE)
-    now = time.time()
     holder = _read(path)
     if holder is not None:
-        silent = now - holder.get("heartbeat", 0.0)
-        if silent < STALE_AFTER_S:
-            raise UserInputError(
-                f"{what} is in use by another command: {_describe(holder, now)}. Wait for it to end, or "
-                f"{instead[0].lower()}{instead[1:]} If that command is gone (killed before it could clean up), "
-                f"the folder is free {STALE_AFTER_S - silent:.0f} s from now, or delete {path}")
-        log.warning("taking over %s from a command last seen %.0f s ago (it did not remove %s): %s", what, silent,
-                    path, _describe(holder, now))
+        _wait_for_a_silent_holder(path, holder, what, instead)
+        log.warning("taking over %s from a command whose lease was not renewed (it did not remove %s): %s", what,
+                    path, _describe(holder, time.time()))
     created = _missing_folders(folder)
+    now = time.time()
     record = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
               "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300],
               "started": now, "heartbeat": now}
@@ -150,25 +185,28 @@ def held(folder: str, *, what: str, instead: str) -> Iterator[Lease]:
         yield lease
     finally:
         lease.release()
-        _remove_if_empty(created)
+        _remove_if_empty(folder, created)
 
 
 def _missing_folders(folder: str) -> list[str]:
-    """``folder`` and those of its parents that do not exist yet, deepest first: what writing the
-    lease creates."""
-    missing, current = [], folder.rstrip("/")
-    while current and not storage.exists(current):
-        missing.append(current)
-        parent = current.rsplit("/", 1)[0] if "/" in current.split("://")[-1] else ""
-        current = "" if parent == current else parent
+    """The paths (inside ``folder``'s filesystem) of ``folder`` and those of its parents that do not
+    exist yet, deepest first: what writing the lease creates."""
+    fs, path = storage.resolve(folder)
+    missing = []
+    while path not in ("", "/") and fs.get_file_info(path).type == pafs.FileType.NotFound:
+        missing.append(path)
+        parent = posixpath.dirname(path.rstrip("/"))
+        if parent == path:
+            break
+        path = parent
     return missing
 
 
-def _remove_if_empty(folders: list[str]) -> None:
-    """Remove the folders the lease created that hold nothing now (deepest first), so that a command
-    refused before its work leaves no empty run folder behind."""
-    for folder in folders:
-        fs, path = storage.resolve(folder)
+def _remove_if_empty(folder: str, created: list[str]) -> None:
+    """Remove the folders the lease created (``_missing_folders``) that hold nothing now, deepest
+    first, so that a command refused before its work leaves no empty run folder behind."""
+    fs, _ = storage.resolve(folder)
+    for path in created:
         try:
             if fs.get_file_info(path).type != pafs.FileType.Directory:
                 continue
@@ -176,5 +214,5 @@ def _remove_if_empty(folders: list[str]) -> None:
                 return
             fs.delete_dir(path)
         except OSError as exc:
-            log.debug("left the folder %s: %s", folder, exc)
+            log.debug("left the folder %s: %s", path, exc)
             return

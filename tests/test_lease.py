@@ -41,18 +41,20 @@ def test_a_lease_is_freed_when_the_block_raises(tmp_path):
 
 
 @pytest.mark.parametrize("content", ["stale", "unreadable"])
-def test_a_lease_whose_holder_went_silent_is_taken_over_with_a_warning(tmp_path, caplog, content):
+def test_a_lease_whose_holder_went_silent_is_taken_over_with_a_warning(tmp_path, caplog, monkeypatch, content):
     """A holder killed before it could clean up: its heartbeat stops, and after STALE_AFTER_S the
     next command takes the folder; a file that is not a lease names no holder to wait for."""
     silent_since = time.time() - lease.STALE_AFTER_S - 1
     text = (json.dumps({"token": "old", "pid": 1, "host": "gone", "command": "centernet-ray train",
                         "started": silent_since, "heartbeat": silent_since}) if content == "stale" else '{"tok')
     (tmp_path / lease.LEASE_FILE).write_text(text)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.1)  # watched for two heartbeats before it is taken
     with held(tmp_path) as taken:
         assert json.loads((tmp_path / lease.LEASE_FILE).read_text())["token"] == taken.token
     assert not (tmp_path / lease.LEASE_FILE).exists()
     if content == "stale":
-        assert "taking over training run r (folder) from a command last seen 61 s ago" in caplog.text
+        assert "taking over training run r (folder) from a command whose lease was not renewed" in caplog.text
+        assert "pid 1 on gone" in caplog.text
 
 
 def test_a_lease_seen_within_the_stale_time_says_when_it_frees(tmp_path):
@@ -96,3 +98,51 @@ def test_a_command_that_wrote_nothing_leaves_no_folder_behind(tmp_path):
     with held(tmp_path / "outputs" / "runs" / "r"):
         (tmp_path / "outputs" / "runs" / "r" / "epoch_0001").mkdir()
     assert [p.name for p in (tmp_path / "outputs" / "runs" / "r").iterdir()] == ["epoch_0001"]
+
+
+def test_a_stale_looking_lease_renewed_while_watched_is_alive(tmp_path, monkeypatch):
+    """The holder's clock is behind this machine's: its heartbeat looks old, but it changes while
+    this command watches it, and the folder is not taken from a live holder."""
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.2)
+    skewed = time.time() - 3600
+    record = {"token": "live", "pid": 5, "host": "slow-clock", "command": "c", "started": skewed, "heartbeat": skewed}
+    (tmp_path / lease.LEASE_FILE).write_text(json.dumps(record))
+    sleep = time.sleep
+
+    def renewed_meanwhile(seconds):
+        sleep(seconds)
+        (tmp_path / lease.LEASE_FILE).write_text(json.dumps({**record, "heartbeat": skewed + seconds}))
+
+    monkeypatch.setattr(lease.time, "sleep", renewed_meanwhile)
+    with pytest.raises(UserInputError, match=r"in use by another command: `c` \(pid 5 on slow-clock.*the folder is "
+                                             r"free once its lease has not been renewed for 60 s"):
+        with held(tmp_path):
+            pass
+    assert json.loads((tmp_path / lease.LEASE_FILE).read_text())["token"] == "live"
+
+
+def test_a_holder_whose_lease_was_taken_stops_as_on_ctrl_c(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    interrupted = []
+    monkeypatch.setattr(lease._thread, "interrupt_main", lambda: interrupted.append(True))
+    with held(tmp_path) as holding:
+        (tmp_path / lease.LEASE_FILE).write_text(json.dumps({**holding.record, "token": "other", "pid": 8}))
+        deadline = time.monotonic() + 10
+        while not interrupted:
+            assert time.monotonic() < deadline, "the holder went on"
+            time.sleep(0.05)
+    assert json.loads((tmp_path / lease.LEASE_FILE).read_text())["token"] == "other"  # not removed: not ours
+
+
+def test_a_finished_run_is_not_reported_while_another_command_trains_it(tmp_path):
+    with held(tmp_path):
+        with pytest.raises(UserInputError, match="in use by another command"):
+            lease.check_free(str(tmp_path), what="training run r (folder)", instead="Give it a name.")
+    lease.check_free(str(tmp_path), what="training run r (folder)", instead="Give it a name.")
+
+
+def test_the_folders_a_lease_would_create_are_found_on_any_filesystem(tmp_path):
+    assert lease._missing_folders(f"file://{tmp_path}/a/b") == [f"{tmp_path}/a/b", f"{tmp_path}/a"]
+    assert lease._missing_folders("file:///no-such-top-folder/runs") == ["/no-such-top-folder/runs",
+                                                                          "/no-such-top-folder"]
+    assert lease._missing_folders(str(tmp_path)) == []
