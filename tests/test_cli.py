@@ -404,6 +404,27 @@ def test_sigterm_stops_a_run_or_sweep_as_ctrl_c_does(capsys, monkeypatch, comman
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the command's handler does not outlive it
 
 
+def test_sigterm_stops_a_command_whose_sigint_is_ignored(capsys, monkeypatch):
+    """A background job of a script (`centernet-ray train ... &`) starts with SIGINT ignored: SIGTERM
+    still stops it."""
+    import signal
+    import time
+
+    def run(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: None)
+    monkeypatch.setattr("centernet_ray.ray_train.job.run_training", run)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["train", "demo"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_the_ray_job_entry_points_print_plain_text_when_stdout_is_not_a_terminal():
     """`python -m tune.sweep` / `pipelines.ingest` / `pipelines.predict` (what `ray job submit` runs)
     make their output plain as `centernet-ray` does: their logs are read with `ray job logs`."""
