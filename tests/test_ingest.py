@@ -134,3 +134,22 @@ def test_ingest_reports_every_kind_of_bad_input(shapes_dataset, tmp_path):
     assert report["annotations"] == kept
     manifest = read_manifest(str(tmp_path / "pq"))
     assert instances["images"][0]["file_name"] in manifest["examples"]["unreadable_images"][0]
+
+
+def test_images_that_cannot_be_listed_are_warned_about_and_the_ingest_reused(shapes_dataset, tmp_path, monkeypatch,
+                                                                             caplog):
+    """Credentials that may read objects but not list them: the images are not compared (said once
+    per run), and the shards of the same annotations are reused."""
+    from centernet_ray import storage
+
+    args = (str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"),
+            str(tmp_path / "pq"))
+    ingest_coco(*args)
+
+    def refused(folder):
+        raise OSError("AWS Error ACCESS_DENIED during ListObjectsV2 operation")
+
+    monkeypatch.setattr(storage, "file_sizes", refused)
+    assert not ingest_coco(*args).reused  # the input as it can be seen now: ingested once more
+    assert "cannot list" in caplog.text and "rerun with --force" in caplog.text
+    assert ingest_coco(*args).reused

@@ -80,33 +80,39 @@ def _fingerprint(annotations_digest: Any, images: str, images_listing: str, shar
     return digest.hexdigest()
 
 
-def images_listing(images: str, output: str) -> str:
+def images_listing(images: str) -> str:
     """The sha256 of the files under ``images`` as one listing gives them (name and size), without
     reading any: an image added, removed or replaced in place (a corrupt one fixed) changes it. Not
     the modification times: copies of a dataset on several nodes, or the synthetic shapes each node
-    generates, differ in them and are the same input. The ingest's own files are left out should
-    ``output`` lie among the images."""
-    images_fs, images_path = storage.resolve(images)
-    output_fs, output_path = storage.resolve(output)
-    inside = posixpath.relpath(output_path, images_path) if output_fs.type_name == images_fs.type_name else ".."
+    generates, differ in them and are the same input. An ingest's own files (shards and manifest,
+    in a folder that holds a manifest) are left out, should one lie among the images. A listing
+    refused (credentials that may read objects but not list them) is warned about, not compared."""
+    try:
+        sizes = storage.file_sizes(images)
+    except OSError as exc:
+        log.warning("ingest: cannot list %s (%s): images changed in place since the last ingest are not noticed "
+                    "(rerun with --force to ingest them)", images, exc)
+        return "unlisted"
+    ingests = {posixpath.dirname(name) for name in sizes if posixpath.basename(name) == MANIFEST}
 
-    def is_output(name: str) -> bool:
-        if inside == ".":  # the shards written beside the images
-            return "/" not in name and (name == MANIFEST or name.startswith("part-"))
-        return inside != ".." and not inside.startswith("../") and name.startswith(inside + "/")
+    def is_ingest_output(name: str) -> bool:
+        folder, base = posixpath.split(name)
+        return folder in ingests and (base == MANIFEST or base.startswith("part-"))
 
     digest = hashlib.sha256()
-    for name, size in sorted(storage.file_sizes(images).items()):
-        if not is_output(name):
+    for name, size in sorted(sizes.items()):
+        if not is_ingest_output(name):
             digest.update(f"{name}\0{size}\n".encode())
     return digest.hexdigest()
 
 
 def _changes(previous: dict, annotations_sha256: str, listing: str) -> str:
     """What differs from the earlier ingest's manifest ``previous``, in words."""
+    if "images_listing" not in previous:
+        return "an ingest by an earlier version, which did not list the images"
     changed = [what for what, key, value in (("the annotation file", "annotations_sha256", annotations_sha256),
                                              ("the image files", "images_listing", listing))
-               if key in previous and previous[key] != value]
+               if previous.get(key) != value]
     if changed:
         return f"an earlier ingest, and {' and '.join(changed)} changed since"
     return "an ingest of another input or shard size"
@@ -209,7 +215,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     storage.require_bucket(output)
     annotation_bytes = storage.read_bytes(annotations)
     annotations_digest = hashlib.sha256(annotation_bytes)
-    listing = images_listing(str(images), output)
+    listing = images_listing(str(images))
     fingerprint = _fingerprint(annotations_digest, str(images), listing, shard_size)
     digests = dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest())
     previous = read_manifest(output)
