@@ -89,6 +89,21 @@ def test_the_same_images_with_other_modification_times_are_the_same_input(shapes
     assert again.reused and again.fingerprint == first.fingerprint
 
 
+def test_a_sweeps_trial_trains_on_the_sweeps_ingest_when_the_images_changed_meanwhile(shapes_dataset, tmp_path, caplog):
+    """Images mended while a sweep runs: a trial that ingested again would delete the shards the
+    other trials read. It warns and reuses them; another annotation file is still ingested."""
+    root, instances = broken_copy(shapes_dataset, tmp_path)
+    args = (str(root / "images"), str(root / "instances.json"), str(tmp_path / "pq"))
+    first = ingest_coco(*args)
+    for image in instances["images"][:2]:
+        shutil.copy(shapes_dataset / "images" / "val" / image["file_name"], root / "images" / image["file_name"])
+    trial = ingest_coco(*args, images_changed_ok=True)
+    assert trial.reused and trial.rows == first.rows == 10 and trial.fingerprint == first.fingerprint
+    assert "changed since" in caplog.text and "this trial trains on it as it is" in caplog.text
+    (root / "instances.json").write_text(json.dumps({**instances, "annotations": instances["annotations"][:-1]}))
+    assert not ingest_coco(*args, images_changed_ok=True).reused
+
+
 @pytest.mark.parametrize("inside", ["parquet", "."])
 def test_shards_written_among_the_images_are_not_taken_for_changed_images(shapes_dataset, tmp_path, inside):
     images = tmp_path / "images"

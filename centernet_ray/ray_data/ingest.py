@@ -203,13 +203,16 @@ def _write_shards(images: str, output: str, chunks: list[list[ImageRecord]], num
 
 def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 1000,
                 num_threads: int = 16, force: bool = False,
-                label_selector: dict[str, str] | None = None, use_ray: bool | None = None) -> IngestResult:
+                label_selector: dict[str, str] | None = None, use_ray: bool | None = None,
+                images_changed_ok: bool = False) -> IngestResult:
     """Write ``output``/part-NNNNN.parquet shards of at most ``shard_size`` rows, plus the manifest.
 
     This process reads only the annotation file; with Ray up, every shard's images are read,
     checked and written by a Ray Data task (on nodes matching ``label_selector``), so neither the
     work nor the image bytes pass through here (``use_ray=False``: here, without Ray). A shard whose
-    images were all dropped is not written (its number is skipped)."""
+    images were all dropped is not written (its number is skipped). ``images_changed_ok``: an
+    ingest that differs only in the image files is reused with a warning, not written again (a
+    sweep's trial: the other trials are reading its shards)."""
     if shard_size < 1:
         raise UserInputError(f"shard_size must be >= 1; got {shard_size}")
     storage.require_bucket(output)
@@ -224,6 +227,14 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
         return IngestResult(output, previous["rows"], previous["shards"], previous["category_ids"],
                             previous["class_names"], previous["report"], previous["bytes_written"], reused=True,
                             **digests)
+    if (images_changed_ok and previous and not force and "images_listing" in previous
+            and previous.get("fingerprint") == _fingerprint(annotations_digest, str(images), previous["images_listing"],
+                                                            shard_size)):
+        log.warning("ingest: the image files under %s changed since %s was written; this trial trains on it as it "
+                    "is, as the sweep's other trials do (the next sweep or run ingests them again)", images, output)
+        return IngestResult(output, previous["rows"], previous["shards"], previous["category_ids"],
+                            previous["class_names"], previous["report"], previous["bytes_written"], reused=True,
+                            fingerprint=previous["fingerprint"], annotations_sha256=digests["annotations_sha256"])
     if previous and not force:
         log.info("ingest: %s holds %s: ingesting again", output, _changes(previous, digests["annotations_sha256"], listing))
 
@@ -260,8 +271,10 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
                         **digests)
 
 
-def ingest_splits(config: DataConfig, label_selector: dict[str, str] | None = None) -> dict[str, IngestResult]:
-    """Ingest every split to Parquet (a no-op for splits already ingested from the same input)."""
+def ingest_splits(config: DataConfig, label_selector: dict[str, str] | None = None,
+                  images_changed_ok: bool = False) -> dict[str, IngestResult]:
+    """Ingest every split to Parquet (a no-op for splits already ingested from the same input;
+    ``images_changed_ok``: see ``ingest_coco``)."""
     return {split: ingest_coco(source.images, source.annotations, source.parquet, config.shard_size,
-                               label_selector=label_selector)
+                               label_selector=label_selector, images_changed_ok=images_changed_ok)
             for split, source in split_sources(config).items()}

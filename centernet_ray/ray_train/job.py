@@ -95,7 +95,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                   threads_per_worker: int | None = None, mlflow_parent_run_id: str | None = None,
                   mlflow_tags: dict[str, str] | None = None, source: str | None = None,
                   started_at: float | None = None, data_locations: dict[str, str] | None = None,
-                  launch: str) -> tuple[TorchTrainer, Any]:
+                  launch: str, in_a_sweep: bool = False) -> tuple[TorchTrainer, Any]:
     """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report.
 
     ``callbacks`` are Ray Train ``UserCallback``s (a Tune trial passes its report callback);
@@ -106,7 +106,8 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     ``data_locations``: the dataset's locations as the command gave them (``given_data_locations``),
     default ``config``'s (a sweep's trials get the sweep command's: theirs are made absolute where
     the sweep runs, which a resumed sweep may not); ``launch`` names this start of the job in MLflow
-    (``new_launch()``; see ``RunTracker``)."""
+    (``new_launch()``; see ``RunTracker``); ``in_a_sweep``: a sweep's trial, which trains on the
+    sweep's ingest even when the image files changed since (``ingest_coco``'s ``images_changed_ok``)."""
     started_at = time.time() if started_at is None else started_at
     data_locations = given_data_locations(config) if data_locations is None else data_locations
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
@@ -117,7 +118,7 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     storage.require_bucket(storage.default_storage_path(config))  # Ray Train's writes there would end in a traceback
     check_resumable(config, data_locations)  # all before the ingest, which can take long
     check_pretrained_file(config)
-    ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
+    ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector(), images_changed_ok=in_a_sweep)
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
     warn_if_node_local(storage.default_storage_path(config), "train.storage_path")

@@ -72,5 +72,5 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], storage_root: str
     launch = new_launch()
     trainer, _ = build_trainer(config, threads_per_worker=threads, callbacks=[EvaluationReports(metric)],
                                mlflow_parent_run_id=parent_run_id, mlflow_tags=tags, source=source,
-                               data_locations=data_locations, launch=launch)
+                               data_locations=data_locations, launch=launch, in_a_sweep=True)
     fit(trainer, config, launch)
