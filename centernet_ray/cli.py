@@ -279,11 +279,12 @@ def _run_and_report(run: Callable[[], Any], interrupted: type[Exception], format
 def sigterm_as_ctrl_c() -> Iterator[None]:
     """SIGTERM (``ray job stop``, Kubernetes stopping a pod, ``kill``) stops the block as Ctrl+C
     does: a run or sweep then stops resumably, its MLflow run marked and its folder's lease
-    removed, where SIGTERM's default would end the process on the spot. Only in the main thread,
-    where Python runs signal handlers."""
+    removed, where SIGTERM's default (or ``ray.init``'s ``sys.exit``) would end the process on the
+    spot. Only in the main thread, where Python runs signal handlers."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+
     def as_ctrl_c(signum: int, frame: Any) -> None:
         handler = signal.getsignal(signal.SIGINT)
         if not callable(handler):  # SIGINT ignored (a background job of a script) or Python's default left
