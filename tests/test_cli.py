@@ -23,6 +23,22 @@ def test_data_synth_writes_the_coco_layout(tmp_path, capsys):
     assert val["annotations"] and {a["image_id"] for a in val["annotations"]} <= {i["id"] for i in val["images"]}
 
 
+def test_data_ingest_answers_a_rerun_from_its_manifest_without_starting_ray(shapes_dataset, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Nothing to write: no Ray started (seconds), and `--node-pools` not refused on a machine
+    without them, as no task would run; `--force` writes again."""
+    started = []
+    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: started.append(True))
+    args = ["data", "ingest", "--images", str(shapes_dataset / "images" / "val"), "--annotations",
+            str(shapes_dataset / "annotations" / "instances_val.json"), "--out", str(tmp_path / "pq")]
+    assert main(args) == 0 and len(started) == 1
+    capsys.readouterr()
+    assert main([*args, "--node-pools"]) == 0 and len(started) == 1
+    assert "pq: 12 images, already up to date" in capsys.readouterr().out
+    assert main([*args, "--force"]) == 0 and len(started) == 2
+    assert "already up to date" not in capsys.readouterr().out
+
+
 def test_data_check_and_show(shapes_dataset, tmp_path, capsys):
     ann = str(shapes_dataset / "annotations" / "instances_val.json")
     images = str(shapes_dataset / "images" / "val")

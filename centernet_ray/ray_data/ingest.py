@@ -223,10 +223,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     digests = dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest())
     previous = read_manifest(output)
     if previous and previous.get("fingerprint") == fingerprint and not force:
-        log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
-        return IngestResult(output, previous["rows"], previous["shards"], previous["category_ids"],
-                            previous["class_names"], previous["report"], previous["bytes_written"], reused=True,
-                            **digests)
+        return _reused(output, previous, digests)
     if (images_changed_ok and previous and not force and "images_listing" in previous
             and previous.get("fingerprint") == _fingerprint(annotations_digest, str(images), previous["images_listing"],
                                                             shard_size)):
@@ -269,6 +266,27 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     log.log(level, "ingest: %s -> %s: %s", annotations, output, report.summary())
     return IngestResult(output, rows, shards, dataset.category_ids, dataset.class_names, counts, written, reused=False,
                         **digests)
+
+
+def _reused(output: str, manifest: dict, digests: dict[str, str]) -> IngestResult:
+    log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, manifest["rows"])
+    return IngestResult(output, manifest["rows"], manifest["shards"], manifest["category_ids"], manifest["class_names"],
+                        manifest["report"], manifest["bytes_written"], reused=True, **digests)
+
+
+def current_ingest(images: str, annotations: str, output: str, shard_size: int = 1000) -> IngestResult | None:
+    """The ingest ``output`` already holds of this input, which ``ingest_coco`` would reuse, else
+    None: the annotation file read and the images listed, no Ray needed (``data ingest`` answers a
+    rerun without starting one)."""
+    if shard_size < 1:
+        return None  # ingest_coco says why
+    storage.require_bucket(output)
+    annotations_digest = hashlib.sha256(storage.read_bytes(annotations))
+    fingerprint = _fingerprint(annotations_digest, str(images), images_listing(str(images)), shard_size)
+    previous = read_manifest(output)
+    if not (previous and previous.get("fingerprint") == fingerprint):
+        return None
+    return _reused(output, previous, dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest()))
 
 
 def ingest_splits(config: DataConfig, label_selector: dict[str, str] | None = None,
