@@ -203,16 +203,17 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "ingest":
         from centernet_ray.config import ClusterConfig
-        from centernet_ray.ray_data.ingest import current_ingest, ingest_coco
+        from centernet_ray.ray_data.ingest import ingest_coco
         from centernet_ray.ray_runtime import check_node_labels, init_ray
 
-        result = None if args.force else current_ingest(args.images, args.annotations, args.out, args.shard_size)
-        if result is None:  # work to do: one Ray Data task per shard reads, checks and writes its images
+        selector = ClusterConfig(node_pools=args.node_pools).data_selector()
+
+        def start_ray() -> None:  # work to do: one Ray Data task per shard reads, checks and writes its images
             init_ray()
-            selector = ClusterConfig(node_pools=args.node_pools).data_selector()
             check_node_labels(selector, "the ingest's tasks", "leave out --node-pools to run anywhere")
-            result = ingest_coco(args.images, args.annotations, args.out, args.shard_size, args.threads, args.force,
-                                 label_selector=selector)
+
+        result = ingest_coco(args.images, args.annotations, args.out, args.shard_size, args.threads, args.force,
+                             label_selector=selector, before_writing=start_ray)
         state = "already up to date" if result.reused else f"{len(result.shards)} shard(s), {result.bytes_written:,d} image bytes"
         print(f"{result.output}: {result.rows} images, {state}")
         for key, value in result.report.items():

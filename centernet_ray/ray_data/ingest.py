@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import posixpath
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -204,7 +205,7 @@ def _write_shards(images: str, output: str, chunks: list[list[ImageRecord]], num
 def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 1000,
                 num_threads: int = 16, force: bool = False,
                 label_selector: dict[str, str] | None = None, use_ray: bool | None = None,
-                images_changed_ok: bool = False) -> IngestResult:
+                images_changed_ok: bool = False, before_writing: Callable[[], None] | None = None) -> IngestResult:
     """Write ``output``/part-NNNNN.parquet shards of at most ``shard_size`` rows, plus the manifest.
 
     This process reads only the annotation file; with Ray up, every shard's images are read,
@@ -212,7 +213,9 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     work nor the image bytes pass through here (``use_ray=False``: here, without Ray). A shard whose
     images were all dropped is not written (its number is skipped). ``images_changed_ok``: an
     ingest that differs only in the image files is reused with a warning, not written again (a
-    sweep's trial: the other trials are reading its shards)."""
+    sweep's trial: the other trials are reading its shards). ``before_writing`` is called once there
+    is work to do, before the annotations are parsed (``data ingest`` starts Ray there: a rerun with
+    nothing to write needs none)."""
     if shard_size < 1:
         raise UserInputError(f"shard_size must be >= 1; got {shard_size}")
     storage.require_bucket(output)
@@ -223,17 +226,18 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     digests = dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest())
     previous = read_manifest(output)
     if previous and previous.get("fingerprint") == fingerprint and not force:
-        return _reused(output, previous, digests)
+        log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
+        return _reused(output, previous, digests["annotations_sha256"])
     if (images_changed_ok and previous and not force and "images_listing" in previous
             and previous.get("fingerprint") == _fingerprint(annotations_digest, str(images), previous["images_listing"],
                                                             shard_size)):
         log.warning("ingest: the image files under %s changed since %s was written; this trial trains on it as it "
                     "is, as the sweep's other trials do (the next sweep or run ingests them again)", images, output)
-        return IngestResult(output, previous["rows"], previous["shards"], previous["category_ids"],
-                            previous["class_names"], previous["report"], previous["bytes_written"], reused=True,
-                            fingerprint=previous["fingerprint"], annotations_sha256=digests["annotations_sha256"])
+        return _reused(output, previous, digests["annotations_sha256"])
     if previous and not force:
         log.info("ingest: %s holds %s: ingesting again", output, _changes(previous, digests["annotations_sha256"], listing))
+    if before_writing is not None:
+        before_writing()
 
     dataset = parse_coco(json.loads(annotation_bytes), str(annotations))
     del annotation_bytes
@@ -268,25 +272,11 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
                         **digests)
 
 
-def _reused(output: str, manifest: dict, digests: dict[str, str]) -> IngestResult:
-    log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, manifest["rows"])
+def _reused(output: str, manifest: dict, annotations_sha256: str) -> IngestResult:
+    """The ingest ``output`` holds (its ``manifest``), reused as it is."""
     return IngestResult(output, manifest["rows"], manifest["shards"], manifest["category_ids"], manifest["class_names"],
-                        manifest["report"], manifest["bytes_written"], reused=True, **digests)
-
-
-def current_ingest(images: str, annotations: str, output: str, shard_size: int = 1000) -> IngestResult | None:
-    """The ingest ``output`` already holds of this input, which ``ingest_coco`` would reuse, else
-    None: the annotation file read and the images listed, no Ray needed (``data ingest`` answers a
-    rerun without starting one)."""
-    if shard_size < 1:
-        return None  # ingest_coco says why
-    storage.require_bucket(output)
-    annotations_digest = hashlib.sha256(storage.read_bytes(annotations))
-    fingerprint = _fingerprint(annotations_digest, str(images), images_listing(str(images)), shard_size)
-    previous = read_manifest(output)
-    if not (previous and previous.get("fingerprint") == fingerprint):
-        return None
-    return _reused(output, previous, dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest()))
+                        manifest["report"], manifest["bytes_written"], reused=True, fingerprint=manifest["fingerprint"],
+                        annotations_sha256=annotations_sha256)
 
 
 def ingest_splits(config: DataConfig, label_selector: dict[str, str] | None = None,
