@@ -79,15 +79,6 @@ def _in_use(what: str, holder: dict, now: float, instead: str, path: str, frees_
         f"or delete {path}")
 
 
-def check_free(folder: str, *, what: str, instead: str) -> None:
-    """Raise ``UserInputError`` when another command holds ``folder`` and renewed its lease in the
-    last ``STALE_AFTER_S`` seconds (reads only; ``held`` takes the folder)."""
-    path = storage.join(folder, LEASE_FILE)
-    holder, now = _read(path), time.time()
-    if holder is not None and now - holder.get("heartbeat", 0.0) < STALE_AFTER_S:
-        raise _in_use(what, holder, now, instead, path, STALE_AFTER_S - (now - holder.get("heartbeat", 0.0)))
-
-
 @dataclass
 class Lease:
     """A held folder: ``path`` is the lease file, ``token`` this holder's mark in it."""
@@ -165,10 +156,12 @@ def held(folder: str, *, what: str, instead: str) -> Iterator[Lease]:
     ("training run centernet-resnet18 (outputs/...)"); ``instead`` says what to do rather than wait
     (give the run its own name). Should another command take the folder over while the block runs,
     the main thread is interrupted as by Ctrl+C."""
-    check_free(folder, what=what, instead=instead)
     path = storage.join(folder, LEASE_FILE)
     holder = _read(path)
     if holder is not None:
+        silent = time.time() - holder.get("heartbeat", 0.0)
+        if silent < STALE_AFTER_S:
+            raise _in_use(what, holder, time.time(), instead, path, STALE_AFTER_S - silent)
         _wait_for_a_silent_holder(path, holder, what, instead)
         log.warning("taking over %s from a command whose lease was not renewed (it did not remove %s): %s", what,
                     path, _describe(holder, time.time()))

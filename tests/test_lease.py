@@ -134,11 +134,6 @@ def test_a_holder_whose_lease_was_taken_stops_as_on_ctrl_c(tmp_path, monkeypatch
     assert json.loads((tmp_path / lease.LEASE_FILE).read_text())["token"] == "other"  # not removed: not ours
 
 
-def test_a_finished_run_is_not_reported_while_another_command_trains_it(tmp_path):
-    with held(tmp_path):
-        with pytest.raises(UserInputError, match="in use by another command"):
-            lease.check_free(str(tmp_path), what="training run r (folder)", instead="Give it a name.")
-    lease.check_free(str(tmp_path), what="training run r (folder)", instead="Give it a name.")
 
 
 def test_the_folders_a_lease_would_create_are_found_on_any_filesystem(tmp_path):

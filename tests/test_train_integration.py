@@ -183,7 +183,11 @@ def test_two_worker_ddp_run_survives_a_killed_worker_resumes_and_reruns(ray_sess
     assert [(run.info.run_id, run.info.status) for run in runs] == [(summary.mlflow_run_id, "FINISHED")]
 
     from centernet_ray.errors import UserInputError
+    from centernet_ray.lease import held
 
+    with held(str(Path(summary.checkpoint).parent), what="the run", instead="Wait."):  # another command trains it
+        with pytest.raises(UserInputError, match=r"^training run \S+ \(.*\) is in use by another command: "):
+            run_training(config)  # not answered as finished from its records meanwhile
     longer = run_training(with_overrides(config.to_dict(), ["train.epochs=3"]), [EpochLog(epoch_log)])
     assert longer.epochs == 3 and sorted(epoch_log.read_text().splitlines()) == ["0 2", "1 2"]  # it may train longer
     changed = with_overrides(config.to_dict(), ["loss.alpha=3", "train.lr=0.002"])

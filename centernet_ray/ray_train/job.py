@@ -279,14 +279,13 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     started, launch = time.perf_counter(), new_launch()
     absolute = storage.with_absolute_paths(config)
     folder = run_folder(absolute)
-    in_use = dict(what=f"training run {default_run_name(config)} ({folder})",
-                  instead="Give this run its own train.run_name.")
-    lease.check_free(folder, **in_use)  # a run being trained is not finished, whatever its records say yet
-    finished = finished_run(absolute, started, given_data_locations(config))
-    if finished is not None:
-        return finished
-    check_batch_norm_batch(config)  # before Ray starts: answered at once
-    with lease.held(folder, **in_use) as held:
+    # held before the records are read: a run another command trains is not finished, whatever they say yet
+    with lease.held(folder, what=f"training run {default_run_name(config)} ({folder})",
+                    instead="Give this run its own train.run_name.") as held:
+        finished = finished_run(absolute, started, given_data_locations(config))
+        if finished is not None:
+            return finished
+        check_batch_norm_batch(config)  # before Ray starts: answered at once
         ray_runtime.init_ray()
         trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source,
                                         started_at=started_at, launch=launch)
