@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +257,7 @@ def _run_and_report(run: Callable[[], Any], interrupted: type[Exception], format
     Ctrl+C (``interrupted``) with how to resume.
     A local Ray the command started is stopped before either is printed: the late lines Ray's log
     monitor relays from its processes then come above, not after."""
-    from centernet_ray.ray_runtime import stop_local_ray
+    from centernet_ray.ray_runtime import sigterm_as_ctrl_c, stop_local_ray
 
     try:
         with sigterm_as_ctrl_c():
@@ -276,29 +273,6 @@ def _run_and_report(run: Callable[[], Any], interrupted: type[Exception], format
     if failed := summary.failure():
         print(f"error: {failed}", file=sys.stderr)
     return 1 if failed else 0
-
-
-@contextlib.contextmanager
-def sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM (``ray job stop``, Kubernetes stopping a pod, ``kill``) stops the block as Ctrl+C
-    does: a run or sweep then stops resumably, its MLflow run marked and its folder's lease
-    removed, where SIGTERM's default (or ``ray.init``'s ``sys.exit``) would end the process on the
-    spot. Only in the main thread, where Python runs signal handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def as_ctrl_c(signum: int, frame: Any) -> None:
-        handler = signal.getsignal(signal.SIGINT)
-        if not callable(handler):  # SIGINT ignored (a background job of a script) or Python's default left
-            raise KeyboardInterrupt
-        handler(signal.SIGINT, frame)
-
-    previous = signal.signal(signal.SIGTERM, as_ctrl_c)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -430,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         # of the program or its environment and keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl+C (or SIGTERM, see sigterm_as_ctrl_c) before a run's own handling began
+    except KeyboardInterrupt:  # Ctrl+C (or SIGTERM: ray_runtime.sigterm_as_ctrl_c) before a run's own handling began
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stop quietly, as `cat` does; to /dev/null, Python's flush at exit cannot fail again

@@ -1,13 +1,16 @@
 """Connecting to Ray (an existing cluster when one is given, else a local Ray sized for the machine),
-and what a command checks of that Ray before its work: the resources and node labels it asks for,
-and where its processes read and write."""
+with SIGTERM stopping a command's run as Ctrl+C does, across ``ray.init``'s own handler; and what a
+command checks of that Ray before its work: the resources and node labels it asks for, and where
+its processes read and write."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,12 +58,35 @@ def init_ray(num_cpus: int | None = None) -> None:
 def _init_keeping_sigterm_handler(**kwargs: Any) -> None:
     """``ray.init(**kwargs)``, keeping the SIGTERM handler this process had set: ``ray.init`` sets
     its own (``sys.exit``; its core worker also sets a C handler, after which the process aborts at
-    exit), where the CLI's stops a run or sweep as Ctrl+C does (``cli.sigterm_as_ctrl_c``)."""
+    exit), where the CLI's stops a run or sweep as Ctrl+C does (``sigterm_as_ctrl_c``)."""
     in_main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if in_main_thread else None
     ray.init(**kwargs)
     if callable(handler):
         signal.signal(signal.SIGTERM, handler)
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (``ray job stop``, Kubernetes stopping a pod, ``kill``) stops the block as Ctrl+C
+    does: a run or sweep then stops resumably, its MLflow run marked and its folder's lease
+    removed, where SIGTERM's default (or ``ray.init``'s ``sys.exit``) would end the process on the
+    spot. Only in the main thread, where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def as_ctrl_c(signum: int, frame: Any) -> None:
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):  # SIGINT ignored (a background job of a script) or Python's default left
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+
+    previous = signal.signal(signal.SIGTERM, as_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_local_ray() -> None:
