@@ -26,7 +26,8 @@ def test_data_synth_writes_the_coco_layout(tmp_path, capsys):
 def test_data_ingest_answers_a_rerun_from_its_manifest_without_starting_ray(shapes_dataset, tmp_path, capsys,
                                                                            monkeypatch):
     """Nothing to write: no Ray started (seconds), and `--node-pools` not refused on a machine
-    without them, as no task would run; `--force` writes again."""
+    without them, as no task would run; `--force` writes again; a mistyped image folder is refused
+    without Ray and leaves the ingest as it was."""
     started = []
     monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: started.append(True))
     args = ["data", "ingest", "--images", str(shapes_dataset / "images" / "val"), "--annotations",
@@ -37,6 +38,11 @@ def test_data_ingest_answers_a_rerun_from_its_manifest_without_starting_ray(shap
     assert "pq: 12 images, already up to date" in capsys.readouterr().out
     assert main([*args, "--force"]) == 0 and len(started) == 2
     assert "already up to date" not in capsys.readouterr().out
+    mistyped = [*args[:3], str(shapes_dataset / "images" / "vall"), *args[4:]]
+    assert main(mistyped) == 2 and len(started) == 2  # refused from the annotations and a listing, no Ray
+    assert re.search(r"^error: .* lists 12 images .* the image folder .*vall does not exist: nothing was ingested",
+                     capsys.readouterr().err, re.M)
+    assert main(args) == 0 and "already up to date" in capsys.readouterr().out  # the earlier ingest is kept
 
 
 def test_data_check_and_show(shapes_dataset, tmp_path, capsys):

@@ -168,3 +168,50 @@ def test_images_that_cannot_be_listed_are_warned_about_and_the_ingest_reused(sha
     assert not ingest_coco(*args).reused  # the input as it can be seen now: ingested once more
     assert "cannot list" in caplog.text and "rerun with --force" in caplog.text
     assert ingest_coco(*args).reused
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty", "other"])
+def test_a_wrong_image_folder_is_refused_and_the_earlier_ingest_kept(shapes_dataset, tmp_path, folder):
+    """``data.train_images`` mistyped, or naming another split's images: before, the ingest replaced
+    the earlier one in the same output with 0 rows, and training failed later with "0 training
+    images cannot fill one global batch", not saying why."""
+    from centernet_ray.errors import UserInputError
+
+    annotations = str(shapes_dataset / "annotations" / "instances_val.json")
+    good = ingest_coco(str(shapes_dataset / "images" / "val"), annotations, str(tmp_path / "pq"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other" / "2017").mkdir(parents=True)
+    (tmp_path / "other" / "2017" / "a.jpg").write_bytes(b"")
+    wrong = {"missing": tmp_path / "no_such_folder", "empty": tmp_path / "empty", "other": tmp_path / "other"}[folder]
+    expected = {"missing": "the image folder .*no_such_folder does not exist", "empty": "empty is empty",
+                "other": r"other holds none of them \(1 file, e.g. 2017/a.jpg\)"}[folder]
+    with pytest.raises(UserInputError, match=expected) as refusal:
+        ingest_coco(str(wrong), annotations, str(tmp_path / "pq"))
+    assert "lists 12 images" in str(refusal.value) and "nothing was ingested" in str(refusal.value)
+    kept = read_manifest(str(tmp_path / "pq"))
+    assert kept["rows"] == good.rows == 12 and pq.read_table(tmp_path / "pq").num_rows == 12
+
+
+def test_images_none_of_which_can_be_read_are_an_error_not_an_empty_ingest(shapes_dataset, tmp_path):
+    """Every file there but none an image (Git LFS pointers checked out without ``git lfs pull``)."""
+    from centernet_ray.errors import UserInputError
+
+    images = tmp_path / "pointers"
+    shutil.copytree(shapes_dataset / "images" / "val", images)
+    for path in images.iterdir():
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1234\n")
+    with pytest.raises(UserInputError, match=r"none of the 12 images .* could be ingested .*unreadable_images=12"):
+        ingest_coco(str(images), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
+    assert read_manifest(str(tmp_path / "pq")) is None  # a rerun reads them again
+
+
+def test_an_empty_ingest_left_by_an_earlier_version_is_not_reused(shapes_dataset, tmp_path):
+    """Versions before the refusal above wrote a manifest of 0 rows for a wrong image folder: it is
+    ingested again, not reused."""
+    args = (str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"),
+            str(tmp_path / "pq"))
+    ingest_coco(*args)
+    manifest = read_manifest(args[2])
+    (tmp_path / "pq" / "_manifest.json").write_text(json.dumps({**manifest, "rows": 0, "shards": []}))
+    again = ingest_coco(*args)
+    assert not again.reused and again.rows == 12

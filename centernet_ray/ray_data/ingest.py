@@ -81,30 +81,54 @@ def _fingerprint(annotations_digest: Any, images: str, images_listing: str, shar
     return digest.hexdigest()
 
 
-def images_listing(images: str) -> str:
-    """The sha256 of the files under ``images`` as one listing gives them (name and size), without
-    reading any: an image added, removed or replaced in place (a corrupt one fixed) changes it. Not
-    the modification times: copies of a dataset on several nodes, or the synthetic shapes each node
-    generates, differ in them and are the same input. An ingest's own files (shards and manifest,
-    in a folder that holds a manifest) are left out, should one lie among the images. A listing
-    refused (credentials that may read objects but not list them) is warned about, not compared."""
+def list_images(images: str) -> dict[str, int] | None:
+    """The files under ``images`` (names relative to it, sizes in bytes) from one listing, without
+    reading any; an ingest's own files (shards and manifest, in a folder that holds a manifest) are
+    left out, should one lie among the images. None, with a warning, when the listing is refused
+    (credentials that may read objects but not list them)."""
     try:
         sizes = storage.file_sizes(images)
     except OSError as exc:
         log.warning("ingest: cannot list %s (%s): images changed in place since the last ingest are not noticed "
                     "(rerun with --force to ingest them)", images, exc)
-        return "unlisted"
+        return None
     ingests = {posixpath.dirname(name) for name in sizes if posixpath.basename(name) == MANIFEST}
 
     def is_ingest_output(name: str) -> bool:
         folder, base = posixpath.split(name)
         return folder in ingests and (base == MANIFEST or base.startswith("part-"))
 
+    return {name: size for name, size in sizes.items() if not is_ingest_output(name)}
+
+
+def images_listing(files: dict[str, int] | None) -> str:
+    """The sha256 of ``list_images``' answer (``"unlisted"`` for none): an image added, removed or
+    replaced in place (a corrupt one fixed) changes it. Not the modification times: copies of a
+    dataset on several nodes, or the synthetic shapes each node generates, differ in them and are
+    the same input."""
+    if files is None:
+        return "unlisted"
     digest = hashlib.sha256()
-    for name, size in sorted(sizes.items()):
-        if not is_ingest_output(name):
-            digest.update(f"{name}\0{size}\n".encode())
+    for name, size in sorted(files.items()):
+        digest.update(f"{name}\0{size}\n".encode())
     return digest.hexdigest()
+
+
+def _require_some_images(records: list[ImageRecord], images: str, annotations: str,
+                         files: dict[str, int] | None) -> None:
+    """Refuse, before anything is deleted or written, a folder that holds none of the images the
+    annotation file lists (a mistyped or wrong ``data.*_images``): ingested, it would replace an
+    earlier ingest with an empty one and training would fail later with "0 training images"."""
+    if not records or files is None:
+        return
+    names = [posixpath.normpath(record.file_name) for record in records]
+    if any(name.startswith(("../", "/")) or name in files for name in names):
+        return  # one is there, or names point out of the folder, which the listing cannot answer
+    where = (f"the image folder {images} does not exist" if not storage.exists(images) else
+             f"{images} holds none of them ({len(files)} file{'s' * (len(files) > 1)}, e.g. {min(files)})" if files else
+             f"{images} is empty")
+    raise UserInputError(f"{annotations} lists {len(names)} images (e.g. {names[0]}) and {where}: "
+                         "nothing was ingested. Is it the right image folder?")
 
 
 def _changes(previous: dict, annotations_sha256: str, listing: str) -> str:
@@ -214,17 +238,20 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     images were all dropped is not written (its number is skipped). ``images_changed_ok``: an
     ingest that differs only in the image files is reused with a warning, not written again (a
     sweep's trial: the other trials are reading its shards). ``before_writing`` is called once there
-    is work to do, before the annotations are parsed (``data ingest`` starts Ray there: a rerun with
-    nothing to write needs none)."""
+    is work to do, after the annotations are parsed and checked (``data ingest`` starts Ray there: a
+    rerun with nothing to write, or a refused one, needs none)."""
     if shard_size < 1:
         raise UserInputError(f"shard_size must be >= 1; got {shard_size}")
     storage.require_bucket(output)
     annotation_bytes = storage.read_bytes(annotations)
     annotations_digest = hashlib.sha256(annotation_bytes)
-    listing = images_listing(str(images))
+    files = list_images(str(images))
+    listing = images_listing(files)
     fingerprint = _fingerprint(annotations_digest, str(images), listing, shard_size)
     digests = dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest())
     previous = read_manifest(output)
+    if previous and not previous["rows"]:
+        previous = None  # an empty ingest (an earlier version wrote one for a wrong image folder) is not reused
     if previous and previous.get("fingerprint") == fingerprint and not force:
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
         return _reused(output, previous, digests["annotations_sha256"])
@@ -236,11 +263,11 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
         return _reused(output, previous, digests["annotations_sha256"])
     if previous and not force:
         log.info("ingest: %s holds %s: ingesting again", output, _changes(previous, digests["annotations_sha256"], listing))
-    if before_writing is not None:
-        before_writing()
-
     dataset = parse_coco(json.loads(annotation_bytes), str(annotations))
     del annotation_bytes
+    _require_some_images(dataset.images, str(images), str(annotations), files)
+    if before_writing is not None:
+        before_writing()
     report: CocoReport = dataset.report
     fs, out_path = storage.resolve(output)
     fs.create_dir(out_path, recursive=True)
@@ -258,6 +285,9 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     rows, written = sum(r["rows"] for r in results), sum(r["bytes"] for r in results)
 
     report.images = rows
+    if dataset.images and not rows:
+        raise UserInputError(f"none of the {len(dataset.images)} images that {annotations} lists could be ingested "
+                             f"from {images}: {report.summary()}. Nothing was ingested")
     counts = report.counts()
     manifest = {
         "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "images": str(images),
