@@ -215,3 +215,35 @@ def test_an_empty_ingest_left_by_an_earlier_version_is_not_reused(shapes_dataset
     (tmp_path / "pq" / "_manifest.json").write_text(json.dumps({**manifest, "rows": 0, "shards": []}))
     again = ingest_coco(*args)
     assert not again.reused and again.rows == 12
+
+
+def test_datasets_given_by_their_own_paths_are_ingested_into_folders_of_their_own(shapes_dataset, tmp_path,
+                                                                                  monkeypatch):
+    """No ``data.root`` or ``data.parquet_dir``: before, every such dataset was ingested into the
+    cache's one ``parquet/{train,val}``, so a second dataset replaced the first's shards (under a run
+    reading them) and going back ingested the first again."""
+    from dataclasses import replace
+
+    from centernet_ray.config import DataConfig
+    from centernet_ray.data.sources import split_sources
+
+    monkeypatch.setenv("CENTERNET_RAY_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "copy"
+    shutil.copytree(shapes_dataset, copy)
+    first, second = (DataConfig(train_images=str(root / "images" / "train"),
+                                train_annotations=str(root / "annotations" / "instances_train.json"),
+                                val_images=str(root / "images" / "val"),
+                                val_annotations=str(root / "annotations" / "instances_val.json"))
+                     for root in (shapes_dataset, copy))
+    sources = [split_sources(config)["val"] for config in (first, second)]
+    assert sources[0].parquet != sources[1].parquet
+    assert all(os.path.basename(s.parquet).startswith("instances_val-") for s in sources)
+    assert split_sources(first)["train"].parquet not in {s.parquet for s in sources}
+    results = [ingest_coco(s.images, s.annotations, s.parquet) for s in (*sources, sources[0])]
+    assert [r.reused for r in results] == [False, False, True]  # the first dataset's ingest is still there
+
+    monkeypatch.chdir(copy)  # the same files named from their folder: the same place
+    relative = replace(second, val_images="images/val", val_annotations="annotations/instances_val.json")
+    assert split_sources(relative)["val"].parquet == sources[1].parquet
+    assert split_sources(replace(first, parquet_dir="pq"))["val"].parquet == "pq/val"
+    assert split_sources(DataConfig(root=str(copy)))["val"].parquet == str(copy / "parquet" / "val")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import posixpath
 from dataclasses import dataclass
 
 from centernet_ray import storage
@@ -40,7 +43,20 @@ def split_sources(config: DataConfig) -> dict[str, SplitSource]:
                                   "(or data.root to a dataset in the images/{split}, annotations/ layout)")
             images = images or storage.join(root, "images", name)
             annotations = annotations or storage.join(root, "annotations", f"instances_{name}.json")
-        parquet_root = config.parquet_dir or (storage.join(root, "parquet") if root else
-                                              str(default_cache_dir() / "parquet"))
-        sources[split] = SplitSource(images, annotations, storage.join(parquet_root, split))
+        if config.parquet_dir or root:
+            parquet = storage.join(config.parquet_dir or storage.join(root, "parquet"), split)
+        else:
+            parquet = cached_parquet(images, annotations)
+        sources[split] = SplitSource(images, annotations, parquet)
     return sources
+
+
+def cached_parquet(images: str, annotations: str) -> str:
+    """Where a split given by its own locations (no ``data.root``, no ``data.parquet_dir``) is
+    ingested: a folder of the cache named after its annotation file and keyed by both locations.
+    One folder for every such dataset would make each ingest replace the other's shards, under a
+    run still reading them, and switching back and forth ingest again every time."""
+    where = [location if storage.is_uri(location) else os.path.abspath(location) for location in (images, annotations)]
+    key = hashlib.sha256("\n".join(where).encode()).hexdigest()[:12]
+    name = posixpath.splitext(posixpath.basename(where[1].rstrip("/")))[0] or "annotations"
+    return str(default_cache_dir() / "parquet" / f"{name}-{key}")
