@@ -1,4 +1,5 @@
-"""One command at a time per run folder: a lease file the command holding the folder keeps fresh.
+"""One command at a time per run folder (or ingest output): a lease file the command holding the
+folder keeps fresh.
 
 Two commands on the same training run or sweep (a command started twice, a job submitted again
 while the first still runs) would both resume from the same checkpoints, overwrite each other's
@@ -11,8 +12,10 @@ clock that differs between hosts cannot make a live holder look dead). A holder 
 lease taken stops its work as Ctrl+C would. Works on any storage the project writes (a local path,
 a bucket): a file written and read back, no locking primitive needed. Two commands starting within
 the same instant can both write it; the one whose write did not last is refused when it reads the
-lease back (``Lease.confirm``) before its work. (Not ``.json``: Tune copies a sweep folder's
-``.json`` files down on a resume and up again later, which would put an old lease back.)
+lease back (``Lease.confirm``) before its work. An ingest waits for the holder instead of being
+refused (``held(wait=True)``): the holder is writing what it needs. (Not ``.json``: Tune copies a
+sweep folder's ``.json`` files down on a resume and up again later, which would put an old lease
+back.)
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ log = logging.getLogger(__name__)
 LEASE_FILE = "_running.lease"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
+POLL_S = 5.0  # how often a command that waits for a folder (``held(wait=True)``) looks at its lease again
+SETTLE_FACTOR, MIN_SETTLE_S = 3.0, 0.05  # a waiting command reads its lease back this many times its
+# write's duration later: another command's read and write racing it (each about as long) have landed by then
 
 
 def _read(path: str) -> dict | None:
@@ -90,6 +96,7 @@ class Lease:
     _stop: threading.Event = field(default_factory=threading.Event)
     _heartbeat: threading.Thread | None = None
     _lost: bool = False
+    waited: bool = False  # another command held the folder first: what it wrote may be what this one needs
 
     @property
     def token(self) -> str:
@@ -149,29 +156,34 @@ def _wait_for_a_silent_holder(path: str, holder: dict, what: str, instead: str) 
 
 
 @contextlib.contextmanager
-def held(folder: str, *, what: str, instead: str) -> Iterator[Lease]:
+def held(folder: str, *, what: str, instead: str, wait: bool = False) -> Iterator[Lease]:
     """Hold ``folder`` (a path or URI) while the block runs: refused with a ``UserInputError`` when
     another command holds it and renewed its lease in the last ``STALE_AFTER_S`` seconds, or does so
     while this one watches a stale-looking lease. ``what`` names the folder's contents in messages
     ("training run centernet-resnet18 (outputs/...)"); ``instead`` says what to do rather than wait
     (give the run its own name). Should another command take the folder over while the block runs,
-    the main thread is interrupted as by Ctrl+C."""
+    the main thread is interrupted as by Ctrl+C.
+
+    ``wait``: instead of being refused, wait for the holder to end (logged once), and read the lease
+    back shortly after writing it, waiting again if another command's write won; the lease's
+    ``waited`` says whether another command held the folder first."""
     path = storage.join(folder, LEASE_FILE)
-    holder = _read(path)
-    if holder is not None:
-        silent = time.time() - holder.get("heartbeat", 0.0)
-        if silent < STALE_AFTER_S:
-            raise _in_use(what, holder, time.time(), instead, path, STALE_AFTER_S - silent)
-        _wait_for_a_silent_holder(path, holder, what, instead)
-        log.warning("taking over %s from a command whose lease was not renewed (it did not remove %s): %s", what,
-                    path, _describe(holder, time.time()))
     created = _missing_folders(folder)
-    now = time.time()
-    record = {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-              "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300],
-              "started": now, "heartbeat": now}
-    _write(path, record)
-    lease = Lease(path, what, instead, record)
+    waited = False
+    while True:
+        if _free(path, what, instead, wait, announce=not waited):
+            record = _new_record()
+            began = time.monotonic()
+            _write(path, record)
+            if not wait:
+                break
+            time.sleep(max(MIN_SETTLE_S, SETTLE_FACTOR * (time.monotonic() - began)))
+            current = _read(path)
+            if current is None or current["token"] == record["token"]:
+                break
+        waited = True
+        time.sleep(POLL_S)
+    lease = Lease(path, what, instead, record, waited=waited)
     lease._heartbeat = threading.Thread(target=lease._beat, name="lease-heartbeat", daemon=True)
     lease._heartbeat.start()
     try:
@@ -179,6 +191,36 @@ def held(folder: str, *, what: str, instead: str) -> Iterator[Lease]:
     finally:
         lease.release()
         _remove_if_empty(folder, created)
+
+
+def _free(path: str, what: str, instead: str, wait: bool, announce: bool) -> bool:
+    """Whether the lease at ``path`` may be written now: there is none, or its holder went silent
+    (taken over, with a warning). A live holder: ``UserInputError``, or False when ``wait`` (said
+    once, when ``announce``)."""
+    holder = _read(path)
+    if holder is None:
+        return True
+    silent = time.time() - holder.get("heartbeat", 0.0)
+    try:
+        if silent < STALE_AFTER_S:
+            raise _in_use(what, holder, time.time(), instead, path, STALE_AFTER_S - silent)
+        _wait_for_a_silent_holder(path, holder, what, instead)
+    except UserInputError:
+        if not wait:
+            raise
+        if announce:
+            log.info("%s is in use by another command: waiting for it to end: %s", what, _describe(holder, time.time()))
+        return False
+    log.warning("taking over %s from a command whose lease was not renewed (it did not remove %s): %s", what,
+                path, _describe(holder, time.time()))
+    return True
+
+
+def _new_record() -> dict:
+    now = time.time()
+    return {"token": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+            "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:300],
+            "started": now, "heartbeat": now}
 
 
 def _missing_folders(folder: str) -> list[str]:

@@ -247,3 +247,33 @@ def test_datasets_given_by_their_own_paths_are_ingested_into_folders_of_their_ow
     assert split_sources(relative)["val"].parquet == sources[1].parquet
     assert split_sources(replace(first, parquet_dir="pq"))["val"].parquet == "pq/val"
     assert split_sources(DataConfig(root=str(copy)))["val"].parquet == str(copy / "parquet" / "val")
+
+
+def test_two_commands_ingesting_one_dataset_at_once_write_it_once(shapes_dataset, tmp_path, monkeypatch):
+    """Two jobs started together on a dataset not yet ingested: before, both found no manifest and
+    both deleted and wrote the shards, one under the other's reads. Now the second waits for the
+    first's lease on the output, then reuses what it wrote."""
+    import threading
+
+    from centernet_ray import lease
+    from centernet_ray.ray_data import ingest
+
+    monkeypatch.setattr(lease, "POLL_S", 0.05)
+    write_shard, writes = ingest.write_shard, []
+
+    def slowly(*args):
+        writes.append(args[2])
+        time.sleep(0.3)
+        return write_shard(*args)
+
+    monkeypatch.setattr(ingest, "write_shard", slowly)
+    args = (str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"),
+            str(tmp_path / "pq"))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ingest_coco(*args, shard_size=4))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(r.reused for r in results) == [False, True] and writes == [0, 1, 2]
+    assert pq.read_table(tmp_path / "pq").num_rows == 12 and not (tmp_path / "pq" / lease.LEASE_FILE).exists()

@@ -134,6 +134,44 @@ def test_a_holder_whose_lease_was_taken_stops_as_on_ctrl_c(tmp_path, monkeypatch
     assert json.loads((tmp_path / lease.LEASE_FILE).read_text())["token"] == "other"  # not removed: not ours
 
 
+def test_a_waiting_command_holds_the_folder_once_its_holder_ends(tmp_path, monkeypatch, caplog):
+    """``wait=True`` (an ingest into a Parquet folder another command is writing): no refusal; it
+    says once whom it waits for, and holds the folder after it, knowing it waited."""
+    import threading
+
+    monkeypatch.setattr(lease, "POLL_S", 0.05)
+    caplog.set_level("INFO", logger="centernet_ray.lease")
+    first = held(tmp_path)
+    first.__enter__()
+    threading.Timer(0.5, first.__exit__, (None, None, None)).start()
+    began = time.monotonic()
+    with lease.held(str(tmp_path), what="the ingest into pq", instead="-", wait=True) as second:
+        assert time.monotonic() - began >= 0.45 and second.waited
+        assert json.loads((tmp_path / lease.LEASE_FILE).read_text())["token"] == second.token
+    assert caplog.text.count("the ingest into pq is in use by another command: waiting for it to end") == 1
+    with lease.held(str(tmp_path), what="the ingest into pq", instead="-", wait=True) as third:
+        assert not third.waited
+
+
+def test_a_waiting_command_whose_write_was_lost_waits_for_the_winner(tmp_path, monkeypatch):
+    """Two waiting commands found the folder free in the same instant: the one that reads back the
+    other's lease waits for it instead of working beside it."""
+    import threading
+
+    monkeypatch.setattr(lease, "POLL_S", 0.05)
+    write = lease._write
+    path = tmp_path / lease.LEASE_FILE
+
+    def then_the_winner_writes(where, record):
+        write(where, record)
+        if record["token"] != "winner" and not path.with_suffix(".won").exists():
+            path.with_suffix(".won").touch()
+            write(where, {**record, "token": "winner", "pid": 99})
+            threading.Timer(0.3, path.unlink).start()  # the winner ends
+
+    monkeypatch.setattr(lease, "_write", then_the_winner_writes)
+    with lease.held(str(tmp_path), what="the ingest into pq", instead="-", wait=True) as late:
+        assert late.waited and json.loads(path.read_text())["token"] == late.token
 
 
 def test_the_folders_a_lease_would_create_are_found_on_any_filesystem(tmp_path):

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from centernet_ray import storage
+from centernet_ray import lease, storage
 from centernet_ray.config import DataConfig
-from centernet_ray.data.coco import CocoReport, ImageRecord, parse_coco
+from centernet_ray.data.coco import CocoDataset, CocoReport, ImageRecord, parse_coco
 from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 
@@ -96,7 +96,7 @@ def list_images(images: str) -> dict[str, int] | None:
 
     def is_ingest_output(name: str) -> bool:
         folder, base = posixpath.split(name)
-        return folder in ingests and (base == MANIFEST or base.startswith("part-"))
+        return base.startswith(lease.LEASE_FILE) or folder in ingests and (base == MANIFEST or base.startswith("part-"))
 
     return {name: size for name, size in sizes.items() if not is_ingest_output(name)}
 
@@ -226,6 +226,45 @@ def _write_shards(images: str, output: str, chunks: list[list[ImageRecord]], num
     return sorted(written.take_all(), key=lambda r: r["index"])
 
 
+@dataclass
+class _Input:
+    """What an ingest compares with an earlier one's manifest: the image files as one listing gives
+    them (None when listing is refused), and the digests of the input."""
+
+    files: dict[str, int] | None
+    listing: str
+    fingerprint: str
+    annotations_sha256: str
+
+
+def _read_input(images: str, annotations_digest: Any, shard_size: int) -> _Input:
+    files = list_images(images)
+    listing = images_listing(files)
+    return _Input(files, listing, _fingerprint(annotations_digest, images, listing, shard_size),
+                  annotations_digest.hexdigest())
+
+
+def _reusable(output: str, images: str, annotations_digest: Any, shard_size: int, found: _Input,
+              images_changed_ok: bool) -> IngestResult | None:
+    """The ingest ``output`` holds, when it is one of this input (``found``), else None (said why)."""
+    previous = read_manifest(output)
+    if previous and not previous["rows"]:
+        previous = None  # an empty ingest (an earlier version wrote one for a wrong image folder) is not reused
+    if previous and previous.get("fingerprint") == found.fingerprint:
+        log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
+        return _reused(output, previous, found.annotations_sha256)
+    if (images_changed_ok and previous and "images_listing" in previous
+            and previous.get("fingerprint") == _fingerprint(annotations_digest, images, previous["images_listing"],
+                                                            shard_size)):
+        log.warning("ingest: the image files under %s changed since %s was written; this trial trains on it as it "
+                    "is, as the sweep's other trials do (the next sweep or run ingests them again)", images, output)
+        return _reused(output, previous, found.annotations_sha256)
+    if previous:
+        log.info("ingest: %s holds %s: ingesting again", output,
+                 _changes(previous, found.annotations_sha256, found.listing))
+    return None
+
+
 def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 1000,
                 num_threads: int = 16, force: bool = False,
                 label_selector: dict[str, str] | None = None, use_ray: bool | None = None,
@@ -239,35 +278,39 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     ingest that differs only in the image files is reused with a warning, not written again (a
     sweep's trial: the other trials are reading its shards). ``before_writing`` is called once there
     is work to do, after the annotations are parsed and checked (``data ingest`` starts Ray there: a
-    rerun with nothing to write, or a refused one, needs none)."""
+    rerun with nothing to write, or a refused one, needs none). One command writes ``output`` at a
+    time (a lease, ``centernet_ray/lease.py``): another that finds it being written waits, then
+    reuses what it wrote when it is this input."""
     if shard_size < 1:
         raise UserInputError(f"shard_size must be >= 1; got {shard_size}")
+    images, annotations = str(images), str(annotations)
     storage.require_bucket(output)
     annotation_bytes = storage.read_bytes(annotations)
     annotations_digest = hashlib.sha256(annotation_bytes)
-    files = list_images(str(images))
-    listing = images_listing(files)
-    fingerprint = _fingerprint(annotations_digest, str(images), listing, shard_size)
-    digests = dict(fingerprint=fingerprint, annotations_sha256=annotations_digest.hexdigest())
-    previous = read_manifest(output)
-    if previous and not previous["rows"]:
-        previous = None  # an empty ingest (an earlier version wrote one for a wrong image folder) is not reused
-    if previous and previous.get("fingerprint") == fingerprint and not force:
-        log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
-        return _reused(output, previous, digests["annotations_sha256"])
-    if (images_changed_ok and previous and not force and "images_listing" in previous
-            and previous.get("fingerprint") == _fingerprint(annotations_digest, str(images), previous["images_listing"],
-                                                            shard_size)):
-        log.warning("ingest: the image files under %s changed since %s was written; this trial trains on it as it "
-                    "is, as the sweep's other trials do (the next sweep or run ingests them again)", images, output)
-        return _reused(output, previous, digests["annotations_sha256"])
-    if previous and not force:
-        log.info("ingest: %s holds %s: ingesting again", output, _changes(previous, digests["annotations_sha256"], listing))
-    dataset = parse_coco(json.loads(annotation_bytes), str(annotations))
+    found = _read_input(images, annotations_digest, shard_size)
+    reusable = None if force else _reusable(output, images, annotations_digest, shard_size, found, images_changed_ok)
+    if reusable:
+        return reusable
+    dataset = parse_coco(json.loads(annotation_bytes), annotations)
     del annotation_bytes
-    _require_some_images(dataset.images, str(images), str(annotations), files)
-    if before_writing is not None:
-        before_writing()
+    _require_some_images(dataset.images, images, annotations, found.files)
+    with lease.held(output, what=f"the ingest into {output}", instead="Give this ingest its own output.",
+                    wait=True) as writing:
+        if writing.waited:  # another command wrote it meanwhile: perhaps this very input
+            found = _read_input(images, annotations_digest, shard_size)
+            reusable = None if force else _reusable(output, images, annotations_digest, shard_size, found,
+                                                    images_changed_ok)
+            if reusable:
+                return reusable
+        if before_writing is not None:
+            before_writing()
+        return _write_ingest(dataset, images, annotations, output, found, shard_size, num_threads, label_selector,
+                             use_ray)
+
+
+def _write_ingest(dataset: CocoDataset, images: str, annotations: str, output: str, found: _Input, shard_size: int,
+                  num_threads: int, label_selector: dict[str, str] | None, use_ray: bool | None) -> IngestResult:
+    """Replace what ``output`` holds with the shards and manifest of ``dataset``."""
     report: CocoReport = dataset.report
     fs, out_path = storage.resolve(output)
     fs.create_dir(out_path, recursive=True)
@@ -276,7 +319,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
             fs.delete_file(stale.path)
 
     chunks = [dataset.images[start:start + shard_size] for start in range(0, len(dataset.images), shard_size)]
-    results = _write_shards(str(images), output, chunks, num_threads, label_selector, use_ray)
+    results = _write_shards(images, output, chunks, num_threads, label_selector, use_ray)
     for result in results:
         for kind, example, annotations_dropped in json.loads(result["dropped"]):
             report.note(kind, example)
@@ -290,16 +333,16 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
                              f"from {images}: {report.summary()}. Nothing was ingested")
     counts = report.counts()
     manifest = {
-        "format_version": FORMAT_VERSION, "fingerprint": fingerprint, "images": str(images),
-        "annotations_sha256": digests["annotations_sha256"], "images_listing": listing,
-        "annotations": str(annotations), "rows": rows, "shards": shards, "category_ids": dataset.category_ids,
+        "format_version": FORMAT_VERSION, "fingerprint": found.fingerprint, "images": images,
+        "annotations_sha256": found.annotations_sha256, "images_listing": found.listing,
+        "annotations": annotations, "rows": rows, "shards": shards, "category_ids": dataset.category_ids,
         "class_names": dataset.class_names, "report": counts, "examples": report.examples, "bytes_written": written,
     }
     storage.write_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())
     level = logging.WARNING if report.examples else logging.INFO
     log.log(level, "ingest: %s -> %s: %s", annotations, output, report.summary())
     return IngestResult(output, rows, shards, dataset.category_ids, dataset.class_names, counts, written, reused=False,
-                        **digests)
+                        fingerprint=found.fingerprint, annotations_sha256=found.annotations_sha256)
 
 
 def _reused(output: str, manifest: dict, annotations_sha256: str) -> IngestResult:
