@@ -42,6 +42,7 @@ from centernet_ray.errors import UserInputError
 log = logging.getLogger(__name__)
 
 LEASE_FILE = "_running.lease"
+READER_MARK = LEASE_FILE + ".reader-"  # + the reading command's token: one mark per command reading an ingest
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
 POLL_S = 5.0  # how often a command that waits for a folder (``held(wait=True)``) looks at its lease again
@@ -97,6 +98,7 @@ class Lease:
     _heartbeat: threading.Thread | None = None
     _lost: bool = False
     waited: bool = False  # another command held the folder first: what it wrote may be what this one needs
+    marks: list[str] = field(default_factory=list)  # reader marks this holder keeps fresh (``read``)
 
     @property
     def token(self) -> str:
@@ -111,6 +113,18 @@ class Lease:
             raise UserInputError(f"{self.what} was taken by another command that started at the same time: "
                                  f"{_describe(current, time.time())}. {self.instead}")
 
+    def read(self, folder: str) -> None:
+        """Mark ``folder`` (an ingest's output) as read by this command until the lease is released:
+        an ingest that would replace its shards meanwhile is refused (``refuse_if_read``)."""
+        mark = storage.join(folder, READER_MARK + self.token)
+        _write(mark, self.record)
+        self.marks.append(mark)
+
+    def stop_reading(self, folder: str) -> None:
+        mark = storage.join(folder, READER_MARK + self.token)
+        self.marks.remove(mark)
+        _delete(mark)
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
@@ -123,7 +137,8 @@ class Lease:
                     _thread.interrupt_main()  # the run's Ctrl+C handler stops it (Ray Train's, Tune's)
                     return
                 self.record["heartbeat"] = time.time()
-                _write(self.path, self.record)
+                for path in [self.path, *self.marks]:
+                    _write(path, self.record)
             except Exception as exc:  # storage briefly unreachable, say: the next beat tries again
                 log.warning("could not renew the lease %s: %s", self.path, exc)
 
@@ -132,16 +147,60 @@ class Lease:
         self._stop.set()
         if self._heartbeat is not None:  # a renewal under way would write the file again after its removal
             self._heartbeat.join(timeout=60)
+        for mark in self.marks:
+            _delete(mark)
         if self._lost:
             return
         try:
             current = _read(self.path)
-            if current is not None and current["token"] == self.token:
-                fs, path = storage.resolve(self.path)
-                fs.delete_file(path)
         except OSError as exc:
-            log.warning("could not remove the lease %s (the next command takes it over %.0f s after its last "
-                        "heartbeat): %s", self.path, STALE_AFTER_S, exc)
+            log.warning("could not read the lease %s to remove it: %s", self.path, exc)
+            return
+        if current is not None and current["token"] == self.token:
+            _delete(self.path)
+
+
+def _delete(path: str) -> None:
+    try:
+        fs, inside = storage.resolve(path)
+        fs.delete_file(inside)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s (the next command sees it %.0f s after its last heartbeat): %s", path,
+                    STALE_AFTER_S, exc)
+
+
+def at_work(folder: str) -> dict | None:
+    """The lease of the command that holds ``folder`` now (renewed in the last ``STALE_AFTER_S``), or None."""
+    holder = _read(storage.join(folder, LEASE_FILE))
+    return holder if holder is not None and time.time() - holder.get("heartbeat", 0.0) < STALE_AFTER_S else None
+
+
+def refuse_if_read(folder: str, *, what: str, instead: str) -> None:
+    """Raise ``UserInputError`` when another command marked ``folder`` as read (``Lease.read``) and
+    keeps its mark fresh: ``what`` (replacing the folder's shards, say) would happen under it.
+    Marks left by commands killed outright are removed, after the same watch as a lease's."""
+    fs, path = storage.resolve(folder)
+    found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    for info in found:
+        if not info.base_name.startswith(READER_MARK) or info.base_name.endswith(".partial"):
+            continue
+        mark = storage.join(folder, info.base_name)
+        reader = _read(mark)
+        if reader is None:
+            continue
+        problem = (f"{what}, but another command reads {folder}: {_describe(reader, time.time())}. Wait for it to "
+                   f"end, or {instead[0].lower()}{instead[1:]}")
+        if time.time() - reader.get("heartbeat", 0.0) < STALE_AFTER_S:
+            raise UserInputError(problem)
+        time.sleep(2 * HEARTBEAT_S)  # stale-looking: a clock behind ours, or a command gone
+        now = _read(mark)
+        if now is not None and now.get("heartbeat") != reader.get("heartbeat"):
+            raise UserInputError(problem)
+        log.warning("removing %s, left by a command that no longer renews it: %s", mark,
+                    _describe(reader, time.time()))
+        _delete(mark)
 
 
 def _wait_for_a_silent_holder(path: str, holder: dict, what: str, instead: str) -> None:

@@ -277,3 +277,43 @@ def test_two_commands_ingesting_one_dataset_at_once_write_it_once(shapes_dataset
         thread.join()
     assert sorted(r.reused for r in results) == [False, True] and writes == [0, 1, 2]
     assert pq.read_table(tmp_path / "pq").num_rows == 12 and not (tmp_path / "pq" / lease.LEASE_FILE).exists()
+
+
+def test_an_ingest_a_run_reads_is_not_replaced_under_it(shapes_dataset, tmp_path):
+    """A training run reads the shards of ``pq``; meanwhile the images change and another command
+    ingests again into it: before, it deleted and rewrote them under the run's next epoch. Now it
+    is refused, naming the reader, until the run ends; the same input is still reused."""
+    from centernet_ray import lease
+    from centernet_ray.errors import UserInputError
+
+    images = tmp_path / "images"
+    shutil.copytree(shapes_dataset / "images" / "val", images)
+    args = (str(images), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
+    with lease.held(str(tmp_path / "run"), what="training run r", instead="-") as run:
+        ingest_coco(*args, reading=run)
+        marks = [p.name for p in (tmp_path / "pq").iterdir() if p.name.startswith(lease.READER_MARK)]
+        assert marks == [lease.READER_MARK + run.token]
+        assert ingest_coco(*args).reused  # the same input: nothing to replace
+        (images / "extra.jpg").write_bytes((images / sorted(os.listdir(images))[0]).read_bytes())  # added meanwhile
+        for again in (dict(), dict(force=True)):
+            with pytest.raises(UserInputError, match=r"ingesting .*instances_val.json would replace the shards in "
+                                                     r".*pq, but another command reads .*pq: `.*` \(pid \d+ .*Wait for "
+                                                     r"it to end, or ingest into another folder \(data.parquet_dir"):
+                ingest_coco(*args, **again)
+        assert pq.read_table(tmp_path / "pq").num_rows == 12 and read_manifest(args[2])["rows"] == 12
+    assert not [p for p in (tmp_path / "pq").iterdir() if p.name.startswith(lease.READER_MARK)]
+    assert not ingest_coco(*args).reused  # the run ended: ingested again
+
+
+def test_a_reader_mark_left_by_a_killed_command_is_removed_after_a_watch(shapes_dataset, tmp_path, monkeypatch):
+    from centernet_ray import lease
+
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    args = (str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"),
+            str(tmp_path / "pq"))
+    ingest_coco(*args)
+    silent_since = time.time() - lease.STALE_AFTER_S - 1
+    mark = tmp_path / "pq" / (lease.READER_MARK + "gone")
+    mark.write_text(json.dumps({"token": "gone", "pid": 1, "host": "h", "command": "c", "started": silent_since,
+                                "heartbeat": silent_since}))
+    assert not ingest_coco(*args, force=True).reused and not mark.exists()

@@ -77,15 +77,21 @@ def test_two_commands_in_the_same_instant_the_one_whose_write_was_lost_is_refuse
     assert json.loads((tmp_path / lease.LEASE_FILE).read_text())["token"] == "winner"
 
 
-def test_the_holder_renews_its_heartbeat(tmp_path, monkeypatch):
+def test_the_holder_renews_its_heartbeat_and_its_reader_marks(tmp_path, monkeypatch):
     monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
-    with held(tmp_path) as holding:
-        first = json.loads((tmp_path / lease.LEASE_FILE).read_text())["heartbeat"]
+    (tmp_path / "pq").mkdir()
+    with held(tmp_path / "run") as holding:
+        holding.read(str(tmp_path / "pq"))
+        mark = tmp_path / "pq" / (lease.READER_MARK + holding.token)
+        first = json.loads((tmp_path / "run" / lease.LEASE_FILE).read_text())["heartbeat"]
+        assert json.loads(mark.read_text())["heartbeat"] == first
         deadline = time.monotonic() + 10
-        while json.loads((tmp_path / lease.LEASE_FILE).read_text())["heartbeat"] == first:
+        while json.loads(mark.read_text())["heartbeat"] == first:
             assert time.monotonic() < deadline, "no heartbeat in 10 s"
             time.sleep(0.05)
+        assert json.loads((tmp_path / "run" / lease.LEASE_FILE).read_text())["heartbeat"] > first
         holding.confirm()
+    assert list((tmp_path / "pq").iterdir()) == []  # the mark goes with the lease
 
 
 def test_a_command_that_wrote_nothing_leaves_no_folder_behind(tmp_path):

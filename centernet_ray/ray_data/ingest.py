@@ -268,7 +268,8 @@ def _reusable(output: str, images: str, annotations_digest: Any, shard_size: int
 def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 1000,
                 num_threads: int = 16, force: bool = False,
                 label_selector: dict[str, str] | None = None, use_ray: bool | None = None,
-                images_changed_ok: bool = False, before_writing: Callable[[], None] | None = None) -> IngestResult:
+                images_changed_ok: bool = False, before_writing: Callable[[], None] | None = None,
+                reading: lease.Lease | None = None) -> IngestResult:
     """Write ``output``/part-NNNNN.parquet shards of at most ``shard_size`` rows, plus the manifest.
 
     This process reads only the annotation file; with Ray up, every shard's images are read,
@@ -280,7 +281,9 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     is work to do, after the annotations are parsed and checked (``data ingest`` starts Ray there: a
     rerun with nothing to write, or a refused one, needs none). One command writes ``output`` at a
     time (a lease, ``centernet_ray/lease.py``): another that finds it being written waits, then
-    reuses what it wrote when it is this input."""
+    reuses what it wrote when it is this input. ``reading``: the lease of a command that will read
+    the ingest (a training run, a sweep), which marks ``output`` as read until it ends; an ingest
+    that would replace the shards of one that another command reads is refused."""
     if shard_size < 1:
         raise UserInputError(f"shard_size must be >= 1; got {shard_size}")
     images, annotations = str(images), str(annotations)
@@ -289,23 +292,40 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     annotations_digest = hashlib.sha256(annotation_bytes)
     found = _read_input(images, annotations_digest, shard_size)
     reusable = None if force else _reusable(output, images, annotations_digest, shard_size, found, images_changed_ok)
-    if reusable:
+    if reusable and _marked_as_read(output, reading):
         return reusable
     dataset = parse_coco(json.loads(annotation_bytes), annotations)
     del annotation_bytes
     _require_some_images(dataset.images, images, annotations, found.files)
     with lease.held(output, what=f"the ingest into {output}", instead="Give this ingest its own output.",
                     wait=True) as writing:
-        if writing.waited:  # another command wrote it meanwhile: perhaps this very input
+        if writing.waited or reusable:  # another command wrote it meanwhile: perhaps this very input
             found = _read_input(images, annotations_digest, shard_size)
             reusable = None if force else _reusable(output, images, annotations_digest, shard_size, found,
                                                     images_changed_ok)
-            if reusable:
-                return reusable
-        if before_writing is not None:
-            before_writing()
-        return _write_ingest(dataset, images, annotations, output, found, shard_size, num_threads, label_selector,
-                             use_ray)
+        if not reusable:
+            lease.refuse_if_read(output, what=f"ingesting {annotations} would replace the shards in {output}",
+                                 instead="ingest into another folder (data.parquet_dir, or data ingest's --out).")
+            if before_writing is not None:
+                before_writing()
+            reusable = _write_ingest(dataset, images, annotations, output, found, shard_size, num_threads,
+                                     label_selector, use_ray)
+        if reading is not None:  # marked while no other command can be writing here
+            reading.read(output)
+        return reusable
+
+
+def _marked_as_read(output: str, reading: lease.Lease | None) -> bool:
+    """Mark ``output`` as read by ``reading``'s command unless another command is writing it now (then
+    unmarked, False: wait for it). In that order: a writer that did not see the mark had taken its
+    lease before, and is seen here."""
+    if reading is None:
+        return True
+    reading.read(output)
+    if lease.at_work(output) is None:
+        return True
+    reading.stop_reading(output)
+    return False
 
 
 def _write_ingest(dataset: CocoDataset, images: str, annotations: str, output: str, found: _Input, shard_size: int,
@@ -353,9 +373,9 @@ def _reused(output: str, manifest: dict, annotations_sha256: str) -> IngestResul
 
 
 def ingest_splits(config: DataConfig, label_selector: dict[str, str] | None = None,
-                  images_changed_ok: bool = False) -> dict[str, IngestResult]:
+                  images_changed_ok: bool = False, reading: lease.Lease | None = None) -> dict[str, IngestResult]:
     """Ingest every split to Parquet (a no-op for splits already ingested from the same input;
-    ``images_changed_ok``: see ``ingest_coco``)."""
+    ``images_changed_ok``, ``reading``: see ``ingest_coco``)."""
     return {split: ingest_coco(source.images, source.annotations, source.parquet, config.shard_size,
-                               label_selector=label_selector, images_changed_ok=images_changed_ok)
+                               label_selector=label_selector, images_changed_ok=images_changed_ok, reading=reading)
             for split, source in split_sources(config).items()}

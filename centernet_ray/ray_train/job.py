@@ -95,7 +95,8 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
                   threads_per_worker: int | None = None, mlflow_parent_run_id: str | None = None,
                   mlflow_tags: dict[str, str] | None = None, source: str | None = None,
                   started_at: float | None = None, data_locations: dict[str, str] | None = None,
-                  launch: str, in_a_sweep: bool = False) -> tuple[TorchTrainer, Any]:
+                  launch: str, in_a_sweep: bool = False, reading: lease.Lease | None = None
+                  ) -> tuple[TorchTrainer, Any]:
     """A ``TorchTrainer`` for ``config`` (data ingested first), plus the preprocessing drop report.
 
     ``callbacks`` are Ray Train ``UserCallback``s (a Tune trial passes its report callback);
@@ -107,7 +108,8 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     default ``config``'s (a sweep's trials get the sweep command's: theirs are made absolute where
     the sweep runs, which a resumed sweep may not); ``launch`` names this start of the job in MLflow
     (``new_launch()``; see ``RunTracker``); ``in_a_sweep``: a sweep's trial, which trains on the
-    sweep's ingest even when the image files changed since (``ingest_coco``'s ``images_changed_ok``)."""
+    sweep's ingest even when the image files changed since (``ingest_coco``'s ``images_changed_ok``);
+    ``reading``: the lease of the command that trains, which marks the ingest as read (see ``ingest_coco``)."""
     started_at = time.time() if started_at is None else started_at
     data_locations = given_data_locations(config) if data_locations is None else data_locations
     # Paths and the MLflow store are resolved here, in the user's directory: the workers' working
@@ -118,7 +120,8 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     storage.require_bucket(storage.default_storage_path(config))  # Ray Train's writes there would end in a traceback
     check_resumable(config, data_locations)  # all before the ingest, which can take long
     check_pretrained_file(config)
-    ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector(), images_changed_ok=in_a_sweep)
+    ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector(), images_changed_ok=in_a_sweep,
+                             reading=reading)
     sources = split_sources(config.data)
     warn_if_node_local(ingested["train"].output, "the ingested dataset (data.parquet_dir)")
     warn_if_node_local(storage.default_storage_path(config), "train.storage_path")
@@ -288,7 +291,7 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
         check_batch_norm_batch(config)  # before Ray starts: answered at once
         ray_runtime.init_ray()
         trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source,
-                                        started_at=started_at, launch=launch)
+                                        started_at=started_at, launch=launch, reading=held)
         held.confirm()
         return _train_and_summarise(trainer, report, config, absolute, launch, started, source)
 

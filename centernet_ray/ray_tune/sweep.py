@@ -237,7 +237,7 @@ def _sweep(config: Config, space: SearchSpace, source: str, data_locations: dict
     check_pretrained_files(config, space)  # every trial would fail on it, one after another
     check_trial_workers_fit(config, space)
     # once, here: concurrent trials would otherwise race to ingest
-    ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector())
+    ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector(), reading=held)  # for the trials
     held.confirm()
     include_default = trains_the_default(config, space)
     if config.tune.include_default and space.has_grid():
