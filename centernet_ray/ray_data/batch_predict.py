@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -86,15 +87,22 @@ def _image_rows(images: str, annotations: dict | None) -> tuple[list[dict[str, A
         rows = [{"path": p, "image_id": i + 1} for i, p in enumerate(paths)]
         return rows, {row["image_id"]: row["path"] for row in rows}, 0
     prefix = storage.resolve(images)[1].rstrip("/") + "/"
-    ids = {img["file_name"]: int(img["id"]) for img in annotations["images"]}
-    rows, found = [], set()
+    ids = {posixpath.normpath(img["file_name"]): int(img["id"]) for img in annotations["images"]}
+    rows, found, unannotated = [], set(), []
     for path in paths:
         relative = storage.resolve(path)[1][len(prefix):]
         if relative in ids:
             rows.append({"path": path, "image_id": ids[relative]})
             found.add(relative)
         else:
-            log.warning("predict: %s is not in the annotations; skipped", path)
+            unannotated.append(relative)
+    if not rows:
+        raise UserInputError(f"none of the {len(paths)} images under {images} (e.g. {unannotated[0]}) is in "
+                             f"--annotations, whose {len(ids)} file names are others (e.g. {min(ids, default='none')}): "
+                             "are they the images it annotates?")
+    if unannotated:
+        log.warning("predict: %d image(s) under %s are not in the annotations; skipped (e.g. %s)", len(unannotated),
+                    images, ", ".join(unannotated[:3]))
     missing = sorted(set(ids) - found)
     if missing:  # their objects are left out of the scores, as training's evaluation leaves out what ingest dropped
         log.warning("predict: %d annotated image(s) have no file under %s (e.g. %s): not scored", len(missing),
