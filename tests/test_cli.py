@@ -40,7 +40,8 @@ def test_data_ingest_answers_a_rerun_from_its_manifest_without_starting_ray(shap
     assert "already up to date" not in capsys.readouterr().out
     mistyped = [*args[:3], str(shapes_dataset / "images" / "vall"), *args[4:]]
     assert main(mistyped) == 2 and len(started) == 2  # refused from the annotations and a listing, no Ray
-    assert re.search(r"^error: .* lists 12 images .* the image folder .*vall does not exist: nothing was ingested",
+    assert re.search(r"^error: .* lists 12 images .* the image folder .*vall does not exist\. Is it the right image "
+                     r"folder\? Nothing was ingested\.$",
                      capsys.readouterr().err, re.M)
     assert main(args) == 0 and "already up to date" in capsys.readouterr().out  # the earlier ingest is kept
 
@@ -50,6 +51,8 @@ def test_data_check_and_show(shapes_dataset, tmp_path, capsys):
     images = str(shapes_dataset / "images" / "val")
     assert main(["data", "check", "--annotations", ann, "--images", images]) == 0
     assert "images: 12" in capsys.readouterr().out
+    assert main(["data", "check", "--annotations", ann, "--images", images + "l"]) == 2  # was rc 0, "images: 0"
+    assert re.search(r"^error: .* lists 12 images .* the image folder .*vall does not exist\.", capsys.readouterr().err)
     assert main(["data", "show", "--annotations", ann, "--images", images, "--out", str(tmp_path / "g.png"), "--count", "4"]) == 0
     from PIL import Image
 

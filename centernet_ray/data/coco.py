@@ -189,6 +189,17 @@ def _presence_check(images_dir: str) -> Callable[[str], bool]:
     return is_present
 
 
+def no_images_found(annotation_file: str, names: list[str], images_dir: str) -> UserInputError:
+    """The error for an image folder that holds none of the file ``names`` (at least one) that an
+    annotation file lists: mistyped, another split's or another dataset's."""
+    files = storage.file_names(images_dir) if storage.exists(images_dir) else None
+    where = (f"the image folder {images_dir} does not exist" if files is None else
+             f"{images_dir} holds none of them ({len(files)} file{'s' * (len(files) > 1)}, e.g. {min(files)})" if files
+             else f"{images_dir} is empty")
+    return UserInputError(f"{annotation_file} lists {len(names)} images (e.g. {names[0]}) and {where}. Is it the "
+                          "right image folder?")
+
+
 def read_coco_json(annotation_file: str | Path) -> dict[str, Any]:
     """The parsed instances json at a path or URI; absent or not JSON: a :class:`CocoFormatError`."""
     path = str(annotation_file)
@@ -214,6 +225,8 @@ def load_coco(annotation_file: str | Path, images_dir: str | Path | None = None)
             else:
                 dataset.report.note("missing_images", record.file_name)
                 dataset.report.annotations -= len(record.labels)
+        if dataset.images and not present:
+            raise no_images_found(path, [record.file_name for record in dataset.images], str(images_dir))
         dataset.images = present
         dataset.report.images = len(present)
     level = logging.WARNING if any(dataset.report.examples) else logging.INFO

@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 from centernet_ray import lease, storage
 from centernet_ray.config import DataConfig
-from centernet_ray.data.coco import CocoDataset, CocoReport, ImageRecord, parse_coco
+from centernet_ray.data.coco import CocoDataset, CocoReport, ImageRecord, no_images_found, parse_coco
 from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 
@@ -124,11 +124,7 @@ def _require_some_images(records: list[ImageRecord], images: str, annotations: s
     names = [posixpath.normpath(record.file_name) for record in records]
     if any(name.startswith(("../", "/")) or name in files for name in names):
         return  # one is there, or names point out of the folder, which the listing cannot answer
-    where = (f"the image folder {images} does not exist" if not storage.exists(images) else
-             f"{images} holds none of them ({len(files)} file{'s' * (len(files) > 1)}, e.g. {min(files)})" if files else
-             f"{images} is empty")
-    raise UserInputError(f"{annotations} lists {len(names)} images (e.g. {names[0]}) and {where}: "
-                         "nothing was ingested. Is it the right image folder?")
+    raise UserInputError(f"{no_images_found(annotations, names, images)} Nothing was ingested.")
 
 
 def _changes(previous: dict, annotations_sha256: str, listing: str) -> str:
