@@ -147,8 +147,8 @@ def check_model_source(source: str, tracking_uri: str | None = None) -> None:
 def _not_a_checkpoint_folder(folder: str | Path) -> str:
     """What a folder without ``checkpoint.pt`` is, for the error: a training run's folder names its
     checkpoints (``epoch_NNNN/``), to pick from."""
-    held = sorted({name.split("/")[0] for name in storage.file_names(folder)
-                   if name.endswith(f"/{CHECKPOINT_FILE}") and name.count("/") == 1})
+    held = [name for name in storage.subfolder_names(folder)  # not a recursive walk: it may be a home folder
+            if storage.is_file(storage.join(str(folder), name, CHECKPOINT_FILE))]
     if not held:
         return f"{folder} holds no {CHECKPOINT_FILE}: give a checkpoint file or a folder that holds one"
     return (f"{folder} is a training run's folder, not one of its checkpoints: give one of "

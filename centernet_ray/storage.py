@@ -181,6 +181,14 @@ def file_names(folder: str | Path) -> set[str]:
     return set(file_sizes(folder))
 
 
+def subfolder_names(folder: str | Path) -> list[str]:
+    """The names of the folders directly inside ``folder``, sorted (one listing, not recursive);
+    empty when it does not exist."""
+    fs, path = resolve(folder)
+    found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(info.base_name for info in found if info.type == pafs.FileType.Directory)
+
+
 def file_sizes(folder: str | Path) -> dict[str, int]:
     """The files under ``folder`` (recursively), as ``file_names`` gives them, each with its size in
     bytes, from one listing."""
