@@ -99,6 +99,7 @@ class Lease:
     _lost: bool = False
     waited: bool = False  # another command held the folder first: what it wrote may be what this one needs
     marks: list[str] = field(default_factory=list)  # reader marks this holder keeps fresh (``read``)
+    _writing: threading.Lock = field(default_factory=threading.Lock)  # a renewal, or a mark made or removed
 
     @property
     def token(self) -> str:
@@ -117,13 +118,15 @@ class Lease:
         """Mark ``folder`` (an ingest's output) as read by this command until the lease is released:
         an ingest that would replace its shards meanwhile is refused (``refuse_if_read``)."""
         mark = storage.join(folder, READER_MARK + self.token)
-        _write(mark, self.record)
-        self.marks.append(mark)
+        with self._writing:
+            _write(mark, self.record)
+            self.marks.append(mark)
 
     def stop_reading(self, folder: str) -> None:
         mark = storage.join(folder, READER_MARK + self.token)
-        self.marks.remove(mark)
-        _delete(mark)
+        with self._writing:  # not renewed after its removal by a heartbeat under way
+            self.marks.remove(mark)
+            _delete(mark)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -136,9 +139,10 @@ class Lease:
                               "checkpoints", self.what, STALE_AFTER_S, _describe(current, time.time()))
                     _thread.interrupt_main()  # the run's Ctrl+C handler stops it (Ray Train's, Tune's)
                     return
-                self.record["heartbeat"] = time.time()
-                for path in [self.path, *self.marks]:
-                    _write(path, self.record)
+                with self._writing:
+                    self.record["heartbeat"] = time.time()
+                    for path in [self.path, *self.marks]:
+                        _write(path, self.record)
             except Exception as exc:  # storage briefly unreachable, say: the next beat tries again
                 log.warning("could not renew the lease %s: %s", self.path, exc)
 
