@@ -305,12 +305,11 @@ def _serve_flag_overrides(args: argparse.Namespace) -> list[str]:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
-    from centernet_ray.ray_runtime import init_ray, joins_a_cluster
+    from centernet_ray.ray_runtime import joins_a_cluster
     from centernet_ray.ray_serve.launch import serve_forever
 
     path, overrides = _split_config_and_overrides(args)
     config = load_config(path, overrides + _serve_flag_overrides(args))
-    init_ray()
     received = serve_forever(config, args.checkpoint, flip_test=args.flip_test)
     print(f"stopped on {received}: " + ("application deleted, Serve left running on the cluster" if joins_a_cluster()
                                          else "Serve shut down cleanly"))
@@ -320,9 +319,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from centernet_ray.ray_data.batch_predict import run_predict
     from centernet_ray.evaluation import format_stats
-    from centernet_ray.ray_runtime import init_ray
 
-    init_ray()
     result = run_predict(args.checkpoint, args.output, images=args.images, parquet=args.parquet,
                          annotations=args.annotations, batch_size=args.batch_size, num_actors=args.actors,
                          k=args.max_detections, score_threshold=args.score_threshold, flip_test=args.flip_test,

@@ -379,6 +379,14 @@ def test_bad_arguments_exit_2_with_a_message_that_names_them(tmp_path, capsys, m
     (tmp_path / "file").write_text("")
     assert main(["train", "--summary-json", "file/s.json"]) == 2  # before Ray starts, not after the run
     assert capsys.readouterr().err.startswith("error: --summary-json file/s.json: cannot create its folder")
+    started = []  # a mistyped checkpoint of serve and predict: answered before Ray starts (was ~10 s after)
+    for module in ("centernet_ray.ray_serve.launch", "centernet_ray.ray_data.batch_predict"):
+        monkeypatch.setattr(f"{module}.init_ray", lambda: started.append(True))
+    assert main(["serve", "--checkpoint", "c.pt"]) == 2
+    missing = f"error: no checkpoint at {tmp_path / 'c.pt'}"
+    assert capsys.readouterr().err == f"{missing} here (the replicas read it on their nodes)\n"
+    assert main(["predict", "--checkpoint", "c.pt", "--images", ".", "--output", "o"]) == 2
+    assert capsys.readouterr().err == f"{missing}\n" and not started
 
 
 def test_an_interrupted_training_run_says_how_to_resume_and_exits_130(capsys, monkeypatch):

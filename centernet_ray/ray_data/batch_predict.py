@@ -27,7 +27,8 @@ from centernet_ray.detector import Detector
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
 from centernet_ray.ray_data.pipeline import PipelineReport, preprocess_stage, preprocessing_min_cpus, read_rows
-from centernet_ray.ray_runtime import check_node_labels, check_resources, counted, warn_if_in_job_working_dir
+from centernet_ray.ray_runtime import (check_node_labels, check_resources, counted, init_ray,
+                                       warn_if_in_job_working_dir)
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,8 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     ``runs:/<id>/model``) in ``tracking_uri`` (default: ``$MLFLOW_TRACKING_URI``, else
     ``./mlflow.db``). The checkpoint's config, with ``overrides`` (``key=value``, e.g.
     ``cluster.node_pools=false``) applied, sets the preprocessing stage and the node pools. Local
-    paths are resolved here: the actors run in Ray's session folder."""
+    paths are resolved here: the actors run in Ray's session folder. Ray is joined or started
+    (``init_ray``) once the checkpoint, the annotations and the images are found."""
     if (images is None) == (parquet is None):
         raise UserInputError("give exactly one of --images and --parquet")
     started = time.perf_counter()
@@ -163,6 +165,8 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     missing = 0
     if images is not None:
         rows, id_to_path, missing = _image_rows(images, ground_truth)
+    init_ray()  # once what needs no Ray is checked: a mistake answers in a second
+    if images is not None:
         dataset = ray.data.from_items(rows)
     else:
         dataset, id_to_path = read_rows(parquet, batch_size), {}
