@@ -29,3 +29,9 @@ def test_unannotated_and_missing_images_are_said_once_each(tmp_path, caplog):
     assert rows == [{"path": str(tmp_path / "a.jpg"), "image_id": 1}] and missing == 1
     assert [r.getMessage().split(" under ")[0] for r in caplog.records] == [
         "predict: 2 image(s)", "predict: 1 annotated image(s) have no file"]
+
+
+def test_a_missing_image_folder_is_named(tmp_path):
+    """Before: pyarrow's "[Errno 2] Cannot list directory ... Detail: [errno 2] ..."."""
+    with pytest.raises(UserInputError, match=r"^no image folder at .*pictures$"):
+        _image_rows(str(tmp_path / "pictures"), None)
