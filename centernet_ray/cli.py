@@ -13,9 +13,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from centernet_ray import versions
 from centernet_ray.errors import UserInputError
 
 log = logging.getLogger("centernet_ray")
+
+
+class _PrintVersions(argparse.Action):
+    """``--version``: read when asked (argparse's own action would read them for every command, and
+    wrap the line)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(versions())
+        parser.exit()
 
 # The embedded defaults, shipped inside the package (centernet_ray/configs/): the demo and its sweep.
 DEFAULT_CONFIG = "demo"
@@ -82,6 +95,7 @@ def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, l
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="centernet-ray", description="Train, tune and serve CenterNet detectors on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action=_PrintVersions, help="print the versions of this package and its stack")
     commands = parser.add_subparsers(dest="command", required=True)
 
     config = commands.add_parser("config", help="print the resolved config as YAML (the defaults without CONFIG)")

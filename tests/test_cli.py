@@ -137,6 +137,16 @@ def test_bad_override_exits_2_with_a_message(capsys):
     assert "valid keys: alpha, beta" in capsys.readouterr().err
 
 
+def test_version_names_the_package_and_its_stack(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    line = capsys.readouterr().out
+    assert exited.value.code == 0 and line.startswith("centernet-ray 0.1.0 (Python 3.") and line.count("\n") == 1
+    assert f"torch {metadata.version('torch')}, " in line and f"ray {metadata.version('ray')}, " in line
+
+
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "centernet_ray", "--help"], capture_output=True, text=True, check=True)
     assert "data" in result.stdout and "eval" in result.stdout
