@@ -225,6 +225,7 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, s
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    storage.require_tracking_server(storage.tracking_uri(tracking_uri or ""))
     client = MlflowClient(tracking_uri)
     try:
         if uri.startswith("runs:/"):

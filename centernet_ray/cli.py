@@ -291,7 +291,6 @@ def _run_and_report(run: Callable[[], Any], interrupted: type[Exception], format
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from centernet_ray.config import load_config
-    from centernet_ray.ray_runtime import init_ray
     from centernet_ray.ray_tune.report import format_summary
     from centernet_ray.ray_tune.search_space import load_search_space
     from centernet_ray.ray_tune.sweep import SweepInterrupted, check_sweep, run_sweep
@@ -302,7 +301,6 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     space = load_search_space(config.tune.search_space, config)
     check_sweep(space.with_fixed(config), space)  # before Ray starts: a bad setting answers at once
     summary_path = _summary_path(args.summary_json)
-    init_ray()
     return _run_and_report(lambda: run_sweep(config, space, source=args.source), SweepInterrupted, format_summary,
                            summary_path)
 

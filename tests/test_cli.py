@@ -243,6 +243,28 @@ def test_a_batch_too_small_for_the_backbone_s_batch_norm_is_refused_before_the_i
         check_batch_norm_batch(load_config("coco_resnet18", ["data.input_size=[32,32]", "train.batch_size=3"]))
 
 
+def test_a_tracking_server_that_does_not_answer_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """A server down or a mistyped port: train and tune answer at once (MLflow's client retried for
+    ~4 minutes, after the Ray start and the ingest), and so do predict and serve naming a model."""
+    import socket
+
+    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: pytest.fail("Ray started"))
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        server = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    refused = f"error: the MLflow tracking server {server} does not answer (Connection refused): start it"
+    for argv in (["train", "demo", f"tracking.tracking_uri={server}"], ["tune", f"tracking.tracking_uri={server}"],
+                 ["predict", "--checkpoint", "models:/shapes@champion", "--images", ".", "--output", "o",
+                  "--tracking-uri", server]):
+        assert main(argv) == 2, argv
+        assert capsys.readouterr().err.startswith(refused), argv
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
+    assert main(["serve", "--checkpoint", "models:/shapes@champion"]) == 2
+    assert capsys.readouterr().err.startswith(refused)
+    assert not (tmp_path / "outputs").exists()  # the leases' folders were removed
+
+
 def test_a_finished_run_is_answered_from_its_records_before_ray_starts(tmp_path, capsys, monkeypatch):
     """A rerun of a finished run: the summary from Ray Train's records of its checkpoints (as
     tests/test_train_integration.py reads them from a real run), without starting Ray."""
@@ -390,8 +412,7 @@ def test_bad_arguments_exit_2_with_a_message_that_names_them(tmp_path, capsys, m
     assert main(["train", "--summary-json", "file/s.json"]) == 2  # before Ray starts, not after the run
     assert capsys.readouterr().err.startswith("error: --summary-json file/s.json: cannot create its folder")
     started = []  # a mistyped checkpoint of serve and predict: answered before Ray starts (was ~10 s after)
-    for module in ("centernet_ray.ray_serve.launch", "centernet_ray.ray_data.batch_predict"):
-        monkeypatch.setattr(f"{module}.init_ray", lambda: started.append(True))
+    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: started.append(True))
     assert main(["serve", "--checkpoint", "c.pt"]) == 2
     missing = f"error: no checkpoint at {tmp_path / 'c.pt'}"
     assert capsys.readouterr().err == f"{missing} here (the replicas read it on their nodes)\n"

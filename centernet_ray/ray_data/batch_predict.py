@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from centernet_ray import storage
+from centernet_ray import ray_runtime, storage
 from centernet_ray.checkpoint import (is_mlflow_uri, load_served_model, names_an_alias, read_checkpoint,
                                       resolve_model_uri)
 from centernet_ray.config import Config, with_overrides
@@ -27,8 +27,7 @@ from centernet_ray.detector import Detector
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
 from centernet_ray.ray_data.pipeline import PipelineReport, preprocess_stage, preprocessing_min_cpus, read_rows
-from centernet_ray.ray_runtime import (check_node_labels, check_resources, counted, init_ray,
-                                       warn_if_in_job_working_dir)
+from centernet_ray.ray_runtime import check_node_labels, check_resources, counted, warn_if_in_job_working_dir
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,7 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     missing = 0
     if images is not None:
         rows, id_to_path, missing = _image_rows(images, ground_truth)
-    init_ray()  # once what needs no Ray is checked: a mistake answers in a second
+    ray_runtime.init_ray()  # once what needs no Ray is checked: a mistake answers in a second
     if images is not None:
         dataset = ray.data.from_items(rows)
     else:

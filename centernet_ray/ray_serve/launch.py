@@ -12,11 +12,11 @@ import signal
 import socket
 import threading
 
-from centernet_ray import storage
+from centernet_ray import ray_runtime, storage
 from centernet_ray.checkpoint import check_model_source, is_mlflow_uri
 from centernet_ray.config import Config, ServeConfig
 from centernet_ray.errors import UserInputError, error_message, user_error_text
-from centernet_ray.ray_runtime import (check_resources, counted, init_ray, joins_a_cluster, refuse_or_warn_missing,
+from centernet_ray.ray_runtime import (check_resources, counted, joins_a_cluster, refuse_or_warn_missing,
                                       warn_if_node_local_tracking)
 from centernet_ray.ray_serve.auth import ApiKeys
 from centernet_ray.tracking import tracking_uri
@@ -42,7 +42,7 @@ def start_app(config: Config, checkpoint: str, flip_test: bool = False) -> str:
         checkpoint = storage.absolute(checkpoint)
     keys_required = ApiKeys.load(settings.api_keys_file).required  # a bad keys file fails here, in one line
     check_source(checkpoint, tracking_uri(config))
-    init_ray()
+    ray_runtime.init_ray()
     check_replicas_fit(settings)
     if not joins_a_cluster() and not serve.status().proxies:  # Serve's proxy will bind here, on this machine
         check_port_free(settings.host, settings.port)

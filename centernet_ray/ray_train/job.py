@@ -289,6 +289,7 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
         if finished is not None:
             return finished
         check_batch_norm_batch(config)  # before Ray starts: answered at once
+        storage.require_tracking_server(storage.tracking_uri(config.tracking.tracking_uri))
         ray_runtime.init_ray()
         trainer, report = build_trainer(config, worker_callbacks=worker_callbacks, source=source,
                                         started_at=started_at, launch=launch, reading=held)

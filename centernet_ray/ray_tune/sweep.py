@@ -11,7 +11,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from centernet_ray import lease, storage
+from centernet_ray import lease, ray_runtime, storage
 from centernet_ray.checkpoint import learned_settings
 from centernet_ray.config import Config, ConfigError, check_batch_norm_batch
 from centernet_ray.data.identity import changed_dataset, dataset_record, given_data_locations
@@ -202,8 +202,10 @@ def build_scheduler(config: Config, state_uri: str, baseline: dict[str, Any] | N
 
 
 def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> SweepSummary:
-    """Run (or resume: same ``tune.name`` and ``train.storage_path``) the sweep to the end.
-    ``source``: the command, shown as the MLflow source of the sweep's run and its trials' runs."""
+    """Run (or resume: same ``tune.name`` and ``train.storage_path``) the sweep to the end, joining or
+    starting Ray (``init_ray``) once the checks that need none pass (settings, bucket, MLflow server,
+    the folder's lease, the resume, the dataset, pretrained files). ``source``: the command, shown as
+    the MLflow source of the sweep's run and its trials' runs."""
     started = time.perf_counter()
     data_locations = given_data_locations(config)  # as the command gave them, before they are made absolute
     # Paths and the MLflow store resolved in the user's directory: trials run in Ray's session folder,
@@ -214,6 +216,7 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     source = source or command_line()
     name, root = sweep_name(config), storage.default_storage_path(config)
     storage.require_bucket(root)  # Tune's own writes there would end in a traceback
+    storage.require_tracking_server(storage.tracking_uri(config.tracking.tracking_uri))
     experiment = storage.join(root, name)
     warn_if_node_local_tracking(config.tracking.tracking_uri)
     warn_if_storage_in_job_working_dir(root, "the sweep's train.storage_path")
@@ -235,6 +238,7 @@ def _sweep(config: Config, space: SearchSpace, source: str, data_locations: dict
     check_resume(state, settings, name)  # before the ingest, which can take long
     check_same_dataset(state, data_locations, config, name)
     check_pretrained_files(config, space)  # every trial would fail on it, one after another
+    ray_runtime.init_ray()  # once what needs no Ray is checked
     check_trial_workers_fit(config, space)
     # once, here: concurrent trials would otherwise race to ingest
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector(), reading=held)  # for the trials
