@@ -225,3 +225,22 @@ def test_export_command_on_a_trained_checkpoint_logs_parity_and_ap_to_mlflow(tmp
         assert [r.info.run_name for r in runs] == ["export"], runs
         assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "onnx")} == {"onnx/model.onnx", "onnx/export.json"}
         assert runs[0].data.metrics["export/passed"] == 1.0 and "export/onnx_AP" in runs[0].data.metrics
+
+
+def test_an_export_to_log_to_a_server_that_does_not_answer_is_refused_before_exporting(tmp_path):
+    """Before, the export and its check ran, then MLflow's client retried for ~4 minutes."""
+    import socket
+
+    from centernet_ray.checkpoint import checkpoint_state, save_checkpoint
+    from centernet_ray.errors import UserInputError
+    from centernet_ray.export.job import run_export
+
+    loaded = _loaded(["model.neck_channels=[32,32,32]", "model.head_conv=16"])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        server = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    save_checkpoint(tmp_path / "checkpoint.pt", checkpoint_state(loaded.model, loaded.config, loaded.class_names,
+                                                                 loaded.category_ids, 3))
+    with pytest.raises(UserInputError, match="does not answer"):
+        run_export(str(tmp_path / "checkpoint.pt"), tmp_path / "out", tracking_uri=server)
+    assert not (tmp_path / "out").exists()

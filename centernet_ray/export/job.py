@@ -48,6 +48,9 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
         state = load_checkpoint(path)  # read once: the model and the run it was trained in
         run_id = run_id or state.get("mlflow_run_id")
         loaded = model_from_state(state)
+    uri = resolve_tracking_uri(tracking_uri or loaded.config.tracking.tracking_uri)
+    if log_to_mlflow:  # before the export and its check, not after them
+        storage.require_tracking_server(uri)
     with tempfile.TemporaryDirectory() as staging:
         folder = Path(staging) if remote else Path(output).resolve()  # the report names the file wherever it is read
         (folder / REPORT_FILE).unlink(missing_ok=True)  # an earlier export's report must not outlive its model
@@ -60,7 +63,6 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
         if remote:  # before MLflow records an export that is not where its report says
             storage.copy_folder(folder, output)
         if log_to_mlflow:
-            uri = resolve_tracking_uri(tracking_uri or loaded.config.tracking.tracking_uri)
             run_id = log_export(uri, loaded.config.tracking.experiment, run_id, folder, result)
         return ExportResult(written, onnx_path.stat().st_size, result, run_id if log_to_mlflow else None)
 
