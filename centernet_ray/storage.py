@@ -151,13 +151,25 @@ def require_bucket(uri: str | Path) -> None:
         return
     fs, path = resolve(text)  # pyarrow's path: "bucket/key"
     bucket = path.partition("/")[0]
-    if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as exc:  # an endpoint that does not answer: mistyped, or the store down
+        unreachable = re.search(r"NETWORK_CONNECTION.*?(?:Details: )?([^;:]*)$", str(exc))
+        if unreachable is None:
+            raise
+        raise UserInputError(f"{text}: cannot reach the object store{_at_endpoint()} ({unreachable.group(1).strip()}): "
+                             "check the endpoint (AWS_ENDPOINT_URL) and that the store runs") from None
+    if not found:
         raise UserInputError(_no_bucket(text, bucket))
 
 
-def _no_bucket(uri: str, bucket: str) -> str:
+def _at_endpoint() -> str:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return f"{uri}: there is no bucket '{bucket}'{f' at {endpoint}' if endpoint else ''} (create it first, or check the name)"
+    return f" at {endpoint}" if endpoint else ""
+
+
+def _no_bucket(uri: str, bucket: str) -> str:
+    return f"{uri}: there is no bucket '{bucket}'{_at_endpoint()} (create it first, or check the name)"
 
 
 @contextlib.contextmanager

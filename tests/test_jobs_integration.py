@@ -425,7 +425,8 @@ def test_a_submitted_sweep_nests_every_trial_under_its_run_on_the_mlflow_server(
         assert "checkpoint" in {a.path for a in tracking.list_artifacts(run.info.run_id)}
 
 
-def test_writing_to_a_bucket_that_does_not_exist_is_a_one_line_error(object_store, monkeypatch, capsys):
+def test_a_bucket_that_does_not_exist_or_an_endpoint_that_does_not_answer_is_a_one_line_error(object_store,
+                                                                                              monkeypatch, capsys):
     """As a user mistypes a bucket: `data synth --out` (a write through `storage`, as export's and
     predict's outputs are) names the bucket and the endpoint asked, with exit 2, where pyarrow's
     traceback ended in advice about an option of its own."""
@@ -447,6 +448,19 @@ def test_writing_to_a_bucket_that_does_not_exist_is_a_one_line_error(object_stor
     storage.require_bucket("s3://coco/runs")  # exists
     with pytest.raises(UserInputError, match=f"s3://no-such-bucket/runs: there is no bucket 'no-such-bucket' at {endpoint}"):
         storage.require_bucket("s3://no-such-bucket/runs")
+    # an endpoint that does not answer (mistyped, the store down): one line before Ray starts, not
+    # pyarrow's traceback from the run folder's lease
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    monkeypatch.setattr("centernet_ray.ray_runtime.init_ray", lambda: pytest.fail("Ray started"))
+    assert main(["train", "demo", "train.storage_path=s3://elsewhere/runs"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: s3://elsewhere/runs/centernet-resnet18: cannot reach the object store at {closed} "
+                            "(Could not connect to server): check the endpoint"), error
 
 
 def _on_the_cluster(ray_cluster, background_services) -> dict[str, str]:

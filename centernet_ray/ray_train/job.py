@@ -282,6 +282,7 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     started, launch = time.perf_counter(), new_launch()
     absolute = storage.with_absolute_paths(config)
     folder = run_folder(absolute)
+    storage.require_bucket(folder)  # an unknown bucket, or an endpoint that does not answer: one line
     # held before the records are read: a run another command trains is not finished, whatever they say yet
     with lease.held(folder, what=f"training run {default_run_name(config)} ({folder})",
                     instead="Give this run its own train.run_name.") as held:
