@@ -127,6 +127,13 @@ def exists(uri: str | Path) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def kind(uri: str | Path) -> str | None:
+    """``"file"``, ``"folder"`` or None (nothing there) for a path or URI."""
+    fs, path = resolve(uri)
+    found = fs.get_file_info(path).type
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "folder"}.get(found)
+
+
 def is_file(uri: str | Path) -> bool:
     fs, path = resolve(uri)
     return fs.get_file_info(path).type == pafs.FileType.File

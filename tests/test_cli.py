@@ -53,6 +53,9 @@ def test_data_check_and_show(shapes_dataset, tmp_path, capsys):
     assert "images: 12" in capsys.readouterr().out
     assert main(["data", "check", "--annotations", ann, "--images", images + "l"]) == 2  # was rc 0, "images: 0"
     assert re.search(r"^error: .* lists 12 images .* the image folder .*vall does not exist\.", capsys.readouterr().err)
+    assert main(["data", "check", "--annotations", ann, "--images", ann]) == 2  # a file: one line, no traceback
+    assert re.search(r"^error: .* lists 12 images .*/instances_val.json is a file, not a folder\.",
+                     capsys.readouterr().err)
     assert main(["data", "show", "--annotations", ann, "--images", images, "--out", str(tmp_path / "g.png"), "--count", "4"]) == 0
     from PIL import Image
 

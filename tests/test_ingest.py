@@ -170,7 +170,7 @@ def test_images_that_cannot_be_listed_are_warned_about_and_the_ingest_reused(sha
     assert ingest_coco(*args).reused
 
 
-@pytest.mark.parametrize("folder", ["missing", "empty", "other"])
+@pytest.mark.parametrize("folder", ["missing", "empty", "other", "file"])
 def test_a_wrong_image_folder_is_refused_and_the_earlier_ingest_kept(shapes_dataset, tmp_path, folder):
     """``data.train_images`` mistyped, or naming another split's images: before, the ingest replaced
     the earlier one in the same output with 0 rows, and training failed later with "0 training
@@ -182,12 +182,15 @@ def test_a_wrong_image_folder_is_refused_and_the_earlier_ingest_kept(shapes_data
     (tmp_path / "empty").mkdir()
     (tmp_path / "other" / "2017").mkdir(parents=True)
     (tmp_path / "other" / "2017" / "a.jpg").write_bytes(b"")
-    wrong = {"missing": tmp_path / "no_such_folder", "empty": tmp_path / "empty", "other": tmp_path / "other"}[folder]
+    wrong = {"missing": tmp_path / "no_such_folder", "empty": tmp_path / "empty", "other": tmp_path / "other",
+             "file": tmp_path / "other" / "2017" / "a.jpg"}[folder]
     expected = {"missing": "the image folder .*no_such_folder does not exist", "empty": "empty is empty",
-                "other": r"other holds none of them \(1 file, e.g. 2017/a.jpg\)"}[folder]
+                "other": r"other holds none of them \(1 file, e.g. 2017/a.jpg\)",
+                "file": "a.jpg is a file, not a folder of images"}[folder]
     with pytest.raises(UserInputError, match=expected) as refusal:
         ingest_coco(str(wrong), annotations, str(tmp_path / "pq"))
-    assert "lists 12 images" in str(refusal.value) and str(refusal.value).endswith("Nothing was ingested.")
+    assert folder == "file" or "lists 12 images" in str(refusal.value) and str(refusal.value).endswith(
+        "Nothing was ingested.")
     kept = read_manifest(str(tmp_path / "pq"))
     assert kept["rows"] == good.rows == 12 and pq.read_table(tmp_path / "pq").num_rows == 12
 
@@ -212,7 +215,8 @@ def test_an_empty_ingest_left_by_an_earlier_version_is_not_reused(shapes_dataset
             str(tmp_path / "pq"))
     ingest_coco(*args)
     manifest = read_manifest(args[2])
-    (tmp_path / "pq" / "_manifest.json").write_text(json.dumps({**manifest, "rows": 0, "shards": []}))
+    report = {**manifest["report"], "images": 0, "missing_images": 12}
+    (tmp_path / "pq" / "_manifest.json").write_text(json.dumps({**manifest, "rows": 0, "shards": [], "report": report}))
     again = ingest_coco(*args)
     assert not again.reused and again.rows == 12
 
@@ -317,3 +321,49 @@ def test_a_reader_mark_left_by_a_killed_command_is_removed_after_a_watch(shapes_
     mark.write_text(json.dumps({"token": "gone", "pid": 1, "host": "h", "command": "c", "started": silent_since,
                                 "heartbeat": silent_since}))
     assert not ingest_coco(*args, force=True).reused and not mark.exists()
+
+
+def test_an_ingest_written_by_another_command_just_before_this_one_took_the_lease_is_reused(shapes_dataset, tmp_path,
+                                                                                            monkeypatch):
+    """This command found no manifest; another one wrote the same input and ended before this one
+    took the output's lease (it never waited): it looks again, and reuses instead of writing again."""
+    from centernet_ray import lease
+    from centernet_ray.ray_data import ingest
+
+    args = (str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"),
+            str(tmp_path / "pq"))
+    held = lease.held
+
+    def another_command_first(*a, **k):
+        monkeypatch.setattr(lease, "held", held)
+        ingest_coco(*args)
+        return held(*a, **k)
+
+    monkeypatch.setattr(lease, "held", another_command_first)
+    write_shard, writes = ingest.write_shard, []
+    monkeypatch.setattr(ingest, "write_shard", lambda *a: writes.append(a[2]) or write_shard(*a))
+    assert ingest_coco(*args).reused and writes == [0]  # the other command's one shard
+
+
+def test_an_ingest_replaced_between_the_look_and_the_reader_s_mark_is_not_reused(shapes_dataset, tmp_path,
+                                                                                 monkeypatch):
+    """A training run found the output up to date; before its reader mark landed, another command
+    replaced it with another dataset: the run reads it back, and ingests its own again."""
+    from centernet_ray import lease
+
+    val = (str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"))
+    train = (str(shapes_dataset / "images" / "train"), str(shapes_dataset / "annotations" / "instances_train.json"))
+    output = str(tmp_path / "pq")
+    ingest_coco(*val, output)
+    read = lease.Lease.read
+
+    def replaced_first(self, folder):
+        monkeypatch.setattr(lease.Lease, "read", read)
+        ingest_coco(*train, output)  # the other dataset, 24 images
+        read(self, folder)
+
+    monkeypatch.setattr(lease.Lease, "read", replaced_first)
+    with lease.held(str(tmp_path / "run"), what="training run r", instead="-") as run:
+        result = ingest_coco(*val, output, reading=run)
+        assert not result.reused and result.rows == 12 and read_manifest(output)["rows"] == 12
+        assert (tmp_path / "pq" / (lease.READER_MARK + run.token)).exists()

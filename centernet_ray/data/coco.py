@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,13 +189,20 @@ def _presence_check(images_dir: str) -> Callable[[str], bool]:
     return is_present
 
 
-def no_images_found(annotation_file: str, names: list[str], images_dir: str) -> UserInputError:
+def no_images_found(annotation_file: str, names: list[str], images_dir: str,
+                    files: Collection[str] | None = None) -> UserInputError:
     """The error for an image folder that holds none of the file ``names`` (at least one) that an
-    annotation file lists: mistyped, another split's or another dataset's."""
-    files = storage.file_names(images_dir) if storage.exists(images_dir) else None
-    where = (f"the image folder {images_dir} does not exist" if files is None else
-             f"{images_dir} holds none of them ({len(files)} file{'s' * (len(files) > 1)}, e.g. {min(files)})" if files
-             else f"{images_dir} is empty")
+    annotation file lists: mistyped, a file, another split's or another dataset's. ``files``: the
+    folder's listing, when the caller has it."""
+    kind = "folder" if files else storage.kind(images_dir)
+    if kind is None:
+        where = f"the image folder {images_dir} does not exist"
+    elif kind == "file":
+        where = f"{images_dir} is a file, not a folder"
+    else:
+        files = files or storage.file_names(images_dir)
+        where = (f"{images_dir} holds none of them ({len(files)} file{'s' * (len(files) > 1)}, e.g. {min(files)})"
+                 if files else f"{images_dir} is empty")
     return UserInputError(f"{annotation_file} lists {len(names)} images (e.g. {names[0]}) and {where}. Is it the "
                           "right image folder?")
 

@@ -88,6 +88,8 @@ def list_images(images: str) -> dict[str, int] | None:
     (credentials that may read objects but not list them)."""
     try:
         sizes = storage.file_sizes(images)
+    except NotADirectoryError:
+        raise UserInputError(f"{images} is a file, not a folder of images") from None
     except OSError as exc:
         log.warning("ingest: cannot list %s (%s): images changed in place since the last ingest are not noticed "
                     "(rerun with --force to ingest them)", images, exc)
@@ -124,7 +126,7 @@ def _require_some_images(records: list[ImageRecord], images: str, annotations: s
     names = [posixpath.normpath(record.file_name) for record in records]
     if any(name.startswith(("../", "/")) or name in files for name in names):
         return  # one is there, or names point out of the folder, which the listing cannot answer
-    raise UserInputError(f"{no_images_found(annotations, names, images)} Nothing was ingested.")
+    raise UserInputError(f"{no_images_found(annotations, names, images, files)} Nothing was ingested.")
 
 
 def _changes(previous: dict, annotations_sha256: str, listing: str) -> str:
@@ -241,11 +243,13 @@ def _read_input(images: str, annotations_digest: Any, shard_size: int) -> _Input
 
 
 def _reusable(output: str, images: str, annotations_digest: Any, shard_size: int, found: _Input,
-              images_changed_ok: bool) -> IngestResult | None:
-    """The ingest ``output`` holds, when it is one of this input (``found``), else None (said why)."""
+              images_changed_ok: bool, say_why: bool = True) -> IngestResult | None:
+    """The ingest ``output`` holds, when it is one of this input (``found``), else None (said why,
+    when ``say_why``)."""
     previous = read_manifest(output)
-    if previous and not previous["rows"]:
-        previous = None  # an empty ingest (an earlier version wrote one for a wrong image folder) is not reused
+    if previous and not previous["rows"] and any(previous["report"].get(k) for k in ("missing_images",
+                                                                                     "unreadable_images")):
+        previous = None  # every image dropped: what earlier versions wrote for a wrong image folder
     if previous and previous.get("fingerprint") == found.fingerprint:
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
         return _reused(output, previous, found.annotations_sha256)
@@ -255,7 +259,7 @@ def _reusable(output: str, images: str, annotations_digest: Any, shard_size: int
         log.warning("ingest: the image files under %s changed since %s was written; this trial trains on it as it "
                     "is, as the sweep's other trials do (the next sweep or run ingests them again)", images, output)
         return _reused(output, previous, found.annotations_sha256)
-    if previous:
+    if previous and say_why:
         log.info("ingest: %s holds %s: ingesting again", output,
                  _changes(previous, found.annotations_sha256, found.listing))
     return None
@@ -287,23 +291,25 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     annotation_bytes = storage.read_bytes(annotations)
     annotations_digest = hashlib.sha256(annotation_bytes)
     found = _read_input(images, annotations_digest, shard_size)
-    reusable = None if force else _reusable(output, images, annotations_digest, shard_size, found, images_changed_ok)
-    if reusable and _marked_as_read(output, reading):
-        return reusable
-    dataset = parse_coco(json.loads(annotation_bytes), annotations)
-    del annotation_bytes
-    _require_some_images(dataset.images, images, annotations, found.files)
+    if not force:
+        reusable = _reusable(output, images, annotations_digest, shard_size, found, images_changed_ok)
+        if reusable and _marked_as_read(output, reading, reusable.fingerprint):
+            return reusable
     with lease.held(output, what=f"the ingest into {output}", instead="Give this ingest its own output.",
                     wait=True) as writing:
-        if writing.waited or reusable:  # another command wrote it meanwhile: perhaps this very input
+        if writing.waited:  # listed again: the files another command wrote may lie among the images
             found = _read_input(images, annotations_digest, shard_size)
-            reusable = None if force else _reusable(output, images, annotations_digest, shard_size, found,
-                                                    images_changed_ok)
-        if not reusable:
+        # looked at again: another command may have written it since, perhaps from this very input
+        reusable = None if force else _reusable(output, images, annotations_digest, shard_size, found,
+                                                images_changed_ok, say_why=writing.waited)
+        if reusable is None:
+            dataset = parse_coco(json.loads(annotation_bytes), annotations)
+            _require_some_images(dataset.images, images, annotations, found.files)
             lease.refuse_if_read(output, what=f"ingesting {annotations} would replace the shards in {output}",
                                  instead="ingest into another folder (data.parquet_dir, or data ingest's --out).")
             if before_writing is not None:
                 before_writing()
+            writing.confirm()  # before anything is deleted: a lease write that raced this one's and won
             reusable = _write_ingest(dataset, images, annotations, output, found, shard_size, num_threads,
                                      label_selector, use_ray)
         if reading is not None:  # marked while no other command can be writing here
@@ -311,14 +317,15 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
         return reusable
 
 
-def _marked_as_read(output: str, reading: lease.Lease | None) -> bool:
-    """Mark ``output`` as read by ``reading``'s command unless another command is writing it now (then
-    unmarked, False: wait for it). In that order: a writer that did not see the mark had taken its
-    lease before, and is seen here."""
+def _marked_as_read(output: str, reading: lease.Lease | None, fingerprint: str) -> bool:
+    """Mark ``output`` as read by ``reading``'s command, then make sure that no other command is
+    writing it and that it still holds the ingest of ``fingerprint`` (else unmarked, False: wait for
+    the writer, look again). In that order: a writer that did not see the mark had taken its lease
+    before, and is seen here, or has written, and its manifest is seen here."""
     if reading is None:
         return True
     reading.read(output)
-    if lease.at_work(output) is None:
+    if lease.at_work(output) is None and (read_manifest(output) or {}).get("fingerprint") == fingerprint:
         return True
     reading.stop_reading(output)
     return False
