@@ -139,6 +139,7 @@ def check_model_source(source: str, tracking_uri: str | None = None) -> None:
     checkpoint at the path, a folder without one, or no such MLflow model, version or alias.
     Reads no weights and downloads nothing: for a driver before it starts what will load them."""
     if is_mlflow_uri(source):
+        storage.require_tracking_server(storage.tracking_uri(tracking_uri or ""))
         resolve_model_uri(source, tracking_uri)
     else:
         checkpoint_file(source)
@@ -225,7 +226,6 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> tuple[str, s
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    storage.require_tracking_server(storage.tracking_uri(tracking_uri or ""))
     client = MlflowClient(tracking_uri)
     try:
         if uri.startswith("runs:/"):

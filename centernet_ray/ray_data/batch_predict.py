@@ -100,8 +100,8 @@ def _image_rows(images: str, annotations: dict | None) -> tuple[list[dict[str, A
             unannotated.append(relative)
     if not rows:
         raise UserInputError(f"none of the {len(paths)} images under {images} (e.g. {unannotated[0]}) is in "
-                             f"--annotations, whose {len(ids)} file names are others (e.g. {min(ids, default='none')}): "
-                             "are they the images it annotates?")
+                             f"--annotations, whose {len(ids)} file names are others "
+                             f"(e.g. {min(ids, default='none')}): are they the images it annotates?")
     if unannotated:
         log.warning("predict: %d image(s) under %s are not in the annotations; skipped (e.g. %s)", len(unannotated),
                     images, ", ".join(unannotated[:3]))
@@ -153,6 +153,8 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         raise UserInputError("give exactly one of --images and --parquet")
     started = time.perf_counter()
     tracking_uri = storage.tracking_uri(tracking_uri or "")
+    if is_mlflow_uri(checkpoint):  # here, once: not in every actor that loads the model
+        storage.require_tracking_server(tracking_uri)
     checkpoint = _pinned(checkpoint, tracking_uri) if is_mlflow_uri(checkpoint) else storage.absolute(checkpoint)
     images, parquet = storage.absolute(images or "") or None, storage.absolute(parquet or "") or None
     output, annotations = storage.absolute(output), storage.absolute(annotations or "") or None

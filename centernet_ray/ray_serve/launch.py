@@ -36,13 +36,13 @@ def start_app(config: Config, checkpoint: str, flip_test: bool = False) -> str:
     settings = config.serve
     if settings.api_keys_file:  # replicas run in Ray's session folder: name the file from here
         settings = dataclasses.replace(settings, api_keys_file=storage.absolute(settings.api_keys_file))
-    if is_mlflow_uri(checkpoint):
-        warn_if_node_local_tracking(tracking_uri(config))
-    else:  # replicas run in Ray's session folder: name the file from here
+    if not is_mlflow_uri(checkpoint):  # replicas run in Ray's session folder: name the file from here
         checkpoint = storage.absolute(checkpoint)
     keys_required = ApiKeys.load(settings.api_keys_file).required  # a bad keys file fails here, in one line
     check_source(checkpoint, tracking_uri(config))
     ray_runtime.init_ray()
+    if is_mlflow_uri(checkpoint):  # counts the cluster's nodes: after Ray is joined
+        warn_if_node_local_tracking(tracking_uri(config))
     check_replicas_fit(settings)
     if not joins_a_cluster() and not serve.status().proxies:  # Serve's proxy will bind here, on this machine
         check_port_free(settings.host, settings.port)

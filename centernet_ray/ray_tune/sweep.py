@@ -218,7 +218,6 @@ def run_sweep(config: Config, space: SearchSpace, source: str | None = None) -> 
     storage.require_bucket(root)  # Tune's own writes there would end in a traceback
     storage.require_tracking_server(storage.tracking_uri(config.tracking.tracking_uri))
     experiment = storage.join(root, name)
-    warn_if_node_local_tracking(config.tracking.tracking_uri)
     warn_if_storage_in_job_working_dir(root, "the sweep's train.storage_path")
     with lease.held(experiment, what=f"sweep {name} ({experiment})",
                     instead="Give this sweep its own tune.name.") as held:
@@ -239,6 +238,7 @@ def _sweep(config: Config, space: SearchSpace, source: str, data_locations: dict
     check_same_dataset(state, data_locations, config, name)
     check_pretrained_files(config, space)  # every trial would fail on it, one after another
     ray_runtime.init_ray()  # once what needs no Ray is checked
+    warn_if_node_local_tracking(config.tracking.tracking_uri)  # counts the cluster's nodes
     check_trial_workers_fit(config, space)
     # once, here: concurrent trials would otherwise race to ingest
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector(), reading=held)  # for the trials
