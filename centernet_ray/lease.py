@@ -48,6 +48,7 @@ STALE_AFTER_S = 60.0
 POLL_S = 5.0  # how often a command that waits for a folder (``held(wait=True)``) looks at its lease again
 SETTLE_FACTOR, MIN_SETTLE_S = 3.0, 0.05  # a waiting command reads its lease back this many times its
 # write's duration later: another command's read and write racing it (each about as long) have landed by then
+MIN_SETTLE_IN_A_BUCKET_S = 1.0  # a bucket's requests vary more: a copy and a delete make its "move"
 
 
 def _read(path: str) -> dict | None:
@@ -140,6 +141,13 @@ class Lease:
                     _thread.interrupt_main()  # the run's Ctrl+C handler stops it (Ray Train's, Tune's)
                     return
                 with self._writing:
+                    gone = [mark for mark in self.marks if _read(mark) is None]
+                    if gone:  # removed by an ingest that took this command for dead: the shards may be replaced
+                        log.error("another command removed this one's reader mark %s (its heartbeat had failed "
+                                  "for %.0f s) and may have replaced the shards it reads: stopping as Ctrl+C "
+                                  "would", gone[0], STALE_AFTER_S)
+                        _thread.interrupt_main()
+                        return
                     self.record["heartbeat"] = time.time()
                     for path in [self.path, *self.marks]:
                         _write(path, self.record)
@@ -240,7 +248,8 @@ def held(folder: str, *, what: str, instead: str, wait: bool = False) -> Iterato
             _write(path, record)
             if not wait:
                 break
-            time.sleep(max(MIN_SETTLE_S, SETTLE_FACTOR * (time.monotonic() - began)))
+            least = MIN_SETTLE_IN_A_BUCKET_S if storage.is_uri(path) and not path.startswith("file:") else MIN_SETTLE_S
+            time.sleep(max(least, SETTLE_FACTOR * (time.monotonic() - began)))
             current = _read(path)
             if current is None or current["token"] == record["token"]:
                 break

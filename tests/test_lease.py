@@ -140,6 +140,23 @@ def test_a_holder_whose_lease_was_taken_stops_as_on_ctrl_c(tmp_path, monkeypatch
     assert json.loads((tmp_path / lease.LEASE_FILE).read_text())["token"] == "other"  # not removed: not ours
 
 
+def test_a_reader_whose_mark_was_removed_stops_as_on_ctrl_c(tmp_path, monkeypatch):
+    """An ingest took this command for dead (its heartbeats had failed) and removed its mark: the
+    shards it reads may be another dataset's now, so it stops rather than write the mark back."""
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    interrupted = []
+    monkeypatch.setattr(lease._thread, "interrupt_main", lambda: interrupted.append(True))
+    (tmp_path / "pq").mkdir()
+    with held(tmp_path / "run") as holding:
+        holding.read(str(tmp_path / "pq"))
+        (tmp_path / "pq" / (lease.READER_MARK + holding.token)).unlink()
+        deadline = time.monotonic() + 10
+        while not interrupted:
+            assert time.monotonic() < deadline, "the reader went on"
+            time.sleep(0.05)
+    assert list((tmp_path / "pq").iterdir()) == []  # not written back
+
+
 def test_a_waiting_command_holds_the_folder_once_its_holder_ends(tmp_path, monkeypatch, caplog):
     """``wait=True`` (an ingest into a Parquet folder another command is writing): no refusal; it
     says once whom it waits for, and holds the folder after it, knowing it waited."""
