@@ -115,7 +115,7 @@ class DataConfig:
     synthetic_val_images: int = _ranged(200, ge=1)
     synthetic_image_size: int = _ranged(128, ge=32)
     # Ingested Parquet shards (local path or URI), a folder per split; empty = <root>/parquet, or
-    # for a split given by its own paths a folder of the cache directory keyed by them.
+    # without a root a folder of the cache directory per split, keyed by its images' and annotations' paths.
     parquet_dir: str = ""
     shard_size: int = _ranged(1000, ge=1)
     # Ray Data preprocessing stage: rows per map_batches call, actor pool bounds, CPUs per actor

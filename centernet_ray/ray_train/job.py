@@ -117,7 +117,6 @@ def build_trainer(config: Config, *, callbacks: list[UserCallback] | None = None
     config = storage.with_absolute_paths(config)
     check_batch_norm_batch(config)
     check_workers_fit(config)
-    storage.require_bucket(storage.default_storage_path(config))  # Ray Train's writes there would end in a traceback
     check_resumable(config, data_locations)  # all before the ingest, which can take long
     check_pretrained_file(config)
     ingested = ingest_splits(config.data, label_selector=config.cluster.data_selector(), images_changed_ok=in_a_sweep,
@@ -282,7 +281,9 @@ def run_training(config: Config, worker_callbacks: list[WorkerCallback] | None =
     started, launch = time.perf_counter(), new_launch()
     absolute = storage.with_absolute_paths(config)
     folder = run_folder(absolute)
-    storage.require_bucket(folder)  # an unknown bucket, or an endpoint that does not answer: one line
+    # an unknown bucket, or an endpoint that does not answer: one line (Ray Train's writes there would end in a
+    # traceback); a sweep's trials are checked by the sweep
+    storage.require_bucket(folder)
     # held before the records are read: a run another command trains is not finished, whatever they say yet
     with lease.held(folder, what=f"training run {default_run_name(config)} ({folder})",
                     instead="Give this run its own train.run_name.") as held:
