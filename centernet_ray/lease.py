@@ -13,9 +13,11 @@ lease taken stops its work as Ctrl+C would. Works on any storage the project wri
 a bucket): a file written and read back, no locking primitive needed. Two commands starting within
 the same instant can both write it; the one whose write did not last is refused when it reads the
 lease back (``Lease.confirm``) before its work. An ingest waits for the holder instead of being
-refused (``held(wait=True)``): the holder is writing what it needs. (Not ``.json``: Tune copies a
-sweep folder's ``.json`` files down on a resume and up again later, which would put an old lease
-back.)
+refused (``held(wait=True)``): the holder is writing what it needs. A holder may also mark other
+folders as read (``Lease.read``: a training run or a sweep, the ingest it reads), with a file of
+its own there renewed with its lease; ``refuse_if_read`` refuses what would replace them
+meanwhile. (Not ``.json``: Tune copies a sweep folder's ``.json`` files down on a resume and up
+again later, which would put an old lease back.)
 """
 
 from __future__ import annotations
