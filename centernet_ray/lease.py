@@ -208,6 +208,8 @@ def refuse_if_read(folder: str, *, what: str, instead: str) -> None:
                    f"end, or {instead[0].lower()}{instead[1:]}")
         if time.time() - reader.get("heartbeat", 0.0) < STALE_AFTER_S:
             raise UserInputError(problem)
+        log.info("%s: a reader's mark looks stale (%s); watching it for %.0f s before removing it", folder,
+                 _describe(reader, time.time()), 2 * HEARTBEAT_S)
         time.sleep(2 * HEARTBEAT_S)  # stale-looking: a clock behind ours, or a command gone
         now = _read(mark)
         if now is not None and now.get("heartbeat") != reader.get("heartbeat"):
