@@ -252,7 +252,7 @@ def held(folder: str, *, what: str, instead: str, wait: bool = False) -> Iterato
             _write(path, record)
             if not wait:
                 break
-            least = MIN_SETTLE_IN_A_BUCKET_S if storage.is_uri(path) and not path.startswith("file:") else MIN_SETTLE_S
+            least = MIN_SETTLE_IN_A_BUCKET_S if storage.in_a_bucket(path) else MIN_SETTLE_S
             time.sleep(max(least, SETTLE_FACTOR * (time.monotonic() - began)))
             current = _read(path)
             if current is None or current["token"] == record["token"]:

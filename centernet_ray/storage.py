@@ -135,8 +135,13 @@ def kind(uri: str | Path) -> str | None:
 
 
 def is_file(uri: str | Path) -> bool:
-    fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return kind(uri) == "file"
+
+
+def in_a_bucket(uri: str | Path) -> bool:
+    """Whether ``uri`` names a place in an object store's bucket (``s3://``, ``gs://``)."""
+    text = str(uri)
+    return is_uri(text) and text.partition("://")[0] in BUCKET_SCHEMES
 
 
 def copy_folder(source: str | Path, destination: str | Path) -> None:
@@ -154,7 +159,7 @@ def require_bucket(uri: str | Path) -> None:
     """Refuse, in one line, an output URI whose bucket does not exist, before any work is done for
     it (writes by other libraries, such as Ray Train's checkpoints, would end in their traceback)."""
     text = str(uri)
-    if not is_uri(text) or text.partition("://")[0] not in BUCKET_SCHEMES:
+    if not in_a_bucket(text):
         return
     fs, path = resolve(text)  # pyarrow's path: "bucket/key"
     bucket = path.partition("/")[0]

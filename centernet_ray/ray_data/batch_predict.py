@@ -68,9 +68,9 @@ class PredictResult:
 
 def list_images(images: str) -> list[str]:
     """Image files under a directory or URI, recursively, sorted (URIs kept as URIs)."""
-    fs, root = storage.resolve(images)
-    if fs.get_file_info(root).type != pa.fs.FileType.Directory:
+    if storage.kind(images) != "folder":
         raise UserInputError(f"no image folder at {images}")
+    fs, root = storage.resolve(images)
     infos = fs.get_file_info(pa.fs.FileSelector(root, recursive=True))
     found = sorted(info.path for info in infos if info.is_file and PurePosixPath(info.path).suffix.lower() in IMAGE_SUFFIXES)
     if storage.is_uri(images):
