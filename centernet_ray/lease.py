@@ -120,16 +120,19 @@ class Lease:
     def read(self, folder: str) -> None:
         """Mark ``folder`` (an ingest's output) as read by this command until the lease is released:
         an ingest that would replace its shards meanwhile is refused (``refuse_if_read``)."""
-        mark = storage.join(folder, READER_MARK + self.token)
+        mark = self._mark(folder)
         with self._writing:
             _write(mark, self.record)
             self.marks.append(mark)
 
     def stop_reading(self, folder: str) -> None:
-        mark = storage.join(folder, READER_MARK + self.token)
+        mark = self._mark(folder)
         with self._writing:  # not renewed after its removal by a heartbeat under way
             self.marks.remove(mark)
             _delete(mark)
+
+    def _mark(self, folder: str) -> str:
+        return storage.join(folder, READER_MARK + self.token)
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
@@ -204,30 +207,25 @@ def refuse_if_read(folder: str, *, what: str, instead: str) -> None:
         reader = _read(mark)
         if reader is None:
             continue
-        problem = (f"{what}, but another command reads {folder}: {_describe(reader, time.time())}. Wait for it to "
-                   f"end, or {instead[0].lower()}{instead[1:]}")
-        if time.time() - reader.get("heartbeat", 0.0) < STALE_AFTER_S:
-            raise UserInputError(problem)
-        log.info("%s: a reader's mark looks stale (%s); watching it for %.0f s before removing it", folder,
-                 _describe(reader, time.time()), 2 * HEARTBEAT_S)
-        time.sleep(2 * HEARTBEAT_S)  # stale-looking: a clock behind ours, or a command gone
-        now = _read(mark)
-        if now is not None and now.get("heartbeat") != reader.get("heartbeat"):
-            raise UserInputError(problem)
+        if time.time() - reader.get("heartbeat", 0.0) < STALE_AFTER_S or _renewed_while_watched(
+                mark, reader, f"{folder}: a reader's mark", "removing it"):
+            raise UserInputError(f"{what}, but another command reads {folder}: {_describe(reader, time.time())}. "
+                                 f"Wait for it to end, or {instead[0].lower()}{instead[1:]}")
         log.warning("removing %s, left by a command that no longer renews it: %s", mark,
                     _describe(reader, time.time()))
         _delete(mark)
 
 
-def _wait_for_a_silent_holder(path: str, holder: dict, what: str, instead: str) -> None:
-    """``holder`` looked stale by this machine's clock: watch it for two heartbeats, and raise
-    ``UserInputError`` if it was renewed (its clock differs from ours: it is alive)."""
-    log.info("%s: its lease looks stale (%s); watching it for %.0f s before taking the folder over", what,
-             _describe(holder, time.time()), 2 * HEARTBEAT_S)
+def _renewed_while_watched(path: str, record: dict, what: str, then: str) -> dict | None:
+    """``record`` (a lease or a reader's mark at ``path``) looked stale by this machine's clock:
+    watch it for two heartbeats. The record there now when it was renewed meanwhile (its writer's
+    clock differs from ours: it is alive), else None (its writer is gone: ``then`` is safe)."""
+    log.info("%s looks stale (%s); watching it for %.0f s before %s", what, _describe(record, time.time()),
+             2 * HEARTBEAT_S, then)
     time.sleep(2 * HEARTBEAT_S)
     now = _read(path)
-    if now is not None and (now["token"] != holder["token"] or now.get("heartbeat") != holder.get("heartbeat")):
-        raise _in_use(what, now, time.time(), instead, path, None)
+    renewed = now is not None and (now["token"] != record["token"] or now.get("heartbeat") != record.get("heartbeat"))
+    return now if renewed else None
 
 
 @contextlib.contextmanager
@@ -277,15 +275,13 @@ def _free(path: str, what: str, instead: str, wait: bool, announce: bool) -> boo
     if holder is None:
         return True
     silent = time.time() - holder.get("heartbeat", 0.0)
-    try:
-        if silent < STALE_AFTER_S:
-            raise _in_use(what, holder, time.time(), instead, path, STALE_AFTER_S - silent)
-        _wait_for_a_silent_holder(path, holder, what, instead)
-    except UserInputError:
+    alive = holder if silent < STALE_AFTER_S else _renewed_while_watched(path, holder, f"{what}: its lease",
+                                                                          "taking the folder over")
+    if alive is not None:
         if not wait:
-            raise
+            raise _in_use(what, alive, time.time(), instead, path, STALE_AFTER_S - silent if alive is holder else None)
         if announce:
-            log.info("%s is in use by another command: waiting for it to end: %s", what, _describe(holder, time.time()))
+            log.info("%s is in use by another command: waiting for it to end: %s", what, _describe(alive, time.time()))
         return False
     log.warning("taking over %s from a command whose lease was not renewed (it did not remove %s): %s", what,
                 path, _describe(holder, time.time()))
