@@ -227,23 +227,32 @@ def _write_shards(images: str, output: str, chunks: list[list[ImageRecord]], num
 @dataclass
 class _Input:
     """What an ingest compares with an earlier one's manifest: the image files as one listing gives
-    them (None when listing is refused), and the digests of the input."""
+    them (None when listing is refused), their digest, and the fingerprint of the whole input."""
 
+    images: str
+    annotations_digest: Any  # the annotation file's ``hashlib.sha256``
+    shard_size: int
     files: dict[str, int] | None
     listing: str
     fingerprint: str
-    annotations_sha256: str
+
+    @classmethod
+    def read(cls, images: str, annotations_digest: Any, shard_size: int) -> _Input:
+        files = list_images(images)
+        listing = images_listing(files)
+        return cls(images, annotations_digest, shard_size, files, listing,
+                   _fingerprint(annotations_digest, images, listing, shard_size))
+
+    @property
+    def annotations_sha256(self) -> str:
+        return self.annotations_digest.hexdigest()
+
+    def fingerprint_with(self, listing: str) -> str:
+        """The fingerprint of this input had the images been listed as ``listing``."""
+        return _fingerprint(self.annotations_digest, self.images, listing, self.shard_size)
 
 
-def _read_input(images: str, annotations_digest: Any, shard_size: int) -> _Input:
-    files = list_images(images)
-    listing = images_listing(files)
-    return _Input(files, listing, _fingerprint(annotations_digest, images, listing, shard_size),
-                  annotations_digest.hexdigest())
-
-
-def _reusable(output: str, images: str, annotations_digest: Any, shard_size: int, found: _Input,
-              images_changed_ok: bool, say_why: bool = True) -> IngestResult | None:
+def _reusable(output: str, found: _Input, images_changed_ok: bool, say_why: bool = True) -> IngestResult | None:
     """The ingest ``output`` holds, when it is one of this input (``found``), else None (said why,
     when ``say_why``)."""
     previous = read_manifest(output)
@@ -254,10 +263,10 @@ def _reusable(output: str, images: str, annotations_digest: Any, shard_size: int
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
         return _reused(output, previous, found.annotations_sha256)
     if (images_changed_ok and previous and "images_listing" in previous
-            and previous.get("fingerprint") == _fingerprint(annotations_digest, images, previous["images_listing"],
-                                                            shard_size)):
+            and previous.get("fingerprint") == found.fingerprint_with(previous["images_listing"])):
         log.warning("ingest: the image files under %s changed since %s was written; this trial trains on it as it "
-                    "is, as the sweep's other trials do (the next sweep or run ingests them again)", images, output)
+                    "is, as the sweep's other trials do (the next sweep or run ingests them again)", found.images,
+                    output)
         return _reused(output, previous, found.annotations_sha256)
     if previous and say_why:
         log.info("ingest: %s holds %s: ingesting again", output,
@@ -290,18 +299,17 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     storage.require_bucket(output)
     annotation_bytes = storage.read_bytes(annotations)
     annotations_digest = hashlib.sha256(annotation_bytes)
-    found = _read_input(images, annotations_digest, shard_size)
+    found = _Input.read(images, annotations_digest, shard_size)
     if not force:
-        reusable = _reusable(output, images, annotations_digest, shard_size, found, images_changed_ok)
+        reusable = _reusable(output, found, images_changed_ok)
         if reusable and _marked_as_read(output, reading, reusable.fingerprint):
             return reusable
     with lease.held(output, what=f"the ingest into {output}", instead="Give this ingest its own output.",
                     wait=True) as writing:
         if writing.waited:  # listed again: the files another command wrote may lie among the images
-            found = _read_input(images, annotations_digest, shard_size)
+            found = _Input.read(images, annotations_digest, shard_size)
         # looked at again: another command may have written it since, perhaps from this very input
-        reusable = None if force else _reusable(output, images, annotations_digest, shard_size, found,
-                                                images_changed_ok, say_why=writing.waited)
+        reusable = None if force else _reusable(output, found, images_changed_ok, say_why=writing.waited)
         if reusable is None:
             dataset = parse_coco(json.loads(annotation_bytes), annotations)
             _require_some_images(dataset.images, images, annotations, found.files)
@@ -310,8 +318,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
             if before_writing is not None:
                 before_writing()
             writing.confirm()  # before anything is deleted: a lease write that raced this one's and won
-            reusable = _write_ingest(dataset, images, annotations, output, found, shard_size, num_threads,
-                                     label_selector, use_ray)
+            reusable = _write_ingest(dataset, annotations, output, found, num_threads, label_selector, use_ray)
         if reading is not None:  # marked while no other command can be writing here
             reading.read(output)
         return reusable
@@ -331,9 +338,10 @@ def _marked_as_read(output: str, reading: lease.Lease | None, fingerprint: str) 
     return False
 
 
-def _write_ingest(dataset: CocoDataset, images: str, annotations: str, output: str, found: _Input, shard_size: int,
-                  num_threads: int, label_selector: dict[str, str] | None, use_ray: bool | None) -> IngestResult:
-    """Replace what ``output`` holds with the shards and manifest of ``dataset``."""
+def _write_ingest(dataset: CocoDataset, annotations: str, output: str, found: _Input, num_threads: int,
+                  label_selector: dict[str, str] | None, use_ray: bool | None) -> IngestResult:
+    """Replace what ``output`` holds with the shards and manifest of ``dataset`` (of the input ``found``)."""
+    images, shard_size = found.images, found.shard_size
     report: CocoReport = dataset.report
     fs, out_path = storage.resolve(output)
     fs.create_dir(out_path, recursive=True)
