@@ -256,26 +256,31 @@ def _is_server(uri: str) -> bool:
                                             and not uri.startswith(("sqlite:", "file:")))
 
 
+_ANSWERED: set[str] = set()  # tracking servers this process found answering: asked once
+
+
 def require_tracking_server(uri: str, timeout_s: float = 10.0) -> None:
     """Refuse at once, in one line, an MLflow tracking server (``http(s)://``) that does not answer:
     MLflow's client retries a refused connection for ~4 minutes (246 s measured) before its traceback,
     which a command meets after its Ray start and ingest. Any HTTP answer counts, an error or an
     authenticating proxy's included, and so does a TLS handshake this check cannot judge (the
-    certificate settings are MLflow's): only a server that cannot be reached is refused."""
-    if not uri.startswith(("http://", "https://")):
+    certificate settings are MLflow's): only a server that cannot be reached is refused. A server
+    that answered is not asked again by this process."""
+    if not uri.startswith(("http://", "https://")) or uri in _ANSWERED:
         return
     import requests  # MLflow's own HTTP client library
 
     try:
         requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).close()
     except requests.exceptions.SSLError:
-        return
+        pass
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
         cause = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
         reason = cause.group(1) if cause else "no answer in %.0f s" % timeout_s if isinstance(
             exc, requests.exceptions.Timeout) else type(exc).__name__
         raise UserInputError(f"the MLflow tracking server {uri} does not answer ({reason}): start it, or set "
                              "tracking.tracking_uri (or $MLFLOW_TRACKING_URI) to one that runs") from None
+    _ANSWERED.add(uri)
 
 
 def is_node_local_store(uri: str) -> bool:

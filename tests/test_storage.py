@@ -92,9 +92,12 @@ def test_a_tracking_server_that_does_not_answer_is_refused_at_once_and_any_answe
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Unauthorized)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    answering = f"http://127.0.0.1:{server.server_port}/"
     try:
-        storage.require_tracking_server(f"http://127.0.0.1:{server.server_port}/")
+        storage.require_tracking_server(answering)
     finally:
         server.shutdown()
+        server.server_close()
+    storage.require_tracking_server(answering)  # answered once in this process: not asked again
     for local in ("sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "databricks"):
         storage.require_tracking_server(local)  # not a server this checks

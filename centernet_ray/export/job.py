@@ -40,9 +40,8 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
     from centernet_ray.storage import tracking_uri as resolve_tracking_uri
 
     remote = storage.is_uri(output)
-    source_store = resolve_tracking_uri(tracking_uri or "")
     if is_mlflow_uri(source):
-        storage.require_tracking_server(source_store)
+        storage.require_tracking_server(resolve_tracking_uri(tracking_uri or ""))
     with tempfile.TemporaryDirectory() as tmp:
         run_id = None
         path, version = source, Path(source.rstrip("/")).name
@@ -52,7 +51,7 @@ def run_export(source: str, output: str | Path, k: int = 100, check: bool = True
         run_id = run_id or state.get("mlflow_run_id")
         loaded = model_from_state(state)
     uri = resolve_tracking_uri(tracking_uri or loaded.config.tracking.tracking_uri)
-    if log_to_mlflow and not (is_mlflow_uri(source) and uri == source_store):  # before the export, not after it
+    if log_to_mlflow:  # before the export and its check, not after them
         storage.require_tracking_server(uri)
     with tempfile.TemporaryDirectory() as staging:
         folder = Path(staging) if remote else Path(output).resolve()  # the report names the file wherever it is read

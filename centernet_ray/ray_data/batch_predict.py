@@ -153,9 +153,11 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         raise UserInputError("give exactly one of --images and --parquet")
     started = time.perf_counter()
     tracking_uri = storage.tracking_uri(tracking_uri or "")
-    if is_mlflow_uri(checkpoint):  # here, once: not in every actor that loads the model
-        storage.require_tracking_server(tracking_uri)
-    checkpoint = _pinned(checkpoint, tracking_uri) if is_mlflow_uri(checkpoint) else storage.absolute(checkpoint)
+    if is_mlflow_uri(checkpoint):
+        storage.require_tracking_server(tracking_uri)  # here, once: not in every actor that loads the model
+        checkpoint = _pinned(checkpoint, tracking_uri)
+    else:
+        checkpoint = storage.absolute(checkpoint)
     images, parquet = storage.absolute(images or "") or None, storage.absolute(parquet or "") or None
     output, annotations = storage.absolute(output), storage.absolute(annotations or "") or None
     warn_if_in_job_working_dir(output, "predict's --output", "give a bucket URI or a lasting path")
