@@ -113,6 +113,53 @@ def test_shards_written_among_the_images_are_not_taken_for_changed_images(shapes
     assert ingest_coco(*args).reused
 
 
+def test_files_the_annotations_do_not_name_change_nothing_and_annotated_ones_still_do(shapes_dataset, tmp_path, caplog):
+    """A ``.DS_Store``, notes, predictions written beside the images, another split's images in the
+    same folder: the shards are reused (they used to be written again, for the whole dataset)."""
+    images = tmp_path / "images"
+    shutil.copytree(shapes_dataset / "images" / "val", images)
+    instances = json.loads((shapes_dataset / "annotations" / "instances_val.json").read_text())
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps({**instances, "images": instances["images"][:8]}))  # 4 files it does not name
+    args = (str(images), str(annotations), str(tmp_path / "pq"))
+    first = ingest_coco(*args)
+    assert first.rows == 8 and json.loads((tmp_path / "pq" / "_annotated_files.json").read_text()) == sorted(
+        image["file_name"] for image in instances["images"][:8])
+    (images / ".DS_Store").write_bytes(b"\0" * 6148)
+    (images / "notes.txt").write_text("relabelled the circles")
+    (images / "predictions").mkdir()
+    (images / "predictions" / "detections.json").write_text("[]")
+    (images / instances["images"][10]["file_name"]).write_bytes(b"another split's image, now corrupt")
+    again = ingest_coco(*args)
+    assert again.reused and again.fingerprint == first.fingerprint
+    (images / instances["images"][3]["file_name"]).write_bytes(b"an annotated image, now corrupt")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="centernet_ray.ray_data.ingest"):
+        changed = ingest_coco(*args)
+    assert not changed.reused and changed.rows == 7 and "the image files changed since" in caplog.text
+    (images / instances["images"][3]["file_name"]).unlink()
+    assert not ingest_coco(*args).reused  # an annotated file removed
+
+
+def test_an_ingest_by_the_version_that_listed_every_file_is_still_reused(shapes_dataset, tmp_path, monkeypatch):
+    from centernet_ray.ray_data import ingest
+
+    images = tmp_path / "images"
+    shutil.copytree(shapes_dataset / "images" / "val", images)
+    args = (str(images), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
+    (images / "notes.txt").write_text("a file it counted")
+    with monkeypatch.context() as earlier_version:
+        earlier_version.setattr(ingest._Input, "cut_to", lambda found, names: found)
+        first = ingest_coco(*args)
+    (tmp_path / "pq" / "_annotated_files.json").unlink()  # it wrote none
+    assert ingest_coco(*args).reused
+    (images / "notes2.txt").write_text("another")
+    rewritten = ingest_coco(*args)  # once more, as that version did; now listing the annotated files only
+    assert not rewritten.reused and rewritten.fingerprint != first.fingerprint
+    (images / "notes3.txt").write_text("counted no more")
+    assert ingest_coco(*args).reused
+
+
 def test_an_image_that_cannot_be_read_stops_the_ingest_rather_than_being_dropped_for_good(shapes_dataset, tmp_path):
     """Only a missing file is dropped; another read failure (here: a directory where the image should
     be; on object storage, throttling or a timeout) would otherwise be frozen into the manifest."""
@@ -298,7 +345,8 @@ def test_an_ingest_a_run_reads_is_not_replaced_under_it(shapes_dataset, tmp_path
         marks = [p.name for p in (tmp_path / "pq").iterdir() if p.name.startswith(lease.READER_MARK)]
         assert marks == [lease.READER_MARK + run.token]
         assert ingest_coco(*args).reused  # the same input: nothing to replace
-        (images / "extra.jpg").write_bytes((images / sorted(os.listdir(images))[0]).read_bytes())  # added meanwhile
+        fixed = images / sorted(os.listdir(images))[0]
+        fixed.write_bytes(fixed.read_bytes() + b"\0" * 16)  # an image saved again meanwhile
         for again in (dict(), dict(force=True)):
             with pytest.raises(UserInputError, match=r"ingesting .*instances_val.json would replace the shards in "
                                                      r".*pq, but another command reads .*pq: `.*` \(pid \d+ .*Wait for "

@@ -7,9 +7,11 @@ One row per usable image: ``image_id``, ``file_name``, ``width``, ``height``, ``
 original encoded bytes), ``boxes`` (flat float32 x1, y1, x2, y2, ... in image pixels) and
 ``labels`` (int32 contiguous class indices). ``_manifest.json`` beside the shards holds the class
 list, the shard names, the counts of everything dropped and a fingerprint of the input (the
-annotation file's content, the image location, a listing of the image files by name and size, the
-shard size): rerunning on the same input finds the fingerprint and rewrites nothing, while images
-added, fixed or removed since are ingested again.
+annotation file's content, the image location, a listing by name and size of the image files it
+names, the shard size): rerunning on the same input finds the fingerprint and rewrites nothing,
+while images added, fixed or removed since are ingested again. ``_annotated_files.json`` beside it
+lists the files the annotation file names, so that other files under the image folder (a
+``.DS_Store``, notes, predictions, the images of another split) change nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import io
 import json
 import logging
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "_manifest.json"
+ANNOTATED_FILES = "_annotated_files.json"  # the files the ingested annotation file names, as the listing names them
 SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("file_name", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("image", pa.binary()), ("boxes", pa.list_(pa.float32())), ("labels", pa.list_(pa.int32())),
@@ -98,7 +101,8 @@ def list_images(images: str) -> dict[str, int] | None:
 
     def is_ingest_output(name: str) -> bool:
         folder, base = posixpath.split(name)
-        return base.startswith(lease.LEASE_FILE) or folder in ingests and (base == MANIFEST or base.startswith("part-"))
+        return base.startswith(lease.LEASE_FILE) or folder in ingests and (base in (MANIFEST, ANNOTATED_FILES)
+                                                                            or base.startswith("part-"))
 
     return {name: size for name, size in sizes.items() if not is_ingest_output(name)}
 
@@ -116,6 +120,11 @@ def images_listing(files: dict[str, int] | None) -> str:
     return digest.hexdigest()
 
 
+def annotated_files(records: list[ImageRecord]) -> list[str]:
+    """The file names of ``records`` as a listing of their folder gives them (``./a.jpg`` is ``a.jpg``)."""
+    return [posixpath.normpath(record.file_name) for record in records]
+
+
 def _require_some_images(records: list[ImageRecord], images: str, annotations: str,
                          files: dict[str, int] | None) -> None:
     """Refuse, before anything is deleted or written, a folder that holds none of the images the
@@ -123,7 +132,7 @@ def _require_some_images(records: list[ImageRecord], images: str, annotations: s
     earlier ingest with an empty one and training would fail later with "0 training images"."""
     if not records or files is None:
         return
-    names = [posixpath.normpath(record.file_name) for record in records]
+    names = annotated_files(records)
     if any(name.startswith(("../", "/")) or name in files for name in names):
         return  # one is there, or names point out of the folder, which the listing cannot answer
     raise UserInputError(f"{no_images_found(annotations, names, images, files)} Nothing was ingested.")
@@ -251,6 +260,22 @@ class _Input:
         """The fingerprint of this input had the images been listed as ``listing``."""
         return _fingerprint(self.annotations_digest, self.images, listing, self.shard_size)
 
+    def cut_to(self, names: Collection[str]) -> _Input:
+        """This input with its listing and fingerprint over ``names`` only (the files the annotation
+        file names): any other file under the folder changes neither. ``files`` stays whole."""
+        if self.files is None:
+            return self
+        names = set(names)
+        listing = images_listing({name: size for name, size in self.files.items() if name in names})
+        return replace(self, listing=listing, fingerprint=self.fingerprint_with(listing))
+
+
+def _read_annotated_files(output: str) -> list[str] | None:
+    """The files the annotation file of the ingest in ``output`` names (None for an ingest by an
+    earlier version, whose fingerprint lists every file under the folder)."""
+    path = storage.join(output, ANNOTATED_FILES)
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+
 
 def _reusable(output: str, found: _Input, images_changed_ok: bool, say_why: bool = True) -> IngestResult | None:
     """The ingest ``output`` holds, when it is one of this input (``found``), else None (said why,
@@ -259,6 +284,9 @@ def _reusable(output: str, found: _Input, images_changed_ok: bool, say_why: bool
     if previous and not previous["rows"] and any(previous["report"].get(k) for k in ("missing_images",
                                                                                      "unreadable_images")):
         previous = None  # every image dropped: what earlier versions wrote for a wrong image folder
+    if previous and previous.get("annotations_sha256") == found.annotations_sha256:
+        names = _read_annotated_files(output)  # the same annotation file names the same files
+        found = found if names is None else found.cut_to(names)
     if previous and previous.get("fingerprint") == found.fingerprint:
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
         return _reused(output, previous, found.annotations_sha256)
@@ -341,12 +369,14 @@ def _marked_as_read(output: str, reading: lease.Lease | None, fingerprint: str) 
 def _write_ingest(dataset: CocoDataset, annotations: str, output: str, found: _Input, num_threads: int,
                   label_selector: dict[str, str] | None, use_ray: bool | None) -> IngestResult:
     """Replace what ``output`` holds with the shards and manifest of ``dataset`` (of the input ``found``)."""
+    names = annotated_files(dataset.images)
+    found = found.cut_to(names)
     images, shard_size = found.images, found.shard_size
     report: CocoReport = dataset.report
     fs, out_path = storage.resolve(output)
     fs.create_dir(out_path, recursive=True)
     for stale in fs.get_file_info(pa.fs.FileSelector(out_path)):  # shards of an earlier, different ingest
-        if stale.base_name.startswith("part-") or stale.base_name == MANIFEST:
+        if stale.base_name.startswith("part-") or stale.base_name in (MANIFEST, ANNOTATED_FILES):
             fs.delete_file(stale.path)
 
     chunks = [dataset.images[start:start + shard_size] for start in range(0, len(dataset.images), shard_size)]
@@ -369,7 +399,8 @@ def _write_ingest(dataset: CocoDataset, annotations: str, output: str, found: _I
         "annotations": annotations, "rows": rows, "shards": shards, "category_ids": dataset.category_ids,
         "class_names": dataset.class_names, "report": counts, "examples": report.examples, "bytes_written": written,
     }
-    storage.write_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())
+    storage.write_bytes(storage.join(output, ANNOTATED_FILES), json.dumps(sorted(set(names))).encode())
+    storage.write_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())  # last: it commits
     level = logging.WARNING if report.examples else logging.INFO
     log.log(level, "ingest: %s -> %s: %s", annotations, output, report.summary())
     return IngestResult(output, rows, shards, dataset.category_ids, dataset.class_names, counts, written, reused=False,
