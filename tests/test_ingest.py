@@ -142,14 +142,14 @@ def test_files_the_annotations_do_not_name_change_nothing_and_annotated_ones_sti
 
 
 def test_an_ingest_by_the_version_that_listed_every_file_is_still_reused(shapes_dataset, tmp_path, monkeypatch):
-    from centernet_ray.ray_data import ingest
+    from centernet_ray.data import ingest_input
 
     images = tmp_path / "images"
     shutil.copytree(shapes_dataset / "images" / "val", images)
     args = (str(images), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
     (images / "notes.txt").write_text("a file it counted")
     with monkeypatch.context() as earlier_version:
-        earlier_version.setattr(ingest._Input, "cut_to", lambda found, names: found)
+        earlier_version.setattr(ingest_input.IngestInput, "cut_to", lambda found, names: found)
         first = ingest_coco(*args)
     (tmp_path / "pq" / "_annotated_files.json").unlink()  # it wrote none
     assert ingest_coco(*args).reused

@@ -6,12 +6,9 @@ Ray Data task per shard on the CPU pool (or in this process when Ray is not runn
 One row per usable image: ``image_id``, ``file_name``, ``width``, ``height``, ``image`` (the
 original encoded bytes), ``boxes`` (flat float32 x1, y1, x2, y2, ... in image pixels) and
 ``labels`` (int32 contiguous class indices). ``_manifest.json`` beside the shards holds the class
-list, the shard names, the counts of everything dropped and a fingerprint of the input (the
-annotation file's content, the image location, a listing by name and size of the image files it
-names, the shard size): rerunning on the same input finds the fingerprint and rewrites nothing,
-while images added, fixed or removed since are ingested again. ``_annotated_files.json`` beside it
-lists the files the annotation file names, so that other files under the image folder (a
-``.DS_Store``, notes, predictions, the images of another split) change nothing.
+list, the shard names, the counts of everything dropped and a fingerprint of the input
+(``centernet_ray/data/ingest_input.py``): rerunning on the same input finds the fingerprint and
+rewrites nothing, while images added, fixed or removed since are ingested again.
 """
 
 from __future__ import annotations
@@ -20,10 +17,9 @@ import hashlib
 import io
 import json
 import logging
-import posixpath
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -32,15 +28,14 @@ from PIL import Image, UnidentifiedImageError
 
 from centernet_ray import lease, storage
 from centernet_ray.config import DataConfig
-from centernet_ray.data.coco import CocoDataset, CocoReport, ImageRecord, no_images_found, parse_coco
+from centernet_ray.data.coco import CocoDataset, CocoReport, ImageRecord, parse_coco
+from centernet_ray.data.ingest_input import (ANNOTATED_FILES, FORMAT_VERSION, MANIFEST, IngestInput, annotated_files,
+                                             describe_changes, read_annotated_files, require_some_images)
 from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "_manifest.json"
-ANNOTATED_FILES = "_annotated_files.json"  # the files the ingested annotation file names, as the listing names them
 SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("file_name", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("image", pa.binary()), ("boxes", pa.list_(pa.float32())), ("labels", pa.list_(pa.int32())),
@@ -73,81 +68,6 @@ def check_image(data: bytes) -> str | None:
         return f"UnidentifiedImageError: {len(data)} bytes in no format Pillow reads"
     except Exception as exc:  # Pillow raises many types for bad bytes; all mean "unreadable"
         return f"{type(exc).__name__}: {exc}"
-
-
-def _fingerprint(annotations_digest: Any, images: str, images_listing: str, shard_size: int) -> str:
-    """``annotations_digest`` (the annotation file's ``hashlib.sha256``, left as it is) extended with
-    the image location, its listing (``images_listing``) and the shard size."""
-    fs, path = storage.resolve(images)  # "/data/x" and "file:///data/x" are the same input
-    digest = annotations_digest.copy()
-    digest.update(f"|{fs.type_name}:{path}|{images_listing}|{shard_size}|v{FORMAT_VERSION}".encode())
-    return digest.hexdigest()
-
-
-def list_images(images: str) -> dict[str, int] | None:
-    """The files under ``images`` (names relative to it, sizes in bytes) from one listing, without
-    reading any; an ingest's own files (shards and manifest, in a folder that holds a manifest) are
-    left out, should one lie among the images. None, with a warning, when the listing is refused
-    (credentials that may read objects but not list them)."""
-    try:
-        sizes = storage.file_sizes(images)
-    except NotADirectoryError:
-        raise UserInputError(f"{images} is a file, not a folder of images") from None
-    except OSError as exc:
-        log.warning("ingest: cannot list %s (%s): images changed in place since the last ingest are not noticed "
-                    "(rerun with --force to ingest them)", images, exc)
-        return None
-    ingests = {posixpath.dirname(name) for name in sizes if posixpath.basename(name) == MANIFEST}
-
-    def is_ingest_output(name: str) -> bool:
-        folder, base = posixpath.split(name)
-        return base.startswith(lease.LEASE_FILE) or folder in ingests and (base in (MANIFEST, ANNOTATED_FILES)
-                                                                            or base.startswith("part-"))
-
-    return {name: size for name, size in sizes.items() if not is_ingest_output(name)}
-
-
-def images_listing(files: dict[str, int] | None) -> str:
-    """The sha256 of ``list_images``' answer (``"unlisted"`` for none): an image added, removed or
-    replaced in place (a corrupt one fixed) changes it. Not the modification times: copies of a
-    dataset on several nodes, or the synthetic shapes each node generates, differ in them and are
-    the same input."""
-    if files is None:
-        return "unlisted"
-    digest = hashlib.sha256()
-    for name, size in sorted(files.items()):
-        digest.update(f"{name}\0{size}\n".encode())
-    return digest.hexdigest()
-
-
-def annotated_files(records: list[ImageRecord]) -> list[str]:
-    """The file names of ``records`` as a listing of their folder gives them (``./a.jpg`` is ``a.jpg``)."""
-    return [posixpath.normpath(record.file_name) for record in records]
-
-
-def _require_some_images(records: list[ImageRecord], images: str, annotations: str,
-                         files: dict[str, int] | None) -> None:
-    """Refuse, before anything is deleted or written, a folder that holds none of the images the
-    annotation file lists (a mistyped or wrong ``data.*_images``): ingested, it would replace an
-    earlier ingest with an empty one and training would fail later with "0 training images"."""
-    if not records or files is None:
-        return
-    names = annotated_files(records)
-    if any(name.startswith(("../", "/")) or name in files for name in names):
-        return  # one is there, or names point out of the folder, which the listing cannot answer
-    raise UserInputError(f"{no_images_found(annotations, names, images, files)} Nothing was ingested.")
-
-
-def _changes(previous: dict, annotations_sha256: str, listing: str) -> str:
-    """What differs from the earlier ingest's manifest ``previous``, in words."""
-    if "images_listing" not in previous:
-        return "an ingest by an earlier version, which did not list the images"
-    changed = [what for what, key, value in (("the annotation file", "annotations_sha256", annotations_sha256),
-                                             ("the image files", "images_listing", listing))
-               if previous.get(key) != value]
-    if changed:
-        return f"an earlier ingest, and {' and '.join(changed)} changed since"
-    return "an ingest of another input or shard size"
 
 
 def read_manifest(output: str) -> dict | None:
@@ -233,51 +153,7 @@ def _write_shards(images: str, output: str, chunks: list[list[ImageRecord]], num
     return sorted(written.take_all(), key=lambda r: r["index"])
 
 
-@dataclass
-class _Input:
-    """What an ingest compares with an earlier one's manifest: the image files as one listing gives
-    them (None when listing is refused), their digest, and the fingerprint of the whole input."""
-
-    images: str
-    annotations_digest: Any  # the annotation file's ``hashlib.sha256``
-    shard_size: int
-    files: dict[str, int] | None
-    listing: str
-    fingerprint: str
-
-    @classmethod
-    def read(cls, images: str, annotations_digest: Any, shard_size: int) -> _Input:
-        files = list_images(images)
-        listing = images_listing(files)
-        return cls(images, annotations_digest, shard_size, files, listing,
-                   _fingerprint(annotations_digest, images, listing, shard_size))
-
-    @property
-    def annotations_sha256(self) -> str:
-        return self.annotations_digest.hexdigest()
-
-    def fingerprint_with(self, listing: str) -> str:
-        """The fingerprint of this input had the images been listed as ``listing``."""
-        return _fingerprint(self.annotations_digest, self.images, listing, self.shard_size)
-
-    def cut_to(self, names: Collection[str]) -> _Input:
-        """This input with its listing and fingerprint over ``names`` only (the files the annotation
-        file names): any other file under the folder changes neither. ``files`` stays whole."""
-        if self.files is None:
-            return self
-        names = set(names)
-        listing = images_listing({name: size for name, size in self.files.items() if name in names})
-        return replace(self, listing=listing, fingerprint=self.fingerprint_with(listing))
-
-
-def _read_annotated_files(output: str) -> list[str] | None:
-    """The files the annotation file of the ingest in ``output`` names (None for an ingest by an
-    earlier version, whose fingerprint lists every file under the folder)."""
-    path = storage.join(output, ANNOTATED_FILES)
-    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
-
-
-def _reusable(output: str, found: _Input, images_changed_ok: bool, say_why: bool = True) -> IngestResult | None:
+def _reusable(output: str, found: IngestInput, images_changed_ok: bool, say_why: bool = True) -> IngestResult | None:
     """The ingest ``output`` holds, when it is one of this input (``found``), else None (said why,
     when ``say_why``)."""
     previous = read_manifest(output)
@@ -285,7 +161,7 @@ def _reusable(output: str, found: _Input, images_changed_ok: bool, say_why: bool
                                                                                      "unreadable_images")):
         previous = None  # every image dropped: what earlier versions wrote for a wrong image folder
     if previous and previous.get("annotations_sha256") == found.annotations_sha256:
-        names = _read_annotated_files(output)  # the same annotation file names the same files
+        names = read_annotated_files(output)  # the same annotation file names the same files
         found = found if names is None else found.cut_to(names)
     if previous and previous.get("fingerprint") == found.fingerprint:
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
@@ -298,7 +174,7 @@ def _reusable(output: str, found: _Input, images_changed_ok: bool, say_why: bool
         return _reused(output, previous, found.annotations_sha256)
     if previous and say_why:
         log.info("ingest: %s holds %s: ingesting again", output,
-                 _changes(previous, found.annotations_sha256, found.listing))
+                 describe_changes(previous, found.annotations_sha256, found.listing))
     return None
 
 
@@ -327,7 +203,7 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     storage.require_bucket(output)
     annotation_bytes = storage.read_bytes(annotations)
     annotations_digest = hashlib.sha256(annotation_bytes)
-    found = _Input.read(images, annotations_digest, shard_size)
+    found = IngestInput.read(images, annotations_digest, shard_size)
     if not force:
         reusable = _reusable(output, found, images_changed_ok)
         if reusable and _marked_as_read(output, reading, reusable.fingerprint):
@@ -335,12 +211,12 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
     with lease.held(output, what=f"the ingest into {output}", instead="Give this ingest its own output.",
                     wait=True) as writing:
         if writing.waited:  # listed again: the files another command wrote may lie among the images
-            found = _Input.read(images, annotations_digest, shard_size)
+            found = IngestInput.read(images, annotations_digest, shard_size)
         # looked at again: another command may have written it since, perhaps from this very input
         reusable = None if force else _reusable(output, found, images_changed_ok, say_why=writing.waited)
         if reusable is None:
             dataset = parse_coco(json.loads(annotation_bytes), annotations)
-            _require_some_images(dataset.images, images, annotations, found.files)
+            require_some_images(dataset.images, images, annotations, found.files)
             lease.refuse_if_read(output, what=f"ingesting {annotations} would replace the shards in {output}",
                                  instead="ingest into another folder (data.parquet_dir, or data ingest's --out).")
             if before_writing is not None:
@@ -366,7 +242,7 @@ def _marked_as_read(output: str, reading: lease.Lease | None, fingerprint: str) 
     return False
 
 
-def _write_ingest(dataset: CocoDataset, annotations: str, output: str, found: _Input, num_threads: int,
+def _write_ingest(dataset: CocoDataset, annotations: str, output: str, found: IngestInput, num_threads: int,
                   label_selector: dict[str, str] | None, use_ray: bool | None) -> IngestResult:
     """Replace what ``output`` holds with the shards and manifest of ``dataset`` (of the input ``found``)."""
     names = annotated_files(dataset.images)
