@@ -35,7 +35,9 @@ def broken_copy(shapes_dataset, tmp_path):
 def test_ingest_writes_shards_with_one_row_per_image(shapes_dataset, tmp_path):
     result = ingest_coco(str(shapes_dataset / "images" / "train"), str(shapes_dataset / "annotations" / "instances_train.json"),
                          str(tmp_path / "pq"), shard_size=10)
-    assert result.rows == 24 and result.shards == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert result.rows == 24 and len(result.shards) == 3
+    generation = result.shards[0].split("-")[1]  # the ingest's: no shard of an earlier one is overwritten
+    assert result.shards == [f"part-{generation}-{index:05d}.parquet" for index in range(3)]
     table = pq.read_table(tmp_path / "pq")
     assert table.num_rows == 24
     assert set(table.column_names) == {"image_id", "file_name", "width", "height", "image", "boxes", "labels"}
@@ -47,11 +49,11 @@ def test_ingest_writes_shards_with_one_row_per_image(shapes_dataset, tmp_path):
 def test_ingest_is_idempotent_and_reads_file_uris(shapes_dataset, tmp_path):
     args = (str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"))
     first = ingest_coco(*args, str(tmp_path / "pq"))
-    stamp = (tmp_path / "pq" / "part-00000.parquet").stat().st_mtime_ns
+    stamp = (tmp_path / "pq" / first.shards[0]).stat().st_mtime_ns
     again = ingest_coco(f"file://{args[0]}", f"file://{args[1]}", f"file://{tmp_path / 'pq'}")
     assert again.reused and again.rows == first.rows  # the same input spelled as URIs: not read again
     third = ingest_coco(*args, str(tmp_path / "pq"))
-    assert third.reused and (tmp_path / "pq" / "part-00000.parquet").stat().st_mtime_ns == stamp
+    assert third.reused and (tmp_path / "pq" / first.shards[0]).stat().st_mtime_ns == stamp
     by_uri = ingest_coco(f"file://{args[0]}", f"file://{args[1]}", f"file://{tmp_path / 'fresh'}")  # read through URIs
     assert not by_uri.reused and pq.read_table(tmp_path / "fresh").equals(pq.read_table(tmp_path / "pq"))
 
@@ -162,16 +164,31 @@ def test_an_ingest_by_the_version_that_listed_every_file_is_still_reused(shapes_
 
 def test_an_image_that_cannot_be_read_stops_the_ingest_rather_than_being_dropped_for_good(shapes_dataset, tmp_path):
     """Only a missing file is dropped; another read failure (here: a directory where the image should
-    be; on object storage, throttling or a timeout) would otherwise be frozen into the manifest."""
+    be; on object storage, throttling or a timeout) would otherwise be frozen into the manifest. The
+    ingest that stops midway leaves the earlier one whole (it used to delete it first)."""
     root = tmp_path / "data"
     shutil.copytree(shapes_dataset / "images" / "val", root / "images")
     instances = json.loads((shapes_dataset / "annotations" / "instances_val.json").read_text())
+    args = (str(root / "images"), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
     name = instances["images"][3]["file_name"]
-    (root / "images" / name).unlink()
+    (root / "images" / name).rename(tmp_path / name)
     (root / "images" / name).mkdir()
     with pytest.raises(Exception, match=f"cannot read .*{name}.*Not a missing file"):
-        ingest_coco(str(root / "images"), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
-    assert read_manifest(str(tmp_path / "pq")) is None
+        ingest_coco(*args, shard_size=2)
+    assert read_manifest(args[2]) is None
+    (root / "images" / name).rmdir()
+    shutil.copy(tmp_path / name, root / "images" / name)
+    earlier = ingest_coco(*args, shard_size=2)
+    (root / "images" / name).unlink()
+    (root / "images" / name).mkdir()
+    with pytest.raises(Exception, match="Not a missing file.*an earlier ingest in the output is kept"):
+        ingest_coco(*args, shard_size=2)  # its first shard written, its second stopped
+    assert read_manifest(args[2])["fingerprint"] == earlier.fingerprint
+    assert pq.read_table([str(tmp_path / "pq" / shard) for shard in earlier.shards]).num_rows == 12
+    (root / "images" / name).rmdir()
+    shutil.copy(shapes_dataset / "images" / "val" / instances["images"][0]["file_name"], root / "images" / name)
+    again = ingest_coco(*args, shard_size=2)
+    assert not again.reused and sorted(p.name for p in (tmp_path / "pq").glob("part-*")) == again.shards
 
 
 def test_duplicate_image_ids_are_a_format_error_naming_both_files(tmp_path):
@@ -250,9 +267,14 @@ def test_images_none_of_which_can_be_read_are_an_error_not_an_empty_ingest(shape
     shutil.copytree(shapes_dataset / "images" / "val", images)
     for path in images.iterdir():
         path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1234\n")
+    args = (str(images), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
     with pytest.raises(UserInputError, match=r"none of the 12 images .* could be ingested .*unreadable_images=12"):
-        ingest_coco(str(images), str(shapes_dataset / "annotations" / "instances_val.json"), str(tmp_path / "pq"))
-    assert read_manifest(str(tmp_path / "pq")) is None  # a rerun reads them again
+        ingest_coco(*args)
+    assert read_manifest(args[2]) is None  # a rerun reads them again
+    earlier = ingest_coco(str(shapes_dataset / "images" / "val"), *args[1:])
+    with pytest.raises(UserInputError, match=r"none of the 12 .*Nothing was ingested \(what .*pq held is kept\)"):
+        ingest_coco(*args)
+    assert read_manifest(args[2])["fingerprint"] == earlier.fingerprint and pq.read_table(args[2]).num_rows == 12
 
 
 def test_an_empty_ingest_left_by_an_earlier_version_is_not_reused(shapes_dataset, tmp_path):

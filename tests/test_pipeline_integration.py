@@ -93,7 +93,7 @@ def test_bad_rows_are_dropped_and_reported(ray_session, parquet, task_config, tm
     table[1]["boxes"] = [float("nan"), 0.0, 4.0, 4.0] + table[1]["boxes"][4:]
     out = tmp_path / "bad"
     out.mkdir()
-    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(parquet / "val" / "part-00000.parquet")),
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(next((parquet / "val").glob("part-*.parquet")))),
                    out / "part-00000.parquet")
     (out / "_manifest.json").write_text('{"shards": ["part-00000.parquet"], "rows": 12}')
     report = PipelineReport.remote()

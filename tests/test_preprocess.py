@@ -21,8 +21,9 @@ def rows(table):
 @pytest.fixture(scope="module")
 def val_rows(shapes_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("pq")
-    ingest_coco(str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"), str(out))
-    return rows(pq.read_table(out / "part-00000.parquet"))
+    result = ingest_coco(str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"),
+                         str(out))
+    return rows(pq.read_table(out / result.shards[0]))
 
 
 def test_batches_have_the_documented_shapes_and_dtypes(val_rows):

@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,7 +89,8 @@ def _load_image(images: str, file_name: str) -> tuple[bytes | None, str | None]:
         return None, f"missing: {exc}"
     except OSError as exc:
         raise OSError(f"cannot read {uri}: {exc}. Not a missing file: the ingest stops instead of dropping "
-                      "it (nothing was recorded as ingested); rerun once the storage answers") from exc
+                      "it (nothing was recorded as ingested; an earlier ingest in the output is kept); rerun once the "
+                      "storage answers") from exc
     problem = check_image(data)
     return (None, problem) if problem else (data, None)
 
@@ -99,9 +101,10 @@ def _shard_records(records: list[ImageRecord]) -> str:
                         r.labels.astype("int32").tolist()] for r in records])
 
 
-def write_shard(images: str, output: str, index: int, records_json: str, num_threads: int) -> dict:
+def write_shard(images: str, output: str, index: int, records_json: str, num_threads: int, generation: str) -> dict:
     """Read and check the images of one shard (``num_threads`` reads at a time: object storage is
-    latency-bound) and write ``output``/part-<index>.parquet. Returns what the manifest needs:
+    latency-bound) and write ``output``/part-<generation>-<index>.parquet (``generation``: this
+    ingest's, so that no file of the earlier ingest is overwritten). Returns what the manifest needs:
     the shard's name ("" when every image was dropped), rows, image bytes and the dropped images
     as [kind, example, annotations] (the image bytes stay here, never in the caller's memory)."""
     records = json.loads(records_json)
@@ -118,7 +121,7 @@ def write_shard(images: str, output: str, index: int, records_json: str, num_thr
                 columns[name].append(value)
     name, written = "", sum(len(b) for b in columns["image"])
     if columns["image_id"]:
-        name = f"part-{index:05d}.parquet"
+        name = f"part-{generation}-{index:05d}.parquet"
         fs, path = storage.resolve(storage.join(output, name))
         with fs.open_output_stream(path) as sink:
             pq.write_table(pa.table(columns, schema=SCHEMA), sink)
@@ -126,14 +129,15 @@ def write_shard(images: str, output: str, index: int, records_json: str, num_thr
             "dropped": json.dumps(dropped)}
 
 
-def _write_shards_task(batch: dict[str, Any], *, images: str, output: str, num_threads: int) -> dict[str, Any]:
+def _write_shards_task(batch: dict[str, Any], *, images: str, output: str, num_threads: int,
+                       generation: str) -> dict[str, Any]:
     """Ray Data ``map_batches`` body: one shard per row."""
-    results = [write_shard(images, output, int(index), str(records), num_threads)
+    results = [write_shard(images, output, int(index), str(records), num_threads, generation)
                for index, records in zip(batch["index"], batch["records"])]
     return {key: [r[key] for r in results] for key in ("index", "name", "rows", "bytes", "dropped")}
 
 
-def _write_shards(images: str, output: str, chunks: list[list[ImageRecord]], num_threads: int,
+def _write_shards(images: str, output: str, chunks: list[list[ImageRecord]], num_threads: int, generation: str,
                   label_selector: dict[str, str] | None, use_ray: bool | None) -> list[dict]:
     """Every shard written, by Ray Data tasks on the CPU pool (one task per shard, ``label_selector``
     honoured) when ``use_ray`` (None: when Ray is up), else here, one shard after another; results
@@ -143,12 +147,13 @@ def _write_shards(images: str, output: str, chunks: list[list[ImageRecord]], num
     if not (ray.is_initialized() if use_ray is None else use_ray):
         results = []
         for index, chunk in enumerate(chunks):
-            results.append(write_shard(images, output, index, _shard_records(chunk), num_threads))
+            results.append(write_shard(images, output, index, _shard_records(chunk), num_threads, generation))
             log.info("ingest: shard %d/%d written", index + 1, len(chunks))
         return results
     items = [{"index": index, "records": _shard_records(chunk)} for index, chunk in enumerate(chunks)]
     written = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _write_shards_task, batch_size=1, fn_kwargs=dict(images=images, output=output, num_threads=num_threads),
+        _write_shards_task, batch_size=1, fn_kwargs=dict(images=images, output=output, num_threads=num_threads,
+                                                       generation=generation),
         num_cpus=1, label_selector=label_selector)
     return sorted(written.take_all(), key=lambda r: r["index"])
 
@@ -183,7 +188,8 @@ def ingest_coco(images: str, annotations: str, output: str, shard_size: int = 10
                 label_selector: dict[str, str] | None = None, use_ray: bool | None = None,
                 images_changed_ok: bool = False, before_writing: Callable[[], None] | None = None,
                 reading: lease.Lease | None = None) -> IngestResult:
-    """Write ``output``/part-NNNNN.parquet shards of at most ``shard_size`` rows, plus the manifest.
+    """Write ``output``/part-<generation>-NNNNN.parquet shards of at most ``shard_size`` rows, plus
+    the manifest, which replaces the earlier ingest's when all is written (its shards are then deleted).
 
     This process reads only the annotation file; with Ray up, every shard's images are read,
     checked and written by a Ray Data task (on nodes matching ``label_selector``), so neither the
@@ -244,19 +250,18 @@ def _marked_as_read(output: str, reading: lease.Lease | None, fingerprint: str) 
 
 def _write_ingest(dataset: CocoDataset, annotations: str, output: str, found: IngestInput, num_threads: int,
                   label_selector: dict[str, str] | None, use_ray: bool | None) -> IngestResult:
-    """Replace what ``output`` holds with the shards and manifest of ``dataset`` (of the input ``found``)."""
+    """Replace what ``output`` holds with the shards and manifest of ``dataset`` (of the input
+    ``found``). The earlier ingest stays whole until the new manifest is written (its shards have
+    other names), so an ingest that fails or is stopped midway leaves it as it was."""
     names = annotated_files(dataset.images)
     found = found.cut_to(names)
     images, shard_size = found.images, found.shard_size
     report: CocoReport = dataset.report
     fs, out_path = storage.resolve(output)
     fs.create_dir(out_path, recursive=True)
-    for stale in fs.get_file_info(pa.fs.FileSelector(out_path)):  # shards of an earlier, different ingest
-        if stale.base_name.startswith("part-") or stale.base_name in (MANIFEST, ANNOTATED_FILES):
-            fs.delete_file(stale.path)
 
     chunks = [dataset.images[start:start + shard_size] for start in range(0, len(dataset.images), shard_size)]
-    results = _write_shards(images, output, chunks, num_threads, label_selector, use_ray)
+    results = _write_shards(images, output, chunks, num_threads, secrets.token_hex(4), label_selector, use_ray)
     for result in results:
         for kind, example, annotations_dropped in json.loads(result["dropped"]):
             report.note(kind, example)
@@ -267,7 +272,7 @@ def _write_ingest(dataset: CocoDataset, annotations: str, output: str, found: In
     report.images = rows
     if dataset.images and not rows:
         raise UserInputError(f"none of the {len(dataset.images)} images that {annotations} lists could be ingested "
-                             f"from {images}: {report.summary()}. Nothing was ingested")
+                             f"from {images}: {report.summary()}. Nothing was ingested (what {output} held is kept)")
     counts = report.counts()
     manifest = {
         "format_version": FORMAT_VERSION, "fingerprint": found.fingerprint, "images": images,
@@ -275,8 +280,11 @@ def _write_ingest(dataset: CocoDataset, annotations: str, output: str, found: In
         "annotations": annotations, "rows": rows, "shards": shards, "category_ids": dataset.category_ids,
         "class_names": dataset.class_names, "report": counts, "examples": report.examples, "bytes_written": written,
     }
+    storage.write_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())  # the commit
     storage.write_bytes(storage.join(output, ANNOTATED_FILES), json.dumps(sorted(set(names))).encode())
-    storage.write_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())  # last: it commits
+    for stale in fs.get_file_info(pa.fs.FileSelector(out_path)):  # the earlier ingest's, or a stopped one's
+        if stale.base_name.startswith("part-") and stale.base_name not in shards:
+            fs.delete_file(stale.path)
     level = logging.WARNING if report.examples else logging.INFO
     log.log(level, "ingest: %s -> %s: %s", annotations, output, report.summary())
     return IngestResult(output, rows, shards, dataset.category_ids, dataset.class_names, counts, written, reused=False,
