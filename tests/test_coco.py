@@ -42,9 +42,24 @@ def test_invalid_boxes_are_dropped_and_partial_ones_clipped():
 
 
 def test_unknown_category_and_unknown_image_are_dropped_and_counted():
-    data = parse_coco(instances([ann([1, 1, 5, 5], category_id=99), ann([1, 1, 5, 5], image_id=42)]))
-    assert data.report.unknown_category == 1 and data.report.unknown_image == 1
-    assert "category_id=99" in data.report.summary()
+    data = parse_coco(instances([ann([1, 1, 5, 5], category_id=99), ann([1, 1, 5, 5], image_id=42),
+                                 ann([1, 1, 5, 5], image_id="1"), ann([2, 2, 5, 5])]))
+    assert data.report.unknown_category == 1 and data.report.unknown_image == 2 and data.report.annotations == 1
+    assert "category_id=99" in data.report.summary() and "image_id='1'" in data.report.summary()
+
+
+@pytest.mark.parametrize("annotations, counted", [
+    ([ann([1, 1, 5, 5], category_id=99), ann([1, 1, 5, 5], category_id=98)], "unknown_category=2"),
+    ([ann([1, 1, 5], category_id=7), ann([1, 1, 5, 5], image_id="1")], "dropped_invalid=1, unknown_category=0, "
+                                                                       "unknown_image=1"),
+])
+def test_annotations_none_of_which_is_usable_are_an_error_not_a_dataset_without_objects(annotations, counted):
+    """Categories of another file, boxes in another format, ids as strings: the run trained on no object."""
+    with pytest.raises(CocoFormatError, match=rf"x.json: none of its 2 annotations is usable \(.*{counted}.*\): "
+                                              "nothing to train on"):
+        parse_coco(instances(annotations), "x.json")
+    assert parse_coco(instances([])).report.annotations == 0  # images without any: predict's input, say
+    assert parse_coco(instances([ann([1, 1, 5, 5], iscrowd=1)])).report.crowd_skipped == 1
 
 
 @pytest.mark.parametrize("broken, message", [
@@ -54,6 +69,14 @@ def test_unknown_category_and_unknown_image_are_dropped_and_counted():
     (instances([], categories=[]), "non-empty"),
     (instances([], categories=[{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]), "duplicate"),
     ([1, 2], "JSON object"),
+    (instances([], images=[{"id": "img1", "file_name": "a.jpg", "width": 10, "height": 10}]),
+     r"images\[0\] \(a.jpg\) has the id 'img1': COCO ids are JSON integers"),
+    (instances([], images=[{"id": 1, "file_name": "a.jpg", "width": None, "height": 10}]),
+     r"images\[0\] \(a.jpg\) has the width None: it must be the image's width in pixels"),
+    (instances([], images=[{"id": 1, "file_name": "a.jpg", "width": 10, "height": "80"}]), "has the height '80'"),
+    (instances([], images=[{"id": 1, "file_name": ["a.jpg"], "width": 10, "height": 10}]),
+     r"images\[0\] has the file_name \['a.jpg'\]: it must be the image's path"),
+    (instances([], categories=[{"id": "c1", "name": "cat"}]), r"categories\[0\] \('cat'\) has the id 'c1'"),
 ])
 def test_broken_json_structure_raises_a_clear_error(broken, message):
     with pytest.raises(CocoFormatError, match=message):

@@ -101,16 +101,17 @@ def parse_coco(data: dict[str, Any], source: str = "<dict>") -> CocoDataset:
         raise CocoFormatError(f"{source}: 'categories' must be a non-empty list")
     for i, cat in enumerate(categories):
         _require(cat, ("id", "name"), f"{source}: categories[{i}]")
-    categories = sorted(categories, key=lambda c: c["id"])
-    category_ids = [int(c["id"]) for c in categories]
+    categories = sorted(({**cat, "id": _coco_id(cat["id"], f"{source}: categories[{i}] ({cat['name']!r})")}
+                         for i, cat in enumerate(categories)), key=lambda c: c["id"])
+    category_ids = [c["id"] for c in categories]
     if len(set(category_ids)) != len(category_ids):
         raise CocoFormatError(f"{source}: duplicate category ids in 'categories'")
     cat_index = {cat: i for i, cat in enumerate(category_ids)}
 
     images: dict[int, dict[str, Any]] = {}
     for i, img in enumerate(data["images"]):
-        _require(img, ("id", "file_name", "width", "height"), f"{source}: images[{i}]")
-        first = images.setdefault(int(img["id"]), img)
+        img = _checked_image(img, f"{source}: images[{i}]")
+        first = images.setdefault(img["id"], img)
         if first is not img:  # the annotations of that id could belong to either file
             raise CocoFormatError(f"{source}: images[{i}] ({img['file_name']}) has the id {img['id']} of "
                                   f"{first['file_name']}: image ids must be unique")
@@ -123,23 +124,30 @@ def parse_coco(data: dict[str, Any], source: str = "<dict>") -> CocoDataset:
         if ann.get("iscrowd", 0):
             report.note("crowd_skipped", ann_id)
             continue
-        image = images.get(int(ann["image_id"]))
+        image_id, category_id = _integer(ann["image_id"]), _integer(ann["category_id"])
+        image = images.get(image_id)
         if image is None:
-            report.note("unknown_image", ann_id)
+            report.note("unknown_image", f"{ann_id} (image_id={ann['image_id']!r})")
             continue
-        if ann["category_id"] not in cat_index:
-            report.note("unknown_category", f"{ann_id} (category_id={ann['category_id']})")
+        if category_id not in cat_index:
+            report.note("unknown_category", f"{ann_id} (category_id={ann['category_id']!r})")
             continue
         box = _clean_box(ann["bbox"], float(image["width"]), float(image["height"]), report, ann_id)
         if box is None:
             continue
-        boxes[int(ann["image_id"])].append(box)
-        labels[int(ann["image_id"])].append(cat_index[ann["category_id"]])
+        boxes[image_id].append(box)
+        labels[image_id].append(cat_index[category_id])
         report.annotations += 1
+    dropped = report.dropped_invalid + report.unknown_category + report.unknown_image
+    if dropped and not report.annotations:
+        raise CocoFormatError(
+            f"{source}: none of its {len(data['annotations'])} annotations is usable ({report.summary()}): nothing "
+            "to train on or score against. Each needs an image_id and a category_id among the file's ids, and a bbox "
+            "[x, y, width, height] in pixels inside its image")
 
     records = [
         ImageRecord(
-            image_id=image_id, file_name=str(img["file_name"]), width=int(img["width"]), height=int(img["height"]),
+            image_id=image_id, file_name=img["file_name"], width=int(img["width"]), height=int(img["height"]),
             boxes=np.asarray(boxes[image_id], dtype=np.float32).reshape(-1, 4),
             labels=np.asarray(labels[image_id], dtype=np.int64),
         )
@@ -147,6 +155,36 @@ def parse_coco(data: dict[str, Any], source: str = "<dict>") -> CocoDataset:
     ]
     report.images = len(records)
     return CocoDataset(records, category_ids, [str(c["name"]) for c in categories], report, source)
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as a COCO id (a JSON integer; ``1.0`` too), else None. Not a string holding one:
+    pycocotools, which scores against the file as it is, would not match ``"1"`` to ``1``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value) if float(value).is_integer() else None
+
+
+def _coco_id(value: Any, where: str) -> int:
+    number = _integer(value)
+    if number is None:
+        raise CocoFormatError(f"{where} has the id {value!r}: COCO ids are JSON integers")
+    return number
+
+
+def _checked_image(img: Any, where: str) -> dict[str, Any]:
+    """An ``images`` entry with its id an int and its size floats, or a :class:`CocoFormatError`
+    naming what is wrong (a traceback from deep in the ingest, before)."""
+    _require(img, ("id", "file_name", "width", "height"), where)
+    if not isinstance(img["file_name"], str) or not img["file_name"]:
+        raise CocoFormatError(f"{where} has the file_name {img['file_name']!r}: it must be the image's path relative "
+                              "to the image folder")
+    where = f"{where} ({img['file_name']})"
+    for key in ("width", "height"):
+        size = img[key]
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not (math.isfinite(size) and size > 0):
+            raise CocoFormatError(f"{where} has the {key} {size!r}: it must be the image's {key} in pixels")
+    return {**img, "id": _coco_id(img["id"], where)}
 
 
 def _clean_box(bbox: Any, width: float, height: float, report: CocoReport, ann_id: str) -> list[float] | None:
