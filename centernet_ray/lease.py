@@ -74,7 +74,9 @@ def _write(path: str, record: dict) -> None:
     fs.move(storage.resolve(partial)[1], target)
 
 
-def _describe(record: dict, now: float) -> str:
+def describe(record: dict, now: float | None = None) -> str:
+    """Who holds a lease or a reader's mark (its ``record``), for messages."""
+    now = time.time() if now is None else now
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started", now)))
     return (f"`{record.get('command', '?')}` (pid {record.get('pid', '?')} on {record.get('host', '?')}, "
             f"started {started}, last seen {max(0.0, now - record.get('heartbeat', now)):.0f} s ago)")
@@ -84,7 +86,7 @@ def _in_use(what: str, holder: dict, now: float, instead: str, path: str, frees_
     when = (f"the folder is free {frees_in:.0f} s from now" if frees_in is not None else
             f"the folder is free once its lease has not been renewed for {STALE_AFTER_S:.0f} s")
     return UserInputError(
-        f"{what} is in use by another command: {_describe(holder, now)}. Wait for it to end, or "
+        f"{what} is in use by another command: {describe(holder, now)}. Wait for it to end, or "
         f"{instead[0].lower()}{instead[1:]} If that command is gone (killed before it could clean up), {when}, "
         f"or delete {path}")
 
@@ -115,7 +117,7 @@ class Lease:
         if current is not None and current["token"] != self.token:
             self._lost = True
             raise UserInputError(f"{self.what} was taken by another command that started at the same time: "
-                                 f"{_describe(current, time.time())}. {self.instead}")
+                                 f"{describe(current, time.time())}. {self.instead}")
 
     def read(self, folder: str) -> None:
         """Mark ``folder`` (an ingest's output) as read by this command until the lease is released:
@@ -142,7 +144,7 @@ class Lease:
                     self._lost = True
                     log.error("another command took %s over (this one's lease was not renewed for %.0f s): %s. "
                               "Stopping this one as Ctrl+C would: two commands would overwrite each other's "
-                              "checkpoints", self.what, STALE_AFTER_S, _describe(current, time.time()))
+                              "checkpoints", self.what, STALE_AFTER_S, describe(current, time.time()))
                     _thread.interrupt_main()  # the run's Ctrl+C handler stops it (Ray Train's, Tune's)
                     return
                 with self._writing:
@@ -209,10 +211,10 @@ def refuse_if_read(folder: str, *, what: str, instead: str) -> None:
             continue
         if time.time() - reader.get("heartbeat", 0.0) < STALE_AFTER_S or _renewed_while_watched(
                 mark, reader, f"{folder}: a reader's mark", "removing it"):
-            raise UserInputError(f"{what}, but another command reads {folder}: {_describe(reader, time.time())}. "
+            raise UserInputError(f"{what}, but another command reads {folder}: {describe(reader, time.time())}. "
                                  f"Wait for it to end, or {instead[0].lower()}{instead[1:]}")
         log.warning("removing %s, left by a command that no longer renews it: %s", mark,
-                    _describe(reader, time.time()))
+                    describe(reader, time.time()))
         _delete(mark)
 
 
@@ -220,7 +222,7 @@ def _renewed_while_watched(path: str, record: dict, what: str, then: str) -> dic
     """``record`` (a lease or a reader's mark at ``path``) looked stale by this machine's clock:
     watch it for two heartbeats. The record there now when it was renewed meanwhile (its writer's
     clock differs from ours: it is alive), else None (its writer is gone: ``then`` is safe)."""
-    log.info("%s looks stale (%s); watching it for %.0f s before %s", what, _describe(record, time.time()),
+    log.info("%s looks stale (%s); watching it for %.0f s before %s", what, describe(record, time.time()),
              2 * HEARTBEAT_S, then)
     time.sleep(2 * HEARTBEAT_S)
     now = _read(path)
@@ -281,10 +283,10 @@ def _free(path: str, what: str, instead: str, wait: bool, announce: bool) -> boo
         if not wait:
             raise _in_use(what, alive, time.time(), instead, path, STALE_AFTER_S - silent if alive is holder else None)
         if announce:
-            log.info("%s is in use by another command: waiting for it to end: %s", what, _describe(alive, time.time()))
+            log.info("%s is in use by another command: waiting for it to end: %s", what, describe(alive, time.time()))
         return False
     log.warning("taking over %s from a command whose lease was not renewed (it did not remove %s): %s", what,
-                path, _describe(holder, time.time()))
+                path, describe(holder, time.time()))
     return True
 
 

@@ -1,4 +1,5 @@
-"""Which images ``centernet-ray predict --images DIR --annotations JSON`` predicts and scores (no Ray)."""
+"""Which images ``centernet-ray predict --images DIR --annotations JSON`` predicts and scores, and what it
+holds while it runs: its output folder and the ingest it reads (no Ray)."""
 
 import logging
 
@@ -35,3 +36,47 @@ def test_a_missing_image_folder_is_named(tmp_path):
     """Before: pyarrow's "[Errno 2] Cannot list directory ... Detail: [errno 2] ..."."""
     with pytest.raises(UserInputError, match=r"^no image folder at .*pictures$"):
         _image_rows(str(tmp_path / "pictures"), None)
+
+
+def test_a_folder_another_predict_writes_is_refused_before_ray_starts(untrained_checkpoint, shapes_dataset,
+                                                                      tmp_path, monkeypatch):
+    """Two commands writing one --output would leave detections.json of one and metrics.json of the other."""
+    from centernet_ray import lease, ray_runtime
+    from centernet_ray.ray_data.batch_predict import run_predict
+
+    monkeypatch.setattr(ray_runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with lease.held(str(tmp_path / "out"), what="-", instead="-"):
+        with pytest.raises(UserInputError, match=r"the predictions in .*out is in use by another command: `.*` "
+                                                 r"\(pid \d+ .*give this command its own --output"):
+            run_predict(str(untrained_checkpoint), str(tmp_path / "out"), images=str(shapes_dataset / "images" / "val"))
+
+
+def test_predict_marks_the_ingest_it_reads_and_is_refused_while_one_writes_it(untrained_checkpoint, shapes_dataset,
+                                                                               tmp_path, monkeypatch):
+    """An ingest that replaced the shards under ``predict --parquet`` used to fail it midway (or
+    mix two datasets): the mark makes the ingest refuse; an ingest under way refuses predict."""
+    from centernet_ray import lease, ray_runtime
+    from centernet_ray.ray_data.batch_predict import run_predict
+    from centernet_ray.ray_data.ingest import ingest_coco
+
+    parquet = str(tmp_path / "pq")
+    args = (str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"), parquet)
+    ingest_coco(*args, use_ray=False)
+
+    class RayStarted(Exception):
+        pass
+
+    def while_predicting(*a, **k):
+        with pytest.raises(UserInputError, match=r"would replace the shards in .*pq, but another command reads"):
+            ingest_coco(*args, use_ray=False, force=True)
+        raise RayStarted
+
+    monkeypatch.setattr(ray_runtime, "init_ray", while_predicting)
+    with pytest.raises(RayStarted):
+        run_predict(str(untrained_checkpoint), str(tmp_path / "out"), parquet=parquet)
+    assert not [p for p in (tmp_path / "pq").iterdir() if p.name.startswith(lease.READER_MARK)]  # removed at the end
+
+    with lease.held(parquet, what="the ingest into pq", instead="-"):  # an ingest at work
+        with pytest.raises(UserInputError, match=r".*pq is being ingested now by `.*` \(pid \d+ .*run this once it ends"):
+            run_predict(str(untrained_checkpoint), str(tmp_path / "out"), parquet=parquet)
+    assert not [p for p in (tmp_path / "pq").iterdir() if p.name.startswith(lease.READER_MARK)]

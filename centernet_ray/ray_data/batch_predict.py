@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from centernet_ray import ray_runtime, storage
+from centernet_ray import lease, ray_runtime, storage
 from centernet_ray.checkpoint import (is_mlflow_uri, load_served_model, names_an_alias, read_checkpoint,
                                       resolve_model_uri)
 from centernet_ray.config import Config, with_overrides
@@ -137,6 +137,16 @@ def check_actors_fit(config: Config, num_actors: int, use_gpu: bool) -> None:
                     fewer_actors)
 
 
+def _mark_as_read(parquet: str, reading: lease.Lease) -> None:
+    """Mark the ingest ``parquet`` as read by this command until it ends: an ingest that would replace
+    its shards meanwhile is refused (``lease.refuse_if_read``). Marked first, then looked for a
+    writer, as a training run does: one of the two sees the other."""
+    reading.read(parquet)
+    writer = lease.at_work(parquet)
+    if writer is not None:
+        raise UserInputError(f"{parquet} is being ingested now by {lease.describe(writer)}: run this once it ends")
+
+
 def run_predict(checkpoint: str, output: str, images: str | None = None, parquet: str | None = None,
                 annotations: str | None = None, batch_size: int = 16, num_actors: int = 1,
                 k: int = 100, score_threshold: float = 0.0, flip_test: bool = False,
@@ -170,11 +180,39 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     missing = 0
     if images is not None:
         rows, id_to_path, missing = _image_rows(images, ground_truth)
-    ray_runtime.init_ray()  # once what needs no Ray is checked: a mistake answers in a second
-    if images is not None:
-        dataset = ray.data.from_items(rows)
-    else:
-        dataset, id_to_path = read_rows(parquet, batch_size), {}
+    with lease.held(output, what=f"the predictions in {output}", instead="Give this command its own --output."
+                    ) as writing:  # another command writing the same files would mix both runs' outputs
+        if parquet is not None:
+            _mark_as_read(parquet, writing)
+        ray_runtime.init_ray()  # once what needs no Ray is checked: a mistake answers in a second
+        if images is not None:
+            dataset = ray.data.from_items(rows)
+        else:
+            dataset, id_to_path = read_rows(parquet, batch_size), {}
+        image_ids, results, skipped = _detect(dataset, config, category_ids, checkpoint, tracking_uri,
+                                              batch_size=batch_size, num_actors=num_actors, k=k,
+                                              score_threshold=score_threshold, flip_test=flip_test)
+        _write_detections(output, results, id_to_path if ground_truth is None else {})
+        stats = None
+        if ground_truth is not None:
+            # the images read, as training's evaluation scores the ingested ones: missing and unreadable files are
+            # counted
+            stats = coco_evaluate(coco_from_dict(ground_truth), results, image_ids=image_ids)
+            stats.update(eval_images=float(len(image_ids)), missing_images=float(missing),
+                         unreadable_images=float(skipped.get("unreadable_images", 0)))
+            log.info("COCO stats:\n%s", format_stats(stats))
+            storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(stats, indent=2).encode())
+    wall = time.perf_counter() - started
+    log.info("predict: %d images, %d detections, skipped %s, %.1f s", len(image_ids), len(results),
+             skipped or "none", wall)
+    return PredictResult(len(image_ids), len(results), skipped, stats, output, wall)
+
+
+def _detect(dataset: ray.data.Dataset, config: Config, category_ids: list[int], checkpoint: str, tracking_uri: str,
+            *, batch_size: int, num_actors: int, k: int, score_threshold: float, flip_test: bool
+            ) -> tuple[list[int], list[dict[str, Any]], dict[str, int]]:
+    """The detections of every row of ``dataset``: (the image ids read, their COCO results, the
+    preprocessing stage's counts of rows skipped, by problem)."""
     check_node_labels(config.cluster.data_selector(), "the preprocessing tasks")
     check_node_labels(config.cluster.train_selector(), "the model actors")
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -190,41 +228,30 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_gpus=1 if use_gpu else 0,
         label_selector=config.cluster.train_selector())
 
-    image_ids, all_boxes, all_scores, all_classes = [], [], [], []
+    image_ids: list[int] = []
+    results: list[dict[str, Any]] = []
     for batch in predicted.iter_batches(batch_size=None, batch_format="numpy"):
         for b in range(len(batch["image_id"])):
             image_ids.append(int(batch["image_id"][b]))
-            all_boxes.append(batch["boxes"][b])
-            all_scores.append(batch["scores"][b])
-            all_classes.append(batch["classes"][b])
-    results: list[dict[str, Any]] = []
-    for image_id, boxes, scores, classes in zip(image_ids, all_boxes, all_scores, all_classes):
-        results += detections_to_coco([image_id], boxes[None], scores[None], classes[None], category_ids, score_threshold)
+            results += detections_to_coco(image_ids[-1:], batch["boxes"][b][None], batch["scores"][b][None],
+                                          batch["classes"][b][None], category_ids, score_threshold)
+    return image_ids, results, ray.get(report.get.remote())["counts"]
 
+
+def _write_detections(output: str, results: list[dict[str, Any]], id_to_path: dict[int, str]) -> None:
+    """``output``/detections.json and .parquet, and images.json when ``id_to_path``; what an earlier
+    run into this folder wrote and this one does not (images.json, metrics.json) is removed, so that
+    it cannot pass for this run's (metrics.json is written after this, when scored)."""
     storage.write_bytes(storage.join(output, "detections.json"), json.dumps(results).encode())
     table = pa.table({"image_id": [r["image_id"] for r in results], "category_id": [r["category_id"] for r in results],
                       "bbox": [r["bbox"] for r in results], "score": [r["score"] for r in results]})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     storage.write_bytes(storage.join(output, "detections.parquet"), sink.getvalue().to_pybytes())
-    # what an earlier run into this folder wrote and this one does not must not pass for this run's
-    writes = {"images.json": bool(id_to_path) and ground_truth is None, "metrics.json": ground_truth is not None}
-    for name in (name for name, written in writes.items() if not written):
+    for name in ("images.json", "metrics.json"):
         if storage.exists(storage.join(output, name)):
             fs, path = storage.resolve(storage.join(output, name))
             fs.delete_file(path)
-    if writes["images.json"]:
-        storage.write_bytes(storage.join(output, "images.json"), json.dumps({str(k): v for k, v in id_to_path.items()}, indent=1).encode())
-
-    skipped = ray.get(report.get.remote())
-    stats = None
-    if ground_truth is not None:
-        # the images read, as training's evaluation scores the ingested ones: missing and unreadable files are counted
-        stats = coco_evaluate(coco_from_dict(ground_truth), results, image_ids=image_ids)
-        stats.update(eval_images=float(len(image_ids)), missing_images=float(missing),
-                     unreadable_images=float(skipped["counts"].get("unreadable_images", 0)))
-        log.info("COCO stats:\n%s", format_stats(stats))
-        storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(stats, indent=2).encode())
-    wall = time.perf_counter() - started
-    log.info("predict: %d images, %d detections, skipped %s, %.1f s", len(image_ids), len(results), skipped["counts"] or "none", wall)
-    return PredictResult(len(image_ids), len(results), skipped["counts"], stats, output, wall)
+    if id_to_path:
+        storage.write_bytes(storage.join(output, "images.json"),
+                            json.dumps({str(k): v for k, v in id_to_path.items()}, indent=1).encode())
