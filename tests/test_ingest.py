@@ -93,7 +93,10 @@ def test_the_same_images_with_other_modification_times_are_the_same_input(shapes
 
 def test_a_sweeps_trial_trains_on_the_sweeps_ingest_when_the_images_changed_meanwhile(shapes_dataset, tmp_path, caplog):
     """Images mended while a sweep runs: a trial that ingested again would delete the shards the
-    other trials read. It warns and reuses them; another annotation file is still ingested."""
+    other trials read. It warns and reuses them; an annotation file changed meanwhile is refused,
+    saying so (it was refused by the sweep's own reader mark, as if another command read it)."""
+    from centernet_ray.errors import UserInputError
+
     root, instances = broken_copy(shapes_dataset, tmp_path)
     args = (str(root / "images"), str(root / "instances.json"), str(tmp_path / "pq"))
     first = ingest_coco(*args)
@@ -103,7 +106,10 @@ def test_a_sweeps_trial_trains_on_the_sweeps_ingest_when_the_images_changed_mean
     assert trial.reused and trial.rows == first.rows == 10 and trial.fingerprint == first.fingerprint
     assert "changed since" in caplog.text and "this trial trains on it as it is" in caplog.text
     (root / "instances.json").write_text(json.dumps({**instances, "annotations": instances["annotations"][:-1]}))
-    assert not ingest_coco(*args, images_changed_ok=True).reused
+    with pytest.raises(UserInputError, match=r".*instances.json changed since this trial's sweep ingested it into "
+                                             r".*pq, which the sweep's other trials read: let the sweep end"):
+        ingest_coco(*args, images_changed_ok=True)
+    assert read_manifest(args[2])["fingerprint"] == first.fingerprint
 
 
 @pytest.mark.parametrize("inside", ["parquet", "."])

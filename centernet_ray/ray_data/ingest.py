@@ -171,6 +171,11 @@ def _reusable(output: str, found: IngestInput, images_changed_ok: bool, say_why:
     if previous and previous.get("fingerprint") == found.fingerprint:
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
         return _reused(output, previous, found.annotations_sha256)
+    if images_changed_ok and previous and previous.get("annotations_sha256", found.annotations_sha256) != \
+            found.annotations_sha256:  # else refused as "another command reads it": the sweep's own mark
+        raise UserInputError(f"{previous['annotations']} changed since this trial's sweep ingested it into {output}, "
+                             "which the sweep's other trials read: let the sweep end, or stop it and start a new one "
+                             "(another tune.name) to train on the new annotations")
     if (images_changed_ok and previous and "images_listing" in previous
             and previous.get("fingerprint") == found.fingerprint_with(previous["images_listing"])):
         log.warning("ingest: the image files under %s changed since %s was written; this trial trains on it as it "
