@@ -54,8 +54,8 @@ def list_images(images: str) -> dict[str, int] | None:
 
     def is_ingest_output(name: str) -> bool:
         folder, base = posixpath.split(name)
-        return base.startswith(lease.LEASE_FILE) or folder in ingests and (base in (MANIFEST, ANNOTATED_FILES)
-                                                                            or base.startswith("part-"))
+        ours = base in (MANIFEST, ANNOTATED_FILES) or base.startswith("part-")
+        return base.startswith(lease.LEASE_FILE) or folder in ingests and ours
 
     return {name: size for name, size in sizes.items() if not is_ingest_output(name)}
 
@@ -79,7 +79,7 @@ def annotated_files(records: list[ImageRecord]) -> list[str]:
 
 
 def require_some_images(records: list[ImageRecord], images: str, annotations: str,
-                         files: dict[str, int] | None) -> None:
+                        files: dict[str, int] | None) -> None:
     """Refuse, before anything is deleted or written, a folder that holds none of the images the
     annotation file lists (a mistyped or wrong ``data.*_images``): ingested, it would replace an
     earlier ingest with an empty one and training would fail later with "0 training images"."""
