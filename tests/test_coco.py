@@ -77,6 +77,8 @@ def test_annotations_none_of_which_is_usable_are_an_error_not_a_dataset_without_
     (instances([], images=[{"id": 1, "file_name": ["a.jpg"], "width": 10, "height": 10}]),
      r"images\[0\] has the file_name \['a.jpg'\]: it must be the image's path"),
     (instances([], categories=[{"id": "c1", "name": "cat"}]), r"categories\[0\] \('cat'\) has the id 'c1'"),
+    (instances([ann([1, 1, 5, 5], iscrowd="0")]), r"annotations\[0\] \(id 12\) has iscrowd '0': it must be 0 or 1"),
+    (instances([ann([1, 1, 5, 5], iscrowd=None)]), "has iscrowd None"),
 ])
 def test_broken_json_structure_raises_a_clear_error(broken, message):
     with pytest.raises(CocoFormatError, match=message):

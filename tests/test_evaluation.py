@@ -68,6 +68,51 @@ def test_detections_to_coco_converts_boxes_and_category_ids():
     assert results == [{"image_id": 42, "category_id": 9, "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.8}]
 
 
+@pytest.mark.parametrize("mend", ["no area", "no iscrowd", "no id", "ids from 1 per image", "one id for all"])
+def test_ground_truth_that_training_reads_is_scored_as_the_complete_file(ground_truth, mend):
+    """Converters leave out ``area``, ``iscrowd`` or ``id``, or number the annotations per image:
+    pycocotools failed with KeyError on the first three (in `eval`, and in training's first
+    evaluation) and scored repeated ids as one object (AP 0.31 for perfect detections)."""
+    changed = json.loads(json.dumps(ground_truth))
+    for i, annotation in enumerate(changed["annotations"]):
+        {"no area": lambda: annotation.pop("area"), "no iscrowd": lambda: annotation.pop("iscrowd"),
+         "no id": lambda: annotation.pop("id"), "ids from 1 per image": lambda: annotation.update(id=1 + i % 2),
+         "one id for all": lambda: annotation.update(id=1)}[mend]()
+    stats = coco_evaluate(coco_from_dict(changed), perfect(ground_truth))
+    assert stats == coco_evaluate(coco_from_dict(ground_truth), perfect(ground_truth)) and stats["AP"] == 1.0
+    assert "area" not in changed["annotations"][0] or mend != "no area"  # the caller's dict is left as it was
+
+
+def test_an_annotation_without_a_usable_box_is_left_out_of_the_score(ground_truth):
+    broken = {**ground_truth, "annotations": [*ground_truth["annotations"], {"id": 4, "image_id": 2, "category_id": 9,
+                                                                           "bbox": [], "iscrowd": 0, "area": 0}]}
+    assert coco_evaluate(coco_from_dict(broken), perfect(ground_truth))["AP"] == 1.0  # was pycocotools' Exception
+
+
+def test_boxes_that_are_not_finite_are_not_detections():
+    """A diverging model's NaN sizes: COCOeval matched NaN boxes to objects (AP 1.0 for all-NaN)."""
+    boxes = np.array([[[10, 10, 60, 50], [np.nan, 1, 2, 3], [1, 1, np.inf, 9]]], dtype=np.float32)
+    results = detections_to_coco([1], boxes, np.array([[0.9, 0.8, 0.7]]), np.array([[0, 0, 0]]), [5])
+    assert [r["bbox"] for r in results] == [[10.0, 10.0, 50.0, 40.0]]
+
+
+@pytest.mark.parametrize("detection, message", [
+    ({"bbox": [float("nan")] * 4}, r"bbox must be \[x, y, width, height\] of finite numbers; got \[nan"),
+    ({"score": "0.9"}, "score must be a finite number; got '0.9'"),
+    ({"score": None}, "score must be a finite number; got None"),
+    ({"image_id": [1]}, r"image_id and category_id must be integers; got \[1\] and 5"),
+    ({"category_id": {"id": 5}}, "image_id and category_id must be integers"),
+])
+def test_detections_coco_eval_would_choke_on_or_be_fooled_by_are_refused(ground_truth, detection, message):
+    from centernet_ray.errors import UserInputError
+    from centernet_ray.evaluation import check_detections
+
+    detections = [dict(perfect(ground_truth)[0], **detection)]
+    with pytest.raises(UserInputError, match=f"dets.json: detection 0: {message}"):
+        check_detections(detections, {1, 2}, {5, 9}, "dets.json")
+    check_detections(perfect(ground_truth), {1, 2}, {5, 9}, "dets.json")
+
+
 def test_per_class_ap_averages_to_the_ap_stat_and_pr_curves_come_from_cocoeval(ground_truth):
     """Class 5 found perfectly, class 9 missed: AP per class (1, 0), their mean is the AP stat; the
     IoU-0.5 curve of class 5 is precision 1 at every recall point (COCOeval's 101)."""

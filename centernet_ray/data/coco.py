@@ -121,6 +121,9 @@ def parse_coco(data: dict[str, Any], source: str = "<dict>") -> CocoDataset:
     for i, ann in enumerate(data["annotations"]):
         _require(ann, ("image_id", "bbox", "category_id"), f"{source}: annotations[{i}]")
         ann_id = str(ann.get("id", f"#{i}"))
+        if ann.get("iscrowd", 0) not in (0, 1):  # "0" would be a crowd here and not in pycocotools' IoU
+            raise CocoFormatError(f"{source}: annotations[{i}] (id {ann_id}) has iscrowd {ann['iscrowd']!r}: it "
+                                  "must be 0 or 1")
         if ann.get("iscrowd", 0):
             report.note("crowd_skipped", ann_id)
             continue

@@ -34,13 +34,16 @@ def detections_to_coco(image_ids: Sequence[int], boxes: np.ndarray, scores: np.n
         boxes: [B, K, 4] x1, y1, x2, y2 in original-image pixels; scores [B, K]; classes [B, K]
             contiguous class indices, mapped to COCO ids through ``category_ids``.
     Returns:
-        ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]``
+        ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]``; boxes or scores that
+        are not finite are left out.
     """
     boxes, scores, classes = np.asarray(boxes, dtype=np.float64), np.asarray(scores), np.asarray(classes)
     lookup = np.asarray(category_ids)
     results = []
     for b, image_id in enumerate(image_ids):
-        keep = scores[b] > score_threshold
+        # a box or score that is not finite (a diverging model) would match objects in COCOeval: NaN
+        # compares as no IoU below the threshold, and such boxes raised the AP
+        keep = (scores[b] > score_threshold) & np.isfinite(boxes[b]).all(axis=-1) & np.isfinite(scores[b])
         xywh = boxes[b][keep].copy()
         xywh[:, 2:] -= xywh[:, :2]
         for box, score, cls in zip(xywh, scores[b][keep], classes[b][keep]):
@@ -68,12 +71,34 @@ def _pycocotools_output(buffer: io.StringIO) -> Iterator[None]:
 
 
 def coco_from_dict(instances: dict[str, Any]) -> COCO:
-    """A pycocotools ``COCO`` index built from an in-memory instances dict, without its prints."""
+    """A pycocotools ``COCO`` index built from an in-memory instances dict (validated by
+    ``parse_coco``), without its prints, over :func:`scorable_annotations` of it."""
     coco = COCO()
-    coco.dataset = instances
+    coco.dataset = {**instances, "annotations": scorable_annotations(instances["annotations"])}
     with _pycocotools_output(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def scorable_annotations(annotations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``annotations`` as COCOeval needs them, where files that training reads well lack
+    it: the ``area`` of the box where none is given (COCOeval sorts objects into small, medium and
+    large by it), ``iscrowd`` 0 where absent, and ids numbered 1..N (pycocotools keeps one object
+    per id: a file whose ids repeat, or that has none, scored the wrong objects). Annotations
+    without a box of four finite numbers are left out: pycocotools cannot match them, and training
+    dropped them as invalid."""
+    scorable, repeated, ids = [], 0, set()
+    for annotation in annotations:
+        box = annotation.get("bbox")
+        if not (isinstance(box, (list, tuple)) and len(box) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box)):
+            continue
+        repeated += annotation.get("id") in ids
+        ids.add(annotation.get("id"))
+        scorable.append({"area": float(box[2]) * float(box[3]), "iscrowd": 0, **annotation, "id": len(scorable) + 1})
+    if repeated:
+        log.warning("%d annotation(s) repeat the id of another: each is scored as an object of its own", repeated)
+    return scorable
 
 
 @dataclass
@@ -118,14 +143,24 @@ def check_detections(detections: list[Any], image_ids: set[int], category_ids: s
         if not isinstance(detection, dict) or not {"image_id", "category_id", "bbox", "score"} <= detection.keys():
             raise UserInputError(f"{where} needs image_id, category_id, bbox and score; got {detection!r:.120}")
         box = detection["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
-            raise UserInputError(f"{where}: bbox must be [x, y, width, height]; got {box!r:.80}")
+        if not (isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box)):
+            raise UserInputError(f"{where}: bbox must be [x, y, width, height] of finite numbers; got {box!r:.80}")
+        if not _finite_number(detection["score"]):
+            raise UserInputError(f"{where}: score must be a finite number; got {detection['score']!r:.40}")
+        if not all(isinstance(detection[key], int) and not isinstance(detection[key], bool)
+                   for key in ("image_id", "category_id")):
+            raise UserInputError(f"{where}: image_id and category_id must be integers; got "
+                                 f"{detection['image_id']!r:.40} and {detection['category_id']!r:.40}")
         if detection["image_id"] not in image_ids:
             raise UserInputError(f"{where} names image_id {detection['image_id']!r}, which the ground truth lacks "
                                  "(were they predicted with --annotations of this file?)")
         if detection["category_id"] not in category_ids:
             raise UserInputError(f"{where} names category_id {detection['category_id']!r}, which the ground truth "
                                  f"lacks (it has {sorted(category_ids)})")
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 def coco_evaluation(ground_truth: COCO | str, detections: list[dict[str, Any]],
