@@ -43,6 +43,8 @@ def test_overrides_are_parsed_and_typed():
     ("serve.num_gpus=.inf", "must be a finite number"),
     ("train.seed=-1", r"train.seed must be >= 0"),  # numpy's SeedSequence refuses it, inside every task
     ("tune.seed=-3", r"tune.seed must be >= 0"),
+    ("loss.alpha=[1", r"^override 'loss.alpha=\[1': cannot parse value '\[1' at line 1, column 3: while parsing a flow "
+                      r"sequence; expected ',' or '\]', but got '<stream end>'$"),  # one line, was seven
 ])
 def test_bad_overrides_name_what_is_valid(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -66,6 +68,24 @@ def test_bad_files_raise_config_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="model must be a mapping"):
         config_from_dict({"model": 3})
+
+
+@pytest.mark.parametrize("content, message", [
+    ("loss:\n  alpha: 3\ntrain:\n  epochs: 2\nloss:\n  beta: 5\n",  # the first section's alpha was dropped
+     r"is not valid YAML at line 5, column 1: 'loss' is given twice \(first on line 1\)$"),
+    ("loss:\n  alpha: 3\n  alpha: 4\n", "line 3, column 3: 'alpha' is given twice"),
+    ("loss:\n\talpha: 3\n", r"at line 2, column 1: while scanning for the next token; found character '\\t' that "
+                              "cannot start any token$"),
+    (b"loss:\n  alpha: 3  # mod\xe8le\n", r"is not UTF-8 text \(byte 0xe8 at position 23\): save it as UTF-8$"),
+    ("loss: {alpha: 2}\n".encode("utf-16"), r"is not UTF-8 text \(byte 0xff at position 0\)"),  # PowerShell 5's `>`
+    ("1: 2\n", "unknown key '1' in config"),  # was a TypeError
+    ("null: 1\n", "unknown key 'None' in config"),
+])
+def test_config_files_that_cannot_be_read_as_written_are_one_line_errors(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
 
 
 def test_node_pools_are_off_by_default_and_give_ray_label_selectors_when_on():

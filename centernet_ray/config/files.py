@@ -50,11 +50,11 @@ class StoredFile:
     def __init__(self, uri: str) -> None:
         self.uri = self.name = uri
 
-    def read_text(self) -> str:
+    def read_text(self, encoding: str = "utf-8") -> str:
         from centernet_ray import storage
 
         try:
-            return storage.read_bytes(self.uri).decode()
+            return storage.read_bytes(self.uri).decode(encoding)
         except OSError as exc:
             raise UserInputError(f"cannot read {self.uri}: {exc}") from exc
 
@@ -85,13 +85,44 @@ def read_yaml(name_or_path: str | Path, what: str = "config file") -> Any:
 
 
 def read_yaml_text(name_or_path: str | Path, what: str = "config file") -> tuple[str, Any]:
-    """(the text, its parsed content) of a YAML file or shipped name, read once; missing or malformed
-    is a :class:`UserInputError`."""
-    text = find(name_or_path, what).read_text()
+    """(the text, its parsed content) of a YAML file or shipped name, read once; missing, not UTF-8
+    or malformed (a key given twice included) is a :class:`UserInputError`."""
     try:
-        return text, yaml.safe_load(text)
+        text = find(name_or_path, what).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{name_or_path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at position "
+                             f"{exc.start}): save it as UTF-8") from None
+    try:
+        return text, yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
-        raise UserInputError(f"{name_or_path} is not valid YAML: {exc}") from exc
+        raise UserInputError(f"{name_or_path} is not valid YAML{yaml_error_in_words(exc)}") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping: the later one would
+    win silently (a second ``loss:`` section dropping the first's settings)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first on line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark)
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_error_in_words(exc: yaml.YAMLError) -> str:
+    """``exc`` in one line: where in the file, and what (PyYAML's own message spans several lines
+    and names "<unicode string>")."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return f": {exc}"
+    mark = exc.problem_mark
+    what = "; ".join(part for part in (exc.context, exc.problem) if part)
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {what}"
 
 
 def read_config(name_or_path: str | Path, _depth: int = 0) -> dict[str, Any]:

@@ -81,7 +81,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: cannot parse value {raw!r}: {exc}") from exc
+        raise ConfigError(f"override {item!r}: cannot parse value {raw!r}{config_files.yaml_error_in_words(exc)}") from None
     return key.strip(), value
 
 
@@ -104,7 +104,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise ConfigError(f"{where} must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(key) for key in set(data) - set(fields))  # a YAML key may be a number or null
     if unknown:
         hint = ""
         if not prefix and "." in unknown[0]:  # a search-space file given as a config
