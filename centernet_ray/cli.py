@@ -241,8 +241,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
     dataset = load_coco(args.annotations, args.images)
     if args.data_command == "check":
         print(f"{args.annotations}: {dataset.num_classes} classes ({', '.join(dataset.class_names)})")
+        not_counted = {"unreadable_images": "not read here (data ingest reads and checks every image)"}
+        if args.images is None:
+            not_counted["missing_images"] = "not looked for (give --images)"
         for key, value in dataset.report.counts().items():
-            print(f"  {key:>17}: {value}")
+            print(f"  {key:>17}: {not_counted.get(key, value)}")
         for problem, examples in dataset.report.examples.items():
             print(f"  {problem} e.g. {', '.join(examples)}")
         return 0

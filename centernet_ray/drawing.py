@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -12,8 +13,10 @@ from torchvision.utils import draw_bounding_boxes, make_grid
 
 from centernet_ray import storage
 from centernet_ray.data.coco import CocoDataset
-from centernet_ray.data.images import decode_image
+from centernet_ray.data.images import ImageDecodeError, decode_image
 from centernet_ray.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
            "#fabebe", "#008080", "#e6beff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075"]
@@ -71,12 +74,25 @@ def save_png_grid(images: Sequence[torch.Tensor], path: str | Path, columns: int
 
 def save_annotations_png(dataset: CocoDataset, images: str, count: int, path: str | Path) -> str:
     """The first ``count`` images of ``dataset`` (read from the folder or URI ``images``) with their
-    annotated boxes drawn, as one PNG grid at ``path``; returns the path."""
-    pictures = []
+    annotated boxes drawn, as one PNG grid at ``path`` (a folder: ``annotations.png`` in it);
+    returns the path. Images that are missing or cannot be read are skipped, named in a warning."""
+    path = str(path)
+    if storage.kind(path) == "folder":
+        path = storage.join(path, "annotations.png")
+    elif not path.lower().endswith(".png"):
+        raise UserInputError(f"--out {path}: give a .png file (or a folder, for annotations.png in it)")
+    pictures, skipped = [], []
     for record in dataset.images[:count]:
-        image = decode_image(storage.read_bytes(storage.join(images, record.file_name)))
+        uri = storage.join(images, record.file_name)
+        try:
+            image = decode_image(storage.read_bytes(uri))
+        except (FileNotFoundError, ImageDecodeError) as exc:
+            skipped.append(f"{record.file_name} ({'missing' if isinstance(exc, FileNotFoundError) else exc})")
+            continue
         pictures.append(draw_detections(image, torch.as_tensor(record.boxes), record.labels, dataset.class_names))
+    if skipped:
+        log.warning("skipped %d image(s) that cannot be drawn: %s", len(skipped), "; ".join(skipped[:5]))
     if not pictures:
         raise UserInputError(f"no images to draw: --count {count}, {len(dataset.images)} image(s) in "
-                             f"{dataset.annotation_file}")
+                             f"{dataset.annotation_file}{', none of them readable' if skipped else ''}")
     return save_png_grid(pictures, path)

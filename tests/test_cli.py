@@ -64,6 +64,29 @@ def test_data_check_and_show(shapes_dataset, tmp_path, capsys):
         assert grid.format == "PNG" and grid.size == (4 * (side + 2) + 2, side + 4)
 
 
+def test_data_show_into_a_folder_past_unreadable_images_and_check_says_what_it_did_not_count(shapes_dataset, tmp_path,
+                                                                                              capsys, caplog):
+    """`data show --out FOLDER` was an IsADirectoryError, a truncated image a traceback naming no
+    file; `data check` printed `unreadable_images: 0` without reading any image."""
+    import shutil
+
+    ann = str(shapes_dataset / "annotations" / "instances_val.json")
+    images = tmp_path / "images"
+    shutil.copytree(shapes_dataset / "images" / "val", images)
+    first = json.loads(Path(ann).read_text())["images"][0]["file_name"]
+    (images / first).write_bytes((images / first).read_bytes()[:300])  # truncated
+    (tmp_path / "out").mkdir()
+    assert main(["data", "show", "--annotations", ann, "--images", str(images), "--out", str(tmp_path / "out"),
+                 "--count", "3"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp_path / 'out' / 'annotations.png'}"
+    assert f"skipped 1 image(s) that cannot be drawn: {first} (not a readable image" in caplog.text
+    assert main(["data", "show", "--annotations", ann, "--images", str(images), "--out", str(tmp_path / "g.jpg")]) == 2
+    assert "error: --out " in capsys.readouterr().err and not (tmp_path / "g.jpg").exists()
+    assert main(["data", "check", "--annotations", ann]) == 0
+    out = capsys.readouterr().out
+    assert "missing_images: not looked for (give --images)" in out and "unreadable_images: not read here" in out
+
+
 def test_eval_scores_ground_truth_as_perfect(shapes_dataset, tmp_path):
     ann = shapes_dataset / "annotations" / "instances_val.json"
     gt = json.loads(ann.read_text())
