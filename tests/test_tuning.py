@@ -66,7 +66,11 @@ train.epochs: 3
     ("loss.alpha: {normal: [1, 2]}", "must be a plain value or one of"),
     ("loss.alpha: {uniform: [2, 1]}", "low < high"),
     ("loss.alpha: {uniform: [1]}", "takes 2 numbers"),
-    ("loss.alpha: {uniform: [1, x]}", "bounds must be numbers"),
+    ("loss.alpha: {uniform: [1, x]}", "bounds must be finite numbers"),
+    ("targets.min_overlap: {quniform: [0.3, 0.9, .inf]}", r"bounds must be finite numbers; got inf"),  # sampling failed
+    ("train.seed: {randint: [8, 100000000000000000000]}", r"below 2\*\*63"),  # sampling failed: out of int64
+    ("model.backbone: {choice: [resnet18, dla34]}\nmodel.width: {uniform: [0.5, 1.0]}",  # valid one key at a time
+     r"a trial may train model.backbone='dla34', model.width=0.5, which is not valid: .*ResNet backbones only"),
     ("train.lr: {loguniform: [0, 1]}", "low > 0"),
     ("train.batch_size: {randint: [1.5, 8]}", "integers"),
     ("targets.min_overlap: {uniform: [0.5, 1.0]}", "targets.min_overlap must be > 0.0 and < 1.0"),

@@ -16,6 +16,9 @@ validation when the file is read, so a typo or an out-of-range bound fails befor
 
 from __future__ import annotations
 
+import itertools
+import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +88,30 @@ def load_search_space(path: str | Path, base: Config) -> SearchSpace:
     text, raw = read_yaml_text(path, "search space file")
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path} must map config keys to distributions, e.g. 'loss.alpha: {{uniform: [1.0, 3.0]}}'")
-    return SearchSpace(tuple(parse_dimension(str(key), spec, base, path) for key, spec in raw.items()), text)
+    space = SearchSpace(tuple(parse_dimension(str(key), spec, base, path) for key, spec in raw.items()), text)
+    _check_together(space, base, path)
+    return space
+
+
+MAX_COMBINATIONS_CHECKED = 512
+
+
+def _check_together(space: SearchSpace, base: Config, source: str | Path) -> None:
+    """Every combination of the dimensions' probe values (their bounds, choices) is a valid config:
+    keys valid one by one can be invalid together (``model.backbone: {choice: [resnet18, dla34]}``
+    with ``model.width`` searched: width applies to ResNets only), which a trial would find inside
+    Ray, after the sweep's start. Beyond ``MAX_COMBINATIONS_CHECKED``, a seeded sample of them."""
+    probes = [[(d.key, value) for value in _probe_values(d)] for d in space.dimensions]
+    combinations = itertools.product(*probes)
+    if math.prod(len(p) for p in probes) > MAX_COMBINATIONS_CHECKED:
+        chosen = random.Random(0)
+        combinations = (tuple(chosen.choice(p) for p in probes) for _ in range(MAX_COMBINATIONS_CHECKED))
+    for combination in combinations:
+        try:
+            apply_params(base, dict(combination))
+        except ConfigError as exc:
+            values = ", ".join(f"{key}={value!r}" for key, value in combination)
+            raise ConfigError(f"{source}: a trial may train {values}, which is not valid: {exc}") from None
 
 
 def parse_dimension(key: str, spec: Any, base: Config, source: str | Path = "search space") -> Dimension:
@@ -137,8 +163,10 @@ def _number(where: str, value: Any) -> float:
             return float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: bounds must be numbers; got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{where}: bounds must be finite numbers; got {value!r}")
+    if abs(value) >= 2 ** 63:  # numpy's samplers draw int64
+        raise ConfigError(f"{where}: bounds must be below 2**63 in magnitude; got {value!r}")
     return value
 
 
