@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,10 +25,11 @@ import torch
 from torch import nn
 
 from centernet_ray import storage
-from centernet_ray.config import Config, config_from_dict
+from centernet_ray.config import Config, ConfigError, config_from_dict
 from centernet_ray.data.identity import DATA_LOCATION_KEYS
 from centernet_ray.errors import UserInputError
 from centernet_ray.model import CenterNet, build_model
+from centernet_ray.model.pretrained import load_fitting
 from centernet_ray.torch_files import load_torch_file
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 RUN_CONFIG_FILE = "config.yaml"  # the run's config beside its checkpoint: read without the weights
 DATA_LOCATIONS_FILE = "data_locations.json"  # the dataset it trains on (data.identity.dataset_record), beside it too
 SCHEMA_VERSION = 1
+REQUIRED_KEYS = ("model", "epoch", "config", "class_names", "category_ids", "metrics")  # what rebuilding a model reads
 
 # What a run may change when it resumes under its name: how long it trains, how it is evaluated,
 # checkpointed and fed, where it runs, and where its files are (local paths are made absolute where
@@ -117,6 +120,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     state = load_torch_file(location, map_location, what="a centernet-ray checkpoint")
     if not isinstance(state, dict) or state.get("schema_version") != SCHEMA_VERSION:
         raise UserInputError(f"{path} is not a centernet-ray checkpoint (schema {SCHEMA_VERSION})")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise UserInputError(f"{path} is a centernet-ray checkpoint without {', '.join(missing)}")
+    if len(state["class_names"]) != len(state["category_ids"]):
+        raise UserInputError(f"{path}: {len(state['class_names'])} class names and {len(state['category_ids'])} "
+                             "category ids: they map one to one")
     return state
 
 
@@ -174,11 +183,19 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") 
 
 def model_from_state(state: dict[str, Any], device: str | torch.device = "cpu") -> LoadedModel:
     """:func:`model_from_checkpoint` for a checkpoint dict already read (``load_checkpoint``)."""
-    config = config_from_dict(state["config"])
+    try:
+        config = config_from_dict(state["config"])
+    except ConfigError as exc:
+        raise UserInputError(f"the checkpoint's config is not one this version of centernet-ray reads: {exc}") from None
     # the checkpoint's weights replace any pretrained ones: never download them here
     model = build_model(dataclasses.replace(config.model, pretrained=None), num_classes=len(state["class_names"]))
     ema = state.get("ema")
-    model.load_state_dict(ema["weights"] if ema else state["model"])
+    weights = ema.get("weights") if isinstance(ema, dict) else state["model"]
+    if not isinstance(weights, Mapping):
+        raise UserInputError(f"the checkpoint's {'EMA ' if ema else ''}weights are a {type(weights).__name__}, not a "
+                             "state dict")
+    load_fitting(model, weights, f"the checkpoint's weights do not fit the {config.model.backbone} of its config "
+                                 f"with {len(state['class_names'])} classes")
     model.to(device).eval()
     return LoadedModel(model, config, state["class_names"], state["category_ids"], state["epoch"], state["metrics"])
 

@@ -92,6 +92,25 @@ def test_foreign_or_missing_checkpoints_are_refused(tmp_path):
         load_checkpoint(tmp_path / "notes.pt")
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda state: state.pop("config"), r"k.pt is a centernet-ray checkpoint without config$"),
+    (lambda state: state.update(category_ids=[1, 2]), r"k.pt: 3 class names and 2 category ids: they map one to one"),
+    (lambda state: state["config"]["model"].update(old_key=1),  # written by another version
+     r"^the checkpoint's config is not one this version of centernet-ray reads: unknown key 'model.old_key'"),
+    (lambda state: state["config"]["model"].update(head_conv=32),
+     r"^the checkpoint's weights do not fit the resnet18 of its config with 3 classes: wrong shape \(\d+\): heatmap"),
+    (lambda state: state.update(ema={"decay": 0.9}), "the checkpoint's EMA weights are a NoneType, not a state dict"),
+])
+def test_a_checkpoint_whose_contents_do_not_fit_is_a_one_line_error(tmp_path, change, message):
+    """Each was a KeyError or a RuntimeError of load_state_dict, from `serve`, `predict` or `export`."""
+    config = load_config(None, ["model.neck_channels=[32,32,32]", "model.head_conv=16", "data.input_size=[64,64]"])
+    state = checkpoint_state(build_model(config.model, 3), config, ["a", "b", "c"], [3, 5, 9], epoch=1)
+    change(state)
+    save_checkpoint(tmp_path / "k.pt", state)
+    with pytest.raises(UserInputError, match=message):
+        model_from_checkpoint(tmp_path / "k.pt")
+
+
 def test_detector_returns_boxes_in_original_pixels(untrained_checkpoint):
     detector, loaded = Detector.from_checkpoint(str(untrained_checkpoint))
     images = [torch.randint(0, 255, (3, 100, 60), dtype=torch.uint8), torch.randint(0, 255, (3, 40, 80), dtype=torch.uint8)]
