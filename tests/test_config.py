@@ -43,6 +43,7 @@ def test_overrides_are_parsed_and_typed():
     ("serve.num_gpus=.inf", "must be a finite number"),
     ("train.seed=-1", r"train.seed must be >= 0"),  # numpy's SeedSequence refuses it, inside every task
     ("tune.seed=-3", r"tune.seed must be >= 0"),
+    ("model.neck_channels=[-1,0,3]", r"model.neck_channels must be >= 1 each; got \[-1, 0, 3\]"),
     ("loss.alpha=[1", r"^override 'loss.alpha=\[1': cannot parse value '\[1' at line 1, column 3: while parsing a flow "
                       r"sequence; expected ',' or '\]', but got '<stream end>'$"),  # one line, was seven
 ])

@@ -41,6 +41,8 @@ class ModelConfig:
     pretrained: str | None = None
 
     def __post_init__(self) -> None:
+        if any(channels < 1 for channels in self.neck_channels):  # was a RuntimeError in every worker
+            raise ConfigError(f"model.neck_channels must be >= 1 each; got {list(self.neck_channels)}")
         if self.backbone.startswith("resdcn"):
             self.deformable = True
         resnet = self.backbone.startswith(("resnet", "resdcn"))
