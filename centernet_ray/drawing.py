@@ -86,7 +86,7 @@ def save_annotations_png(dataset: CocoDataset, images: str, count: int, path: st
         uri = storage.join(images, record.file_name)
         try:
             image = decode_image(storage.read_bytes(uri))
-        except (FileNotFoundError, ImageDecodeError) as exc:
+        except (OSError, ImageDecodeError) as exc:  # missing, a folder, unreadable
             skipped.append(f"{record.file_name} ({'missing' if isinstance(exc, FileNotFoundError) else exc})")
             continue
         pictures.append(draw_detections(image, torch.as_tensor(record.boxes), record.labels, dataset.class_names))

@@ -34,9 +34,9 @@ def test_crowd_boxes_are_excluded_and_counted():
 def test_invalid_boxes_are_dropped_and_partial_ones_clipped():
     data = parse_coco(instances([
         ann([10, 10, -5, 30]), ann([10, 10, 0, 3]), ann([float("nan"), 1, 2, 2]), ann([200, 10, 5, 5]),
-        ann("not a box"), ann([90, 70, 20, 20]),
+        ann("not a box"), ann([10 ** 400, 1, 2, 2]), ann([90, 70, 20, 20]),  # an int too large for a float
     ]))
-    assert data.report.dropped_invalid == 5 and data.report.clipped == 1
+    assert data.report.dropped_invalid == 6 and data.report.clipped == 1
     np.testing.assert_allclose(data.images[0].boxes, [[90, 70, 100, 80]])
     assert len(data.report.examples["dropped_invalid"]) == 5
 
@@ -79,6 +79,8 @@ def test_annotations_none_of_which_is_usable_are_an_error_not_a_dataset_without_
     (instances([], categories=[{"id": "c1", "name": "cat"}]), r"categories\[0\] \('cat'\) has the id 'c1'"),
     (instances([ann([1, 1, 5, 5], iscrowd="0")]), r"annotations\[0\] \(id 12\) has iscrowd '0': it must be 0 or 1"),
     (instances([ann([1, 1, 5, 5], iscrowd=None)]), "has iscrowd None"),
+    (instances([], images=[{"id": 1, "file_name": "a.jpg", "width": 10 ** 400, "height": 10}]),
+     r"has the width 10{39}: it must be"),  # was an OverflowError
 ])
 def test_broken_json_structure_raises_a_clear_error(broken, message):
     with pytest.raises(CocoFormatError, match=message):
@@ -120,6 +122,9 @@ def test_load_coco_rejects_invalid_json_and_missing_file(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(CocoFormatError, match="not valid JSON"):
+        load_coco(bad)
+    bad.write_text('{"images": [], "n": ' + "7" * 5000 + "}")  # beyond Python's 4300-digit limit: a ValueError
+    with pytest.raises(CocoFormatError, match="not valid JSON: Exceeds the limit"):
         load_coco(bad)
     with pytest.raises(CocoFormatError, match="not found"):
         load_coco(tmp_path / "absent.json")

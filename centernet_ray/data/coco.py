@@ -187,8 +187,8 @@ def _checked_image(img: Any, where: str) -> dict[str, Any]:
     where = f"{where} ({img['file_name']})"
     for key in ("width", "height"):
         size = img[key]
-        if isinstance(size, bool) or not isinstance(size, (int, float)) or not (math.isfinite(size) and size > 0):
-            raise CocoFormatError(f"{where} has the {key} {size!r}: it must be the image's {key} in pixels")
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 < size < 2 ** 31:  # Parquet's int32
+            raise CocoFormatError(f"{where} has the {key} {size!r:.40}: it must be the image's {key} in pixels")
     return {**img, "id": _coco_id(img["id"], where)}
 
 
@@ -196,11 +196,11 @@ def _clean_box(bbox: Any, width: float, height: float, report: CocoReport, ann_i
     """COCO [x, y, w, h] -> [x1, y1, x2, y2] clipped to the image, or None (counted) when unusable."""
     try:
         x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        report.note("dropped_invalid", f"{ann_id} (bbox={bbox!r})")
+    except (TypeError, ValueError, OverflowError):  # not four numbers; an integer of hundreds of digits
+        report.note("dropped_invalid", f"{ann_id} (bbox={bbox!r:.80})")
         return None
     if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        report.note("dropped_invalid", f"{ann_id} (bbox={bbox!r})")
+        report.note("dropped_invalid", f"{ann_id} (bbox={bbox!r:.80})")
         return None
     x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
     if x2 <= x1 or y2 <= y1:
@@ -257,7 +257,7 @@ def read_coco_json(annotation_file: str | Path) -> dict[str, Any]:
         raise CocoFormatError(f"annotation file not found: {path}")
     try:
         return json.loads(storage.read_bytes(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or an integer beyond Python's digit limit
         raise CocoFormatError(f"{path} is not valid JSON: {exc}") from exc
 
 

@@ -117,7 +117,8 @@ def validation_batches(loaded: LoadedModel, batch_size: int = 16, max_images: in
     if max_images:
         kept = {r.image_id for r in records}
         instances = {**instances, "images": [i for i in instances["images"] if i["id"] in kept],
-                     "annotations": [a for a in instances.get("annotations", []) if a["image_id"] in kept]}
+                     "annotations": [a for a in instances.get("annotations", [])
+                                     if isinstance(a["image_id"], int) and a["image_id"] in kept]}
 
     def batches() -> Iterator[dict]:
         for start in range(0, len(records), batch_size):
@@ -125,7 +126,7 @@ def validation_batches(loaded: LoadedModel, batch_size: int = 16, max_images: in
             for record in records[start:start + batch_size]:
                 try:
                     pictures.append(decode_image(storage.read_bytes(storage.join(images, record.file_name))))
-                except (FileNotFoundError, ImageDecodeError) as exc:
+                except (OSError, ImageDecodeError) as exc:  # missing, a folder, unreadable
                     log.warning("validation image %s skipped: %s", record.file_name, exc)
                     if skipped is not None:
                         skipped.append(record.file_name)
