@@ -114,8 +114,14 @@ def _check_together(space: SearchSpace, base: Config, source: str | Path) -> Non
             raise ConfigError(f"{source}: a trial may train {values}, which is not valid: {exc}") from None
 
 
+UNSEARCHABLE_SECTIONS = ("tune", "serve")  # the sweep's own settings and the endpoint's: no trial reads them
+
+
 def parse_dimension(key: str, spec: Any, base: Config, source: str | Path = "search space") -> Dimension:
     where = f"{source}: {key}"
+    if key.partition(".")[0] in UNSEARCHABLE_SECTIONS:
+        raise ConfigError(f"{where}: a trial trains, and reads no {key.partition('.')[0]}.* setting: set it in the "
+                          f"config or as an override (centernet-ray tune {key}=...)")
     if not isinstance(spec, dict):
         dimension = Dimension(key, "fixed", (spec,))
     else:
