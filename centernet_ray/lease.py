@@ -50,12 +50,11 @@ STALE_AFTER_S = 60.0
 POLL_S = 5.0  # how often a command that waits for a folder (``held(wait=True)``) looks at its lease again
 SETTLE_FACTOR, MIN_SETTLE_S = 3.0, 0.05  # a waiting command reads its lease back this many times its
 # write's duration later: another command's read and write racing it (each about as long) have landed by then
-MIN_SETTLE_IN_A_BUCKET_S = 1.0  # a bucket's requests vary more: a copy and a delete make its "move"
+MIN_SETTLE_IN_A_BUCKET_S = 1.0  # a bucket's requests vary more than a local disk's
 
 
 def _read(path: str) -> dict | None:
-    """The lease at ``path``, or None when there is none (or it is not one: foreign, or cut short by
-    a crash mid-write of the file it is moved from)."""
+    """The lease at ``path``, or None when there is none (or it is not one: foreign, or cut short)."""
     try:
         record = json.loads(storage.read_bytes(path))
     except FileNotFoundError:
@@ -66,12 +65,9 @@ def _read(path: str) -> dict | None:
 
 
 def _write(path: str, record: dict) -> None:
-    """Write the lease whole or not at all (a second file moved over it): a reader never finds it
-    half-written, which would read as no lease."""
-    partial = f"{path}.{record['token']}.partial"
-    storage.write_bytes(partial, json.dumps(record).encode())
-    fs, target = storage.resolve(path)
-    fs.move(storage.resolve(partial)[1], target)
+    """Write the lease whole or not at all: a reader never finds it half-written, which would read
+    as no lease."""
+    storage.write_whole(path, json.dumps(record).encode())
 
 
 def describe(record: dict, now: float | None = None) -> str:

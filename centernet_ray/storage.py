@@ -13,6 +13,7 @@ import io
 import os
 import posixpath
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -92,6 +93,18 @@ def write_bytes(uri: str | Path, data: bytes, filesystem: pafs.FileSystem | None
     """Write ``data`` to ``uri`` (see :func:`open_output` for ``filesystem``)."""
     with open_output(uri, filesystem) as stream:
         stream.write(data)
+
+
+def write_whole(uri: str | Path, data: bytes) -> None:
+    """:func:`write_bytes`, where a reader never finds the file half-written (a manifest, a lease):
+    a local file is written beside it and moved over it; an object store's upload is whole already."""
+    if in_a_bucket(uri):
+        write_bytes(uri, data)
+        return
+    partial = f"{uri}.{uuid.uuid4().hex}.partial"
+    write_bytes(partial, data)
+    fs, target = resolve(uri)
+    fs.move(resolve(partial)[1], target)
 
 
 @contextlib.contextmanager

@@ -131,8 +131,9 @@ def test_files_the_annotations_do_not_name_change_nothing_and_annotated_ones_sti
     annotations.write_text(json.dumps({**instances, "images": instances["images"][:8]}))  # 4 files it does not name
     args = (str(images), str(annotations), str(tmp_path / "pq"))
     first = ingest_coco(*args)
-    assert first.rows == 8 and json.loads((tmp_path / "pq" / "_annotated_files.json").read_text()) == sorted(
-        image["file_name"] for image in instances["images"][:8])
+    assert first.rows == 8 and json.loads((tmp_path / "pq" / "_annotated_files.json").read_text()) == {
+        "annotations_sha256": first.annotations_sha256,
+        "files": sorted(image["file_name"] for image in instances["images"][:8])}
     (images / ".DS_Store").write_bytes(b"\0" * 6148)
     (images / "notes.txt").write_text("relabelled the circles")
     (images / "predictions").mkdir()
@@ -147,6 +148,44 @@ def test_files_the_annotations_do_not_name_change_nothing_and_annotated_ones_sti
     assert not changed.reused and changed.rows == 7 and "the image files changed since" in caplog.text
     (images / instances["images"][3]["file_name"]).unlink()
     assert not ingest_coco(*args).reused  # an annotated file removed
+
+
+def test_a_record_of_the_files_of_another_annotation_file_is_not_taken_for_the_manifest_s(
+        shapes_dataset, tmp_path, monkeypatch):
+    """Annotations naming an image not there yet, ingested and stopped at the manifest (the earlier
+    ingest stays whole); the image added; the same annotations again: ingested, with the image. A
+    record of the files beside a manifest of another annotation file (what a write stopped between
+    the two left, before the record carried its file's sha256) hid the image from every ingest."""
+    from centernet_ray import storage
+
+    images = tmp_path / "images"
+    shutil.copytree(shapes_dataset / "images" / "val", images)
+    instances = json.loads((shapes_dataset / "annotations" / "instances_val.json").read_text())
+    later = instances["images"][11]["file_name"]
+    shutil.move(images / later, tmp_path / later)
+    annotations = tmp_path / "instances.json"
+    annotations.write_text(json.dumps({**instances, "images": instances["images"][:11]}))  # the files there
+    args = (str(images), str(annotations), str(tmp_path / "pq"))
+    earlier = ingest_coco(*args)
+    record = tmp_path / "pq" / "_annotated_files.json"
+    earlier_record = json.loads(record.read_text())
+    annotations.write_text(json.dumps(instances))  # names the image not there yet
+
+    def stopped_at_the_manifest(uri, data):
+        if str(uri).endswith("_manifest.json"):
+            raise KeyboardInterrupt
+        write_whole(uri, data)
+
+    write_whole = storage.write_whole
+    with monkeypatch.context() as stopping:
+        stopping.setattr(storage, "write_whole", stopped_at_the_manifest)
+        with pytest.raises(KeyboardInterrupt):
+            ingest_coco(*args)
+    assert read_manifest(args[2])["fingerprint"] == earlier.fingerprint  # the earlier ingest, whole
+    assert ingest_coco(*args).rows == 11 and json.loads(record.read_text()) != earlier_record
+    record.write_text(json.dumps(earlier_record))  # beside the manifest of the other annotation file
+    shutil.move(tmp_path / later, images / later)
+    assert ingest_coco(*args).rows == 12
 
 
 def test_an_ingest_by_the_version_that_listed_every_file_is_still_reused(shapes_dataset, tmp_path, monkeypatch):

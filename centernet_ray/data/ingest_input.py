@@ -2,9 +2,10 @@
 digest, the image location, a listing by name and size of the image files the annotation file
 names (one listing of the folder; no image is read), and the shard size.
 
-``_annotated_files.json`` beside an ingest's manifest lists the files its annotation file names, so
-that other files under the image folder (a ``.DS_Store``, notes, predictions written beside the
-images, the images of another split) change nothing. Ray-free.
+``_annotated_files.json`` beside an ingest's manifest lists the files its annotation file names
+(with that file's sha256: it is written before the manifest, and belongs to the manifest of the
+same annotation file), so that other files under the image folder (a ``.DS_Store``, notes,
+predictions written beside the images, the images of another split) change nothing. Ray-free.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def fingerprint(annotations_digest: Any, images: str, images_listing: str, shard
 
 def list_images(images: str) -> dict[str, int] | None:
     """The files under ``images`` (names relative to it, sizes in bytes) from one listing, without
-    reading any; an ingest's own files (shards and manifest, in a folder that holds a manifest) are
-    left out, should one lie among the images. None, with a warning, when the listing is refused
+    reading any; an ingest's own files (shards, manifest and annotated files, in a folder that holds
+    a manifest; leases and reader marks) are left out, should one lie among the images. None, with a warning, when the listing is refused
     (credentials that may read objects but not list them)."""
     try:
         sizes = storage.file_sizes(images)
@@ -139,9 +140,29 @@ class IngestInput:
         listing = images_listing({name: size for name, size in self.files.items() if name in names})
         return replace(self, listing=listing, fingerprint=self.fingerprint_with(listing))
 
+    def as_listed_in(self, output: str, manifest: dict) -> IngestInput:
+        """This input listed as the ingest in ``output`` (its ``manifest``) listed its own: over the
+        files its annotation file names, when it recorded them; else every file (an ingest by an
+        earlier version). Its listing then compares with the manifest's; its fingerprint too when
+        the annotation file is the same."""
+        names = read_annotated_files(output, manifest.get("annotations_sha256", ""))
+        return self if names is None else self.cut_to(names)
 
-def read_annotated_files(output: str) -> list[str] | None:
-    """The files the annotation file of the ingest in ``output`` names (None for an ingest by an
-    earlier version, whose fingerprint lists every file under the folder)."""
+
+def read_annotated_files(output: str, annotations_sha256: str) -> list[str] | None:
+    """The files the annotation file of sha256 ``annotations_sha256`` names, as the ingest in
+    ``output`` recorded them; None when it recorded none, or those of another annotation file."""
     path = storage.join(output, ANNOTATED_FILES)
-    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+    try:
+        recorded = json.loads(storage.read_bytes(path))
+    except (FileNotFoundError, ValueError):  # none, or cut short
+        return None
+    if not isinstance(recorded, dict) or recorded.get("annotations_sha256") != annotations_sha256:
+        return None
+    return recorded["files"]
+
+
+def write_annotated_files(output: str, annotations_sha256: str, names: Collection[str]) -> None:
+    """Record the files an annotation file names beside its ingest in ``output`` (before its manifest)."""
+    storage.write_whole(storage.join(output, ANNOTATED_FILES),
+                        json.dumps({"annotations_sha256": annotations_sha256, "files": sorted(set(names))}).encode())

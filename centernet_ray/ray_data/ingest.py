@@ -30,8 +30,8 @@ from PIL import Image, UnidentifiedImageError
 from centernet_ray import lease, storage
 from centernet_ray.config import DataConfig
 from centernet_ray.data.coco import CocoDataset, CocoReport, ImageRecord, parse_coco
-from centernet_ray.data.ingest_input import (ANNOTATED_FILES, FORMAT_VERSION, MANIFEST, IngestInput, annotated_files,
-                                             describe_changes, read_annotated_files, require_some_images)
+from centernet_ray.data.ingest_input import (FORMAT_VERSION, MANIFEST, IngestInput, annotated_files, describe_changes,
+                                             require_some_images, write_annotated_files)
 from centernet_ray.data.sources import split_sources
 from centernet_ray.errors import UserInputError
 
@@ -53,7 +53,8 @@ class IngestResult:
     report: dict[str, int]
     bytes_written: int
     reused: bool  # True when an identical earlier ingest was found and nothing was rewritten
-    fingerprint: str = ""  # sha256 of the annotation file, the image location and listing, and the shard size
+    fingerprint: str = ""  # sha256 of the annotation file, the image location, the listing of the files it names
+    # and the shard size
     annotations_sha256: str = ""  # sha256 of the annotation file alone: the same file wherever it is
 
 
@@ -160,14 +161,15 @@ def _write_shards(images: str, output: str, chunks: list[list[ImageRecord]], num
 
 def _reusable(output: str, found: IngestInput, images_changed_ok: bool, say_why: bool = True) -> IngestResult | None:
     """The ingest ``output`` holds, when it is one of this input (``found``), else None (said why,
-    when ``say_why``)."""
+    when ``say_why``). ``images_changed_ok`` (a sweep's trial): reused when only images changed;
+    a ``UserInputError`` when the annotation file did."""
     previous = read_manifest(output)
     if previous and not previous["rows"] and any(previous["report"].get(k) for k in ("missing_images",
                                                                                      "unreadable_images")):
         previous = None  # every image dropped: what earlier versions wrote for a wrong image folder
+    listed = found.as_listed_in(output, previous) if previous else found
     if previous and previous.get("annotations_sha256") == found.annotations_sha256:
-        names = read_annotated_files(output)  # the same annotation file names the same files
-        found = found if names is None else found.cut_to(names)
+        found = listed  # the same annotation file names the same files
     if previous and previous.get("fingerprint") == found.fingerprint:
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
         return _reused(output, previous, found.annotations_sha256)
@@ -184,7 +186,7 @@ def _reusable(output: str, found: IngestInput, images_changed_ok: bool, say_why:
         return _reused(output, previous, found.annotations_sha256)
     if previous and say_why:
         log.info("ingest: %s holds %s: ingesting again", output,
-                 describe_changes(previous, found.annotations_sha256, found.listing))
+                 describe_changes(previous, found.annotations_sha256, listed.listing))
     return None
 
 
@@ -264,6 +266,7 @@ def _write_ingest(dataset: CocoDataset, annotations: str, output: str, found: In
     report: CocoReport = dataset.report
     fs, out_path = storage.resolve(output)
     fs.create_dir(out_path, recursive=True)
+    _delete_shards_but(output, (read_manifest(output) or {}).get("shards", []))  # of one stopped midway
 
     chunks = [dataset.images[start:start + shard_size] for start in range(0, len(dataset.images), shard_size)]
     results = _write_shards(images, output, chunks, num_threads, secrets.token_hex(4), label_selector, use_ray)
@@ -285,15 +288,21 @@ def _write_ingest(dataset: CocoDataset, annotations: str, output: str, found: In
         "annotations": annotations, "rows": rows, "shards": shards, "category_ids": dataset.category_ids,
         "class_names": dataset.class_names, "report": counts, "examples": report.examples, "bytes_written": written,
     }
-    storage.write_bytes(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())  # the commit
-    storage.write_bytes(storage.join(output, ANNOTATED_FILES), json.dumps(sorted(set(names))).encode())
-    for stale in fs.get_file_info(pa.fs.FileSelector(out_path)):  # the earlier ingest's, or a stopped one's
-        if stale.base_name.startswith("part-") and stale.base_name not in shards:
-            fs.delete_file(stale.path)
+    write_annotated_files(output, found.annotations_sha256, names)
+    storage.write_whole(storage.join(output, MANIFEST), json.dumps(manifest, indent=1).encode())  # the commit
+    _delete_shards_but(output, shards)  # the earlier ingest's
     level = logging.WARNING if report.examples else logging.INFO
     log.log(level, "ingest: %s -> %s: %s", annotations, output, report.summary())
     return IngestResult(output, rows, shards, dataset.category_ids, dataset.class_names, counts, written, reused=False,
                         fingerprint=found.fingerprint, annotations_sha256=found.annotations_sha256)
+
+
+def _delete_shards_but(output: str, kept: list[str]) -> None:
+    """Delete the shards in ``output`` other than ``kept``."""
+    fs, out_path = storage.resolve(output)
+    for info in fs.get_file_info(pa.fs.FileSelector(out_path, allow_not_found=True)):
+        if info.base_name.startswith("part-") and info.base_name not in kept:
+            fs.delete_file(info.path)
 
 
 def _reused(output: str, manifest: dict, annotations_sha256: str) -> IngestResult:
