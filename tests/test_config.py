@@ -89,6 +89,14 @@ def test_config_files_that_cannot_be_read_as_written_are_one_line_errors(tmp_pat
         load_config(path)
 
 
+def test_yaml_merge_keys_still_work_with_keys_given_twice_refused(tmp_path):
+    """The duplicate-key check used to refuse ``<<:`` (PyYAML resolves merges after it)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  <<: &weights {hm_weight: 2.0, wh_weight: 0.2}\n  wh_weight: 0.3\n")  # written out wins
+    config = load_config(path)
+    assert (config.loss.hm_weight, config.loss.wh_weight) == (2.0, 0.3)
+
+
 def test_node_pools_are_off_by_default_and_give_ray_label_selectors_when_on():
     assert load_config(None).cluster.data_selector() is None and load_config(None).cluster.train_selector() is None
     cluster = load_config(None, ["cluster.node_pools=true", "cluster.gpu_pool=a100"]).cluster

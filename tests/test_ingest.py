@@ -148,6 +148,11 @@ def test_files_the_annotations_do_not_name_change_nothing_and_annotated_ones_sti
     assert not changed.reused and changed.rows == 7 and "the image files changed since" in caplog.text
     (images / instances["images"][3]["file_name"]).unlink()
     assert not ingest_coco(*args).reused  # an annotated file removed
+    annotations.write_text(json.dumps({**instances, "images": instances["images"][:7]}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="centernet_ray.ray_data.ingest"):
+        ingest_coco(*args)
+    assert "an earlier ingest, and the annotation file changed since" in caplog.text  # not "the image files" too
 
 
 def test_a_record_of_the_files_of_another_annotation_file_is_not_taken_for_the_manifest_s(

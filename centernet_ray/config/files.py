@@ -100,11 +100,14 @@ def read_yaml_text(name_or_path: str | Path, what: str = "config file") -> tuple
 
 class _StrictLoader(yaml.SafeLoader):
     """``yaml.safe_load``'s loader, refusing a key given twice in one mapping: the later one would
-    win silently (a second ``loss:`` section dropping the first's settings)."""
+    win silently (a second ``loss:`` section dropping the first's settings). A key written out may
+    replace one a merge (``<<: *anchor``) brings in."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # resolved by the base loader, after this check
+                continue
             key = self.construct_object(key_node, deep=deep)
             if isinstance(key, (str, int, float, bool)) and key in seen:
                 raise yaml.constructor.ConstructorError(
