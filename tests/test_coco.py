@@ -81,6 +81,9 @@ def test_annotations_none_of_which_is_usable_are_an_error_not_a_dataset_without_
     (instances([ann([1, 1, 5, 5], iscrowd=None)]), "has iscrowd None"),
     (instances([], images=[{"id": 1, "file_name": "a.jpg", "width": 10 ** 400, "height": 10}]),
      r"has the width 10{39}: it must be"),  # was an OverflowError
+    (instances([], images=[{"id": 2 ** 63, "file_name": "a.jpg", "width": 10, "height": 10}]),
+     r"has the id 9223372036854775808: COCO ids are JSON integers \(within 64 bits\)"),  # the shards' int64
+    (instances([], images=[{"id": 10 ** 400, "file_name": "a.jpg", "width": 10, "height": 10}]), "has the id 10{39}:"),
 ])
 def test_broken_json_structure_raises_a_clear_error(broken, message):
     with pytest.raises(CocoFormatError, match=message):

@@ -127,7 +127,7 @@ def parse_coco(data: dict[str, Any], source: str = "<dict>") -> CocoDataset:
         if ann.get("iscrowd", 0):
             report.note("crowd_skipped", ann_id)
             continue
-        image_id, category_id = _integer(ann["image_id"]), _integer(ann["category_id"])
+        image_id, category_id = coco_id(ann["image_id"]), coco_id(ann["category_id"])
         image = images.get(image_id)
         if image is None:
             report.note("unknown_image", f"{ann_id} (image_id={ann['image_id']!r})")
@@ -162,18 +162,32 @@ def parse_coco(data: dict[str, Any], source: str = "<dict>") -> CocoDataset:
     return CocoDataset(records, category_ids, [str(c["name"]) for c in categories], report, source)
 
 
-def _integer(value: Any) -> int | None:
-    """``value`` as a COCO id (a JSON integer; ``1.0`` too), else None. Not a string holding one:
-    pycocotools, which scores against the file as it is, would not match ``"1"`` to ``1``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def coco_id(value: Any) -> int | None:
+    """``value`` as a COCO id (a JSON integer, or a float holding one, within int64, as the Parquet
+    shards store it), else None. Not a string holding one: pycocotools, which scores against the
+    file as it is, would not match ``"1"`` to ``1``."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2 ** 63:
         return None
-    return int(value) if float(value).is_integer() else None
+    return value
+
+
+def finite_number(value: Any) -> bool:
+    """Whether ``value`` is a JSON number a float holds (not a bool, NaN, an infinity or an integer
+    of hundreds of digits)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _coco_id(value: Any, where: str) -> int:
-    number = _integer(value)
+    number = coco_id(value)
     if number is None:
-        raise CocoFormatError(f"{where} has the id {value!r}: COCO ids are JSON integers")
+        raise CocoFormatError(f"{where} has the id {value!r:.40}: COCO ids are JSON integers (within 64 bits)")
     return number
 
 

@@ -18,6 +18,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from centernet_ray import storage
+from centernet_ray.data.coco import coco_id, finite_number
 from centernet_ray.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def scorable_annotations(annotations: list[dict[str, Any]]) -> list[dict[str, An
     for annotation in annotations:
         box = annotation.get("bbox")
         if not (isinstance(box, (list, tuple)) and len(box) == 4
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box)):
+                and all(finite_number(v) for v in box)):
             continue
         repeated += annotation.get("id") in ids
         ids.add(annotation.get("id"))
@@ -143,12 +144,11 @@ def check_detections(detections: list[Any], image_ids: set[int], category_ids: s
         if not isinstance(detection, dict) or not {"image_id", "category_id", "bbox", "score"} <= detection.keys():
             raise UserInputError(f"{where} needs image_id, category_id, bbox and score; got {detection!r:.120}")
         box = detection["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(_finite_number(v) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(finite_number(v) for v in box)):
             raise UserInputError(f"{where}: bbox must be [x, y, width, height] of finite numbers; got {box!r:.80}")
-        if not _finite_number(detection["score"]):
+        if not finite_number(detection["score"]):
             raise UserInputError(f"{where}: score must be a finite number; got {detection['score']!r:.40}")
-        if not all(isinstance(detection[key], int) and not isinstance(detection[key], bool)
-                   for key in ("image_id", "category_id")):
+        if any(coco_id(detection[key]) is None for key in ("image_id", "category_id")):
             raise UserInputError(f"{where}: image_id and category_id must be integers; got "
                                  f"{detection['image_id']!r:.40} and {detection['category_id']!r:.40}")
         if detection["image_id"] not in image_ids:
@@ -157,10 +157,6 @@ def check_detections(detections: list[Any], image_ids: set[int], category_ids: s
         if detection["category_id"] not in category_ids:
             raise UserInputError(f"{where} names category_id {detection['category_id']!r}, which the ground truth "
                                  f"lacks (it has {sorted(category_ids)})")
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 def coco_evaluation(ground_truth: COCO | str, detections: list[dict[str, Any]],

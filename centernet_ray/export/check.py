@@ -32,7 +32,7 @@ import torch
 
 from centernet_ray import storage
 from centernet_ray.checkpoint import LoadedModel
-from centernet_ray.data.coco import load_coco
+from centernet_ray.data.coco import coco_id, load_coco
 from centernet_ray.data.images import ImageDecodeError, decode_image
 from centernet_ray.data.sources import split_sources
 from centernet_ray.detector import Detections, Detector, letterbox_batch
@@ -118,7 +118,7 @@ def validation_batches(loaded: LoadedModel, batch_size: int = 16, max_images: in
         kept = {r.image_id for r in records}
         instances = {**instances, "images": [i for i in instances["images"] if i["id"] in kept],
                      "annotations": [a for a in instances.get("annotations", [])
-                                     if isinstance(a["image_id"], int) and a["image_id"] in kept]}
+                                     if coco_id(a["image_id"]) in kept]}
 
     def batches() -> Iterator[dict]:
         for start in range(0, len(records), batch_size):
