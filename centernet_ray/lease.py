@@ -123,6 +123,16 @@ class Lease:
             _write(mark, self.record)
             self.marks.append(mark)
 
+    def read_unless_written(self, folder: str) -> dict | None:
+        """Mark ``folder`` as read (``read``), then look for a command writing it: its lease record
+        (the mark removed again), or None. In that order: a writer that did not see the mark had
+        taken its lease before, and is seen here."""
+        self.read(folder)
+        writer = at_work(folder)
+        if writer is not None:
+            self.stop_reading(folder)
+        return writer
+
     def stop_reading(self, folder: str) -> None:
         mark = self._mark(folder)
         with self._writing:  # not renewed after its removal by a heartbeat under way

@@ -77,6 +77,39 @@ def test_predict_marks_the_ingest_it_reads_and_is_refused_while_one_writes_it(un
     assert not [p for p in (tmp_path / "pq").iterdir() if p.name.startswith(lease.READER_MARK)]  # removed at the end
 
     with lease.held(parquet, what="the ingest into pq", instead="-"):  # an ingest at work
-        with pytest.raises(UserInputError, match=r".*pq is being ingested now by `.*` \(pid \d+ .*run this once it ends"):
+        with pytest.raises(UserInputError, match=r".*pq is being ingested now by `.*` \(pid \d+ .*run this once it "
+                                                 r"ends"):
             run_predict(str(untrained_checkpoint), str(tmp_path / "out"), parquet=parquet)
     assert not [p for p in (tmp_path / "pq").iterdir() if p.name.startswith(lease.READER_MARK)]
+
+
+def test_predict_reads_a_dataset_it_may_not_mark_and_refuses_one_that_is_not_there(untrained_checkpoint,
+                                                                                  shapes_dataset, tmp_path,
+                                                                                  monkeypatch, caplog):
+    """Read-only credentials on the dataset's bucket used to be enough for `predict --parquet`; a
+    mistyped --parquet was found after Ray's start (and its mark created the folder)."""
+    from centernet_ray import lease, ray_runtime
+    from centernet_ray.ray_data.batch_predict import run_predict
+    from centernet_ray.ray_data.ingest import ingest_coco
+
+    monkeypatch.setattr(ray_runtime, "init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(UserInputError, match=r"^no ingested dataset at .*nosuch \(no _manifest.json: `centernet-ray "
+                                             r"data ingest` writes one\)$"):
+        run_predict(str(untrained_checkpoint), str(tmp_path / "out"), parquet=str(tmp_path / "nosuch"))
+    assert not (tmp_path / "nosuch").exists()
+
+    parquet = str(tmp_path / "pq")
+    ingest_coco(str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"),
+                parquet, use_ray=False)
+
+    class RayStarted(Exception):
+        pass
+
+    def read_only(self, folder):
+        raise PermissionError(13, "Permission denied", folder)
+
+    monkeypatch.setattr(lease.Lease, "read", read_only)
+    monkeypatch.setattr(ray_runtime, "init_ray", lambda *a, **k: (_ for _ in ()).throw(RayStarted()))
+    with pytest.raises(RayStarted):
+        run_predict(str(untrained_checkpoint), str(tmp_path / "out"), parquet=parquet)
+    assert "cannot mark " in caplog.text and "an ingest into it while this command runs is not refused" in caplog.text

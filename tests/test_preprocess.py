@@ -21,8 +21,8 @@ def rows(table):
 @pytest.fixture(scope="module")
 def val_rows(shapes_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("pq")
-    result = ingest_coco(str(shapes_dataset / "images" / "val"), str(shapes_dataset / "annotations" / "instances_val.json"),
-                         str(out))
+    result = ingest_coco(str(shapes_dataset / "images" / "val"),
+                         str(shapes_dataset / "annotations" / "instances_val.json"), str(out))
     return rows(pq.read_table(out / result.shards[0]))
 
 

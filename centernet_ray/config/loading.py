@@ -81,7 +81,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: cannot parse value {raw!r}{config_files.yaml_error_in_words(exc)}") from None
+        where = config_files.yaml_error_in_words(exc)
+        raise ConfigError(f"override {item!r}: cannot parse value {raw!r}{where}") from None
     return key.strip(), value
 
 

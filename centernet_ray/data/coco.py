@@ -144,7 +144,8 @@ def parse_coco(data: dict[str, Any], source: str = "<dict>") -> CocoDataset:
     dropped = {kind: getattr(report, kind) for kind in ("dropped_invalid", "unknown_category", "unknown_image")
                if getattr(report, kind)}
     if dropped and not report.annotations:
-        why = "; ".join(f"{kind}={count}, e.g. {', '.join(report.examples[kind][:3])}" for kind, count in dropped.items())
+        why = "; ".join(f"{kind}={count}, e.g. {', '.join(report.examples[kind][:3])}"
+                        for kind, count in dropped.items())
         raise CocoFormatError(
             f"{source}: none of its {len(data['annotations'])} annotations is usable ({why}): nothing to train on or "
             "score against. Each needs an image_id and a category_id among the file's ids, and a bbox [x, y, width, "

@@ -41,8 +41,8 @@ def fingerprint(annotations_digest: Any, images: str, images_listing: str, shard
 def list_images(images: str) -> dict[str, int] | None:
     """The files under ``images`` (names relative to it, sizes in bytes) from one listing, without
     reading any; an ingest's own files (shards, manifest and annotated files, in a folder that holds
-    a manifest; leases and reader marks) are left out, should one lie among the images. None, with a warning, when the listing is refused
-    (credentials that may read objects but not list them)."""
+    a manifest; leases and reader marks) are left out, should one lie among the images. None, with
+    a warning, when the listing is refused (credentials that may read objects but not list them)."""
     try:
         sizes = storage.file_sizes(images)
     except NotADirectoryError:

@@ -23,9 +23,11 @@ from centernet_ray.checkpoint import (is_mlflow_uri, load_served_model, names_an
                                       resolve_model_uri)
 from centernet_ray.config import Config, with_overrides
 from centernet_ray.data.coco import parse_coco
+from centernet_ray.data.ingest_input import MANIFEST
 from centernet_ray.detector import Detector
 from centernet_ray.errors import UserInputError
 from centernet_ray.evaluation import coco_evaluate, coco_from_dict, detections_to_coco, format_stats
+from centernet_ray.ray_data.ingest import read_manifest
 from centernet_ray.ray_data.pipeline import PipelineReport, preprocess_stage, preprocessing_min_cpus, read_rows
 from centernet_ray.ray_runtime import check_node_labels, check_resources, counted, warn_if_in_job_working_dir
 
@@ -139,10 +141,14 @@ def check_actors_fit(config: Config, num_actors: int, use_gpu: bool) -> None:
 
 def _mark_as_read(parquet: str, reading: lease.Lease) -> None:
     """Mark the ingest ``parquet`` as read by this command until it ends: an ingest that would replace
-    its shards meanwhile is refused (``lease.refuse_if_read``). Marked first, then looked for a
-    writer, as a training run does: one of the two sees the other."""
-    reading.read(parquet)
-    writer = lease.at_work(parquet)
+    its shards meanwhile is refused (``lease.refuse_if_read``), as for a training run. Credentials
+    that may read the dataset but not write there: warned, and read unmarked."""
+    try:
+        writer = reading.read_unless_written(parquet)
+    except OSError as exc:
+        log.warning("cannot mark %s as read (%s): an ingest into it while this command runs is not refused",
+                    parquet, exc)
+        return
     if writer is not None:
         raise UserInputError(f"{parquet} is being ingested now by {lease.describe(writer)}: run this once it ends")
 
@@ -180,6 +186,9 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
     missing = 0
     if images is not None:
         rows, id_to_path, missing = _image_rows(images, ground_truth)
+    elif read_manifest(parquet) is None:  # before Ray, and before a mark would create the folder
+        raise UserInputError(f"no ingested dataset at {parquet} (no {MANIFEST}: `centernet-ray data ingest` "
+                             "writes one)")
     with lease.held(output, what=f"the predictions in {output}", instead="Give this command its own --output."
                     ) as writing:  # another command writing the same files would mix both runs' outputs
         if parquet is not None:

@@ -248,8 +248,9 @@ def _marked_as_read(output: str, reading: lease.Lease | None, fingerprint: str) 
     before, and is seen here, or has written, and its manifest is seen here."""
     if reading is None:
         return True
-    reading.read(output)
-    if lease.at_work(output) is None and (read_manifest(output) or {}).get("fingerprint") == fingerprint:
+    if reading.read_unless_written(output) is not None:
+        return False
+    if (read_manifest(output) or {}).get("fingerprint") == fingerprint:
         return True
     reading.stop_reading(output)
     return False
