@@ -68,7 +68,8 @@ def test_detections_to_coco_converts_boxes_and_category_ids():
     assert results == [{"image_id": 42, "category_id": 9, "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.8}]
 
 
-@pytest.mark.parametrize("mend", ["no area", "no iscrowd", "no id", "ids from 1 per image", "one id for all"])
+@pytest.mark.parametrize("mend", ["no area", "no iscrowd", "no id", "ids from 1 per image", "one id for all",
+                                  "ids from 0"])
 def test_ground_truth_that_training_reads_is_scored_as_the_complete_file(ground_truth, mend):
     """Converters leave out ``area``, ``iscrowd`` or ``id``, or number the annotations per image:
     pycocotools failed with KeyError on the first three (in `eval`, and in training's first
@@ -77,7 +78,8 @@ def test_ground_truth_that_training_reads_is_scored_as_the_complete_file(ground_
     for i, annotation in enumerate(changed["annotations"]):
         {"no area": lambda: annotation.pop("area"), "no iscrowd": lambda: annotation.pop("iscrowd"),
          "no id": lambda: annotation.pop("id"), "ids from 1 per image": lambda: annotation.update(id=1 + i % 2),
-         "one id for all": lambda: annotation.update(id=1)}[mend]()
+         "one id for all": lambda: annotation.update(id=1),
+         "ids from 0": lambda: annotation.update(id=i)}[mend]()  # pycocotools' matching takes 0 for "unmatched"
     stats = coco_evaluate(coco_from_dict(changed), perfect(ground_truth))
     assert stats == coco_evaluate(coco_from_dict(ground_truth), perfect(ground_truth)) and stats["AP"] == 1.0
     assert "area" not in changed["annotations"][0] or mend != "no area"  # the caller's dict is left as it was

@@ -69,6 +69,7 @@ train.epochs: 3
     ("loss.alpha: {uniform: [1, x]}", "bounds must be finite numbers"),
     ("tune.num_samples: 8", r"tune.num_samples: a trial trains, and reads no tune.\* setting: set it in the config"),
     ("serve.num_replicas: {choice: [1, 2]}", r"reads no serve.\* setting"),
+    ("data.train_annotations: {choice: [a.json, b.json]}", "a sweep ingests its dataset once, before its trials"),
     ("targets.min_overlap: {quniform: [0.3, 0.9, .inf]}", r"bounds must be finite numbers; got inf"),  # sampling failed
     ("train.seed: {randint: [8, 100000000000000000000]}", r"below 2\*\*63"),  # sampling failed: out of int64
     ("model.backbone: {choice: [resnet18, dla34]}\nmodel.width: {uniform: [0.5, 1.0]}",  # valid one key at a time

@@ -25,6 +25,7 @@ from typing import Any
 
 from centernet_ray.config import Config, ConfigError, config_from_dict
 from centernet_ray.config.loading import read_yaml_text
+from centernet_ray.data.identity import DATA_LOCATION_KEYS
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None, "grid": None}
 
@@ -122,6 +123,9 @@ def parse_dimension(key: str, spec: Any, base: Config, source: str | Path = "sea
     if key.partition(".")[0] in UNSEARCHABLE_SECTIONS:
         raise ConfigError(f"{where}: a trial trains, and reads no {key.partition('.')[0]}.* setting: set it in the "
                           f"config or as an override (centernet-ray tune {key}=...)")
+    if key in (*DATA_LOCATION_KEYS, "data.parquet_dir", "data.shard_size"):
+        raise ConfigError(f"{where}: a sweep ingests its dataset once, before its trials, which all train on it: "
+                          "sweep one dataset at a time (one tune.name each)")
     if not isinstance(spec, dict):
         dimension = Dimension(key, "fixed", (spec,))
     else:
