@@ -202,15 +202,7 @@ def run_predict(checkpoint: str, output: str, images: str | None = None, parquet
                                               batch_size=batch_size, num_actors=num_actors, k=k,
                                               score_threshold=score_threshold, flip_test=flip_test)
         _write_detections(output, results, id_to_path if ground_truth is None else {})
-        stats = None
-        if ground_truth is not None:
-            # the images read, as training's evaluation scores the ingested ones: missing and unreadable files are
-            # counted
-            stats = coco_evaluate(coco_from_dict(ground_truth), results, image_ids=image_ids)
-            stats.update(eval_images=float(len(image_ids)), missing_images=float(missing),
-                         unreadable_images=float(skipped.get("unreadable_images", 0)))
-            log.info("COCO stats:\n%s", format_stats(stats))
-            storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(stats, indent=2).encode())
+        stats = None if ground_truth is None else _score(output, ground_truth, results, image_ids, missing, skipped)
     wall = time.perf_counter() - started
     log.info("predict: %d images, %d detections, skipped %s, %.1f s", len(image_ids), len(results),
              skipped or "none", wall)
@@ -245,6 +237,18 @@ def _detect(dataset: ray.data.Dataset, config: Config, category_ids: list[int], 
             results += detections_to_coco(image_ids[-1:], batch["boxes"][b][None], batch["scores"][b][None],
                                           batch["classes"][b][None], category_ids, score_threshold)
     return image_ids, results, ray.get(report.get.remote())["counts"]
+
+
+def _score(output: str, ground_truth: dict[str, Any], results: list[dict[str, Any]], image_ids: list[int],
+           missing: int, skipped: dict[str, int]) -> dict[str, float]:
+    """COCO stats of ``results`` over the images read (as training's evaluation scores the ingested
+    ones), with the counts of annotated images missing and unreadable; also ``output``/metrics.json."""
+    stats = coco_evaluate(coco_from_dict(ground_truth), results, image_ids=image_ids)
+    stats.update(eval_images=float(len(image_ids)), missing_images=float(missing),
+                 unreadable_images=float(skipped.get("unreadable_images", 0)))
+    log.info("COCO stats:\n%s", format_stats(stats))
+    storage.write_bytes(storage.join(output, "metrics.json"), json.dumps(stats, indent=2).encode())
+    return stats
 
 
 def _write_detections(output: str, results: list[dict[str, Any]], id_to_path: dict[int, str]) -> None:
