@@ -193,8 +193,8 @@ def _coco_id(value: Any, where: str) -> int:
 
 
 def _checked_image(img: Any, where: str) -> dict[str, Any]:
-    """An ``images`` entry with its id an int and its size floats, or a :class:`CocoFormatError`
-    naming what is wrong (a traceback from deep in the ingest, before)."""
+    """An ``images`` entry, its id an int, or a :class:`CocoFormatError` naming what is wrong (a
+    traceback from deep in the ingest, before)."""
     _require(img, ("id", "file_name", "width", "height"), where)
     if not isinstance(img["file_name"], str) or not img["file_name"]:
         raise CocoFormatError(f"{where} has the file_name {img['file_name']!r}: it must be the image's path relative "
