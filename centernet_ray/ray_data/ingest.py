@@ -14,7 +14,6 @@ rewrites nothing, while images added, fixed or removed since are ingested again.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import secrets
@@ -25,11 +24,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
 
 from centernet_ray import lease, storage
 from centernet_ray.config import DataConfig
 from centernet_ray.data.coco import CocoDataset, CocoReport, ImageRecord, parse_coco
+from centernet_ray.data.images import check_image
 from centernet_ray.data.ingest_input import (FORMAT_VERSION, MANIFEST, IngestInput, annotated_files, describe_changes,
                                              require_some_images, write_annotated_files)
 from centernet_ray.data.sources import split_sources
@@ -56,20 +55,6 @@ class IngestResult:
     fingerprint: str = ""  # sha256 of the annotation file, the image location, the listing of the files it names
     # and the shard size
     annotations_sha256: str = ""  # sha256 of the annotation file alone: the same file wherever it is
-
-
-def check_image(data: bytes) -> str | None:
-    """None when ``data`` decodes as an image, else the reason. JPEGs decode at 1/8 scale (draft
-    mode), enough to catch truncation and corruption at a fraction of a full decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-        return None
-    except UnidentifiedImageError:  # its message names Pillow's stream object, not the file
-        return f"UnidentifiedImageError: {len(data)} bytes in no format Pillow reads"
-    except Exception as exc:  # Pillow raises many types for bad bytes; all mean "unreadable"
-        return f"{type(exc).__name__}: {exc}"
 
 
 def read_manifest(output: str) -> dict | None:
