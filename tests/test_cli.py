@@ -67,7 +67,8 @@ def test_data_check_and_show(shapes_dataset, tmp_path, capsys):
 def test_data_show_into_a_folder_past_unreadable_images_and_check_says_what_it_did_not_count(shapes_dataset, tmp_path,
                                                                                               capsys, caplog):
     """`data show --out FOLDER` was an IsADirectoryError, a truncated image a traceback naming no
-    file; `data check` printed `unreadable_images: 0` without reading any image."""
+    file; `data check` printed `unreadable_images: 0` without reading any image (it reads them with
+    --read-images)."""
     import shutil
 
     ann = str(shapes_dataset / "annotations" / "instances_val.json")
@@ -84,7 +85,11 @@ def test_data_show_into_a_folder_past_unreadable_images_and_check_says_what_it_d
     assert "error: --out " in capsys.readouterr().err and not (tmp_path / "g.jpg").exists()
     assert main(["data", "check", "--annotations", ann]) == 0
     out = capsys.readouterr().out
-    assert "missing_images: not looked for (give --images)" in out and "unreadable_images: not read here" in out
+    assert "missing_images: not looked for (give --images)" in out and "unreadable_images: not read (give" in out
+    assert main(["data", "check", "--annotations", ann, "--images", str(images), "--read-images"]) == 0
+    out = capsys.readouterr().out
+    assert "images: 11" in out and "unreadable_images: 1" in out and f"unreadable_images e.g. {first} (" in out
+    assert main(["data", "check", "--annotations", ann, "--read-images"]) == 2  # nothing to read
 
 
 def test_eval_scores_ground_truth_as_perfect(shapes_dataset, tmp_path):

@@ -13,6 +13,7 @@ import logging
 import math
 import posixpath
 from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -297,3 +298,33 @@ def load_coco(annotation_file: str | Path, images_dir: str | Path | None = None)
     level = logging.WARNING if any(dataset.report.examples) else logging.INFO
     log.log(level, "%s: %s", path, dataset.report.summary())
     return dataset
+
+
+def drop_unreadable_images(dataset: CocoDataset, images_dir: str, num_threads: int = 16) -> None:
+    """Read every image of ``dataset`` under ``images_dir`` (``num_threads`` at a time: object storage
+    is latency-bound) and check that it decodes, as the ingest does: those that do not are dropped
+    with their annotations and counted (``unreadable_images``, with examples). Progress is logged
+    every tenth of the images."""
+    from centernet_ray.data.images import check_image  # Pillow and torch: only for this reading
+
+    def problem(record: ImageRecord) -> str | None:
+        try:
+            return check_image(storage.read_bytes(storage.join(images_dir, record.file_name)))
+        except FileNotFoundError:
+            return "missing: removed since it was listed"
+
+    total, kept = len(dataset.images), []
+    step = max(1, total // 10)
+    log.info("reading the %d images under %s to check that each decodes (%d at a time)", total, images_dir,
+             num_threads)
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        for done, (record, found) in enumerate(zip(dataset.images, pool.map(problem, dataset.images)), start=1):
+            if found is None:
+                kept.append(record)
+            else:
+                dataset.report.note("unreadable_images", f"{record.file_name} ({found[:80]})")
+                dataset.report.annotations -= len(record.labels)
+            if done % step == 0 or done == total:
+                log.info("read %d/%d images, %d unreadable", done, total, done - len(kept))
+    dataset.images = kept
+    dataset.report.images = len(kept)
