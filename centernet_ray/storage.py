@@ -116,7 +116,11 @@ def open_output(uri: str | Path, filesystem: pafs.FileSystem | None = None) -> I
     parent = posixpath.dirname(path)
     with _bucket_must_exist(uri):
         if parent:
-            fs.create_dir(parent, recursive=True)
+            try:
+                fs.create_dir(parent, recursive=True)
+            except (FileExistsError, NotADirectoryError):  # a file where a folder of the path should be
+                raise UserInputError(f"cannot write {uri}: a file stands where a folder of that path should be "
+                                     "(give a path under a folder)") from None
         stream = fs.open_output_stream(path)
     with stream:
         yield stream

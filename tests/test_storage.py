@@ -101,3 +101,10 @@ def test_a_tracking_server_that_does_not_answer_is_refused_at_once_and_any_answe
     storage.require_tracking_server(answering)  # answered once in this process: not asked again
     for local in ("sqlite:////tmp/mlflow.db", "file:///tmp/mlruns", "databricks"):
         storage.require_tracking_server(local)  # not a server this checks
+
+
+def test_writing_under_a_file_is_a_one_line_error(tmp_path):
+    """`data show --out a_file/x.png`, `predict --output a_file/out`: was pyarrow's FileExistsError."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserInputError, match=r"cannot write .*a_file/x.png: a file stands where a folder of that path"):
+        storage.write_bytes(tmp_path / "a_file" / "x.png", b"png")
