@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from centernet_ray import storage
 from centernet_ray.errors import UserInputError
 
 # Pillow's modes of 16-bit and 32-bit integer pixels: ``convert("RGB")`` clips them at 255 (a 16-bit
@@ -75,3 +76,15 @@ def check_image(data: bytes) -> str | None:
         return f"UnidentifiedImageError: {len(data)} bytes in no format Pillow reads"
     except Exception as exc:  # Pillow raises many types for bad bytes; all mean "unreadable"
         return f"{type(exc).__name__}: {exc}"
+
+
+def read_checked_image(uri: str) -> tuple[bytes | None, str | None]:
+    """(its bytes, None), or (None, the problem) for an image that is missing or does not decode
+    (``check_image``). Any other failure to read (object storage timing out, a permission) raises
+    its ``OSError``: a caller that dropped the image would hide a problem of the storage."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        return None, f"missing: {exc}"
+    problem = check_image(data)
+    return (None, problem) if problem else (data, None)

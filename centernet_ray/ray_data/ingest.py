@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from centernet_ray import lease, storage
 from centernet_ray.config import DataConfig
 from centernet_ray.data.coco import CocoDataset, CocoReport, ImageRecord, parse_coco
-from centernet_ray.data.images import check_image
+from centernet_ray.data.images import read_checked_image
 from centernet_ray.data.ingest_input import (FORMAT_VERSION, MANIFEST, IngestInput, annotated_files, describe_changes,
                                              require_some_images, write_annotated_files)
 from centernet_ray.data.sources import split_sources
@@ -70,15 +70,11 @@ def _load_image(images: str, file_name: str) -> tuple[bytes | None, str | None]:
     would be frozen into the manifest, which later runs reuse without reading again."""
     uri = storage.join(images, file_name)
     try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError as exc:
-        return None, f"missing: {exc}"
+        return read_checked_image(uri)
     except OSError as exc:
         raise OSError(f"cannot read {uri}: {exc}. Not a missing file: the ingest stops instead of dropping "
                       "it (nothing was recorded as ingested; an earlier ingest in the output is kept); rerun once the "
                       "storage answers") from exc
-    problem = check_image(data)
-    return (None, problem) if problem else (data, None)
 
 
 def _shard_records(records: list[ImageRecord]) -> str:
@@ -158,8 +154,8 @@ def _reusable(output: str, found: IngestInput, images_changed_ok: bool, say_why:
     if previous and previous.get("fingerprint") == found.fingerprint:
         log.info("ingest: %s already holds this dataset (%d rows); nothing to do", output, previous["rows"])
         return _reused(output, previous, found.annotations_sha256)
-    if images_changed_ok and previous and previous.get("annotations_sha256", found.annotations_sha256) != \
-            found.annotations_sha256:  # else refused as "another command reads it": the sweep's own mark
+    if images_changed_ok and previous and previous.get("annotations_sha256") not in (None, found.annotations_sha256):
+        # else refused as "another command reads it": the sweep's own mark
         raise UserInputError(f"{previous['annotations']} changed since this trial's sweep ingested it into {output}, "
                              "which the sweep's other trials read: let the sweep end, or stop it and start a new one "
                              "(another tune.name) to train on the new annotations")
