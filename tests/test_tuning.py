@@ -72,6 +72,7 @@ train.epochs: 3
     ("data.train_annotations: {choice: [a.json, b.json]}", "a sweep ingests its dataset once, before its trials"),
     ("targets.min_overlap: {quniform: [0.3, 0.9, .inf]}", r"bounds must be finite numbers; got inf"),  # sampling failed
     ("train.seed: {randint: [8, 100000000000000000000]}", r"below 2\*\*63"),  # sampling failed: out of int64
+    ("loss.alpha: {uniform: [1, " + "9" * 400 + "]}", "bounds must be finite numbers; got 9{38}"),  # OverflowError
     ("model.backbone: {choice: [resnet18, dla34]}\nmodel.width: {uniform: [0.5, 1.0]}",  # valid one key at a time
      r"a trial may train model.backbone='dla34', model.width=0.5, which is not valid: .*ResNet backbones only"),
     ("train.lr: {loguniform: [0, 1]}", "low > 0"),

@@ -25,6 +25,7 @@ from typing import Any
 
 from centernet_ray.config import Config, ConfigError, config_from_dict
 from centernet_ray.config.loading import read_yaml_text
+from centernet_ray.data.coco import finite_number
 from centernet_ray.data.identity import DATA_LOCATION_KEYS
 
 DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2, "choice": None, "grid": None}
@@ -173,8 +174,8 @@ def _number(where: str, value: Any) -> float:
             return float(value)
         except ValueError:
             pass
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{where}: bounds must be finite numbers; got {value!r}")
+    if not finite_number(value):  # an integer of hundreds of digits was an OverflowError here
+        raise ConfigError(f"{where}: bounds must be finite numbers; got {value!r:.40}")
     if abs(value) >= 2 ** 63:  # numpy's samplers draw int64
         raise ConfigError(f"{where}: bounds must be below 2**63 in magnitude; got {value!r}")
     return value
