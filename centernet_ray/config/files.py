@@ -109,12 +109,13 @@ class _StrictLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # resolved by the base loader, after this check
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # a list or mapping as a key: refused by the base loader
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"{key!r} is given twice (first on line {seen[key].start_mark.line + 1})",
                     key_node.start_mark)
-            if isinstance(key, (str, int, float, bool)):
-                seen[key] = key_node
+            seen[key] = key_node
         return super().construct_mapping(node, deep=deep)
 
 
