@@ -10,8 +10,9 @@ its schedule, and neither leaves most of an epoch's time unused. After every epo
 is re-sized from the median duration of the recent epochs: an epoch costs more than its steps
 (each one starts the data pipeline's iteration again), which for short epochs is most of it, and
 the first epoch is left out (its steps also wait for the workers and the pipeline to start). Each
-epoch also checks that the next one still fits, using the slowest recent epoch, and ends the run
-early if not.
+epoch also checks that the next one still fits at the pace of the slowest recent epoch; if not, the
+next one becomes the last, shortened to the steps that fit (at least ``MIN_LAST_EPOCH_SHARE`` of an
+epoch), or the run ends with the epoch just trained.
 
 Under DDP every process must take the same decisions (they train in lockstep): rank 0's are
 broadcast to all.
@@ -184,7 +185,8 @@ class TimeBudget:
         moves the end by less than ``MIN_REPLAN_SHARE`` of the budget; every epoch checks that the
         next one (with its evaluation when ``next_evaluates``; only its steps when it is the planned
         last, whose evaluation is the final one) and the final evaluation still end before the
-        deadline, at the pace of the slowest recent epoch. The same answer on every DDP process;
+        deadline, at the pace of the slowest recent epoch; when it does not, a shorter next epoch (then
+        the last) that does is planned instead of stopping. The same answer on every DDP process;
         the steps of the last epoch are ``plan.last_epoch_steps``."""
         if self.plan is not None and epochs_done >= self.plan.epochs:
             return epochs_done
@@ -213,13 +215,23 @@ class TimeBudget:
         slowdown = max(slowest / estimate.epoch_seconds, 1.0) if estimate.epoch_seconds > 0 else 1.0
         needed = ((fixed + next_steps * step_alone) * slowdown + estimate.reserve_seconds + this_evaluation
                   + next_evaluation)
-        if _agreed_flag(time.time() + needed > self.deadline):
-            self._say(logging.WARNING, "time budget: stopping after epoch %d (%s): another epoch and the final "
-                      "evaluation need ~%.0f s, %.0f s are left", epochs_done,
-                      f"of the {self.plan.epochs} planned" if self.plan else "before the plan was made",
-                      needed, self.deadline - time.time())
-            return epochs_done
-        return self.plan.epochs if self.plan is not None else self.max_epochs
+        if not _agreed_flag(time.time() + needed > self.deadline):
+            return self.plan.epochs if self.plan is not None else self.max_epochs
+        if self.plan is not None and self.plan.epochs > epochs_done:  # a shorter next one, the last, may fit
+            left = self.deadline - time.time() - estimate.reserve_seconds - this_evaluation
+            fitting = min(int(_from_rank0([(left / slowdown - fixed) / step_alone if step_alone > 0 else 0.0])[0]),
+                          next_steps)
+            if fitting >= max(1, math.ceil(MIN_LAST_EPOCH_SHARE * self.steps_per_epoch)):
+                before, self.plan = self.plan, replace(self.plan, epochs=epochs_done + 1, last_epoch_steps=fitting)
+                self._say(logging.INFO, "time budget: the last epoch shortened after epoch %d, to end before the "
+                          "deadline at the pace of the slowest recent epoch (~%.1f s): %s -> %s", epochs_done, slowest,
+                          describe(before), describe(self.plan))
+                return self.plan.epochs
+        self._say(logging.WARNING, "time budget: stopping after epoch %d (%s): another epoch and the final "
+                  "evaluation need ~%.0f s, %.0f s are left", epochs_done,
+                  f"of the {self.plan.epochs} planned" if self.plan else "before the plan was made",
+                  needed, self.deadline - time.time())
+        return epochs_done
 
 
 def resumed_plan(metrics: dict[str, float]) -> tuple[int, int] | None:
