@@ -109,3 +109,11 @@ def test_the_cli_and_the_light_helpers_import_no_torch():
                            capture_output=True, text=True, check=True)
     assert "width: 0.25" in shown.stdout
     assert not [line for line in shown.stderr.splitlines() if line.rstrip().endswith("| torch")]
+
+
+def test_the_ingest_imports_no_torch():
+    """The ingest reads and checks images in Ray tasks, each in a worker process of its own that
+    imports the ingest's module: with torch in it (through the image decoder), the 8 workers of a
+    local ingest spent ~1.7 s of CPU each importing it, 23-28 s of ingest against 14-17 s without,
+    on a 2-core AVX2 VM (BENCHMARKS.md)."""
+    assert _imports(["centernet_ray.data.image_check", "centernet_ray.ray_data.ingest"], "torch") == {}

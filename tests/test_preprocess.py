@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from centernet_ray.data.preprocess import Preprocessor, sample_seed
-from centernet_ray.data.images import check_image
+from centernet_ray.data.image_check import check_image
 from centernet_ray.ray_data.ingest import ingest_coco
 from centernet_ray.targets import render_targets
 from centernet_ray.targets import encode_targets

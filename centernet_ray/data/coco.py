@@ -305,7 +305,7 @@ def drop_unreadable_images(dataset: CocoDataset, images_dir: str, num_threads: i
     is latency-bound) and check that it decodes, as the ingest does: those that do not are dropped
     with their annotations and counted (``unreadable_images``, with examples). Progress is logged
     every tenth of the images."""
-    from centernet_ray.data.images import read_checked_image  # Pillow and torch: only for this reading
+    from centernet_ray.data.image_check import read_checked_image  # Pillow: only for this reading
 
     def problem(record: ImageRecord) -> str | None:
         return read_checked_image(storage.join(images_dir, record.file_name))[1]

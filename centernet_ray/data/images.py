@@ -1,5 +1,5 @@
-"""Image decoding with Pillow: any mode and format it reads becomes an RGB uint8 tensor; and the
-quick check of whether bytes decode at all (``check_image``: the ingest's, ``data check``'s)."""
+"""Image decoding with Pillow: any mode and format it reads becomes an RGB uint8 tensor. (Whether
+bytes decode at all, without torch, is ``image_check``.)"""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from centernet_ray import storage
 from centernet_ray.errors import UserInputError
 
 # Pillow's modes of 16-bit and 32-bit integer pixels: ``convert("RGB")`` clips them at 255 (a 16-bit
@@ -62,29 +61,3 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         pixels = np.asarray(image).astype(np.int64)
         image = Image.fromarray((np.clip(pixels, 0, 65535) // 257).astype(np.uint8), mode="L")
     return image.convert("RGB")
-
-
-def check_image(data: bytes) -> str | None:
-    """None when ``data`` decodes as an image, else the reason. JPEGs decode at 1/8 scale (draft
-    mode), enough to catch truncation and corruption at a fraction of a full decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-        return None
-    except UnidentifiedImageError:  # its message names Pillow's stream object, not the file
-        return f"UnidentifiedImageError: {len(data)} bytes in no format Pillow reads"
-    except Exception as exc:  # Pillow raises many types for bad bytes; all mean "unreadable"
-        return f"{type(exc).__name__}: {exc}"
-
-
-def read_checked_image(uri: str) -> tuple[bytes | None, str | None]:
-    """(its bytes, None), or (None, the problem) for an image that is missing or does not decode
-    (``check_image``). Any other failure to read (object storage timing out, a permission) raises
-    its ``OSError``: a caller that dropped the image would hide a problem of the storage."""
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError as exc:
-        return None, f"missing: {exc}"
-    problem = check_image(data)
-    return (None, problem) if problem else (data, None)

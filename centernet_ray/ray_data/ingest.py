@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from centernet_ray import lease, storage
 from centernet_ray.config import DataConfig
 from centernet_ray.data.coco import CocoDataset, CocoReport, ImageRecord, parse_coco
-from centernet_ray.data.images import read_checked_image
+from centernet_ray.data.image_check import read_checked_image
 from centernet_ray.data.ingest_input import (FORMAT_VERSION, MANIFEST, IngestInput, annotated_files, describe_changes,
                                              require_some_images, write_annotated_files)
 from centernet_ray.data.sources import split_sources
