@@ -167,10 +167,18 @@ class TimeBudget:
                       "train.time_limit leaves", -(available + current_eval))
         elif available > 0 and epochs < self.max_epochs and step > 0:
             # part of one more epoch: its evaluation is the final one, already in the reserve
-            steps = min(int((available - fixed) / step_alone), self.steps_per_epoch)
-            if steps >= max(1, math.ceil(MIN_LAST_EPOCH_SHARE * self.steps_per_epoch)):
+            steps = self._short_epoch_steps(available, step_alone, fixed, self.steps_per_epoch)
+            if steps:
                 epochs, last_steps = epochs + 1, steps
         return BudgetPlan(epochs, step, epoch_seconds, eval_seconds, reserve, last_steps, self.steps_per_epoch)
+
+    def _short_epoch_steps(self, seconds: float, step_alone: float, fixed: float, at_most: int) -> int:
+        """The steps (at most ``at_most``) of a last epoch that fit in ``seconds``, its fixed cost paid;
+        0 when they are fewer than ``MIN_LAST_EPOCH_SHARE`` of an epoch."""
+        if step_alone <= 0:
+            return 0
+        steps = min(int((seconds - fixed) / step_alone), at_most)
+        return steps if steps >= max(1, math.ceil(MIN_LAST_EPOCH_SHARE * self.steps_per_epoch)) else 0
 
     def set_aside(self, seconds: float) -> None:
         """Leave ``seconds`` (an evaluation) out of the epoch under way's duration."""
@@ -219,9 +227,8 @@ class TimeBudget:
             return self.plan.epochs if self.plan is not None else self.max_epochs
         if self.plan is not None and self.plan.epochs > epochs_done:  # a shorter next one, the last, may fit
             left = self.deadline - time.time() - estimate.reserve_seconds - this_evaluation
-            fitting = min(int(_from_rank0([(left / slowdown - fixed) / step_alone if step_alone > 0 else 0.0])[0]),
-                          next_steps)
-            if fitting >= max(1, math.ceil(MIN_LAST_EPOCH_SHARE * self.steps_per_epoch)):
+            fitting = int(_from_rank0([self._short_epoch_steps(left / slowdown, step_alone, fixed, next_steps)])[0])
+            if fitting:
                 before, self.plan = self.plan, replace(self.plan, epochs=epochs_done + 1, last_epoch_steps=fitting)
                 self._say(logging.INFO, "time budget: the last epoch shortened after epoch %d, to end before the "
                           "deadline at the pace of the slowest recent epoch (~%.1f s): %s -> %s", epochs_done, slowest,
