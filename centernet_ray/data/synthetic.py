@@ -9,6 +9,7 @@ Layout: ``DIR/images/{train,val}/*.jpg`` and ``DIR/annotations/instances_{train,
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 SHAPE_CLASSES = ("circle", "rectangle", "triangle", "cross")
 MAX_OVERLAP_IOU = 0.3
 GENERATOR_VERSION = 1  # bump when the images change, so cached copies are regenerated
+MAX_THREADS = 8  # drawing threads: numpy's and Pillow's C code releases the GIL for most of an image
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -103,9 +105,6 @@ def render_image(seed: int, split: str, index: int, size: int) -> tuple[Image.Im
     return image, boxes, labels
 
 
-MAX_THREADS = 8  # drawing threads: numpy's and Pillow's C code releases the GIL for most of an image
-
-
 def _draw_and_save(seed: int, split: str, index: int, size: int, image_dir: str) -> tuple[list[list[float]], list[int]]:
     """Render image ``index`` of ``split`` and write it as ``image_dir/NNNNNN.jpg``; its boxes and labels."""
     image, boxes, labels = render_image(seed, split, index, size)
@@ -117,16 +116,16 @@ def _drawn(seed: int, split: str, count: int, size: int, image_dir: Path,
            threads: int) -> Iterator[tuple[list[list[float]], list[int]]]:
     """The images of ``split`` drawn and written by ``threads`` threads, returned in index order
     (each image has its own seed: the files are the same however many threads draw them)."""
-    args = ([seed] * count, [split] * count, range(count), [size] * count, [str(image_dir)] * count)
+    draw = functools.partial(_draw_and_save, seed, split, size=size, image_dir=str(image_dir))
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        yield from pool.map(_draw_and_save, *args)
+        yield from pool.map(draw, range(count))
 
 
 def write_shapes_dataset(out_dir: str | Path, num_train: int = 1000, num_val: int = 200,
                          image_size: int = 128, seed: int = 0, threads: int | None = None) -> Path:
     """Write the dataset to ``out_dir`` (created; existing files of the same names are replaced),
-    drawing with ``threads`` threads (default: one per core, at most ``MAX_THREADS``; 1.8x faster
-    with 2 than with 1 on a 2-core VM)."""
+    drawing with ``threads`` threads (default: one per core, at most ``MAX_THREADS``; 1.5x faster
+    with 2 than with 1 on a 2-core VM, BENCHMARKS.md)."""
     out = Path(out_dir)
     threads = threads if threads is not None else min(MAX_THREADS, os.cpu_count() or 1)
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPE_CLASSES)]
